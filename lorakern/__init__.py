@@ -1,0 +1,21 @@
+"""lorakern: fused kernels for LoRA gradient descent with the step size of Mu & Klabjan (2025).
+
+    >>> import lorakern
+    >>> problem = lorakern.Problem(W0, Y)
+    >>> B, A = lorakern.init_adapters(m, n, rank=16, dtype=W0.dtype, seed=0)
+    >>> result = lorakern.fit(problem, B, A, steps=100, device="cpu")
+"""
+from . import reference, theory
+from ._dispatch import DeviceUnavailableError, devices
+from .descent import FitResult, History, StepResult, fit, init_adapters, step
+from .losses import LOSSES
+from .problem import Problem
+from .step_size import Armijo, Constant, Theorem
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Problem", "step", "fit", "init_adapters", "devices", "DeviceUnavailableError",
+    "StepResult", "FitResult", "History", "Theorem", "Constant", "Armijo", "LOSSES",
+    "reference", "theory", "__version__",
+]

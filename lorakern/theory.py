@@ -1,0 +1,91 @@
+"""The paper's inequalities as checks on a fit's history (Mu & Klabjan, 2025).
+
+With eta_t from eq. (8) and V_{t+1} = V_t - eta_t grad J(V_t):
+
+* Lemma 2 (eq. 9):   J(V_{t+1}) <= J(V_t) - eta_t / 5 * ||grad J(V_t)||^2 at every step;
+* Theorem 3 (eq. 10): min_t ||grad J(V_t)||^2 <= 5 (J(V_0) - L*) / sum_t eta_t;
+* proof of Theorem 3: ||V_t||^2 <= ||V_0||^2 + t / (5 sqrt(2) L) + 10 (J(V_0) - L*),
+  the at-most-linear growth that makes sum_t eta_t diverge like log T.
+
+The losses are computed in floating point, so each inequality is allowed a slack of
+``rtol * |J|`` (``RTOL`` by dtype, a few hundred ulps of the accumulated loss).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+#: slack allowed on each inequality, relative to the loss, by dtype of the data
+RTOL = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-12}
+
+
+@dataclass
+class Report:
+    """What held: per-step Lemma 2 (``lemma2`` is a bool per step), Theorem 3's bound."""
+
+    lemma2: np.ndarray          # bool per step: J(V_{t+1}) <= J(V_t) - c eta_t ||grad J||^2
+    lemma2_slack: np.ndarray    # J(V_t) - c eta_t ||grad J||^2 - J(V_{t+1}): >= -tol if held
+    theorem3_lhs: float         # min_t ||grad J(V_t)||^2
+    theorem3_bound: float       # (J(V_0) - L*) / (c sum_t eta_t)
+    theorem3: bool
+    v_growth: bool              # ||V_t||^2 <= ||V_0||^2 + t/(5 sqrt(2) L) + 10 (J_0 - L*)
+    tolerance: float
+
+    @property
+    def all_hold(self) -> bool:
+        return bool(self.lemma2.all()) and self.theorem3 and self.v_growth
+
+    def summary(self) -> str:
+        bad = np.flatnonzero(~self.lemma2)
+        lemma = ("Lemma 2 held at every step" if bad.size == 0 else
+                 f"Lemma 2 failed at {bad.size} step(s), first t = {bad[0]}")
+        verdict = "held" if self.theorem3 else "FAILED"
+        return (f"{lemma} ({len(self.lemma2)} steps); Theorem 3 {verdict}: "
+                f"min ||grad J||^2 = {self.theorem3_lhs:.4g} <= {self.theorem3_bound:.4g}; "
+                f"||V_t||^2 growth bound {'held' if self.v_growth else 'FAILED'}")
+
+
+def check(result, *, l_star: float = 0.0, decrease: float = 0.2, constant: float = 5 * math.sqrt(2),
+          rtol: float | None = None) -> Report:
+    """Check a FitResult's history against Lemma 2 and Theorem 3.
+
+    Parameters
+    ----------
+    result : a FitResult (its ``history`` and ``final_loss``).
+    l_star : a lower bound on the loss (0 for the built-in losses).
+    decrease : the sufficient-decrease constant c (1/5 in Lemma 2; an Armijo run can be
+        checked with its own c).
+    constant : the step-size constant the run used (5 sqrt(2) in the paper); only the
+        ||V_t||^2 growth bound depends on it.
+    rtol : the slack, relative to |J|; default ``RTOL`` for the data's dtype.
+    """
+    h = result.history
+    loss_next = np.append(h.loss[1:], result.final_loss)
+    return check_arrays(h.loss, loss_next, h.eta, h.grad_sq, h.v_sq, l_star=l_star,
+                        decrease=decrease, constant=constant, lipschitz=h.lipschitz,
+                        rtol=RTOL[np.dtype(h.dtype)] if rtol is None else rtol)
+
+
+def check_arrays(loss, loss_next, eta, grad_sq, v_sq, *, l_star=0.0, decrease=0.2,
+                 constant=5 * math.sqrt(2), lipschitz=1.0, rtol=1e-12) -> Report:
+    """The checks of ``check`` on plain arrays: values at V_t and J(V_{t+1})."""
+    loss, loss_next = np.asarray(loss, float), np.asarray(loss_next, float)
+    eta, grad_sq, v_sq = np.asarray(eta, float), np.asarray(grad_sq, float), np.asarray(v_sq, float)
+    if loss.size == 0:
+        return Report(np.ones(0, bool), np.zeros(0), math.nan, math.inf, True, True, 0.0)
+    tol = rtol * max(float(np.max(np.abs(loss))), float(np.max(np.abs(loss_next))), 1e-300)
+    # Lemma 2, eq. (9): J(V_{t+1}) <= J(V_t) - (eta_t / 5) ||grad J(V_t)||^2
+    slack = loss - decrease * eta * grad_sq - loss_next
+    lemma2 = slack >= -tol
+    # Theorem 3, eq. (10): min_t ||grad J(V_t)||^2 <= 5 (J(V_0) - L*) / sum_t eta_t
+    lhs = float(np.min(grad_sq))
+    bound = (loss[0] - l_star + tol) / (decrease * float(np.sum(eta)))
+    # proof of Theorem 3: ||V_t||^2 <= ||V_0||^2 + t / (5 sqrt(2) L) + 10 (J(V_0) - L*)
+    t = np.arange(v_sq.size)
+    # (sum_t 2 eta_t ||grad J||^2 <= 2 (J_0 - L*) / c, which is 10 (J_0 - L*) for c = 1/5)
+    growth = v_sq[0] + t / (constant * lipschitz) + 2.0 / decrease * (loss[0] - l_star + tol)
+    v_growth = bool(np.all(v_sq <= growth * (1 + rtol)))
+    return Report(lemma2=lemma2, lemma2_slack=slack, theorem3_lhs=lhs, theorem3_bound=float(bound),
+                  theorem3=lhs <= bound, v_growth=v_growth, tolerance=tol)
