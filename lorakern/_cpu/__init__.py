@@ -11,10 +11,13 @@ NAME = "cpu"
 SYNC_EVERY = 1
 xp = np
 
-#: bytes of cache the tile of A, the tile of the grad_A partial and the 4-row buffer
-#: should fit in; tile = L1_BYTES / ((2 r4 + 4) * itemsize), clamped to [MIN_TILE, MAX_TILE]
-L1_BYTES = 24 * 1024
-MIN_TILE, MAX_TILE = 64, 1024
+#: The tile of A and the chunk's grad_A partial for it (2 * r4 * tile values) should fit in
+#: the per-core L2: tile = CACHE_BYTES / (2 r4 itemsize), clamped to [MIN_TILE, MAX_TILE].
+#: Measured at 4096x4096, one thread (benchmarks/NOTES.md): r=16 fp32 takes 45 ms with
+#: tile 160 (the old L1 rule), 33 ms at 512, 29.7 at 1024, 32 at 2048; r=64 fp32 is best
+#: at 1024 (108 ms vs 146 at 256, 127 at 2048).
+CACHE_BYTES = 512 * 1024
+MIN_TILE, MAX_TILE = 16, 1024
 
 
 def check_available():
@@ -44,7 +47,7 @@ def asarray(x, dtype):
 
 
 def tile_width(r4: int, itemsize: int) -> int:
-    tile = L1_BYTES // ((2 * r4 + kernels.ROWS) * itemsize)
+    tile = CACHE_BYTES // (2 * r4 * itemsize)
     return int(min(max(tile // 16 * 16, MIN_TILE), MAX_TILE))
 
 

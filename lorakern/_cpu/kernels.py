@@ -3,12 +3,15 @@
 Memory plan. Rows are split into ``nchunks`` contiguous chunks, one per thread (prange).
 A chunk walks its rows in groups of ROWS = 4 and the columns in tiles of ``tile`` columns,
 tile-major, so that the tile of A and the chunk's partial grad_A for that tile stay in
-cache while every row group of the chunk passes over them:
+cache (L2) while every row group of the chunk passes over them:
 
     t[4, tile]  = R[rows, tile] + B[rows, :] @ A[:, tile]        (phase 1: 2*4*tile*r flops)
     value, G    = loss(t)          -> loss, ||G||^2 in float64     (pointwise)
     grad_B[rows, :]  += G @ A[:, tile]^T                           (phase 2)
-    grad_A_part[:, tile] += B[rows, :]^T @ G                       (phase 3)
+    grad_A_part[:, tile] += B[rows, :]^T @ G                       (phase 3, same sweep)
+
+R is read from memory exactly once; the three phases are 6 m n r flops in all, the same
+as the three matrix products of the unfused step, but with no m x n temporary.
 
 G never exists beyond a 4 x tile buffer. Each chunk owns its rows of grad_B and its own
 r x n partial of grad_A; ``merge`` adds the partials in chunk order, so the bits do not
@@ -27,7 +30,7 @@ from functools import lru_cache
 import numba
 import numpy as np
 
-ROWS = 4  # rows per group: phase 3 does 4 FMAs per load/store of grad_A
+ROWS = 4  # rows per group: phases 2+3 do 8 FMAs per 6 loads (4 of G, 1 of A, 1 of grad_A)
 # reassociation lets LLVM vectorise the dot products of phase 2; no 'nnan'/'ninf', so
 # non-finite values propagate and the driver can see them
 FASTMATH = {"reassoc", "contract", "nsz"}
@@ -71,26 +74,31 @@ def fused_kernel(loss, labels: bool, masked: bool, with_grad: bool):
                 w = min(tile, n - j0)
                 for grp in range(g_first, g_last):
                     i0 = grp * ROWS
-                    # ---- phase 1: t = R + B A for 4 rows x w columns (rows past m clamp)
-                    for ii in range(ROWS):
-                        src = data[min(i0 + ii, m - 1), j0:j0 + w]
-                        row = buf[ii]
-                        for jj in range(w):
-                            row[jj] = src[jj]
+                    # ---- phase 1: t = R + B A for the 4 rows x w columns, two rows at a
+                    # time and 4 ranks at a time (8 B values + 4 A values + 2 rows fit the
+                    # 16 vector registers of AVX2); the first rank group reads R itself,
+                    # so R is loaded once. Rows past m read row m - 1 (G is zeroed below).
+                    for ip in range(0, ROWS, 2):
+                        ia, ib = i0 + ip, i0 + ip + 1
+                        ta, tb = buf[ip], buf[ip + 1]
+                        ra = data[min(ia, m - 1), j0:j0 + w]
+                        rb = data[min(ib, m - 1), j0:j0 + w]
+                        for k in range(0, r4, 4):
+                            ba0, ba1, ba2, ba3 = Bp[ia, k], Bp[ia, k + 1], Bp[ia, k + 2], Bp[ia, k + 3]
+                            bb0, bb1, bb2, bb3 = Bp[ib, k], Bp[ib, k + 1], Bp[ib, k + 2], Bp[ib, k + 3]
+                            a0, a1 = Ap[k, j0:j0 + w], Ap[k + 1, j0:j0 + w]
+                            a2, a3 = Ap[k + 2, j0:j0 + w], Ap[k + 3, j0:j0 + w]
+                            if k == 0:
+                                for jj in range(w):
+                                    x0, x1, x2, x3 = a0[jj], a1[jj], a2[jj], a3[jj]
+                                    ta[jj] = ra[jj] + ba0 * x0 + ba1 * x1 + ba2 * x2 + ba3 * x3
+                                    tb[jj] = rb[jj] + bb0 * x0 + bb1 * x1 + bb2 * x2 + bb3 * x3
+                            else:
+                                for jj in range(w):
+                                    x0, x1, x2, x3 = a0[jj], a1[jj], a2[jj], a3[jj]
+                                    ta[jj] += ba0 * x0 + ba1 * x1 + ba2 * x2 + ba3 * x3
+                                    tb[jj] += bb0 * x0 + bb1 * x1 + bb2 * x2 + bb3 * x3
                     t0, t1, t2, t3 = buf[0], buf[1], buf[2], buf[3]
-                    for k in range(0, r4, 4):
-                        b00, b01, b02, b03 = Bp[i0, k], Bp[i0, k + 1], Bp[i0, k + 2], Bp[i0, k + 3]
-                        b10, b11, b12, b13 = Bp[i0 + 1, k], Bp[i0 + 1, k + 1], Bp[i0 + 1, k + 2], Bp[i0 + 1, k + 3]
-                        b20, b21, b22, b23 = Bp[i0 + 2, k], Bp[i0 + 2, k + 1], Bp[i0 + 2, k + 2], Bp[i0 + 2, k + 3]
-                        b30, b31, b32, b33 = Bp[i0 + 3, k], Bp[i0 + 3, k + 1], Bp[i0 + 3, k + 2], Bp[i0 + 3, k + 3]
-                        a0, a1 = Ap[k, j0:j0 + w], Ap[k + 1, j0:j0 + w]
-                        a2, a3 = Ap[k + 2, j0:j0 + w], Ap[k + 3, j0:j0 + w]
-                        for jj in range(w):
-                            x0, x1, x2, x3 = a0[jj], a1[jj], a2[jj], a3[jj]
-                            t0[jj] += b00 * x0 + b01 * x1 + b02 * x2 + b03 * x3
-                            t1[jj] += b10 * x0 + b11 * x1 + b12 * x2 + b13 * x3
-                            t2[jj] += b20 * x0 + b21 * x1 + b22 * x2 + b23 * x3
-                            t3[jj] += b30 * x0 + b31 * x1 + b32 * x2 + b33 * x3
                     # ---- pointwise: loss value and G = dL/dZ; G = 0 off the mask and past m
                     for ii in range(ROWS):
                         row = buf[ii]
@@ -101,44 +109,39 @@ def fused_kernel(loss, labels: bool, masked: bool, with_grad: bool):
                         for jj in range(w):
                             y = labels_y[i, j0 + jj] if labels else row[jj]
                             value, grad = pointwise(row[jj], y, delta)
-                            if masked and mask[i, j0 + jj] == 0:
-                                value = 0.0
-                                grad = 0.0
+                            if masked:
+                                # multiply by the 0/1 mask instead of branching: the loop
+                                # stays vectorisable (a branch here cost 1.5-2x)
+                                keep = np.float64(mask[i, j0 + jj])
+                                value = value * keep
+                                grad = grad * keep
                             row[jj] = grad  # rounded to the data's dtype
                             g = np.float64(row[jj])
                             loss_sum += value
                             g_sq += g * g
                     if not with_grad:
                         continue
-                    # ---- phase 2: grad_B[rows, k] += sum_j G[rows, j] A[k, j]
-                    for k in range(0, r4, 2):
-                        a0, a1 = Ap[k, j0:j0 + w], Ap[k + 1, j0:j0 + w]
-                        s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = zero
-                        for jj in range(w):
-                            x0, x1 = a0[jj], a1[jj]
-                            y0, y1, y2, y3 = t0[jj], t1[jj], t2[jj], t3[jj]
-                            s00 += y0 * x0
-                            s01 += y0 * x1
-                            s10 += y1 * x0
-                            s11 += y1 * x1
-                            s20 += y2 * x0
-                            s21 += y2 * x1
-                            s30 += y3 * x0
-                            s31 += y3 * x1
-                        grad_B[i0, k] += s00
-                        grad_B[i0, k + 1] += s01
-                        grad_B[i0 + 1, k] += s10
-                        grad_B[i0 + 1, k + 1] += s11
-                        grad_B[i0 + 2, k] += s20
-                        grad_B[i0 + 2, k + 1] += s21
-                        grad_B[i0 + 3, k] += s30
-                        grad_B[i0 + 3, k + 1] += s31
-                    # ---- phase 3: grad_A[k, tile] += sum_i B[i, k] G[i, tile]
+                    # ---- phases 2 and 3 in one sweep per rank k, sharing the loads of G:
+                    #   grad_B[rows, k]    += G[rows, tile] . A[k, tile]     (G A^T)
+                    #   grad_A_part[k, tile] += B[rows, k]^T G[rows, tile]   (B^T G)
+                    # 8 FMAs per 6 loads and 1 store: bound by the FMA units, not by loads.
                     for k in range(r4):
                         b0, b1, b2, b3 = Bp[i0, k], Bp[i0 + 1, k], Bp[i0 + 2, k], Bp[i0 + 3, k]
+                        a = Ap[k, j0:j0 + w]
                         out = grad_A[k, j0:j0 + w]
+                        s0 = s1 = s2 = s3 = zero
                         for jj in range(w):
-                            out[jj] += b0 * t0[jj] + b1 * t1[jj] + b2 * t2[jj] + b3 * t3[jj]
+                            y0, y1, y2, y3 = t0[jj], t1[jj], t2[jj], t3[jj]
+                            x = a[jj]
+                            s0 += y0 * x
+                            s1 += y1 * x
+                            s2 += y2 * x
+                            s3 += y3 * x
+                            out[jj] += b0 * y0 + b1 * y1 + b2 * y2 + b3 * y3
+                        grad_B[i0, k] += s0
+                        grad_B[i0 + 1, k] += s1
+                        grad_B[i0 + 2, k] += s2
+                        grad_B[i0 + 3, k] += s3
             scalars[c, 0] = loss_sum
             scalars[c, 1] = g_sq
 
