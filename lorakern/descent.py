@@ -240,14 +240,16 @@ def init_adapters(m: int, n: int, rank: int, *, dtype=np.float32, seed=None, ini
 
 
 class _Progress:
-    """A one-line progress bar on stderr, redrawn at most 10 times a second."""
+    """A one-line progress bar on stderr, redrawn at most 10 times a second on a terminal;
+    elsewhere (CI logs, pipes) only the final line is written."""
 
     def __init__(self, total: int):
         self.total, self.start, self.drawn = total, time.perf_counter(), 0.0
+        self.live = sys.stderr.isatty()
 
     def update(self, done: int, loss: float, force: bool = False):
         now = time.perf_counter()
-        if not force and now - self.drawn < 0.1:
+        if not force and (not self.live or now - self.drawn < 0.1):
             return
         self.drawn = now
         width, frac = 30, done / max(self.total, 1)

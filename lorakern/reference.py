@@ -98,21 +98,20 @@ def step(problem, B, A, *, step_size="theorem"):
     elif isinstance(policy, Constant):
         eta = float(policy.eta)
     elif isinstance(policy, Armijo):
+        # halve from the cap until the Armijo condition holds; at or below the theorem's
+        # eta, take the theorem's eta (Lemma 2 guarantees it the condition for c <= 1/5)
+        L = max(problem.lipschitz, 1.0)
+        eta_theorem = min(1.0 / (5 * math.sqrt(2) * L * (p.v_sq + g_norm)) if p.v_sq + g_norm > 0 else 1.0, 1.0)
         eta = policy.cap
-        for trials in range(1, policy.max_trials + 1):
+        while True:
+            if eta <= eta_theorem or trials == policy.max_trials:
+                eta = eta_theorem
+                break
+            trials += 1
             B1, A1 = update(B, A, p.grad_B, p.grad_A, eta)
             if loss_pass(problem, None, B1, A1) <= p.loss - policy.c * eta * p.grad_sq:
                 break
             eta *= 0.5
-        else:
-            return _fallback(problem, B, A, p, trials)
     B_next, A_next = update(B, A, p.grad_B, p.grad_A, eta)
     return StepResult(B=B_next, A=A_next, eta=float(eta), loss=p.loss, grad_sq=p.grad_sq,
                       v_sq=p.v_sq, g_norm=g_norm, trials=trials)
-
-
-def _fallback(problem, B, A, p, trials):
-    """Armijo ran out of trials: take the theorem's step, which Lemma 2 guarantees."""
-    result = step(problem, B, A, step_size="theorem")
-    result.trials = trials
-    return result

@@ -7,7 +7,10 @@ host round trip for "theorem" or a constant.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,8 @@ class Constant:
     eta: float
 
     def __post_init__(self):
-        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)):
+        # numbers.Real also takes NumPy scalars (np.float32(0.01)); bools are not step sizes
+        if isinstance(self.eta, (bool, np.bool_)) or not isinstance(self.eta, numbers.Real):
             raise TypeError(f"step_size must be 'theorem', 'armijo' or a positive float, got {self.eta!r}")
         if not (math.isfinite(self.eta) and self.eta > 0):
             raise ValueError(f"a constant step_size must be positive and finite, got {self.eta}")
@@ -53,9 +57,11 @@ class Armijo:
 
     The first trial is ``cap``, or twice the last accepted eta if that is smaller; eta is
     halved until J(V - eta grad J) <= J(V) - c * eta * ||grad J||^2 (each trial is one
-    loss-only fused pass). Any eta below the theorem's passes this for c <= 1/5 (the proof
-    of Lemma 2 only bounds eta from above), so the search ends; if ``max_trials`` run out in
-    floating point, the theorem's eta is taken.
+    loss-only fused pass). Once eta would fall to the theorem's eta_t, the search stops
+    and takes eta_t: Lemma 2 guarantees it the decrease eta_t/5 ||grad J||^2, which meets
+    the condition for any c <= 1/5, so no trial is spent on it. This bounds the trials by
+    log2(cap / eta_t) and ends the search in floating point too (near a minimum float32
+    rounding can hide any decrease). ``max_trials`` caps the trials further.
     """
 
     cap: float = 1.0
@@ -65,22 +71,25 @@ class Armijo:
     def __post_init__(self):
         if not (math.isfinite(self.cap) and self.cap > 0):
             raise ValueError(f"Armijo cap must be positive and finite, got {self.cap}")
-        if not (0 < self.c < 1):
-            raise ValueError(f"Armijo c must lie in (0, 1), got {self.c}")
+        if not (0 < self.c <= 0.2):
+            raise ValueError(f"Armijo c must lie in (0, 1/5] (Lemma 2's constant), got {self.c}")
         if int(self.max_trials) < 1:
             raise ValueError(f"Armijo max_trials must be >= 1, got {self.max_trials}")
 
     def choose(self, backend, problem, data, B, A, p, state):
         loss0, grad_sq = float(p.loss), float(p.grad_sq)
+        eta_theorem = float(THEOREM.choose(backend, problem, data, B, A, p, state)[0])
         eta = self.cap if state.get("eta") is None else min(self.cap, 2.0 * state["eta"])
-        for trial in range(1, int(self.max_trials) + 1):
+        trials = 0
+        while eta > eta_theorem and trials < int(self.max_trials):
+            trials += 1
             B1, A1 = backend.update(B, A, p.grad_B, p.grad_A, eta)
             if float(backend.loss_pass(problem, data, B1, A1)) <= loss0 - self.c * eta * grad_sq:
                 state["eta"] = eta
-                return backend.xp.asarray(eta), trial
+                return backend.xp.asarray(eta), trials
             eta *= 0.5
-        eta, _ = THEOREM.choose(backend, problem, data, B, A, p, state)
-        return eta, int(self.max_trials)
+        state["eta"] = eta_theorem
+        return backend.xp.asarray(eta_theorem), trials
 
 
 THEOREM = Theorem()

@@ -61,6 +61,8 @@ def check(result, *, l_star: float = 0.0, decrease: float = 0.2, constant: float
         ||V_t||^2 growth bound depends on it.
     rtol : the slack, relative to |J|; default ``RTOL`` for the data's dtype.
     """
+    if not (math.isfinite(decrease) and decrease > 0):
+        raise ValueError(f"decrease must be positive and finite, got {decrease}")
     h = result.history
     loss_next = np.append(h.loss[1:], result.final_loss)
     return check_arrays(h.loss, loss_next, h.eta, h.grad_sq, h.v_sq, l_star=l_star,

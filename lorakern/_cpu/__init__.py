@@ -66,12 +66,12 @@ def _run(problem, data, B, A, with_grad):
     Bp, Ap = _padded(B, A)
     (r4, n), m4 = Ap.shape, Bp.shape[0]
     nchunks = max(1, min(threads(), m4 // kernels.ROWS))
-    kernel = kernels.fused_kernel(problem.loss, problem.loss.labels, problem.mask is not None, with_grad)
+    kernel = kernels.fused_kernel(problem.loss, problem.loss.labels, problem.mask is not None)
     grad_B = np.zeros((m4, r4), B.dtype)
     parts = np.empty((nchunks, r4, n) if with_grad else (nchunks, 1, 1), B.dtype)
     scalars = np.zeros((nchunks, 2), np.float64)
     kernel(data.data, data.labels_y, data.mask, Bp, Ap, problem.delta,
-           tile_width(r4, Ap.itemsize), B.dtype.type(0), grad_B, parts, scalars)
+           tile_width(r4, Ap.itemsize), B.dtype.type(0), with_grad, grad_B, parts, scalars)
     return Bp, Ap, grad_B, parts, scalars
 
 

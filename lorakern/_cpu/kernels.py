@@ -44,19 +44,20 @@ def _compile_loss(loss):
 
 
 @lru_cache(maxsize=None)
-def fused_kernel(loss, labels: bool, masked: bool, with_grad: bool):
+def fused_kernel(loss, labels: bool, masked: bool):
     """The fused pass for one loss and data layout.
 
     ``labels``: the data are W0 and Y (z = W0 + BA) instead of R (d = R + BA).
-    ``masked``: entries with mask == 0 add nothing.  ``with_grad``: False gives the
-    loss-only pass (phase 1 and the loss; no G, no gradients), used by line searches.
-    The flags are closure constants, so Numba compiles each combination separately and
-    the branches on them cost nothing.
+    ``masked``: entries with mask == 0 add nothing. These two are closure constants, so
+    Numba compiles each combination separately and the branches on them cost nothing.
+    The kernel's ``with_grad`` argument is a run-time flag (one branch per row group):
+    False gives the loss-only pass (phase 1 and the loss; no gradients) used by line
+    searches and for J(V_T), without compiling a second kernel.
     """
     pointwise = _compile_loss(loss)
 
     @numba.njit(parallel=True, fastmath=FASTMATH, nogil=True)
-    def kernel(data, labels_y, mask, Bp, Ap, delta, tile, zero, grad_B, grad_A_parts, scalars):
+    def kernel(data, labels_y, mask, Bp, Ap, delta, tile, zero, with_grad, grad_B, grad_A_parts, scalars):
         m, n = data.shape
         r4 = Ap.shape[0]
         nchunks = grad_A_parts.shape[0]

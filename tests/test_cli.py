@@ -1,0 +1,236 @@
+"""The command line: `lorakern demo` and `lorakern bench`, run in-process through cli.main.
+
+Most demo runs use device="reference" (NumPy): they test the command, not the kernels, and
+need no Numba compile. One run and the plot use the CPU backend with the squared float32
+kernels that the other test files compile anyway.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lorakern import cli
+
+SMALL = ["--m", "40", "--n", "30", "--rank", "3", "--steps", "20"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_main(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table_rows(out: str) -> list[int]:
+    """The t of each row of the printed table (the '(final)' row included)."""
+    rows, inside = [], False
+    for line in out.splitlines():
+        if line.startswith("------"):
+            inside = True
+            continue
+        if inside:
+            first = line.split()[0] if line.split() else ""
+            if not first.isdigit():
+                break
+            rows.append(int(first))
+    return rows
+
+
+def assert_demo_output(out: str, steps: int = 20):
+    assert "J(V_t)" in out and "eta_t" in out and "||grad J||^2" in out and "||V_t||^2" in out
+    rows = table_rows(out)
+    assert rows[0] == 0 and rows[-2] == steps - 1 and rows[-1] == steps, rows
+    assert 5 <= len(rows) <= cli.TABLE_ROWS + 1 and rows == sorted(set(rows)), rows
+    assert f"J(V_{steps}) = " in out and "time      fit" in out
+    assert "verdict" in out
+
+
+def test_demo_cpu(capsys):
+    code, out, err = run_main(capsys, "demo", *SMALL)
+    assert code == 0, out + err
+    assert_demo_output(out)
+    assert "device    cpu (Numba" in out and "compiling the cpu kernels" in out
+    assert "Lemma 2   " in out and "held at all 20 steps" in out and "Theorem 3 " in out
+    assert "verdict   every guaranteed inequality held" in out
+    assert "20/20 steps" in err  # the progress bar
+
+
+@pytest.mark.parametrize("loss, extra", [
+    ("squared", []),
+    ("huber", ["--delta", "0.5"]),
+    ("logistic", []),
+    ("squared", ["--observed", "0.4"]),
+    ("logistic", ["--mask", "0.5", "--dtype", "float64"]),
+])
+def test_demo_theorem_each_loss(capsys, loss, extra):
+    code, out, err = run_main(capsys, "demo", *SMALL, "--device", "reference", "--loss", loss, *extra)
+    assert code == 0, out + err
+    assert_demo_output(out)
+    assert f"{loss} loss" in out and "held at all 20 steps" in out
+    assert "Theorem 3 min_t ||grad J(V_t)||^2 <= 5 (J(V_0) - 0) / sum_t eta_t" in out
+    if "--observed" in extra or "--mask" in extra:
+        assert "observed entries" in out
+    assert "verdict   every guaranteed inequality held" in out
+
+
+@pytest.mark.parametrize("loss, extra", [("squared", []), ("huber", ["--observed", "0.5"]),
+                                         ("logistic", [])])
+def test_demo_armijo(capsys, loss, extra):
+    code, out, err = run_main(capsys, "demo", *SMALL, "--device", "reference", "--loss", loss,
+                              "--step-size", "armijo", *extra)
+    assert code == 0, out + err
+    assert_demo_output(out)
+    assert "trials" in out and "Armijo loss passes" in out
+    assert "the Armijo c = 0.0001" in out and "(the Armijo condition): held at all 20 steps" in out
+    assert "verdict   every guaranteed inequality held" in out
+
+
+def test_demo_constant(capsys):
+    code, out, err = run_main(capsys, "demo", *SMALL, "--device", "reference", "--step-size", "0.001")
+    assert code == 0, out + err
+    assert_demo_output(out)
+    assert "constant eta = 0.001" in out and "a constant step has none" in out
+    assert "loss decreased monotonically: yes, at all 20 steps" in out
+    assert "no guarantee to check (constant step)" in out
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+def test_demo_constant_that_diverges_is_reported_not_failed(capsys):
+    with pytest.warns(RuntimeWarning, match="stopped being finite"):
+        code, out, err = run_main(capsys, "demo", *SMALL, "--device", "reference", "--step-size", "1e3")
+    assert code == 0, out + err
+    assert "loss decreased monotonically: NO" in out and "stopped being finite" in out
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+def test_demo_exits_1_when_a_guarantee_fails(capsys, monkeypatch):
+    # a theorem step 1000x too large breaks Lemma 2; the demo must say so and exit 1
+    from lorakern import step_size
+
+    monkeypatch.setattr(step_size, "THEOREM", step_size.Theorem(constant=5e-3))
+    with pytest.warns(RuntimeWarning):  # it also diverges
+        code, out, err = run_main(capsys, "demo", *SMALL, "--device", "reference")
+    assert code == 1, out + err
+    assert "FAILED" in out and "verdict   a guaranteed inequality FAILED" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rank", "0"], "--rank: expected a positive integer"),
+    (["--steps", "x"], "--steps: expected a positive integer"),
+    (["--observed", "1.5"], "--observed/--mask: expected a fraction"),
+    (["--step-size", "-1"], "--step-size: a constant step size must be positive"),
+    (["--step-size", "newton"], "--step-size: expected 'theorem', 'armijo'"),
+    (["--loss", "hinge"], "--loss: invalid choice"),
+    (["--device", "tpu"], "--device: invalid choice"),
+])
+def test_demo_bad_arguments_exit_2(capsys, argv, message):
+    code, out, err = run_main(capsys, "demo", *argv)
+    assert code == 2
+    assert message in err and err.strip().splitlines()[-1].startswith("lorakern demo: error:")
+
+
+def test_help(capsys):
+    code, out, _ = run_main(capsys, "--help")
+    assert code == 0 and "demo" in out and "bench" in out and "Mu & Klabjan" in out
+    code, out, _ = run_main(capsys, "demo", "--help")
+    assert code == 0
+    for option in ("--device", "--rank", "--steps", "--m", "--n", "--dtype", "--seed", "--loss",
+                   "--delta", "--observed", "--step-size", "--plot", "--constant"):
+        assert option in out, option
+    code, _, err = run_main(capsys)
+    assert code == 2 and "required" in err
+
+
+def test_demo_plot(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "compare.png"
+    code, out, err = run_main(capsys, "demo", *SMALL, "--plot", str(path))
+    assert code == 0, out + err
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot      {path}: theorem, constant" in out
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    code, out, err = run_main(capsys, "demo", *SMALL, "--device", "reference",
+                              "--plot", str(tmp_path / "x.png"))
+    assert code == 2 and 'pip install "lorakern[plot]"' in err
+    assert out == ""  # it fails before any work
+
+
+def test_elapsed_spreads_measured_time():
+    from lorakern.step_size import Armijo, Constant, Theorem
+
+    def run(policy, seconds, trials):
+        T = len(trials)
+        history = types.SimpleNamespace(trials=np.asarray(trials))
+        return types.SimpleNamespace(step_size=policy, seconds=seconds, steps=T, history=history)
+
+    runs = {"theorem": run(Theorem(), 1.0, [0] * 4), "constant": run(Constant(0.1), 2.0, [0] * 4),
+            "armijo": run(Armijo(), 3.0, [1, 3, 0, 0])}
+    t = cli.elapsed(runs)
+    np.testing.assert_allclose(t["theorem"], [0, 0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(t["constant"], [0, 0.5, 1.0, 1.5, 2.0])
+    # fused pass 0.25 s, loss-only pass (3 - 4 x 0.25) / 4 trials = 0.5 s
+    np.testing.assert_allclose(t["armijo"], [0, 0.75, 2.5, 2.75, 3.0])
+
+
+def test_synthetic_problem_is_fittable_and_seeded():
+    a = cli.synthetic_problem(40, 30, 3, seed=5)
+    b = cli.synthetic_problem(40, 30, 3, seed=5)
+    assert np.array_equal(a.problem.R, b.problem.R) and np.array_equal(a.A, b.A)
+    assert not a.B.any()  # LoRA's start
+    # at the planted shift only the noise is left: J = 1/2 ||noise||^2 ~ 1/2 NOISE^2 m n
+    expected = 0.5 * (cli.NOISE * cli.SHIFT_RMS) ** 2 * 40 * 30
+    assert 0.7 * expected < a.planted_loss < 1.3 * expected
+    labels = cli.synthetic_problem(40, 30, 3, loss="logistic", observed=0.5)
+    assert set(np.unique(labels.problem.Y)) == {-1.0, 1.0} and labels.problem.mask is not None
+
+
+def test_python_m_lorakern_demo():
+    # the module entry point, in a fresh interpreter (reference device: no Numba compile)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorakern", "demo", "--m", "30", "--n", "20", "--rank", "2",
+         "--steps", "5", "--device", "reference"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_demo_output(proc.stdout, steps=5)
+    assert "verdict   every guaranteed inequality held" in proc.stdout
+
+
+def test_bench_passes_its_options_to_the_table(capsys, monkeypatch):
+    calls = []
+    stub = types.ModuleType("lorakern.benchmarking")
+
+    def table(**kwargs):
+        calls.append(kwargs)
+        return "| m | n | r | dtype |\n|---:|---:|---:|---|\n| 64 | 48 | 2 | float64 |\n"
+
+    stub.table = table
+    monkeypatch.setitem(sys.modules, "lorakern.benchmarking", stub)
+    code, out, err = run_main(capsys, "bench", "--m", "64", "--n", "48", "--ranks", "2", "3",
+                              "--dtypes", "float64", "--repeat", "1")
+    assert code == 0, err
+    assert calls == [dict(sizes=((64, 48),), ranks=(2, 3), dtypes=("float64",), repeat=1)]
+    assert "| 64 | 48 | 2 | float64 |" in out
+    code, out, err = run_main(capsys, "bench", "--m", "64", "--rank", "2", "--impls", "numpy",
+                              "--peer", "reference")
+    assert code == 0 and calls[-1]["sizes"] == ((64, 64),)
+    assert calls[-1]["impls"] == ("numpy",) and calls[-1]["peer"] == "reference"
+
+
+def test_bench_real_table(capsys):
+    pytest.importorskip("lorakern.benchmarking")
+    code, out, err = run_main(capsys, "bench", "--m", "64", "--ranks", "2", "--dtypes", "float32",
+                              "--repeat", "1")
+    assert code == 0, err
+    assert "| 64 | 64 | 2 | float32 |" in out and "lorakern-cpu" in out
+    code, out, err = run_main(capsys, "bench", "--m", "64", "--impls", "nope", "--repeat", "1")
+    assert code == 2 and "unknown implementation" in err
