@@ -36,10 +36,25 @@ ROWS = 4  # rows per group: phases 2+3 do 8 FMAs per 6 loads (4 of G, 1 of A, 1 
 FASTMATH = {"reassoc", "contract", "nsz"}
 
 
+@numba.njit(inline="always")  # no fast-math: (1 + x) - 1 must not be simplified to x
+def _log1p(x):
+    """log(1 + x) to a few ulps with one log (Goldberg 1991, Theorem 4): libm's log1p
+    takes 14 ns per call here against 6 for log, and the logistic loss calls it per entry."""
+    u = 1.0 + x
+    return x if u == 1.0 else math.log(u) * (x / (u - 1.0))
+
+
+#: libm calls in the generated scalar code replaced by faster equivalents
+_SCALAR_REPLACEMENTS = {"math.log1p(": "_log1p("}
+
+
 def _compile_loss(loss):
     """The loss's scalar (value, grad) function, compiled by Numba for inlining."""
-    namespace = {"math": math}
-    exec(loss.scalar_source("pointwise"), namespace)
+    source = loss.scalar_source("pointwise")
+    for slow, fast in _SCALAR_REPLACEMENTS.items():
+        source = source.replace(slow, fast)
+    namespace = {"math": math, "_log1p": _log1p}
+    exec(source, namespace)
     return numba.njit(inline="always", fastmath=FASTMATH)(namespace["pointwise"])
 
 
