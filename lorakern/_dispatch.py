@@ -30,7 +30,17 @@ def backend(name: str):
     if name not in BACKENDS:
         raise ValueError(f"unknown device {name!r}; known devices: {sorted(BACKENDS) + ['auto']}")
     if name not in _loaded:
-        module = importlib.import_module(BACKENDS[name])
+        try:
+            module = importlib.import_module(BACKENDS[name])
+        except ModuleNotFoundError as exc:
+            if exc.name != BACKENDS[name]:
+                raise
+            module = None
+        if getattr(module, "check_available", None) is None:
+            # not built into this install (an empty folder imports as a namespace package)
+            raise DeviceUnavailableError(
+                f"device {name!r} is not available: this lorakern has no {name} backend; "
+                f"install a release that has it with pip install 'lorakern[{name}]'")
         module.check_available()  # raises DeviceUnavailableError with what to install
         _loaded[name] = module
     return _loaded[name]

@@ -122,8 +122,10 @@ def _positive_float(name: str, value) -> float:
 def _check_mask(mask, shape, xp):
     if array_namespace(mask) is not xp:
         raise TypeError("mask must live where W0 and Y live (NumPy or CuPy)")
-    if mask.dtype != np.bool_:
-        raise TypeError(f"mask must be a boolean array, got {mask.dtype}")
+    dtype = getattr(mask, "dtype", None)  # a list or other non-array has none
+    if dtype != np.bool_:
+        raise TypeError(f"mask must be a boolean array, got "
+                        f"{type(mask).__name__ if dtype is None else dtype}")
     if tuple(mask.shape) != shape:
         raise ValueError(f"mask has shape {tuple(mask.shape)} but W0 has shape {shape}")
     return xp.ascontiguousarray(mask).view(xp.uint8).copy()
