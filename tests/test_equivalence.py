@@ -12,7 +12,7 @@ import lorakern
 from lorakern import reference
 from lorakern._dispatch import backend
 
-from conftest import (DEVICES, DTYPES, assert_bitwise, assert_close, compare_pass, compare_step,
+from helpers import (DEVICES, DTYPES, assert_bitwise, assert_close, compare_pass, compare_step,
                       host, make_case, random_data)
 
 #: odd shapes (m, n, r): 1x1x1 up to primes; none a multiple of the tile (16 patched, 64+)

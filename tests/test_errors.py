@@ -11,7 +11,7 @@ import pytest
 import lorakern
 from lorakern import reference
 
-from conftest import DEVICES, assert_bitwise, random_data
+from helpers import DEVICES, assert_bitwise, random_data
 
 M, N, R = 7, 13, 3
 

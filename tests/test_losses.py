@@ -11,7 +11,7 @@ import lorakern
 from lorakern import LOSSES, reference
 from lorakern._dispatch import backend
 
-from conftest import (DEVICES, DTYPES, LOSS_NAMES, assert_bitwise, assert_close, compare_pass,
+from helpers import (DEVICES, DTYPES, LOSS_NAMES, assert_bitwise, assert_close, compare_pass,
                       compare_step, host, make_case, random_data)
 
 SHAPE = (37, 101, 5)  # one odd shape shared by the tests below: 37 rows, 101 = 6 tiles of 16 + 5

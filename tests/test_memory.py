@@ -14,7 +14,7 @@ import pytest
 import lorakern
 from lorakern import reference
 
-from conftest import make_case
+from helpers import make_case
 
 M = N = 1024
 R = 8

@@ -10,7 +10,7 @@ import pytest
 import lorakern
 from lorakern import reference
 
-from conftest import (DEVICES, DTYPES, LOSS_NAMES, assert_bitwise, assert_close, host,
+from helpers import (DEVICES, DTYPES, LOSS_NAMES, assert_bitwise, assert_close, host,
                       make_case, random_data)
 
 

@@ -10,7 +10,7 @@ import lorakern
 from lorakern import Armijo, Constant, Theorem, reference, theory
 from lorakern._dispatch import backend
 
-from conftest import DEVICES, DTYPES, assert_bitwise, assert_close, host, make_case
+from helpers import DEVICES, DTYPES, assert_bitwise, assert_close, host, make_case
 
 SHAPE = (37, 101, 5)
 ALL = ("reference",) + DEVICES

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import lorakern
 from lorakern import Armijo, theory
 
-from conftest import DEVICES, LOSS_NAMES, make_case
+from helpers import DEVICES, LOSS_NAMES, make_case
 
 #: examples per property; raise it for a longer search, e.g. LORAKERN_EXAMPLES=500
 EXAMPLES = int(os.environ.get("LORAKERN_EXAMPLES", "25"))
