@@ -48,7 +48,9 @@ class Constant:
             raise ValueError(f"a constant step_size must be positive and finite, got {self.eta}")
 
     def choose(self, backend, problem, data, B, A, p, state):
-        return backend.xp.asarray(float(self.eta)), 0
+        # a Python float: a device backend takes it as a kernel argument, with no copy
+        # from host memory (which would synchronise the stream every step)
+        return float(self.eta), 0
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,9 @@ def assert_close(actual, expected, dtype, name="value", factor=1.0):
 
 def assert_bitwise(actual, expected, name="value"):
     """Identical bits (NaNs equal); on failure show the first differing elements."""
-    a, e = np.asarray(actual), np.asarray(expected)
+    # contiguous 1-d+ copies: a 0-d array or a strided column can not be viewed as bytes
+    a = np.ascontiguousarray(np.atleast_1d(np.asarray(actual)))
+    e = np.ascontiguousarray(np.atleast_1d(np.asarray(expected)))
     assert a.shape == e.shape and a.dtype == e.dtype, (
         f"{name}: {a.shape} {a.dtype} != {e.shape} {e.dtype}")
     diff = a.view(np.uint8).reshape(a.shape + (-1,)) != e.view(np.uint8).reshape(e.shape + (-1,))

@@ -1,0 +1,651 @@
+// lorakern CUDA kernels: one fused pass over the data per step of LoRA gradient descent.
+//
+// The launcher (launch.py) prepends the loss's device function
+//     template <typename T> void loss_pointwise(T t, T y, double delta, double* value, double* grad)
+// (lorakern/losses.py, Loss.cuda_source) to this file, so adding a loss edits no kernel. It
+// compiles the result with NVRTC (cupy.RawModule + name_expressions); no headers are included.
+//
+// One step at V_t = (B, A), with t = R + BA (residual losses, R = W0 - Y) or t = W0 + BA (labels):
+//
+//   fused_pass    one read of the data. Each block owns a super-tile of rpb x cpb tiles of
+//                 BM x BN entries and walks it row tile by row tile, column tiles inner:
+//                   copies    the next tile's R (or W0, Y), A tile and, at a new row tile, B tile
+//                             go to shared memory by cp.async while this tile is worked on
+//                             (double buffers); the mask goes to registers, one tile ahead
+//                   phase 1   t = R + B[rows,:] A[:,cols]   256 threads, TM1 rows x 4 columns each
+//                   pointwise value, G = loss'(t), zero off the mask and outside m x n;
+//                             loss and ||G||^2 accumulated in float64 per thread         (eq. 7)
+//                   phase 2   grad_B[rows,:] += G A[:,cols]^T   register accumulators that live
+//                             for a whole row of column tiles; split over columns
+//                   phase 3   grad_A[:,cols]  = B[rows,:]^T G   per tile, split over rows
+//                 G goes to shared memory once so that phases 2 and 3 read it with their own
+//                 thread layouts (register-blocked: 32 accumulators per thread for float).
+//                 One block per multiprocessor (registers uncapped: 140-250, no spills): the
+//                 copies, not other blocks, hide the memory latency.
+//                 Partials: gB_part[column super-tile][m_ld][RK]  (written once per row tile)
+//                           gA_part[row super-tile][RK][n_ld]     (the block's own slice,
+//                                                                  read-add-written per tile)
+//                           scal_part[block] = (loss, ||G||^2)
+//   reduce_grads  grad_B, grad_A = the partials summed in slice order; per block
+//                 (||grad||^2, ||V||^2) in float64
+//   finalize      one block: loss, ||G||^2, ||grad J||^2, ||V||^2 and eta_t (Lemma 2, eq. 8)
+//   update        B - eta grad_B, A - eta grad_A rounded as NumPy does (no fused multiply-add)
+//
+// Determinism: no atomics. Every sum runs in an order fixed by the shapes and the launch
+// configuration: per thread in loop order, across threads through shared memory in split
+// order, across blocks in slice / block order. The same inputs give the same bits every run.
+//
+// The rank is padded to RK (a template bound): columns k >= r of B and rows k >= r of A are
+// loaded as zeros, add nothing to t and receive gradients that are never read back.
+
+#ifndef LORAKERN_HOST_EMULATION
+__device__ __forceinline__ unsigned char* lk_dynamic_smem()
+{
+    extern __shared__ __align__(128) unsigned char lk_smem[];
+    return lk_smem;
+}
+__device__ __forceinline__ unsigned lk_dynamic_smem_size()
+{
+    unsigned bytes;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+    return bytes;
+}
+#endif
+
+namespace lorakern {
+
+constexpr int NT = 256;  // threads per block, every kernel
+
+__host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
+__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
+__host__ __device__ constexpr long long round128(long long bytes) { return (bytes + 127) / 128 * 128; }
+
+template <typename T>
+struct alignas(4 * sizeof(T)) Pack4 {
+    T v[4];
+};
+
+template <typename T>
+__device__ __forceinline__ Pack4<T> ld4(const T* p) { return *reinterpret_cast<const Pack4<T>*>(p); }
+template <typename T>
+__device__ __forceinline__ void st4(T* p, const Pack4<T>& x) { *reinterpret_cast<Pack4<T>*>(p) = x; }
+
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+
+__device__ __forceinline__ bool is_finite(double x) { return x - x == 0.0; }
+
+__device__ __forceinline__ bool aligned(const void* p, unsigned long long bytes)
+{
+    return reinterpret_cast<unsigned long long>(p) % bytes == 0;
+}
+
+// ---- asynchronous global -> shared copies (cp.async on sm_80+; a plain copy elsewhere) -----
+// src_bytes < BYTES zero-fills the rest; src_bytes == 0 reads nothing (src must still be valid).
+template <int BYTES>
+__device__ __forceinline__ void copy_async(void* dst, const void* src, int src_bytes)
+{
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    unsigned s;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(dst));
+    if (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(src_bytes) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(s), "l"(src), "n"(BYTES), "r"(src_bytes)
+                     : "memory");
+#else
+    unsigned char* d = static_cast<unsigned char*>(dst);
+    const unsigned char* g = static_cast<const unsigned char*>(src);
+    for (int i = 0; i < BYTES; ++i) d[i] = i < src_bytes ? g[i] : 0;
+#endif
+}
+
+__device__ __forceinline__ void copy_async_commit()
+{
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void copy_async_wait_all()
+{
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
+// rows [row0, row0 + ROWS) x columns [col0, col0 + COLS) of a row-major nrows x ncols matrix
+// g (leading dimension ld) -> s (leading dimension lds), zeros outside the matrix.
+// vec: 16-byte chunks (ld and g 16-byte aligned; col0 a multiple of the chunk).
+template <typename T, int ROWS, int COLS>
+__device__ __forceinline__ void tile_async(T* s, int lds, const T* g, long long ld, int row0, int col0,
+                                           int nrows, int ncols, bool vec)
+{
+    if (vec) {
+        constexpr int V = 16 / sizeof(T);
+        constexpr int CH = COLS / V;
+        static_assert(COLS % V == 0, "tile width must be a multiple of a 16-byte chunk");
+#pragma unroll 2
+        for (int e = threadIdx.x; e < ROWS * CH; e += NT) {
+            const int rr = e / CH, cc = (e % CH) * V;
+            const int row = row0 + rr, col = col0 + cc;
+            const int valid = row < nrows ? cmax(0, cmin(V, ncols - col)) : 0;
+            const T* src = valid > 0 ? g + row * ld + col : g;
+            copy_async<16>(s + rr * lds + cc, src, valid * (int)sizeof(T));
+        }
+    } else {
+#pragma unroll 4
+        for (int e = threadIdx.x; e < ROWS * COLS; e += NT) {
+            const int rr = e / COLS, cc = e % COLS;
+            const int row = row0 + rr, col = col0 + cc;
+            const bool valid = row < nrows && col < ncols;
+            copy_async<(int)sizeof(T)>(s + rr * lds + cc, valid ? g + row * ld + col : g,
+                                       valid ? (int)sizeof(T) : 0);
+        }
+    }
+}
+
+// 4 consecutive entries p[0..3], of which the first `valid` exist (zeros for the rest)
+template <typename T>
+__device__ __forceinline__ void load_row4(T out[4], const T* p, int valid, bool vec)
+{
+    if (vec && valid == 4) {
+        const Pack4<T> x = ld4(p);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) out[j] = x.v[j];
+    } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) out[j] = j < valid ? p[j] : T(0);
+    }
+}
+
+__device__ __forceinline__ unsigned load_mask4(const unsigned char* p, int valid, bool vec)
+{
+    if (vec && valid == 4) return *reinterpret_cast<const unsigned*>(p);
+    unsigned bits = 0;
+    for (int j = 0; j < 4; ++j)
+        if (j < valid) bits |= (unsigned)p[j] << (8 * j);
+    return bits;
+}
+
+// sum of a[t] and b[t] over the block's threads, fixed tree order; red holds 2 * NT doubles.
+// Every thread must call it; thread 0 gets the sums.
+__device__ __forceinline__ void block_sum2(double* red, double& a, double& b)
+{
+    const int tid = threadIdx.x;
+    red[tid] = a;
+    red[NT + tid] = b;
+    __syncthreads();
+#pragma unroll
+    for (int s = NT / 2; s > 0; s >>= 1) {
+        if (tid < s) {
+            red[tid] += red[tid + s];
+            red[NT + tid] += red[NT + tid + s];
+        }
+        __syncthreads();
+    }
+    a = red[0];
+    b = red[NT];
+}
+
+// ---- the fused pass: configuration --------------------------------------------------------
+// Everything is derived from (T, RK, BM, BN); launch.py mirrors SMEM_BYTES in smem_bytes().
+template <typename T, int RK, int BM, int BN, bool LABELS, bool GRAD>
+struct Fused {
+    // phase 1: thread (ty, tx) owns rows ty + i*TY1 (i < TM1) and columns 4tx .. 4tx+3
+    static constexpr int TX1 = BN / 4;
+    static constexpr int TY1 = NT / TX1;
+    static constexpr int TM1 = BM / TY1;
+    // register accumulators per thread in phases 2 and 3 (fewer for double: same registers)
+    static constexpr int ACC0 = sizeof(T) == 4 ? 32 : 16;
+    // phase 2: grad_B tile BM x RK. Thread: RT2 rows (rg + i*NRG2) x KT2 ranks (kg*KT2 + j),
+    // summing over CS2 columns of split s; S2 splits cover the BN columns.
+    static constexpr int ACC2 = cmax(ACC0, BM * RK / NT);
+    static constexpr int KT2 = cmin(RK, 8);
+    static constexpr int RT2 = cmin(ACC2 / KT2, BM);
+    static constexpr int NKG2 = RK / KT2;
+    static constexpr int NRG2 = BM / RT2;
+    static constexpr int TPS2 = NKG2 * NRG2;
+    static constexpr int S2 = cmin(NT / TPS2, BN / 4);
+    static constexpr int CS2 = BN / S2;
+    // phase 3: grad_A tile RK x BN. Thread: KT3 ranks (kg*KT3 + kk) x CP3 packs of 4 columns
+    // ((cg + p*NCG3) * 4), summing over RS3 rows of split s; S3 splits cover the BM rows.
+    static constexpr int ACC3 = cmax(ACC0, RK * BN / NT);
+    static constexpr int KT3 = cmin(RK, ACC3 / 4);
+    static constexpr int CP3 = ACC3 / KT3 / 4;
+    static constexpr int NCG3 = BN / 4 / CP3;
+    static constexpr int NKG3 = RK / KT3;
+    static constexpr int TPS3 = NKG3 * NCG3;
+    static constexpr int S3 = cmin(NT / TPS3, BM);
+    static constexpr int RS3 = BM / S3;
+    // packs of 4 outputs of the grad_A tile per thread when the splits are summed; at small
+    // ranks the block's previous partial is fetched at the start of the tile (an L2 round trip
+    // hidden behind phases 1-3), at large ranks the tile's work hides less of it anyway
+    static constexpr int OP3 = (RK * BN / 4 + NT - 1) / NT;
+    static constexpr bool PREFETCH_GA = OP3 <= 2;
+    // shared memory, every tile double-buffered so that the next tile's copies (cp.async)
+    // overlap this tile's work: A tiles [2][RK][LDA], B tiles [2][BM][LDB], data tiles
+    // X (R or W0) and, for labels, Y [2][BM][LDX]; and a work area W: the G tile [BM][LDG],
+    // aliased with the split-reduction scratch and the final block reduction.
+    // Rows padded by 4 elements keep the 16-byte accesses of phases 1-3 free of bank conflicts.
+    // B is double-buffered where it is small; at large ranks its one buffer is reloaded at the
+    // start of each row tile (latency exposed once per row tile: cpb tiles).
+    static constexpr int LDA = BN + 4, LDB = RK + 4, LDX = BN + 4, LDG = BN + 4;
+    static constexpr int B_BUF = sizeof(T) * RK <= 256 ? 2 : 1;
+    static constexpr long long A_BYTES = round128(2LL * RK * LDA * sizeof(T));
+    static constexpr long long B_BYTES = round128((long long)B_BUF * BM * LDB * sizeof(T));
+    static constexpr long long X_BYTES = round128(2LL * BM * LDX * sizeof(T));
+    static constexpr long long Y_BYTES = LABELS ? X_BYTES : 0;
+    static constexpr long long SCRATCH = (long long)cmax(S2 * BM * RK, S3 * RK * BN) * sizeof(T);
+    static constexpr long long G_BYTES = (long long)BM * LDG * sizeof(T);
+    static constexpr long long RED_BYTES = 2LL * NT * sizeof(double);
+    static constexpr long long W_BYTES =
+        round128(GRAD ? (G_BYTES > SCRATCH ? (G_BYTES > RED_BYTES ? G_BYTES : RED_BYTES)
+                                           : (SCRATCH > RED_BYTES ? SCRATCH : RED_BYTES))
+                      : RED_BYTES);
+    static constexpr long long SMEM_BYTES = A_BYTES + B_BYTES + X_BYTES + Y_BYTES + W_BYTES;
+
+    static_assert(RK % 4 == 0 && BM % 4 == 0 && BN % 4 == 0, "RK, BM, BN must be multiples of 4");
+    static_assert(NT % TX1 == 0 && TY1 * TM1 == BM && TM1 >= 1, "phase-1 layout");
+    static_assert(RK % KT2 == 0 && BM % RT2 == 0 && TPS2 <= NT && S2 >= 1 && BN % S2 == 0 && CS2 % 4 == 0,
+                  "phase-2 layout");
+    static_assert(KT3 % 4 == 0 && RK % KT3 == 0 && ACC3 % (4 * KT3) == 0 && (BN / 4) % CP3 == 0 &&
+                      TPS3 <= NT && S3 >= 1 && BM % S3 == 0,
+                  "phase-3 layout");
+};
+
+// ---- the fused pass -----------------------------------------------------------------------
+// X: R (m x n) or, with LABELS, W0 and Y (labels). M: the mask (uint8, m x n) if MASKED.
+// B (m x r), A (r x n): the iterate, row-major. rpb x cpb tiles per block (super-tile).
+// GRAD == false is the loss-only pass for line searches: phase 1 and the loss, nothing else.
+template <typename T, int RK, int BM, int BN, bool LABELS, bool MASKED, bool GRAD>
+__global__ void __launch_bounds__(NT, 1) fused_pass(
+    const T* __restrict__ X, const T* __restrict__ Y, const unsigned char* __restrict__ M,
+    const T* __restrict__ B, const T* __restrict__ A, int m, int n, int r, double delta, int rpb, int cpb,
+    T* __restrict__ gB_part, T* __restrict__ gA_part, long long m_ld, long long n_ld,
+    double* __restrict__ scal_part)
+{
+    using C = Fused<T, RK, BM, BN, LABELS, GRAD>;
+    unsigned char* smem = lk_dynamic_smem();
+    if (lk_dynamic_smem_size() < (unsigned)C::SMEM_BYTES) __trap();  // launcher and kernel disagree
+    T* A_s = reinterpret_cast<T*>(smem);
+    T* B_s = reinterpret_cast<T*>(smem + C::A_BYTES);
+    T* X_s = reinterpret_cast<T*>(smem + C::A_BYTES + C::B_BYTES);
+    T* Y_s = reinterpret_cast<T*>(smem + C::A_BYTES + C::B_BYTES + C::X_BYTES);
+    unsigned char* W = smem + C::A_BYTES + C::B_BYTES + C::X_BYTES + C::Y_BYTES;
+    T* G_s = reinterpret_cast<T*>(W);
+    T* scratch = reinterpret_cast<T*>(W);
+    double* red = reinterpret_cast<double*>(W);
+
+    const int tid = threadIdx.x;
+    const int ntr = (m + BM - 1) / BM, ntc = (n + BN - 1) / BN;
+    const int nsc = (ntc + cpb - 1) / cpb;
+    const int rs = blockIdx.x / nsc, cs = blockIdx.x % nsc;
+    const int rt0 = rs * rpb, ct0 = cs * cpb;
+    const int nct = cmin(cpb, ntc - ct0);
+    const int ntiles = cmin(rpb, ntr - rt0) * nct;
+
+    constexpr int V = 16 / sizeof(T);  // elements per 16-byte copy
+    const bool vec_x = n % V == 0 && aligned(X, 16) && (!LABELS || aligned(Y, 16));
+    const bool vec_m = MASKED && n % 4 == 0 && aligned(M, 4);
+    const bool vec_a = n % V == 0 && aligned(A, 16);
+    const bool vec_b = r % V == 0 && aligned(B, 16);
+
+    const int tx = tid % C::TX1, ty = tid / C::TX1;
+
+    double loss_acc = 0.0, gsq_acc = 0.0;
+    T accB[C::RT2][C::KT2];  // phase 2, per row tile
+#pragma unroll
+    for (int i = 0; i < C::RT2; ++i)
+#pragma unroll
+        for (int j = 0; j < C::KT2; ++j) accB[i][j] = T(0);
+
+    // tile `it` of this block: its copies into buffer (it & 1); B when it starts a row tile.
+    // The mask goes to registers instead (4 bytes per thread and row: cp.async moves >= 4 bytes
+    // and mask rows need not be 4-byte aligned), also one tile ahead.
+    unsigned mk_next[C::TM1];
+    auto issue_b = [&](int q) {
+        tile_async<T, BM, RK>(B_s + (q % C::B_BUF) * BM * C::LDB, C::LDB, B, r, (rt0 + q) * BM, 0, m, r, vec_b);
+    };
+    auto issue = [&](int it) {
+        const int q = it / nct, row0 = (rt0 + q) * BM, col0 = (ct0 + it % nct) * BN, buf = it & 1;
+        if (it % nct == 0 && (C::B_BUF == 2 || it == 0)) issue_b(q);
+        tile_async<T, RK, BN>(A_s + buf * RK * C::LDA, C::LDA, A, n, 0, col0, r, n, vec_a);
+        tile_async<T, BM, BN>(X_s + buf * BM * C::LDX, C::LDX, X, n, row0, col0, m, n, vec_x);
+        if (LABELS) tile_async<T, BM, BN>(Y_s + buf * BM * C::LDX, C::LDX, Y, n, row0, col0, m, n, vec_x);
+        copy_async_commit();
+        if (MASKED) {
+#pragma unroll
+            for (int i = 0; i < C::TM1; ++i) {
+                const int row = row0 + ty + i * C::TY1, col = col0 + 4 * tx;
+                const int valid = row < m ? cmax(0, cmin(4, n - col)) : 0;
+                mk_next[i] = load_mask4(M + (valid > 0 ? (long long)row * n + col : 0), valid, vec_m);
+            }
+        }
+    };
+    issue(0);
+
+    for (int it = 0; it < ntiles; ++it) {
+        const int q = it / nct, rt = rt0 + q, ct = ct0 + it % nct;
+        const bool row_end = it % nct == nct - 1;
+        const int row0 = rt * BM, col0 = ct * BN;
+        unsigned mk[C::TM1];
+        int valid[C::TM1];
+#pragma unroll
+        for (int i = 0; i < C::TM1; ++i) {
+            mk[i] = MASKED ? mk_next[i] : 0u;
+            const int row = row0 + ty + i * C::TY1, col = col0 + 4 * tx;
+            valid[i] = row < m ? cmax(0, cmin(4, n - col)) : 0;
+        }
+
+        copy_async_wait_all();
+        __syncthreads();  // this tile's copies visible; every thread is done with the previous tile
+        if (C::B_BUF == 1 && it % nct == 0 && it > 0) {  // the one B buffer is free only now
+            issue_b(q);
+            copy_async_commit();
+            copy_async_wait_all();
+            __syncthreads();
+        }
+        if (it + 1 < ntiles) issue(it + 1);  // into the buffers the previous tile used
+        Pack4<T> gA_prev[C::PREFETCH_GA ? C::OP3 : 1];
+        if (GRAD && C::PREFETCH_GA && rt != rt0) {
+#pragma unroll
+            for (int p = 0; p < C::OP3; ++p) {
+                const int e = tid + p * NT;
+                if (e < RK * BN / 4)
+                    gA_prev[p] = ld4(gA_part + ((long long)rs * RK + e / (BN / 4)) * n_ld + col0 + (e % (BN / 4)) * 4);
+            }
+        }
+        const T* As = A_s + (it & 1) * RK * C::LDA;
+        const T* Bs = B_s + (q % C::B_BUF) * BM * C::LDB;
+        const T* Xs = X_s + (it & 1) * BM * C::LDX;
+        const T* Ys = Y_s + (it & 1) * BM * C::LDX;
+
+        T t[C::TM1][4];
+#pragma unroll
+        for (int i = 0; i < C::TM1; ++i) {
+            const Pack4<T> x = ld4(Xs + (ty + i * C::TY1) * C::LDX + 4 * tx);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) t[i][j] = x.v[j];
+        }
+
+        // ---- phase 1: t += B[rows, :] A[:, cols], 4 ranks at a time
+#pragma unroll 1
+        for (int k = 0; k < RK; k += 4) {
+            Pack4<T> a[4];
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) a[kk] = ld4(As + (k + kk) * C::LDA + 4 * tx);
+#pragma unroll
+            for (int i = 0; i < C::TM1; ++i) {
+                const Pack4<T> b = ld4(Bs + (ty + i * C::TY1) * C::LDB + k);
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) t[i][j] = fma_rn(b.v[kk], a[kk].v[j], t[i][j]);
+            }
+        }
+
+        // ---- pointwise: value and G = dL/dt; nothing off the mask or outside m x n
+#pragma unroll
+        for (int i = 0; i < C::TM1; ++i) {
+            const Pack4<T> y = LABELS ? ld4(Ys + (ty + i * C::TY1) * C::LDX + 4 * tx) : Pack4<T>{};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                double value, grad;
+                loss_pointwise<T>(t[i][j], LABELS ? y.v[j] : t[i][j], delta, &value, &grad);
+                const bool keep = j < valid[i] && (!MASKED || ((mk[i] >> (8 * j)) & 0xffu) != 0);
+                const T g = keep ? (T)grad : T(0);
+                loss_acc += keep ? value : 0.0;
+                gsq_acc += (double)g * (double)g;
+                t[i][j] = g;
+            }
+        }
+        if constexpr (GRAD) {
+#pragma unroll
+            for (int i = 0; i < C::TM1; ++i) {
+                Pack4<T> g;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) g.v[j] = t[i][j];
+                st4(G_s + (ty + i * C::TY1) * C::LDG + 4 * tx, g);
+            }
+            __syncthreads();
+
+            // ---- phase 2: accB[rows, ranks] += sum over this split's columns of G A^T
+            if (tid < C::S2 * C::TPS2) {
+                const int s = tid / C::TPS2, w = tid % C::TPS2;
+                const int kg = w % C::NKG2, rg = w / C::NKG2;
+#pragma unroll 1
+                for (int c = s * C::CS2; c < (s + 1) * C::CS2; c += 4) {
+                    Pack4<T> g[C::RT2];
+#pragma unroll
+                    for (int i = 0; i < C::RT2; ++i) g[i] = ld4(G_s + (rg + i * C::NRG2) * C::LDG + c);
+#pragma unroll
+                    for (int j = 0; j < C::KT2; ++j) {
+                        const Pack4<T> a = ld4(As + (kg * C::KT2 + j) * C::LDA + c);
+#pragma unroll
+                        for (int i = 0; i < C::RT2; ++i)
+#pragma unroll
+                            for (int q = 0; q < 4; ++q) accB[i][j] = fma_rn(g[i].v[q], a.v[q], accB[i][j]);
+                    }
+                }
+            }
+
+            // ---- phase 3: grad_A[ranks, cols] over this split's rows: B^T G
+            T acc3[C::KT3][4 * C::CP3];
+#pragma unroll
+            for (int kk = 0; kk < C::KT3; ++kk)
+#pragma unroll
+                for (int c = 0; c < 4 * C::CP3; ++c) acc3[kk][c] = T(0);
+            const int s3 = tid / C::TPS3, w3 = tid % C::TPS3;
+            const int cg3 = w3 % C::NCG3, kg3 = w3 / C::NCG3;
+            if (tid < C::S3 * C::TPS3) {
+#pragma unroll 1
+                for (int row = s3 * C::RS3; row < (s3 + 1) * C::RS3; ++row) {
+                    Pack4<T> g[C::CP3];
+#pragma unroll
+                    for (int p = 0; p < C::CP3; ++p) g[p] = ld4(G_s + row * C::LDG + (cg3 + p * C::NCG3) * 4);
+#pragma unroll
+                    for (int h = 0; h < C::KT3 / 4; ++h) {
+                        const Pack4<T> b = ld4(Bs + row * C::LDB + kg3 * C::KT3 + 4 * h);
+#pragma unroll
+                        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+                            for (int p = 0; p < C::CP3; ++p)
+#pragma unroll
+                                for (int j = 0; j < 4; ++j)
+                                    acc3[4 * h + kk][4 * p + j] = fma_rn(b.v[kk], g[p].v[j], acc3[4 * h + kk][4 * p + j]);
+                    }
+                }
+            }
+            __syncthreads();  // G tile no longer read: the work area becomes the split scratch
+
+            // phase-3 splits -> scratch[s][k][c], then summed in split order into the block's slice
+            if (tid < C::S3 * C::TPS3) {
+#pragma unroll
+                for (int kk = 0; kk < C::KT3; ++kk)
+#pragma unroll
+                    for (int p = 0; p < C::CP3; ++p) {
+                        Pack4<T> v;
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) v.v[j] = acc3[kk][4 * p + j];
+                        st4(scratch + ((long long)s3 * RK + kg3 * C::KT3 + kk) * BN + (cg3 + p * C::NCG3) * 4, v);
+                    }
+            }
+            __syncthreads();
+#pragma unroll
+            for (int p = 0; p < C::OP3; ++p) {
+                const int e = tid + p * NT;
+                if (C::OP3 * NT > RK * BN / 4 && e >= RK * BN / 4) break;
+                const int k = e / (BN / 4), c = (e % (BN / 4)) * 4;
+                Pack4<T> sum = ld4(scratch + k * BN + c);
+                for (int s = 1; s < C::S3; ++s) {
+                    const Pack4<T> v = ld4(scratch + ((long long)s * RK + k) * BN + c);
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) sum.v[j] += v.v[j];
+                }
+                T* dst = gA_part + ((long long)rs * RK + k) * n_ld + col0 + c;
+                if (rt != rt0) {  // the block's own slice: earlier row tiles of this super-tile
+                    const Pack4<T> prev = C::PREFETCH_GA ? gA_prev[C::PREFETCH_GA ? p : 0] : ld4(dst);
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) sum.v[j] = prev.v[j] + sum.v[j];
+                }
+                st4(dst, sum);
+            }
+
+            if (row_end) {  // this row tile is done: phase-2 splits summed into gB_part[cs]
+                __syncthreads();
+                if (tid < C::S2 * C::TPS2) {
+                    const int s = tid / C::TPS2, w = tid % C::TPS2;
+                    const int kg = w % C::NKG2, rg = w / C::NKG2;
+#pragma unroll
+                    for (int i = 0; i < C::RT2; ++i)
+#pragma unroll
+                        for (int j = 0; j < C::KT2; j += 4) {
+                            Pack4<T> v;
+#pragma unroll
+                            for (int q = 0; q < 4; ++q) v.v[q] = accB[i][j + q];
+                            st4(scratch + ((long long)s * BM + rg + i * C::NRG2) * RK + kg * C::KT2 + j, v);
+                        }
+                }
+                __syncthreads();
+                for (int e = tid; e < BM * RK / 4; e += NT) {
+                    const int row = e / (RK / 4), k = (e % (RK / 4)) * 4;
+                    Pack4<T> sum = ld4(scratch + row * RK + k);
+                    for (int s = 1; s < C::S2; ++s) {
+                        const Pack4<T> v = ld4(scratch + ((long long)s * BM + row) * RK + k);
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) sum.v[j] += v.v[j];
+                    }
+                    st4(gB_part + ((long long)cs * m_ld + row0 + row) * RK + k, sum);
+                }
+#pragma unroll
+                for (int i = 0; i < C::RT2; ++i)
+#pragma unroll
+                    for (int j = 0; j < C::KT2; ++j) accB[i][j] = T(0);
+            }
+        }
+    }
+
+    __syncthreads();  // the work area is free
+    block_sum2(red, loss_acc, gsq_acc);
+    if (tid == 0) {
+        scal_part[2 * blockIdx.x] = loss_acc;
+        scal_part[2 * blockIdx.x + 1] = gsq_acc;
+    }
+}
+
+// ---- partials -> gradients, and the per-block norms ----------------------------------------
+// grad_B[i, k] = sum_c gB_part[c, i, k] (c = 0 .. ncs-1 in order), grad_A likewise over the
+// nrs row slices. norm_part[block] = (||grad_B||^2 + ||grad_A||^2, ||B||^2 + ||A||^2) of the
+// entries this block visited, in float64.
+template <typename T>
+__global__ void __launch_bounds__(NT) reduce_grads(
+    const T* __restrict__ gB_part, const T* __restrict__ gA_part, int ncs, int nrs, int rk, long long m_ld,
+    long long n_ld, int m, int n, int r, const T* __restrict__ B, const T* __restrict__ A, T* __restrict__ grad_B,
+    T* __restrict__ grad_A, double* __restrict__ norm_part)
+{
+    __shared__ double red[2 * NT];
+    const long long mr = (long long)m * r, total = mr + (long long)r * n;
+    double gsq = 0.0, vsq = 0.0;
+    for (long long e = (long long)blockIdx.x * NT + threadIdx.x; e < total; e += (long long)gridDim.x * NT) {
+        T s;
+        double v;
+        if (e < mr) {
+            const long long i = e / r;
+            const int k = (int)(e - i * r);
+            const T* p = gB_part + i * rk + k;
+            s = p[0];
+            for (int c = 1; c < ncs; ++c) s += p[c * m_ld * rk];
+            grad_B[e] = s;
+            v = (double)B[e];
+        } else {
+            const long long e2 = e - mr;
+            const int k = (int)(e2 / n);
+            const long long j = e2 - (long long)k * n;
+            const T* p = gA_part + k * n_ld + j;
+            s = p[0];
+            for (int c = 1; c < nrs; ++c) s += p[c * rk * n_ld];
+            grad_A[e2] = s;
+            v = (double)A[e2];
+        }
+        gsq += (double)s * (double)s;
+        vsq += v * v;
+    }
+    block_sum2(red, gsq, vsq);
+    if (threadIdx.x == 0) {
+        norm_part[2 * blockIdx.x] = gsq;
+        norm_part[2 * blockIdx.x + 1] = vsq;
+    }
+}
+
+// ---- the step's numbers and eta_t, one block ------------------------------------------------
+// out[0..4] = J(V_t), ||G_t||^2, ||grad J(V_t)||^2, ||V_t||^2, eta_t, with
+//   eta_t = eta_fixed                                        if eta_fixed > 0 (a constant step)
+//         = 1 / max(eta_scale (||V_t||^2 + ||G_t||), 1)      else; eta_scale = 5 sqrt(2) max(L, 1)
+// which is min{1 / (5 sqrt(2) L (||V||^2 + ||G||)), 1} of Lemma 2 (eq. 8), with no 1/0 at V = G = 0.
+// nred == 0: the loss alone (loss-only pass). Optional, for the on-device loop (run_steps):
+// counter: out += 5 * (*counter), then ++*counter; current: current[0] = eta_t;
+// ok: cleared once J(V_t) is not finite (update then leaves the iterate alone).
+__global__ void __launch_bounds__(NT) finalize(
+    const double* __restrict__ scal_part, int nmain, const double* __restrict__ norm_part, int nred,
+    double eta_scale, double eta_fixed, double* __restrict__ out, int* __restrict__ counter,
+    double* __restrict__ current, int* __restrict__ ok)
+{
+    __shared__ double red[2 * NT];
+    const int tid = threadIdx.x;
+    double loss = 0.0, gsq = 0.0, grad_sq = 0.0, v_sq = 0.0;
+    for (int b = tid; b < nmain; b += NT) {
+        loss += scal_part[2 * b];
+        gsq += scal_part[2 * b + 1];
+    }
+    for (int b = tid; b < nred; b += NT) {
+        grad_sq += norm_part[2 * b];
+        v_sq += norm_part[2 * b + 1];
+    }
+    const int step = counter != nullptr ? *counter : 0;
+    block_sum2(red, loss, gsq);
+    __syncthreads();
+    block_sum2(red, grad_sq, v_sq);
+    if (tid == 0) {
+        double eta = eta_fixed;
+        if (!(eta_fixed > 0.0)) {
+            const double scale = eta_scale * (v_sq + sqrt(gsq));
+            eta = 1.0 / (scale > 1.0 ? scale : 1.0);
+        }
+        double* o = out + 5LL * step;
+        o[0] = loss;
+        o[1] = gsq;
+        o[2] = grad_sq;
+        o[3] = v_sq;
+        o[4] = eta;
+        if (counter != nullptr) *counter = step + 1;
+        if (current != nullptr) current[0] = eta;
+        if (ok != nullptr && !is_finite(loss)) *ok = 0;
+    }
+}
+
+// ---- B - eta grad_B, A - eta grad_A ---------------------------------------------------------
+// eta rounded to T first, then one rounded product and one rounded difference: the bits of
+// NumPy's `B - T(eta) * grad_B`. eta from *eta_ptr when given (stays on the device), else
+// eta_value. With ok given and *ok == 0 nothing is written.
+template <typename T>
+__global__ void __launch_bounds__(NT) update(
+    const T* __restrict__ B, const T* __restrict__ A, const T* __restrict__ grad_B, const T* __restrict__ grad_A,
+    long long mr, long long rn, const double* __restrict__ eta_ptr, double eta_value, const int* __restrict__ ok,
+    T* __restrict__ B_out, T* __restrict__ A_out)
+{
+    if (ok != nullptr && *ok == 0) return;
+    const T eta = (T)(eta_ptr != nullptr ? *eta_ptr : eta_value);
+    for (long long e = (long long)blockIdx.x * NT + threadIdx.x; e < mr + rn; e += (long long)gridDim.x * NT) {
+        if (e < mr)
+            B_out[e] = sub_rn(B[e], mul_rn(eta, grad_B[e]));
+        else
+            A_out[e - mr] = sub_rn(A[e - mr], mul_rn(eta, grad_A[e - mr]));
+    }
+}
+
+}  // namespace lorakern

@@ -1,0 +1,340 @@
+"""Compile, configure and launch the kernels of ``fused.cu``.
+
+A ``Plan`` holds, for one problem and rank, the compiled kernels, the launch geometry and the
+workspace the partial sums live in; it is made once and kept on the problem's device data.
+Everything goes through a *runtime*: ``CupyRuntime`` (cupy.RawModule, CuPy arrays) on a GPU.
+The test suite installs a host emulation instead (``HostRuntime`` in tests/test_cuda.py: the
+same fused.cu compiled by g++, a thread per CUDA thread), so that this launcher, the kernels'
+index arithmetic, tails and reductions are checked without a GPU.
+
+Memory plan of one fused step (m x n data, rank r padded to RK, tiles BM x BN, a grid of
+nrs x ncs blocks, each owning rpb x cpb tiles):
+
+    read    R (or W0 and Y), the mask if any: once, 16-byte copies where rows are aligned
+    write   gB_part  ncs x m_ld x RK    gA_part  nrs x RK x n_ld    (partial sums, dtype of data)
+    read    the partials once more in reduce_grads; write grad_B, grad_A, then B and A
+
+so the DRAM traffic beyond one read of R is RK (ncs m + nrs n) elements each way: at
+m = n = 8192, r = 16 on 132 SMs (11 x 12 blocks, one per SM) 12 MB each way next to R's 268 MB.
+The tuning constants below are chosen on paper and by the compiler's register counts
+(tests/test_cuda_compile.py prints them); they have not been timed on a GPU yet.
+"""
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from importlib import resources
+from types import SimpleNamespace
+
+import numpy as np
+
+NT = 256  # threads per block (fused.cu: NT)
+#: ranks the kernels are compiled for; r is padded with zeros up to the next one
+RANK_BOUNDS = (4, 8, 16, 32, 64, 128)
+#: tile shapes (BM, BN) in order of preference; the first whose shared memory fits the budget
+#: is used. 64 x 64 gives phase 1 sixteen entries per thread (4 FMAs per shared load).
+TILES = ((64, 64), (32, 64), (32, 32))
+#: shared memory a block may use; None: what the device allows (A100 163 KB, H100 227 KB)
+SMEM_BUDGET: int | None = None
+#: tiles per block along rows and columns; None: chosen so that one wave of blocks fills the
+#: GPU (resident blocks per multiprocessor x multiprocessors). Tests patch them to 1 or 2 so
+#: that small shapes cross many blocks.
+ROWS_PER_BLOCK: int | None = None
+COLS_PER_BLOCK: int | None = None
+#: grid-stride kernels (reduce_grads, update) use at most this many blocks; a constant, so the
+#: order of the norm sums does not depend on the GPU
+MAX_SMALL_GRID = 1024
+#: NVRTC options; name_expressions needs a C++ standard
+OPTIONS = ("-std=c++17",)
+
+RUNTIME = None  # the runtime in use; runtime() makes a CupyRuntime on first use
+
+
+def runtime():
+    global RUNTIME
+    if RUNTIME is None:
+        RUNTIME = CupyRuntime()
+    return RUNTIME
+
+
+class CupyRuntime:
+    """Kernels compiled by NVRTC through cupy.RawModule, launched on CuPy's current stream."""
+
+    name = "cupy"
+    supports_graphs = True
+
+    def __init__(self):
+        import cupy
+
+        self.xp = cupy
+        self._modules: dict = {}
+        self._stream = None
+
+    @cached_property
+    def _attributes(self):
+        return self.xp.cuda.Device().attributes
+
+    @property
+    def sm_count(self) -> int:
+        return int(self._attributes["MultiProcessorCount"])
+
+    @property
+    def max_smem_per_block(self) -> int:
+        return int(self._attributes["MaxSharedMemoryPerBlockOptin"])
+
+    def module(self, code: str, names: tuple[str, ...]):
+        key = (code, names, self.xp.cuda.Device().id)
+        if key not in self._modules:
+            self._modules[key] = self.xp.RawModule(code=code, options=OPTIONS, name_expressions=names)
+        return self._modules[key]
+
+    def kernel(self, module, name: str, smem: int):
+        kernel = module.get_function(name)
+        if smem > 48 * 1024:
+            kernel.max_dynamic_shared_size_bytes = smem
+        return kernel
+
+    def occupancy(self, kernel, smem: int) -> int:
+        """Blocks of NT threads resident per multiprocessor, from registers and shared memory
+        (num_regs also forces the kernel to compile and load, before any graph capture)."""
+        a = self._attributes
+        regs = -(-int(kernel.num_regs) * 32 // 256) * 256 * (NT // 32)  # per-warp granularity
+        by_regs = int(a.get("MaxRegistersPerMultiprocessor", 65536)) // max(regs, 1)
+        by_smem = int(a["MaxSharedMemoryPerMultiprocessor"]) // (smem + 1024)  # 1 KB per block reserved
+        by_threads = int(a.get("MaxThreadsPerMultiProcessor", 2048)) // NT
+        return max(1, min(by_regs, by_smem, by_threads))
+
+    def launch(self, kernel, grid: int, args, smem: int = 0):
+        kernel((grid,), (NT,), tuple(args), shared_mem=smem)
+
+    # ---- CUDA graphs for the on-device loop
+    def capture(self, fn):
+        if self._stream is None:
+            self._stream = self.xp.cuda.Stream(non_blocking=True)
+        stream = self._stream
+        with stream:
+            stream.begin_capture()
+            try:
+                fn()
+            finally:
+                graph = stream.end_capture()
+        return graph
+
+    def replay(self, graphs, order):
+        """Launch graphs[i] for i in order on the capture stream, ordered after and before the
+        current stream's work, without waiting on the host."""
+        current = self.xp.cuda.get_current_stream()
+        self._stream.wait_event(current.record())
+        for i in order:
+            graphs[i].launch(stream=self._stream)
+        current.wait_event(self._stream.record())
+
+    def to_host(self, x):
+        return self.xp.asnumpy(x)
+
+
+def ptr(array):
+    """A kernel pointer argument: the array, or a null pointer for None."""
+    return np.uint64(0) if array is None else array
+
+
+# ---- configuration ------------------------------------------------------------------------
+def rank_bound(r: int) -> int:
+    for bound in RANK_BOUNDS:
+        if r <= bound:
+            return bound
+    raise ValueError(f"device='cuda' supports ranks up to {RANK_BOUNDS[-1]}, got r = {r}")
+
+
+def _round128(x: int) -> int:
+    return (x + 127) // 128 * 128
+
+
+def smem_bytes(itemsize: int, rk: int, bm: int, bn: int, grad: bool, labels: bool = False) -> int:
+    """Dynamic shared memory of fused_pass; mirrors Fused<...>::SMEM_BYTES in fused.cu
+    (the kernel traps if it gets less than it computes)."""
+    acc0 = 32 if itemsize == 4 else 16
+    acc2 = max(acc0, bm * rk // NT)
+    kt2 = min(rk, 8)
+    rt2 = min(acc2 // kt2, bm)
+    s2 = min(NT // ((rk // kt2) * (bm // rt2)), bn // 4)
+    acc3 = max(acc0, rk * bn // NT)
+    kt3 = min(rk, acc3 // 4)
+    cp3 = acc3 // kt3 // 4
+    s3 = min(NT // ((rk // kt3) * (bn // 4 // cp3)), bm)
+    a_bytes = _round128(2 * rk * (bn + 4) * itemsize)
+    b_bytes = _round128((2 if itemsize * rk <= 256 else 1) * bm * (rk + 4) * itemsize)
+    x_bytes = _round128(2 * bm * (bn + 4) * itemsize)
+    red = 2 * NT * 8
+    if grad:
+        work = max(bm * (bn + 4) * itemsize, max(s2 * bm * rk, s3 * rk * bn) * itemsize, red)
+    else:
+        work = red
+    return a_bytes + b_bytes + x_bytes * (2 if labels else 1) + _round128(work)
+
+
+def choose_tile(itemsize: int, rk: int, labels: bool, limit: int) -> tuple[int, int]:
+    for bm, bn in TILES:
+        if smem_bytes(itemsize, rk, bm, bn, True, labels) <= limit:
+            return bm, bn
+    raise ValueError(f"no tile in {TILES} fits {limit} bytes of shared memory at rank bound {rk}")
+
+
+def super_tile(ntr: int, ntc: int, slots: int) -> tuple[int, int]:
+    """Tiles per block (rows, columns): about `slots` blocks of near-square super-tiles."""
+    if ROWS_PER_BLOCK is not None or COLS_PER_BLOCK is not None:
+        return min(ntr, ROWS_PER_BLOCK or 1), min(ntc, COLS_PER_BLOCK or 1)
+    slots = max(1, slots)
+    nrs = max(1, min(ntr, round(math.sqrt(slots * ntr / ntc))))
+    ncs = max(1, min(ntc, slots // nrs))
+    return -(-ntr // nrs), -(-ntc // ncs)
+
+
+def _ctype(dtype) -> str:
+    return {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[np.dtype(dtype)]
+
+
+def _flag(b: bool) -> str:
+    return "true" if b else "false"
+
+
+def kernel_names(dtype, rk: int, bm: int, bn: int, labels: bool, masked: bool) -> dict:
+    """The name expressions of one module: both fused passes and the small kernels."""
+    t = _ctype(dtype)
+    fused = f"lorakern::fused_pass<{t}, {rk}, {bm}, {bn}, {_flag(labels)}, {_flag(masked)}, "
+    return {
+        "grad": fused + "true>",
+        "loss": fused + "false>",
+        "reduce": f"lorakern::reduce_grads<{t}>",
+        "update": f"lorakern::update<{t}>",
+        "finalize": "lorakern::finalize",
+    }
+
+
+_SOURCE = None
+
+
+def kernel_source() -> str:
+    global _SOURCE
+    if _SOURCE is None:
+        _SOURCE = resources.files(__package__).joinpath("fused.cu").read_text()
+    return _SOURCE
+
+
+def module_source(loss) -> str:
+    """The loss's device function, then the kernels (cupyx/ndimage prepends #defines alike)."""
+    return f"// loss {loss.name!r}, from lorakern/losses.py\n{loss.cuda_source()}\n{kernel_source()}"
+
+
+# ---- one problem and rank -----------------------------------------------------------------
+class Plan:
+    """Kernels, geometry and workspace for fused passes on one problem at rank r."""
+
+    def __init__(self, rt, problem, r: int):
+        (m, n), dtype = problem.shape, problem.dtype
+        self.rt, self.m, self.n, self.r, self.dtype = rt, m, n, r, dtype
+        self.rk = rank_bound(r)
+        limit = rt.max_smem_per_block if SMEM_BUDGET is None else min(SMEM_BUDGET, rt.max_smem_per_block)
+        self.labels, self.masked = problem.loss.labels, problem.mask is not None
+        self.bm, self.bn = choose_tile(dtype.itemsize, self.rk, self.labels, limit)
+        self.smem_grad = smem_bytes(dtype.itemsize, self.rk, self.bm, self.bn, True, self.labels)
+        self.smem_loss = smem_bytes(dtype.itemsize, self.rk, self.bm, self.bn, False, self.labels)
+        self.delta = float(problem.delta)
+        self.names = kernel_names(dtype, self.rk, self.bm, self.bn, self.labels, self.masked)
+        module = rt.module(module_source(problem.loss), tuple(self.names.values()))
+        smem = {"grad": self.smem_grad, "loss": self.smem_loss}
+        self.kernels = {key: rt.kernel(module, name, smem.get(key, 0)) for key, name in self.names.items()}
+
+        self.ntr, self.ntc = -(-m // self.bm), -(-n // self.bn)
+        self.rpb, self.cpb = super_tile(self.ntr, self.ntc, self._slots())
+        self.nrs, self.ncs = -(-self.ntr // self.rpb), -(-self.ntc // self.cpb)
+        self.grid = self.nrs * self.ncs
+        self.m_ld, self.n_ld = self.ntr * self.bm, self.ntc * self.bn
+        total = m * r + r * n
+        self.small_grid = max(1, min(-(-total // NT), MAX_SMALL_GRID))
+        xp = rt.xp
+        self.gB_part = xp.empty(self.ncs * self.m_ld * self.rk, dtype)
+        self.gA_part = xp.empty(self.nrs * self.rk * self.n_ld, dtype)
+        self.scal_part = xp.empty(2 * self.grid, np.float64)
+        self.norm_part = xp.empty(2 * self.small_grid, np.float64)
+
+    def _slots(self) -> int:
+        """Blocks resident at once on the whole GPU (one wave)."""
+        per_sm = self.rt.occupancy(self.kernels["grad"], self.smem_grad)
+        return max(1, per_sm) * self.rt.sm_count
+
+    def describe(self) -> dict:
+        return {k: getattr(self, k) for k in ("rk", "bm", "bn", "rpb", "cpb", "nrs", "ncs", "grid")}
+
+    # ---- launches (no allocation: usable inside a CUDA graph capture)
+    def fused(self, data, B, A, grad: bool = True):
+        """fused_pass: partials of grad_B, grad_A and (loss, ||G||^2) per block."""
+        self.rt.launch(
+            self.kernels["grad" if grad else "loss"], self.grid,
+            (data.x, ptr(data.y), ptr(data.mask), B, A, np.int32(self.m), np.int32(self.n),
+             np.int32(self.r), np.float64(self.delta), np.int32(self.rpb), np.int32(self.cpb),
+             self.gB_part, self.gA_part, np.int64(self.m_ld), np.int64(self.n_ld), self.scal_part),
+            self.smem_grad if grad else self.smem_loss)
+
+    def reduce(self, B, A, grad_B, grad_A):
+        self.rt.launch(
+            self.kernels["reduce"], self.small_grid,
+            (self.gB_part, self.gA_part, np.int32(self.ncs), np.int32(self.nrs), np.int32(self.rk),
+             np.int64(self.m_ld), np.int64(self.n_ld), np.int32(self.m), np.int32(self.n),
+             np.int32(self.r), B, A, grad_B, grad_A, self.norm_part))
+
+    def finalize(self, out, *, grad: bool = True, eta_scale: float = 0.0, eta_fixed: float = 0.0,
+                 counter=None, current=None, ok=None):
+        self.rt.launch(
+            self.kernels["finalize"], 1,
+            (self.scal_part, np.int32(self.grid), self.norm_part,
+             np.int32(self.small_grid if grad else 0), np.float64(eta_scale), np.float64(eta_fixed),
+             out, ptr(counter), ptr(current), ptr(ok)))
+
+    def update(self, B, A, grad_B, grad_A, B_out, A_out, *, eta_ptr=None, eta_value=0.0, ok=None):
+        update(self.rt, self.kernels["update"], B, A, grad_B, grad_A, B_out, A_out,
+               eta_ptr=eta_ptr, eta_value=eta_value, ok=ok)
+
+
+def update(rt, kernel, B, A, grad_B, grad_A, B_out, A_out, *, eta_ptr=None, eta_value=0.0, ok=None):
+    total = B.size + A.size
+    rt.launch(kernel, max(1, min(-(-total // NT), MAX_SMALL_GRID)),
+              (B, A, grad_B, grad_A, np.int64(B.size), np.int64(A.size), ptr(eta_ptr),
+               np.float64(eta_value), ptr(ok), B_out, A_out))
+
+
+def plan(problem, data, r: int) -> Plan:
+    """The problem's plan at rank r, made on first use and kept with its device data."""
+    rt = runtime()
+    key = (rt.name, r)
+    if key not in data.plans:
+        data.plans[key] = Plan(rt, problem, r)
+    return data.plans[key]
+
+
+_UPDATE_KERNELS: dict = {}
+
+
+def update_kernel(dtype):
+    """update<T> alone, for updates whose gradients did not come from a plan."""
+    rt = runtime()
+    key = (rt.name, np.dtype(dtype))
+    if key not in _UPDATE_KERNELS:
+        name = f"lorakern::update<{_ctype(dtype)}>"
+        from ..losses import LOSSES  # any loss: the prelude is needed to compile the file
+
+        module = rt.module(module_source(LOSSES["squared"]), (name,))
+        _UPDATE_KERNELS[key] = rt.kernel(module, name, 0)
+    return _UPDATE_KERNELS[key]
+
+
+def workspace(rt, shape_B, shape_A, dtype, steps: int) -> SimpleNamespace:
+    """Buffers of the on-device loop: two iterates (ping-pong), gradients, history, flags."""
+    xp = rt.xp
+    return SimpleNamespace(
+        B=[xp.empty(shape_B, dtype), xp.empty(shape_B, dtype)],
+        A=[xp.empty(shape_A, dtype), xp.empty(shape_A, dtype)],
+        grad_B=xp.empty(shape_B, dtype), grad_A=xp.empty(shape_A, dtype),
+        history=xp.zeros((max(steps, 1), 5), np.float64),
+        counter=xp.zeros(1, np.int32), current=xp.zeros(1, np.float64), ok=xp.ones(1, np.int32),
+    )

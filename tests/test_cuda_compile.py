@@ -1,0 +1,251 @@
+"""The CUDA sources compile for sm_80 and sm_90, with their register and spill counts shown.
+
+No GPU needed: nvcc compiles to cubin only (-cubin), one translation unit per loss and
+architecture, made of the loss's device function, fused.cu (as launch.py assembles them) and
+the template instances the launcher asks NVRTC for. Each instance is pinned by taking its
+address in a __device__ variable, as NVRTC's name expressions do. Skipped only without nvcc.
+Run with -s to see the table of registers and spills (also attached as user properties).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lorakern import LOSSES
+from lorakern._cuda import launch
+
+NVCC = shutil.which("nvcc") or next(
+    (p for p in ("/usr/local/cuda/bin/nvcc",) if os.access(p, os.X_OK)), None)
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+
+ARCHS = ("sm_80", "sm_90")
+DTYPES = (np.float32, np.float64)
+# a fused instance that spills more than this many bytes per thread fails the test
+MAX_SPILL_BYTES = 64
+
+
+#: shared memory per block each architecture allows (cudaDevAttrMaxSharedMemoryPerBlockOptin
+#: of the A100 and the H100): the launcher picks tiles against it
+SMEM_LIMIT = {"sm_80": 166912, "sm_90": 232448}
+
+
+def default_tile(arch, dtype, rk, labels=False):
+    return launch.choose_tile(np.dtype(dtype).itemsize, rk, labels, SMEM_LIMIT[arch])
+
+
+def instances(loss, arch: str) -> list[str]:
+    """The name expressions the launcher can request for this loss (see launch.kernel_names):
+    every loss x dtype x mask x pass kind at rank bound 16; for the squared loss every rank
+    bound, and the 32 x 32 tile the tests patch in."""
+    names: list[str] = []
+    configs = [(dtype, 16, *default_tile(arch, dtype, 16, loss.labels)) for dtype in DTYPES]
+    if loss.name == "squared":
+        configs += [(dtype, rk, *default_tile(arch, dtype, rk)) for dtype in DTYPES
+                    for rk in launch.RANK_BOUNDS]
+        configs += [(dtype, 16, 32, 32) for dtype in DTYPES]
+    for dtype, rk, bm, bn in dict.fromkeys(configs):
+        for masked in (False, True):
+            if masked and rk != 16:
+                continue
+            names.extend(launch.kernel_names(dtype, rk, bm, bn, loss.labels, masked).values())
+    return list(dict.fromkeys(names))
+
+
+def translation_unit(loss, arch: str) -> str:
+    keep = "\n".join(f"__device__ void* lorakern_keep_{i} = (void*)&{name};"
+                     for i, name in enumerate(instances(loss, arch)))
+    return f"{launch.module_source(loss)}\n// instances the launcher requests\n{keep}\n"
+
+
+def compile_unit(loss, arch: str, workdir: Path):
+    src = workdir / f"{loss.name}_{arch}.cu"
+    src.write_text(translation_unit(loss, arch))
+    cmd = [NVCC, "-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v", "-Xptxas", "-warn-spills",
+           str(src), "-o", str(src.with_suffix(".cubin"))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return cmd, proc
+
+
+def parse_ptxas(log: str) -> dict[str, dict]:
+    """{mangled kernel: {registers, spill_stores, spill_loads, smem}} from ptxas -v output."""
+    out: dict[str, dict] = {}
+    current = None
+    for line in log.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            current = out.setdefault(m.group(1), {})
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current is not None:
+            current["spill_stores"], current["spill_loads"] = int(m.group(1)), int(m.group(2))
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current is not None:
+            current["registers"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            current["static_smem"] = int(s.group(1)) if s else 0
+            current = None
+    return out
+
+
+def demangle(names):
+    if shutil.which("c++filt") is None:
+        return {n: n for n in names}
+    proc = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
+    return dict(zip(names, proc.stdout.splitlines()))
+
+
+def short(demangled: str) -> str:
+    """lorakern::fused_pass<float, 16, 64, 64, false, true, true>(...) -> fused_pass<...>"""
+    name = demangled.split("(")[0].replace("lorakern::", "")
+    return name.removeprefix("void ").replace("(bool)", "").replace("(int)", "")
+
+
+@pytest.fixture(scope="module")
+def builds():
+    """Compile every loss for every architecture once (in parallel)."""
+    workdir = Path(tempfile.mkdtemp(prefix="lorakern-nvcc-"))
+    jobs = [(loss, arch) for loss in LOSSES.values() for arch in ARCHS]
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        results = list(pool.map(lambda job: compile_unit(*job, workdir), jobs))
+    yield {(loss.name, arch): result for (loss, arch), result in zip(jobs, results)}
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_nvcc_compiles(builds, loss, arch, record_property):
+    cmd, proc = builds[(loss, arch)]
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{log}"
+    warnings = [line for line in log.splitlines()
+                if re.search(r"\bwarning\b", line, re.I) and "ptxas info" not in line]
+    assert not warnings, "compiler warnings:\n" + "\n".join(warnings)
+
+    table = parse_ptxas(log)
+    names = demangle(list(table))
+    expected = {short(n) for n in instances(LOSSES[loss], arch)}
+    compiled = {short(names[k]) for k in table}
+    missing = {e.replace(" ", "") for e in expected} - {c.replace(" ", "") for c in compiled}
+    assert not missing, f"instances not compiled: {sorted(missing)}"
+
+    lines = [f"nvcc -arch={arch}, loss {loss!r}: registers and spills per thread"]
+    spilling = []
+    for mangled, info in sorted(table.items(), key=lambda kv: short(names[kv[0]])):
+        spills = info.get("spill_stores", 0) + info.get("spill_loads", 0)
+        lines.append(f"  {short(names[mangled]):<58} {info.get('registers', 0):>4} regs  "
+                     f"spill {info.get('spill_stores', 0):>3}/{info.get('spill_loads', 0):<3} B  "
+                     f"static smem {info.get('static_smem', 0)} B")
+        record_property(f"{arch} {short(names[mangled])}", f"{info.get('registers')} regs, "
+                        f"spill {info.get('spill_stores', 0)}/{info.get('spill_loads', 0)} B")
+        if spills > MAX_SPILL_BYTES:
+            spilling.append(f"{short(names[mangled])}: {spills} bytes")
+    print("\n" + "\n".join(lines))
+    assert not spilling, "instances spill more than the budget:\n" + "\n".join(spilling)
+
+
+SMEM_PROBE = r"""
+#include <cstdio>
+int main() {
+%s
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+def test_shared_memory_sizes_agree_with_the_launcher(tmp_path):
+    """launch.smem_bytes mirrors Fused<...>::SMEM_BYTES for every tile the launcher may pick
+    (the kernel traps when given less than it computes)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_cuda import EMULATION_HEADER
+
+    cases = [(dtype, rk, bm, bn, grad, labels) for dtype in DTYPES for rk in launch.RANK_BOUNDS
+             for bm, bn in launch.TILES for grad in (True, False) for labels in (True, False)]
+    prints = []
+    for dtype, rk, bm, bn, grad, labels in cases:
+        t = "float" if dtype is np.float32 else "double"
+        prints.append(f'    std::printf("%lld\\n", lorakern::Fused<{t}, {rk}, {bm}, {bn}, '
+                      f'{str(labels).lower()}, {str(grad).lower()}>::SMEM_BYTES);')
+    source = (EMULATION_HEADER + launch.module_source(LOSSES["squared"])
+              + SMEM_PROBE % "\n".join(prints))
+    (tmp_path / "probe.cpp").write_text(source)
+    subprocess.run(["g++", "-std=c++20", "-w", str(tmp_path / "probe.cpp"), "-o", str(tmp_path / "probe")],
+                   check=True)
+    got = [int(v) for v in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True,
+                                          check=True).stdout.split()]
+    want = [launch.smem_bytes(np.dtype(d).itemsize, rk, bm, bn, grad, labels)
+            for d, rk, bm, bn, grad, labels in cases]
+    mismatched = [(c, g, w) for c, g, w in zip(cases, got, want) if g != w]
+    assert not mismatched, f"(config, kernel, launcher): {mismatched}"
+
+
+# ---- NVRTC, as cupy.RawModule compiles at run time (only where libnvrtc can be found) ------------
+def _find_nvrtc():
+    """libnvrtc: $LORAKERN_NVRTC, the pip package nvidia-cuda-nvrtc-cu12, or the loader's path."""
+    import ctypes.util
+    import importlib.util
+
+    candidates = [os.environ.get("LORAKERN_NVRTC")]
+    spec = importlib.util.find_spec("nvidia.cuda_nvrtc") if importlib.util.find_spec("nvidia") else None
+    if spec and spec.submodule_search_locations:
+        lib = Path(list(spec.submodule_search_locations)[0]) / "lib"
+        candidates += sorted(str(p) for p in lib.glob("libnvrtc.so*") if "builtins" not in p.name)
+    candidates.append(ctypes.util.find_library("nvrtc"))
+    for path in filter(None, candidates):
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+NVRTC = _find_nvrtc()
+
+
+@pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (set LORAKERN_NVRTC to its path)")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nvrtc_compiles_every_module(arch):
+    """Each module the launcher builds (loss prelude + fused.cu, its name expressions) compiles
+    with NVRTC and no headers, and every name expression resolves to a kernel."""
+    import ctypes
+
+    def check(rc, what, prog=None):
+        if rc != 0:
+            log = ""
+            if prog is not None:
+                size = ctypes.c_size_t()
+                NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+                buf = ctypes.create_string_buffer(size.value)
+                NVRTC.nvrtcGetProgramLog(prog, buf)
+                log = buf.value.decode()
+            raise AssertionError(f"{what} failed with NVRTC error {rc}\n{log}")
+
+    for loss in LOSSES.values():
+        for dtype in DTYPES:
+            bm, bn = default_tile(arch, dtype, 16, loss.labels)
+            for masked in (False, True):
+                names = list(launch.kernel_names(dtype, 16, bm, bn, loss.labels, masked).values())
+                prog = ctypes.c_void_p()
+                check(NVRTC.nvrtcCreateProgram(ctypes.byref(prog), launch.module_source(loss).encode(),
+                                               b"fused.cu", 0, None, None), "nvrtcCreateProgram")
+                try:
+                    for name in names:
+                        check(NVRTC.nvrtcAddNameExpression(prog, name.encode()), "nvrtcAddNameExpression")
+                    opts = [o.encode() for o in launch.OPTIONS] + [f"-arch={arch}".encode()]
+                    check(NVRTC.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)),
+                          f"compiling {loss.name} {np.dtype(dtype)} masked={masked}", prog)
+                    for name in names:
+                        lowered = ctypes.c_char_p()
+                        check(NVRTC.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)), name)
+                        assert lowered.value, name
+                finally:
+                    NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
