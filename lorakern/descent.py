@@ -15,9 +15,14 @@ import numpy as np
 
 from . import _dispatch
 from .problem import Problem, array_namespace, check_matrix
-from .step_size import as_policy
+from .step_size import Constant, Theorem, as_policy
 
 HISTORY_FIELDS = ("loss", "eta", "grad_sq", "v_sq", "g_norm", "trials")
+
+#: let a backend with ``run_steps`` (CUDA) run a whole fit on the device, history included,
+#: when nothing needs the host between steps (no tol, no progress bar, theorem or constant
+#: step); tests switch it off to compare with the step-by-step loop
+DEVICE_LOOP = True
 
 
 @dataclass
@@ -143,6 +148,9 @@ def fit(problem: Problem, B, A, *, steps: int, device: str = "auto", step_size="
     if tol is not None and not (tol >= 0):
         raise ValueError(f"tol must be >= 0 or None, got {tol}")
     backend, data, policy, B, A = _start(problem, B, A, device, step_size)
+    if (DEVICE_LOOP and hasattr(backend, "run_steps") and tol is None and not progress
+            and check_every is None and isinstance(policy, (Theorem, Constant))):
+        return _fit_on_device(backend, problem, data, policy, B, A, steps)
     xp = backend.xp
     if check_every is None:
         check_every = backend.SYNC_EVERY or (50 if tol is not None or progress else steps + 1)
@@ -195,6 +203,29 @@ def fit(problem: Problem, B, A, *, steps: int, device: str = "auto", step_size="
     if bar:
         bar.close(steps_taken, final_loss)
     return FitResult(B=B, A=A, final_loss=final_loss, steps=steps_taken, history=history,
+                     status=status, seconds=time.perf_counter() - t0, step_size=policy)
+
+
+def _fit_on_device(backend, problem, data, policy, B, A, steps) -> FitResult:
+    """fit() as one device-side loop (backend.run_steps): no host round trip per step."""
+    t0 = time.perf_counter()
+    kwargs = ({"constant": policy.constant} if isinstance(policy, Theorem)
+              else {"eta": float(policy.eta)})
+    run = backend.run_steps(problem, data, B, A, steps, **kwargs)
+    h = np.asarray(run.history, dtype=np.float64)  # columns: loss, g_sq, grad_sq, v_sq, eta
+    history = History(loss=h[:, 0].copy(), eta=h[:, 4].copy(), grad_sq=h[:, 2].copy(),
+                      v_sq=h[:, 3].copy(), g_norm=np.sqrt(h[:, 1]),
+                      trials=np.zeros(len(h), np.int64), dtype=problem.dtype,
+                      lipschitz=problem.eta_lipschitz)
+    status, steps_taken = "completed", len(history)
+    if run.diverged_at is not None:
+        # as in the host loop: keep V_{t-1}, the last iterate whose loss was finite
+        status, steps_taken = "diverged", max(run.diverged_at - 1, 0)
+        history = _truncate(history, steps_taken)
+        warnings.warn(f"the loss stopped being finite after step {steps_taken}; "
+                      f"returning the last iterate with a finite loss", RuntimeWarning, stacklevel=3)
+    final_loss = float(backend.loss_pass(problem, data, run.B, run.A))
+    return FitResult(B=run.B, A=run.A, final_loss=final_loss, steps=steps_taken, history=history,
                      status=status, seconds=time.perf_counter() - t0, step_size=policy)
 
 

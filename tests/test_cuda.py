@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -420,6 +421,7 @@ def test_fit_matches_cpu_step_for_step(cuda, monkeypatch, dtype, loss):
 def test_run_steps_equals_fit_bit_for_bit(cuda, monkeypatch, dtype, eta):
     """The graph-replayed loop computes exactly what fit computes through the backend."""
     small_blocks(monkeypatch, rows=1, cols=2)
+    monkeypatch.setattr(lorakern.descent, "DEVICE_LOOP", False)  # fit's step-by-step loop
     shape, steps = ((37, 45, 3), 5) if cuda.emulated else ((257, 263, 17), 25)
     problem, B, A = make_problem(*shape, dtype)
     fit = lorakern.fit(problem, B, A, steps=steps, device="cuda",
@@ -529,3 +531,29 @@ def test_cuda_device_unavailable_here():
     finally:
         if monkey is not None:
             _dispatch._loaded["cuda"] = monkey
+
+
+@pytest.mark.parametrize("step_size", ["theorem", 0.02, 50.0])
+def test_fit_device_loop_equals_host_loop(cuda, monkeypatch, step_size):
+    """fit's device-side loop (run_steps) and its step-by-step loop agree bit for bit,
+    divergence (eta = 50) included."""
+    small_blocks(monkeypatch, rows=1, cols=2)
+    shape, steps = ((37, 45, 3), 6) if cuda.emulated else ((257, 263, 17), 30)
+    if step_size == 50.0:
+        steps = 40  # enough for the loss to overflow
+    problem, B, A = make_problem(*shape, np.float64)
+    results = []
+    for device_loop in (True, False):
+        monkeypatch.setattr(lorakern.descent, "DEVICE_LOOP", device_loop)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            results.append(lorakern.fit(problem, B, A, steps=steps, device="cuda",
+                                        step_size=step_size))
+    on_device, on_host = results
+    assert (on_device.steps, on_device.status) == (on_host.steps, on_host.status)
+    assert on_host.status == ("diverged" if step_size == 50.0 else "completed")
+    for name in ("loss", "eta", "grad_sq", "v_sq", "g_norm"):
+        same_bits(getattr(on_device.history, name), getattr(on_host.history, name), name)
+    same_bits(cuda.to_host(on_device.B), cuda.to_host(on_host.B), "B")
+    same_bits(cuda.to_host(on_device.A), cuda.to_host(on_host.A), "A")
+    assert on_device.final_loss == on_host.final_loss
