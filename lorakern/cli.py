@@ -249,7 +249,7 @@ def verdict(result) -> tuple[list, bool]:
                  f"{report.theorem3_lhs:.4g} <= {report.theorem3_bound:.4g}, "
                  + ("held" if report.theorem3 else "FAILED"))
     growth = "held" if report.v_growth else ("FAILED" if kind == "theorem" else "did not hold")
-    lines.append(f"growth    ||V_t||^2 <= ||V_0||^2 + t/(5 sqrt(2) L) + "
+    lines.append("growth    ||V_t||^2 <= ||V_0||^2 + t/(5 sqrt(2) L) + "
                  + ("(2/c) J(V_0)" if kind == "armijo" else "10 J(V_0)")
                  + f" (proof of Theorem 3): {growth}"
                  + (" (not guaranteed for armijo)" if kind == "armijo" else ""))

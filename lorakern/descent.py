@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _dispatch
-from .problem import Problem, array_namespace, check_matrix
+from .problem import Problem, check_matrix
 from .step_size import Constant, Theorem, as_policy
 
 HISTORY_FIELDS = ("loss", "eta", "grad_sq", "v_sq", "g_norm", "trials")

@@ -7,7 +7,6 @@ Numba compiles one CPU kernel per (loss, mask or not, dtype) on first use, 4-9 s
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 import lorakern
 from lorakern import reference

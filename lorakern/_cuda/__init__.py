@@ -218,7 +218,6 @@ def run_steps(problem, data, B, A, steps: int, *, constant: float = THEOREM_CONS
     ``diverged_at`` (the first t with a non-finite loss, or None).
     """
     rt = launch.runtime()
-    xp = rt.xp
     plan = launch.plan(problem, data, B.shape[1])
     ws = launch.workspace(rt, B.shape, A.shape, problem.dtype, steps)
     ws.B[0][...] = B
