@@ -24,8 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-#: the paper's constant in eta_t = min{1 / (5 sqrt(2) L (||V||^2 + ||G||_F)), 1}
-THEOREM_CONSTANT = 5.0 * math.sqrt(2.0)
+from .step_size import THEOREM_CONSTANT
 
 
 @dataclass(frozen=True)

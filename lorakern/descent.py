@@ -196,8 +196,7 @@ def fit(problem: Problem, B, A, *, steps: int, device: str = "auto", step_size="
             history = _truncate(history, steps_taken)
             B, A = B_kept, A_kept
             final_loss = float(backend.loss_pass(problem, data, B, A))
-            warnings.warn(f"the loss stopped being finite after step {steps_taken}; "
-                          f"returning the last iterate with a finite loss", RuntimeWarning, stacklevel=2)
+            _warn_diverged(steps_taken, stacklevel=3)
         else:
             final_loss = float(backend.loss_pass(problem, data, B, A))
     if bar:
@@ -222,11 +221,16 @@ def _fit_on_device(backend, problem, data, policy, B, A, steps) -> FitResult:
         # as in the host loop: keep V_{t-1}, the last iterate whose loss was finite
         status, steps_taken = "diverged", max(run.diverged_at - 1, 0)
         history = _truncate(history, steps_taken)
-        warnings.warn(f"the loss stopped being finite after step {steps_taken}; "
-                      f"returning the last iterate with a finite loss", RuntimeWarning, stacklevel=3)
+        _warn_diverged(steps_taken, stacklevel=4)
     final_loss = float(backend.loss_pass(problem, data, run.B, run.A))
     return FitResult(B=run.B, A=run.A, final_loss=final_loss, steps=steps_taken, history=history,
                      status=status, seconds=time.perf_counter() - t0, step_size=policy)
+
+
+def _warn_diverged(steps_taken: int, stacklevel: int):
+    """Warn at fit's caller (``stacklevel`` counts the frames from here up to it)."""
+    warnings.warn(f"the loss stopped being finite after step {steps_taken}; returning the "
+                  f"last iterate with a finite loss", RuntimeWarning, stacklevel=stacklevel)
 
 
 def _history(rows, xp, problem) -> History:

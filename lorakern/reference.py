@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .step_size import Armijo, Constant, Theorem, as_policy
+from .step_size import THEOREM_CONSTANT, Armijo, Constant, Theorem, as_policy
 
 NAME = "reference"
 SYNC_EVERY = 1
@@ -92,16 +92,17 @@ def step(problem, B, A, *, step_size="theorem"):
     p = fused_pass(problem, None, B, A)
     g_norm = math.sqrt(p.g_sq)
     trials = 0
+    # eq. (8): eta_t = min{1 / (c max(L, 1) (||V_t||^2 + ||G_t||_F)), 1}, c = 5 sqrt(2)
+    constant = policy.constant if isinstance(policy, Theorem) else THEOREM_CONSTANT
+    scale = constant * max(problem.lipschitz, 1.0) * (p.v_sq + g_norm)
+    eta_theorem = min(1.0 / scale, 1.0) if scale > 0 else 1.0
     if isinstance(policy, Theorem):
-        L = max(problem.lipschitz, 1.0)
-        eta = min(1.0 / (policy.constant * L * (p.v_sq + g_norm)) if p.v_sq + g_norm > 0 else 1.0, 1.0)
+        eta = eta_theorem
     elif isinstance(policy, Constant):
         eta = float(policy.eta)
     elif isinstance(policy, Armijo):
         # halve from the cap until the Armijo condition holds; at or below the theorem's
         # eta, take the theorem's eta (Lemma 2 guarantees it the condition for c <= 1/5)
-        L = max(problem.lipschitz, 1.0)
-        eta_theorem = min(1.0 / (5 * math.sqrt(2) * L * (p.v_sq + g_norm)) if p.v_sq + g_norm > 0 else 1.0, 1.0)
         eta = policy.cap
         while True:
             if eta <= eta_theorem or trials == policy.max_trials:

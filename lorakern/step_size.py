@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: the constant of eq. (8): eta_t = min{1 / (5 sqrt(2) max(L, 1) (||V_t||^2 + ||G_t||_F)), 1}
+THEOREM_CONSTANT = 5.0 * math.sqrt(2.0)
+
 
 @dataclass(frozen=True)
 class Theorem:
@@ -21,7 +24,7 @@ class Theorem:
     their own. Lemma 2 guarantees J(V_{t+1}) <= J(V_t) - eta_t/5 ||grad J(V_t)||^2.
     """
 
-    constant: float = 5.0 * math.sqrt(2.0)
+    constant: float = THEOREM_CONSTANT
 
     def __post_init__(self):
         if not (math.isfinite(self.constant) and self.constant > 0):

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .step_size import THEOREM_CONSTANT
+
 #: slack allowed on each inequality, relative to the loss, by dtype of the data
 RTOL = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-12}
 
@@ -47,7 +49,7 @@ class Report:
                 f"||V_t||^2 growth bound {'held' if self.v_growth else 'FAILED'}")
 
 
-def check(result, *, l_star: float = 0.0, decrease: float = 0.2, constant: float = 5 * math.sqrt(2),
+def check(result, *, l_star: float = 0.0, decrease: float = 0.2, constant: float = THEOREM_CONSTANT,
           rtol: float | None = None) -> Report:
     """Check a FitResult's history against Lemma 2 and Theorem 3.
 
@@ -71,7 +73,7 @@ def check(result, *, l_star: float = 0.0, decrease: float = 0.2, constant: float
 
 
 def check_arrays(loss, loss_next, eta, grad_sq, v_sq, *, l_star=0.0, decrease=0.2,
-                 constant=5 * math.sqrt(2), lipschitz=1.0, rtol=1e-12) -> Report:
+                 constant=THEOREM_CONSTANT, lipschitz=1.0, rtol=1e-12) -> Report:
     """The checks of ``check`` on plain arrays: values at V_t and J(V_{t+1})."""
     loss, loss_next = np.asarray(loss, float), np.asarray(loss_next, float)
     eta, grad_sq, v_sq = np.asarray(eta, float), np.asarray(grad_sq, float), np.asarray(v_sq, float)

@@ -22,13 +22,12 @@ from types import SimpleNamespace
 import numpy as np
 
 from .._dispatch import DeviceUnavailableError
+from ..step_size import THEOREM_CONSTANT  # eta_t = 1 / max(c max(L, 1) (||V||^2 + ||G||), 1)
 from . import launch
 
 NAME = "cuda"
 SYNC_EVERY = None  # scalars live on the device; the driver looks at them only when asked
 
-#: eta_t = 1 / max(THEOREM_CONSTANT * max(L, 1) * (||V||^2 + ||G||), 1)   (Lemma 2, eq. 8)
-THEOREM_CONSTANT = 5.0 * math.sqrt(2.0)
 
 _INSTALL = 'pip install "lorakern[cuda]"'
 
