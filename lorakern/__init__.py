@@ -7,15 +7,17 @@
 """
 from . import reference, theory
 from ._dispatch import DeviceUnavailableError, devices
-from .descent import FitResult, History, StepResult, fit, init_adapters, step
+from .adapters import init_adapters
+from .descent import fit, step
 from .losses import LOSSES
-from .problem import Problem
-from .step_size import Armijo, Constant, Theorem
+from .problems import Problem
+from .results import FitResult, History, StepResult
+from .step_size import Armijo, Constant, StepSize, Theorem
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Problem", "step", "fit", "init_adapters", "devices", "DeviceUnavailableError",
-    "StepResult", "FitResult", "History", "Theorem", "Constant", "Armijo", "LOSSES",
+    "StepResult", "FitResult", "History", "Theorem", "Constant", "Armijo", "StepSize", "LOSSES",
     "reference", "theory", "__version__",
 ]

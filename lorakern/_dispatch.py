@@ -1,58 +1,134 @@
-"""Device name -> backend module, imported on first use and cached.
+"""The two tables: devices, and kernels per (problem kind, device).
 
-A backend module provides NAME, ``xp`` (its array namespace), ``available()``,
-``prepare(problem)``, ``asarray(x, dtype)``, ``fused_pass(problem, data, B, A)``,
-``loss_pass(problem, data, B, A)``, ``update(B, A, grad_B, grad_A, eta)`` and
-SYNC_EVERY (1 if its scalars live on the host, else None).
+A *device* says where arrays live and how the iterate is updated there (``Device``). The
+*kernels* of a problem kind on a device compute its fused pass (``Kernels``). Both are looked
+up by name, imported on first use and cached; a missing entry raises DeviceUnavailableError
+naming what exists. Adding a problem kind is a module per device plus rows in ``KERNELS``;
+adding a device is a module with a ``DEVICE`` plus rows in ``DEVICES`` and ``KERNELS``
+(docs/architecture.md says which files to touch).
+
+Devices may be objects (a device that wraps another needs its own state); the strings are
+shortcuts for the registered instances. A device object not in the table finds its kernels
+through ``KERNELS[(kind, device.kernels_name)]``.
 """
 from __future__ import annotations
 
 import importlib
+import sys
+from typing import Any, Protocol, runtime_checkable
 
-from .problem import is_device_array
-
-BACKENDS = {
-    "reference": "lorakern.reference",
-    "cpu": "lorakern._cpu",
-    "cuda": "lorakern._cuda",
+#: device name -> "module:attribute" of its Device instance
+DEVICES: dict[str, str] = {
+    "reference": "lorakern.reference:DEVICE",
+    "cpu": "lorakern._cpu:DEVICE",
+    "cuda": "lorakern._cuda:DEVICE",
 }
-DEVICES = ("cpu", "cuda", "auto", "reference")
 
-_loaded: dict = {}
+#: (problem kind, device's kernels_name) -> module implementing Kernels for that pair
+KERNELS: dict[tuple[str, str], str] = {
+    ("matrix", "reference"): "lorakern.reference.matrix",
+    ("matrix", "cpu"): "lorakern._cpu.matrix",
+    ("matrix", "cuda"): "lorakern._cuda.matrix",
+}
+
+#: the device names a user can pass: the table's and "auto" (where the arrays live)
+DEVICE_NAMES = ("cpu", "cuda", "auto", "reference")
 
 
 class DeviceUnavailableError(RuntimeError):
     """The requested device cannot be used here; the message says what is missing."""
 
 
-def backend(name: str):
-    """The backend module for a device name (not 'auto')."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown device {name!r}; known devices: {sorted(BACKENDS) + ['auto']}")
-    if name not in _loaded:
-        try:
-            module = importlib.import_module(BACKENDS[name])
-        except ModuleNotFoundError as exc:
-            if exc.name != BACKENDS[name]:
-                raise
-            module = None
-        if getattr(module, "check_available", None) is None:
-            # not built into this install (an empty folder imports as a namespace package)
-            raise DeviceUnavailableError(
-                f"device {name!r} is not available: this lorakern has no {name} backend; "
-                f"install a release that has it with pip install 'lorakern[{name}]'")
-        module.check_available()  # raises DeviceUnavailableError with what to install
-        _loaded[name] = module
-    return _loaded[name]
+@runtime_checkable
+class Device(Protocol):
+    """Where arrays live, and the update of the iterate there."""
+
+    name: str            # shown to users: "cpu", "cuda", "reference", ...
+    kernels_name: str    # the device column of KERNELS
+    host_scalars: bool   # True: a pass's scalars are host numbers (the driver may look every step)
+
+    @property
+    def xp(self) -> Any:
+        """The array namespace (numpy or cupy)."""
+
+    @property
+    def key(self) -> Any:
+        """Hashable: a Problem keeps one prepared copy of its data per key."""
+
+    def check_available(self) -> None:
+        """Raise DeviceUnavailableError saying what is missing."""
+
+    def asarray(self, x, dtype) -> Any:
+        """A C-contiguous copy of x on this device."""
+
+    def to_host(self, x) -> Any:
+        """x (an array or a 0-d scalar of this device) as NumPy."""
+
+    def update(self, B, A, grad_B, grad_A, eta) -> tuple:
+        """(B - eta grad_B, A - eta grad_A) as new arrays, rounded as NumPy rounds them."""
 
 
-def resolve(device, *arrays):
-    """The backend for ``device``; 'auto' picks 'cuda' if any array is a CuPy array."""
-    if not isinstance(device, str):
-        raise TypeError(f"device must be a string such as 'cpu' or 'cuda', got {type(device).__name__}")
-    if device == "auto":
-        device = "cuda" if any(is_device_array(a) for a in arrays if a is not None) else "cpu"
-    return backend(device)
+@runtime_checkable
+class Kernels(Protocol):
+    """One problem kind's fused pass on one device.
+
+    Optional: ``run_steps(problem, data, B, A, steps, *, eta_scale=None, eta_fixed=None)
+    -> results.DeviceRun``, a whole fit on the device for policies that need no host.
+    """
+
+    def prepare(self, problem, device) -> Any:
+        """The problem's data as these kernels read it, made once per device."""
+
+    def fused_pass(self, problem, data, B, A, *, norm: str = "exact") -> Any:
+        """results.PassResult at (B, A). ``norm="bound"`` lets the kernels put a certified
+        upper bound on ||G||_F in ``g_sq`` where the exact value is costly."""
+
+    def loss_pass(self, problem, data, B, A) -> Any:
+        """J(B, A) alone (a scalar of the device)."""
+
+
+_cache: dict[str, Any] = {}
+
+
+def _load(target: str):
+    if target not in _cache:
+        module, _, attr = target.partition(":")
+        obj = importlib.import_module(module)
+        _cache[target] = getattr(obj, attr) if attr else obj
+    return _cache[target]
+
+
+def device(name: str) -> Device:
+    """The registered Device for a name (not "auto"), checked to be usable here."""
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; known devices: {sorted(DEVICES) + ['auto']}")
+    dev = _load(DEVICES[name])
+    dev.check_available()  # raises DeviceUnavailableError with what to install
+    return dev
+
+
+def resolve(spec, *arrays) -> Device:
+    """A device name ("auto": "cuda" if any array is a CuPy array, else "cpu") or object."""
+    if isinstance(spec, str):
+        if spec == "auto":
+            spec = "cuda" if any(_is_cupy(a) for a in arrays if a is not None) else "cpu"
+        return device(spec)
+    if isinstance(spec, Device):
+        spec.check_available()
+        return spec
+    raise TypeError(f"device must be a string such as 'cpu' or 'cuda', or a Device object, "
+                    f"got {type(spec).__name__}")
+
+
+def kernels(kind: str, dev: Device) -> Kernels:
+    """The kernels of problem kind ``kind`` on ``dev``."""
+    key = (kind, dev.kernels_name)
+    if key not in KERNELS:
+        here = sorted(d for k, d in KERNELS if k == kind)
+        raise DeviceUnavailableError(
+            f"problem kind {kind!r} has no kernels for device {dev.name!r}; "
+            f"it runs on: {', '.join(here) or 'no device'}")
+    return _load(KERNELS[key])
 
 
 def devices() -> tuple[str, ...]:
@@ -60,8 +136,48 @@ def devices() -> tuple[str, ...]:
     found = []
     for name in ("cpu", "cuda"):
         try:
-            backend(name)
+            device(name)
         except DeviceUnavailableError:
             continue
         found.append(name)
     return tuple(found)
+
+
+def _is_cupy(x) -> bool:
+    # never imports cupy: an array of it can only exist if cupy is in sys.modules
+    return "cupy" in sys.modules and type(x).__module__.split(".")[0] == "cupy"
+
+
+class Engine:
+    """A problem bound to a device and that kind's kernels there, its data prepared once.
+
+    What the driver and the step-size policies call: ``fused_pass``, ``loss_pass`` and
+    ``update`` on arrays of the device; ``run_steps`` is None where the kernels have none.
+    """
+
+    def __init__(self, problem, dev: Device):
+        self.problem, self.device = problem, dev
+        self.kernels = kernels(problem.kind, dev)
+        self.data = problem.data(dev, self.kernels)
+        self.run_steps = getattr(self.kernels, "run_steps", None)
+
+    @property
+    def xp(self):
+        return self.device.xp
+
+    def asarray(self, x):
+        return self.device.asarray(x, self.problem.dtype)
+
+    def fused_pass(self, B, A, *, norm: str = "exact"):
+        return self.kernels.fused_pass(self.problem, self.data, B, A, norm=norm)
+
+    def loss_pass(self, B, A):
+        return self.kernels.loss_pass(self.problem, self.data, B, A)
+
+    def update(self, B, A, grad_B, grad_A, eta):
+        return self.device.update(B, A, grad_B, grad_A, eta)
+
+
+def bind(problem, spec="auto", *arrays) -> Engine:
+    """The Engine for ``problem`` on device ``spec`` (a name or a Device)."""
+    return Engine(problem, resolve(spec, *problem.arrays(), *arrays))

@@ -86,7 +86,7 @@ class Case:
 
     def problem(self, loss: str = "squared", masked: bool = False):
         """The lorakern.Problem for ``loss`` (with ``mask`` if ``masked``), built once."""
-        from .problem import Problem
+        from .problems import Problem
 
         cache = self.__dict__.setdefault("_problems", {})
         key = (loss, masked)

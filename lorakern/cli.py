@@ -53,8 +53,8 @@ def synthetic_problem(m: int = 512, n: int = 384, rank: int = 8, *, dtype="float
     Y = sign(W0 + S) in {-1, +1} for "logistic". ``observed`` (a fraction in (0, 1]) masks a
     random share of the entries. B = 0, A ~ N(0, 1/n): LoRA's start, so BA = 0.
     """
-    from .descent import init_adapters
-    from .problem import Problem
+    from .adapters import init_adapters
+    from .problems import Problem
 
     dtype = np.dtype(dtype)
     rng = np.random.default_rng(seed)
@@ -72,7 +72,8 @@ def synthetic_problem(m: int = 512, n: int = 384, rank: int = 8, *, dtype="float
     else:
         Y = W0 + S + noise
     mask = None if observed is None else rng.random((m, n)) < observed
-    problem = Problem(W0.astype(dtype), Y.astype(dtype), loss=loss, mask=mask, delta=delta)
+    problem = Problem(W0.astype(dtype), Y.astype(dtype), loss=loss, mask=mask,
+                      delta=delta if loss == "huber" else None)
     B, A = init_adapters(m, n, rank, dtype=dtype, seed=seed + 1, init="lora")
     # J at the planted shift, through the reference (NumPy, no compile)
     root = np.sqrt(s)
@@ -102,18 +103,20 @@ def _reference_loss(problem, B, A) -> float:
 
 def _tiny_twin(problem):
     """An 8x8 problem with the same loss, dtype and masking: compiles the same kernels."""
-    from .problem import Problem
+    from .problems import Problem
 
     shape = (min(problem.shape[0], 8), min(problem.shape[1], 8))
     W0, Y = np.zeros(shape, problem.dtype), np.ones(shape, problem.dtype)
     mask = None if problem.mask is None else np.ones(shape, bool)
-    return Problem(W0, Y, loss=problem.loss.name, mask=mask, delta=problem.delta)
+    return Problem(W0, Y, loss=problem.loss.name, mask=mask,
+                   delta=problem.delta if problem.loss.uses_delta else None)
 
 
 def warm_up(problem, rank: int, device: str, step_size) -> float:
     """Compile the kernels a fit will use (a 1-step fit on a tiny twin: the fused pass, the
     loss-only pass that gives J(V_T) and Armijo's trials); returns the seconds."""
-    from .descent import fit, init_adapters
+    from .adapters import init_adapters
+    from .descent import fit
 
     twin = _tiny_twin(problem)
     B, A = init_adapters(*twin.shape, rank, dtype=problem.dtype, seed=0, init="gaussian")
@@ -289,7 +292,7 @@ def _cmd_demo(args, parser) -> int:
                              loss=args.loss, delta=args.delta, observed=args.observed)
     problem = demo.problem
     try:
-        device = _dispatch.resolve(args.device, problem.R if problem.R is not None else problem.W0).NAME
+        device = _dispatch.resolve(args.device, *problem.arrays()).name
     except _dispatch.DeviceUnavailableError as exc:
         parser.error(str(exc))
     policy = as_policy(args.step_size)
@@ -476,7 +479,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from ._dispatch import DEVICES
+    from ._dispatch import DEVICE_NAMES as DEVICES
     from .losses import LOSSES
 
     parser = argparse.ArgumentParser(

@@ -62,6 +62,12 @@ class Loss:
         return tree.body
 
     @property
+    def uses_delta(self) -> bool:
+        """Whether the body reads the parameter ``delta`` (Huber's threshold)."""
+        return any(isinstance(node, ast.Name) and node.id == "delta"
+                   for stmt in self._statements for node in ast.walk(stmt.value))
+
+    @property
     def inputs(self) -> tuple[str, ...]:
         return ("z", "y") if self.labels else ("d",)
 

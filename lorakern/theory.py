@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .step_size import THEOREM_CONSTANT
+from .step_size import LEMMA2_DECREASE, THEOREM_CONSTANT
 
 #: slack allowed on each inequality, relative to the loss, by dtype of the data
 RTOL = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-12}
@@ -49,20 +49,26 @@ class Report:
                 f"||V_t||^2 growth bound {'held' if self.v_growth else 'FAILED'}")
 
 
-def check(result, *, l_star: float = 0.0, decrease: float = 0.2, constant: float = THEOREM_CONSTANT,
-          rtol: float | None = None) -> Report:
+def check(result, *, l_star: float = 0.0, decrease: float | None = None,
+          constant: float | None = None, rtol: float | None = None) -> Report:
     """Check a FitResult's history against Lemma 2 and Theorem 3.
 
     Parameters
     ----------
-    result : a FitResult (its ``history`` and ``final_loss``).
+    result : a FitResult (its ``history``, ``final_loss`` and ``step_size``).
     l_star : a lower bound on the loss (0 for the built-in losses).
-    decrease : the sufficient-decrease constant c (1/5 in Lemma 2; an Armijo run can be
-        checked with its own c).
-    constant : the step-size constant the run used (5 sqrt(2) in the paper); only the
-        ||V_t||^2 growth bound depends on it.
+    decrease : the sufficient-decrease constant c; default: the one the run's step-size
+        policy guarantees (``policy.decrease``: 1/5 for the theorem's eta as in Lemma 2, the
+        Armijo c for a line search), or Lemma 2's 1/5 for a policy that guarantees none.
+    constant : the step-size constant of eq. (8); default: the policy's ``constant`` if it
+        has one, else 5 sqrt(2). Only the ||V_t||^2 growth bound depends on it.
     rtol : the slack, relative to |J|; default ``RTOL`` for the data's dtype.
     """
+    policy = getattr(result, "step_size", None)
+    if decrease is None:
+        decrease = getattr(policy, "decrease", None) or LEMMA2_DECREASE
+    if constant is None:
+        constant = getattr(policy, "constant", THEOREM_CONSTANT)
     if not (math.isfinite(decrease) and decrease > 0):
         raise ValueError(f"decrease must be positive and finite, got {decrease}")
     h = result.history

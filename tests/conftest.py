@@ -6,9 +6,20 @@ import pytest
 @pytest.fixture
 def small_tiles(monkeypatch):
     """CPU column tiles of 16 (the default is up to 1024), so small inputs cross tile edges."""
-    import lorakern._cpu as cpu
+    import lorakern._cpu.matrix as cpu
 
     monkeypatch.setattr(cpu, "MIN_TILE", 16)
     monkeypatch.setattr(cpu, "MAX_TILE", 16)
     assert cpu.tile_width(4, 8) == 16 and cpu.tile_width(64, 4) == 16
     return 16
+
+
+@pytest.fixture
+def cpu_threads():
+    """The Numba thread count, 2 where the machine has 2 or more (the CI machine's count)."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    yield numba.get_num_threads()
+    numba.set_num_threads(before)

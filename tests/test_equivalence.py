@@ -10,9 +10,8 @@ import pytest
 
 import lorakern
 from lorakern import reference
-from lorakern._dispatch import backend
 
-from helpers import (DEVICES, DTYPES, assert_bitwise, assert_close, compare_pass, compare_step,
+from helpers import (device_pass, DEVICES, DTYPES, assert_bitwise, assert_close, compare_pass, compare_step,
                       host, make_case, random_data)
 
 #: odd shapes (m, n, r): 1x1x1 up to primes; none a multiple of the tile (16 patched, 64+)
@@ -49,8 +48,7 @@ def test_lora_init_b_zero(device, dtype, small_tiles):
     assert not B.any() and A.any()
     compare_pass(problem, B, A, device)
     got, _ = compare_step(problem, B, A, device)
-    be = backend(device)
-    p = be.fused_pass(problem, problem.data(be), be.asarray(B, problem.dtype), be.asarray(A, problem.dtype))
+    p = device_pass(problem, device, B, A)
     assert not host(p.grad_A).any() and host(p.grad_B).any()
     assert_bitwise(host(got.A), A, "A after a step from B = 0")  # A moves by eta * 0
 
@@ -119,8 +117,7 @@ def test_noncontiguous_inputs(device, dtype, small_tiles):
 def test_deterministic(device, dtype):
     """The same inputs give the same bits on every call (same thread count)."""
     problem, B, A = make_case((257, 263, 17), dtype, seed=9)
-    be = backend(device)
-    runs = [be.fused_pass(problem, problem.data(be), be.asarray(B, dtype), be.asarray(A, dtype))
+    runs = [device_pass(problem, device, B, A)
             for _ in range(2)]
     assert_bitwise(host(runs[0].grad_B), host(runs[1].grad_B), "grad_B")
     assert_bitwise(host(runs[0].grad_A), host(runs[1].grad_A), "grad_A")

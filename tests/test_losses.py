@@ -9,9 +9,8 @@ import pytest
 
 import lorakern
 from lorakern import LOSSES, reference
-from lorakern._dispatch import backend
 
-from helpers import (DEVICES, DTYPES, LOSS_NAMES, assert_bitwise, assert_close, compare_pass,
+from helpers import (device_pass, DEVICES, DTYPES, LOSS_NAMES, assert_bitwise, assert_close, compare_pass,
                       compare_step, host, make_case, random_data)
 
 SHAPE = (37, 101, 5)  # one odd shape shared by the tests below: 37 rows, 101 = 6 tiles of 16 + 5
@@ -98,8 +97,7 @@ def test_logistic_large_margins(device, dtype, small_tiles):
     assert np.abs(Z).max() > 500 and np.median(np.abs(Z)) > 100
     with np.errstate(over="raise", invalid="raise"):
         reference.fused_pass(problem, None, B, A)  # the reference itself must not overflow
-    be = backend(device)
-    got = be.fused_pass(problem, problem.data(be), be.asarray(B, dtype), be.asarray(A, dtype))
+    got = device_pass(problem, device, B, A)
     assert np.isfinite([float(got.loss), float(got.g_sq), float(got.grad_sq)]).all()
     assert np.isfinite(host(got.grad_B)).all() and np.isfinite(host(got.grad_A)).all()
     compare_pass(problem, B, A, device)
@@ -113,9 +111,8 @@ def test_all_true_mask_equals_no_mask(device, loss, small_tiles):
     problem, B, A = make_case(SHAPE, np.float64, loss=loss, seed=22)
     W0, Y, _ = random_data(SHAPE[:2], np.float64, loss=loss, seed=22)
     masked = lorakern.Problem(W0, Y, loss=loss, mask=np.ones(SHAPE[:2], bool))
-    be = backend(device)
-    got = be.fused_pass(masked, masked.data(be), be.asarray(B, np.float64), be.asarray(A, np.float64))
-    want = be.fused_pass(problem, problem.data(be), be.asarray(B, np.float64), be.asarray(A, np.float64))
+    got = device_pass(masked, device, B, A)
+    want = device_pass(problem, device, B, A)
     assert_close(host(got.grad_B), host(want.grad_B), np.float64, "grad_B", factor=0.01)
     assert_close(host(got.grad_A), host(want.grad_A), np.float64, "grad_A", factor=0.01)
     for name in ("loss", "g_sq", "grad_sq", "v_sq"):

@@ -8,9 +8,8 @@ import pytest
 
 import lorakern
 from lorakern import Armijo, Constant, Theorem, reference, theory
-from lorakern._dispatch import backend
 
-from helpers import DEVICES, DTYPES, assert_bitwise, assert_close, host, make_case
+from helpers import device_pass, DEVICES, DTYPES, assert_bitwise, assert_close, host, make_case
 
 SHAPE = (37, 101, 5)
 ALL = ("reference",) + DEVICES
@@ -24,8 +23,7 @@ def test_constant_eta_is_used_exactly(device, eta):
     got = lorakern.step(problem, B, A, device=device, step_size=eta)
     value = float(eta.eta if isinstance(eta, Constant) else eta)
     assert got.eta == value
-    be = backend(device)
-    p = be.fused_pass(problem, problem.data(be), be.asarray(B, problem.dtype), be.asarray(A, problem.dtype))
+    p = device_pass(problem, device, B, A)
     assert_bitwise(host(got.B), B - value * host(p.grad_B), "B")
     assert_bitwise(host(got.A), A - value * host(p.grad_A), "A")
     history = lorakern.fit(problem, B, A, steps=4, device=device, step_size=eta).history

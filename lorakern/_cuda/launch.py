@@ -2,10 +2,10 @@
 
 A ``Plan`` holds, for one problem and rank, the compiled kernels, the launch geometry and the
 workspace the partial sums live in; it is made once and kept on the problem's device data.
-Everything goes through a *runtime*: ``CupyRuntime`` (cupy.RawModule, CuPy arrays) on a GPU.
-The test suite installs a host emulation instead (``HostRuntime`` in tests/test_cuda.py: the
-same fused.cu compiled by g++, a thread per CUDA thread), so that this launcher, the kernels'
-index arithmetic, tails and reductions are checked without a GPU.
+Everything goes through the device's *runtime*: ``CupyRuntime`` (cupy.RawModule, CuPy arrays)
+on a GPU, or the host emulation (``emulation.HostRuntime``: the same fused.cu compiled by g++,
+a thread per CUDA thread), so that this launcher, the kernels' index arithmetic, tails and
+reductions are checked without a GPU.
 
 Memory plan of one fused step (m x n data, rank r padded to RK, tiles BM x BN, a grid of
 nrs x ncs blocks, each owning rpb x cpb tiles):
@@ -46,16 +46,6 @@ COLS_PER_BLOCK: int | None = None
 MAX_SMALL_GRID = 1024
 #: NVRTC options; name_expressions needs a C++ standard
 OPTIONS = ("-std=c++17",)
-
-RUNTIME = None  # the runtime in use; runtime() makes a CupyRuntime on first use
-
-
-def runtime():
-    global RUNTIME
-    if RUNTIME is None:
-        RUNTIME = CupyRuntime()
-    return RUNTIME
-
 
 class CupyRuntime:
     """Kernels compiled by NVRTC through cupy.RawModule, launched on CuPy's current stream."""
@@ -304,28 +294,23 @@ def update(rt, kernel, B, A, grad_B, grad_A, B_out, A_out, *, eta_ptr=None, eta_
 
 
 def plan(problem, data, r: int) -> Plan:
-    """The problem's plan at rank r, made on first use and kept with its device data."""
-    rt = runtime()
-    key = (rt.name, r)
+    """The problem's plan at rank r, made on first use and kept with its device data.
+
+    The plan's geometry reads the module-level tuning constants when it is made; tests
+    that patch them small get a fresh key, so a plan never outlives its constants."""
+    key = (r, TILES, ROWS_PER_BLOCK, COLS_PER_BLOCK, SMEM_BUDGET)
     if key not in data.plans:
-        data.plans[key] = Plan(rt, problem, r)
+        data.plans[key] = Plan(data.rt, problem, r)
     return data.plans[key]
 
 
-_UPDATE_KERNELS: dict = {}
+def update_kernel(rt, dtype):
+    """update<T> alone (on runtime ``rt``), for updates whose gradients did not come from a plan."""
+    name = f"lorakern::update<{_ctype(dtype)}>"
+    from ..losses import LOSSES  # any loss: the prelude is needed to compile the file
 
-
-def update_kernel(dtype):
-    """update<T> alone, for updates whose gradients did not come from a plan."""
-    rt = runtime()
-    key = (rt.name, np.dtype(dtype))
-    if key not in _UPDATE_KERNELS:
-        name = f"lorakern::update<{_ctype(dtype)}>"
-        from ..losses import LOSSES  # any loss: the prelude is needed to compile the file
-
-        module = rt.module(module_source(LOSSES["squared"]), (name,))
-        _UPDATE_KERNELS[key] = rt.kernel(module, name, 0)
-    return _UPDATE_KERNELS[key]
+    module = rt.module(module_source(LOSSES["squared"]), (name,))
+    return rt.kernel(module, name, 0)
 
 
 def workspace(rt, shape_B, shape_A, dtype, steps: int) -> SimpleNamespace:

@@ -1,41 +1,16 @@
-"""The fine-tuning problem: validated once, stored in the form the kernels read."""
-from __future__ import annotations
+"""The matrix kind: J(B, A) = sum over (observed) entries of loss(W0 + BA, Y), Y an m x n target.
 
-import math
-import sys
+The problem is validated once and stored in the form the kernels read: for a *residual* loss
+(squared, huber) the residual R = W0 - Y alone (d = R + BA), for a *label* loss (logistic)
+W0 and Y (z = W0 + BA). ``base`` is the array the pass adds BA to, ``labels`` the second
+array or None.
+"""
+from __future__ import annotations
 
 import numpy as np
 
-from .losses import LOSSES, Loss
-
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def array_namespace(x):
-    """numpy or cupy, by the array's type; never imports cupy (it is in sys.modules if x is one)."""
-    if type(x).__module__.split(".")[0] == "cupy":
-        return sys.modules["cupy"]
-    return np
-
-
-def is_device_array(x) -> bool:
-    return array_namespace(x) is not np
-
-
-def check_matrix(name: str, x, dtype=None):
-    """Raise TypeError/ValueError unless x is a finite 2-D float32/float64 array (of ``dtype``)."""
-    xp = array_namespace(x)
-    if xp is np and not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
-    if dtype is not None and x.dtype != dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but the problem is {dtype}; "
-                        f"convert it with {name}.astype(np.{dtype})")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
-    if x.size and not bool(xp.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+from ..losses import LOSSES, Loss
+from .._validate import array_namespace, check_delta, check_matrix, positive_float
 
 
 class Problem:
@@ -46,18 +21,21 @@ class Problem:
     W0, Y : (m, n) float32 or float64 arrays, same dtype; NumPy or CuPy.
     loss : "squared" (the default, J = 1/2 ||W0 + BA - Y||_F^2), "huber" or "logistic".
     mask : optional (m, n) boolean array; entries where it is False add nothing.
-    delta : the Huber threshold (> 0).
+    delta : the Huber threshold (> 0; default 1). Only "huber" takes it.
     lipschitz : L of the loss's gradient; None takes the loss's own (1, 1, 1/4).
         The step size uses max(L, 1), as Assumption 1 of the paper needs L >= 1.
 
     Raises
     ------
-    TypeError : non-float or mixed dtypes.
-    ValueError : shapes that differ, non-finite entries, an unknown loss, delta or lipschitz
-        not positive and finite, labels outside {-1, +1} for "logistic", a bad mask.
+    TypeError : non-float or mixed dtypes, a NumPy masked array (use ``mask=``).
+    ValueError : shapes that differ, non-finite entries or a residual W0 - Y that overflows,
+        an unknown loss, delta or lipschitz not positive and finite (or delta for a loss
+        without one), labels outside {-1, +1} for "logistic", a bad mask.
     """
 
-    def __init__(self, W0, Y, *, loss: str = "squared", mask=None, delta: float = 1.0,
+    kind = "matrix"
+
+    def __init__(self, W0, Y, *, loss: str = "squared", mask=None, delta: float | None = None,
                  lipschitz: float | None = None):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known losses: {sorted(LOSSES)}")
@@ -68,9 +46,9 @@ class Problem:
         if W0.size == 0:
             raise ValueError(f"W0 and Y must be non-empty, got shape {tuple(W0.shape)}")
         self.loss: Loss = LOSSES[loss]
-        self.delta = _positive_float("delta", delta)
+        self.delta = check_delta(self.loss, delta)
         self.lipschitz = (self.loss.lipschitz if lipschitz is None
-                          else _positive_float("lipschitz", lipschitz))
+                          else positive_float("lipschitz", lipschitz))
         xp = array_namespace(W0)
         if array_namespace(Y) is not xp:
             raise TypeError("W0 and Y must both be NumPy arrays or both CuPy arrays")
@@ -78,15 +56,30 @@ class Problem:
             raise ValueError(f"loss {loss!r} needs labels Y in {{-1, +1}}")
         self.shape = tuple(int(s) for s in W0.shape)
         self.dtype = np.dtype(W0.dtype)
-        # What a step reads: the residual R = W0 - Y (residual losses, one array) or W0 and Y.
         if self.loss.labels:
             self.W0, self.Y = xp.ascontiguousarray(W0).copy(), xp.ascontiguousarray(Y).copy()
             self.R = None
         else:
-            self.R = xp.ascontiguousarray(W0 - Y)
+            with np.errstate(over="ignore", invalid="ignore"):
+                self.R = xp.ascontiguousarray(W0 - Y)
+            if not bool(xp.isfinite(self.R).all()):
+                raise ValueError(
+                    f"the residual W0 - Y overflows {self.dtype} (finite inputs, infinite "
+                    f"difference); build the problem in float64, or rescale W0 and Y")
             self.W0 = self.Y = None
         self.mask = None if mask is None else _check_mask(mask, self.shape, xp)
-        self._on_device: dict = {}  # backend name -> that backend's copy of the data
+        self._prepared: dict = {}  # device key -> that device's copy of the data
+
+    # -- the layout the kernels read ---------------------------------------------------------
+    @property
+    def base(self):
+        """The m x n array the pass adds BA to: R (residual losses) or W0 (label losses)."""
+        return self.W0 if self.loss.labels else self.R
+
+    @property
+    def labels(self):
+        """Y for a label loss, else None."""
+        return self.Y if self.loss.labels else None
 
     @property
     def eta_lipschitz(self) -> float:
@@ -95,28 +88,26 @@ class Problem:
 
     @property
     def xp(self):
-        return array_namespace(self.R if self.R is not None else self.W0)
+        return array_namespace(self.base)
 
-    def data(self, backend):
-        """The problem's arrays as ``backend`` wants them, prepared once and kept."""
-        if backend.NAME not in self._on_device:
-            self._on_device[backend.NAME] = backend.prepare(self)
-        return self._on_device[backend.NAME]
+    def arrays(self) -> tuple:
+        """The arrays whose home decides device="auto"."""
+        return (self.base,)
+
+    def adapter_shape(self) -> tuple[int, int]:
+        """(m, n): B is m x r and A is r x n."""
+        return self.shape
+
+    def data(self, device, kernels):
+        """The problem's data as ``kernels`` on ``device`` read it, prepared once and kept."""
+        if device.key not in self._prepared:
+            self._prepared[device.key] = kernels.prepare(self, device)
+        return self._prepared[device.key]
 
     def __repr__(self):
         m, n = self.shape
         mask = "" if self.mask is None else ", masked"
         return f"Problem({m}x{n} {self.dtype}, loss={self.loss.name!r}{mask}, L={self.lipschitz})"
-
-
-def _positive_float(name: str, value) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be positive and finite, got {value}")
-    return value
 
 
 def _check_mask(mask, shape, xp):

@@ -1,78 +1,49 @@
 """The NumPy reference: short, literal, the definition of truth.
 
 Everything is computed in float64 from the problem's data, whatever its dtype; results are
-rounded to the input dtype only where an array is handed back. It is also a backend
-(``device="reference"``), so tests and benchmarks reach it like every other one.
+rounded to the input dtype only where an array is handed back. It is also a device
+(``device="reference"``), so tests and benchmarks reach it like every other one. Each problem
+kind has a module here with ``gradient(problem, B, A) -> (G, loss)``: G = dL/dW formed whole.
 """
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 
-from .step_size import THEOREM_CONSTANT, Armijo, Constant, Theorem, as_policy
+from .. import _dispatch
+from .._host import HostDevice
+from ..step_size import THEOREM_CONSTANT, Armijo, Constant, Theorem, as_policy
 
-NAME = "reference"
-SYNC_EVERY = 1
-xp = np
-
-
-def check_available():
-    pass
+DEVICE = HostDevice("reference", "reference")
 
 
-def prepare(problem):
-    if problem.xp is not np:
-        raise TypeError("the reference backend takes NumPy arrays; the problem holds CuPy arrays")
-    return None
+def _kind(problem):
+    return _dispatch.kernels(problem.kind, DEVICE)
 
 
-def asarray(x, dtype):
-    return np.array(x, dtype=dtype, copy=True)
-
-
-def gradient_of_loss(problem, B, A):
-    """(G, loss): G = grad L(W0 + BA) entrywise, and L(W0 + BA), both in float64."""
-    B, A = B.astype(np.float64), A.astype(np.float64)
-    if problem.loss.labels:
-        t, y = problem.W0.astype(np.float64) + B @ A, problem.Y.astype(np.float64)
-    else:
-        t, y = problem.R.astype(np.float64) + B @ A, None  # d = W0 + BA - Y
-    value, G = problem.loss.numpy_pointwise(t, y, problem.delta)
-    if problem.mask is not None:
-        observed = problem.mask.view(bool)
-        value, G = np.where(observed, value, 0.0), np.where(observed, G, 0.0)
-    return G, float(np.sum(value))
+def gradient(problem, B, A):
+    """(G, loss) in float64: G = grad_W J at W0 + BA, the m x n matrix the kernels never form."""
+    return _kind(problem).gradient(problem, B, A)
 
 
 def fused_pass(problem, data, B, A):
-    """grad_B = G A^T, grad_A = B^T G and the norms of the step (DEVELOPERS.md, eq. 7)."""
-    G, loss = gradient_of_loss(problem, B, A)
-    B64, A64 = B.astype(np.float64), A.astype(np.float64)
-    grad_B, grad_A = G @ A64.T, B64.T @ G
-    return SimpleNamespace(
-        grad_B=grad_B.astype(B.dtype), grad_A=grad_A.astype(A.dtype),
-        loss=loss,
-        g_sq=float(np.sum(G * G)),
-        grad_sq=float(np.sum(grad_B * grad_B) + np.sum(grad_A * grad_A)),
-        v_sq=float(np.sum(A64 * A64) + np.sum(B64 * B64)),
-    )
+    """results.PassResult: grad_B = G A^T, grad_A = B^T G and the norms of the step (eq. 3, 8)."""
+    return _kind(problem).fused_pass(problem, data, B, A)
 
 
 def loss_pass(problem, data, B, A):
-    return gradient_of_loss(problem, B, A)[1]
+    return gradient(problem, B, A)[1]
 
 
 def update(B, A, grad_B, grad_A, eta):
-    eta = B.dtype.type(eta)
-    return B - eta * grad_B, A - eta * grad_A
+    return DEVICE.update(B, A, grad_B, grad_A, eta)
 
 
 def v_form_gradient(problem, B, A):
     """grad J(V) = 2 Sym(E1^T G E2^T) V with V = [B; A^T] (paper, eq. 7). Small sizes only:
     it builds (m+n) x (m+n) matrices. Returns the (m+n) x r array [grad_B; grad_A^T]."""
-    (m, n), G = problem.shape, gradient_of_loss(problem, B, A)[0]
+    (m, n), G = problem.shape, gradient(problem, B, A)[0]
     E1 = np.hstack([np.eye(m), np.zeros((m, n))])          # m x (m+n): top m rows
     E2 = np.vstack([np.zeros((m, n)), np.eye(n)])          # (m+n) x n: right n columns
     V = np.vstack([B, A.T]).astype(np.float64)
@@ -84,11 +55,16 @@ def step(problem, B, A, *, step_size="theorem"):
     """One step of LoRA gradient descent, as the paper writes it (eq. 3 and 8).
 
     Same contract as ``lorakern.step``: new arrays for B and A, the caller's untouched.
+    The built-in policies are written out literally here; another policy's own ``choose``
+    runs on the reference device.
     """
-    from .descent import StepResult, check_adapters
+    from ..descent import step as generic_step
+    from ..adapters import check_adapters
 
     check_adapters(problem, B, A)
     policy = as_policy(step_size)
+    if not isinstance(policy, (Theorem, Constant, Armijo)):
+        return generic_step(problem, B, A, device=DEVICE, step_size=policy)
     p = fused_pass(problem, None, B, A)
     g_norm = math.sqrt(p.g_sq)
     trials = 0
@@ -100,7 +76,7 @@ def step(problem, B, A, *, step_size="theorem"):
         eta = eta_theorem
     elif isinstance(policy, Constant):
         eta = float(policy.eta)
-    elif isinstance(policy, Armijo):
+    else:
         # halve from the cap until the Armijo condition holds; at or below the theorem's
         # eta, take the theorem's eta (Lemma 2 guarantees it the condition for c <= 1/5)
         eta = policy.cap
@@ -114,5 +90,7 @@ def step(problem, B, A, *, step_size="theorem"):
                 break
             eta *= 0.5
     B_next, A_next = update(B, A, p.grad_B, p.grad_A, eta)
+    from ..results import StepResult
+
     return StepResult(B=B_next, A=A_next, eta=float(eta), loss=p.loss, grad_sq=p.grad_sq,
                       v_sq=p.v_sq, g_norm=g_norm, trials=trials)

@@ -1,0 +1,149 @@
+"""The matrix kind on CUDA: the fused pass of fused.cu through the device's runtime.
+
+Beyond the Kernels interface of lorakern._dispatch, two faster paths for a training loop:
+
+* ``fused_step``: pass, eta_t and update in four kernel launches, nothing on the host;
+* ``run_steps``: ``steps`` such steps replayed from a CUDA graph, the history kept on the
+  device and copied back once at the end.
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+
+from ..results import DEVICE_HISTORY_COLUMNS, DeviceRun, PassResult
+from ..step_size import THEOREM_CONSTANT  # eta_t = 1 / max(c max(L, 1) (||V||^2 + ||G||), 1)
+from . import launch
+
+
+# ---- the Kernels interface ------------------------------------------------------------------
+def prepare(problem, device):
+    """The problem's arrays on the device: NumPy arrays copied once, CuPy arrays kept."""
+    rt = device.runtime
+    xp = rt.xp
+
+    def on_device(a):
+        return None if a is None else xp.ascontiguousarray(xp.asarray(a))
+
+    return SimpleNamespace(rt=rt, x=on_device(problem.base), y=on_device(problem.labels),
+                           mask=on_device(problem.mask), plans={})
+
+
+def fused_pass(problem, data, B, A, *, norm="exact"):
+    """grad_B, grad_A and the step's norms at (B, A) in one pass over the data.
+
+    The scalars of the PassResult are 0-d float64 device arrays (no host synchronisation).
+    """
+    xp = data.rt.xp
+    B, A = xp.ascontiguousarray(B), xp.ascontiguousarray(A)
+    plan = launch.plan(problem, data, B.shape[1])
+    grad_B, grad_A = xp.empty(B.shape, B.dtype), xp.empty(A.shape, A.dtype)
+    out = xp.empty(5, np.float64)  # fresh per pass: the 0-d views below outlive it
+    plan.fused(data, B, A)
+    plan.reduce(B, A, grad_B, grad_A)
+    plan.finalize(out, eta_scale=THEOREM_CONSTANT * problem.eta_lipschitz)
+    col = {name: out[i] for i, name in enumerate(DEVICE_HISTORY_COLUMNS)}
+    return PassResult(grad_B=grad_B, grad_A=grad_A, loss=col["loss"], g_sq=col["g_sq"],
+                      grad_sq=col["grad_sq"], v_sq=col["v_sq"])
+
+
+def loss_pass(problem, data, B, A):
+    """J(B, A) alone (0-d float64 device array): one read of the data, no gradient work."""
+    xp = data.rt.xp
+    B, A = xp.ascontiguousarray(B), xp.ascontiguousarray(A)
+    plan = launch.plan(problem, data, B.shape[1])
+    out = xp.empty(5, np.float64)
+    plan.fused(data, B, A, grad=False)
+    plan.finalize(out, grad=False)
+    return out[DEVICE_HISTORY_COLUMNS.index("loss")]
+
+
+# ---- faster paths for a training loop -------------------------------------------------------
+def _eta_args(eta_scale: float | None, eta_fixed: float | None) -> dict:
+    if eta_fixed is not None:
+        if not (math.isfinite(eta_fixed) and eta_fixed > 0):
+            raise ValueError(f"a constant eta must be positive and finite, got {eta_fixed}")
+        return {"eta_fixed": float(eta_fixed)}
+    return {"eta_scale": float(eta_scale)}
+
+
+def _default_scale(problem, eta_scale):
+    return THEOREM_CONSTANT * problem.eta_lipschitz if eta_scale is None else eta_scale
+
+
+def fused_step(problem, data, B, A, *, eta_scale: float | None = None, eta_fixed: float | None = None):
+    """One step V_t -> V_{t+1} on the device: pass, eta_t = 1 / max(eta_scale (||V||^2 +
+    ||G||), 1) (default: the theorem's), or the constant ``eta_fixed``, and the update.
+
+    Four kernel launches and no host round trip. Returns a namespace with the new B and A
+    and 0-d float64 device arrays loss, g_sq, grad_sq, v_sq, eta (all at V_t).
+    """
+    xp = data.rt.xp
+    B, A = xp.ascontiguousarray(B), xp.ascontiguousarray(A)
+    plan = launch.plan(problem, data, B.shape[1])
+    grad_B, grad_A = xp.empty(B.shape, B.dtype), xp.empty(A.shape, A.dtype)
+    B_out, A_out = xp.empty_like(B), xp.empty_like(A)
+    out = xp.empty(5, np.float64)
+    plan.fused(data, B, A)
+    plan.reduce(B, A, grad_B, grad_A)
+    plan.finalize(out, **_eta_args(_default_scale(problem, eta_scale), eta_fixed))
+    eta_at = DEVICE_HISTORY_COLUMNS.index("eta")
+    plan.update(B, A, grad_B, grad_A, B_out, A_out, eta_ptr=out[eta_at:eta_at + 1])
+    return SimpleNamespace(B=B_out, A=A_out, eta=out[eta_at],
+                           **{name: out[i] for i, name in enumerate(DEVICE_HISTORY_COLUMNS)
+                              if name != "eta"})
+
+
+def run_steps(problem, data, B, A, steps: int, *, eta_scale: float | None = None,
+              eta_fixed: float | None = None, graph: bool = True) -> DeviceRun:
+    """``steps`` steps of LoRA gradient descent with the history kept on the device.
+
+    Each step is the four launches of ``fused_step`` writing into preallocated buffers: the
+    iterate alternates between two buffers, finalize appends a row (DEVICE_HISTORY_COLUMNS)
+    to the history at a device-side counter. With ``graph`` (and a runtime that has them),
+    the two alternating steps are captured once as CUDA graphs and replayed. The host waits
+    once, at the end.
+
+    Once J(V_t) is not finite the device stops updating, so the buffers still hold V_{t-1}.
+    Returns a DeviceRun: V_steps (or the last iterate whose loss was finite), V_{steps-1} in
+    B_prev / A_prev, the history and the first t with a non-finite loss (or None).
+    """
+    rt = data.rt
+    plan = launch.plan(problem, data, B.shape[1])
+    ws = launch.workspace(rt, B.shape, A.shape, problem.dtype, steps)
+    ws.B[0][...] = B
+    ws.A[0][...] = A
+    eta_args = _eta_args(_default_scale(problem, eta_scale), eta_fixed)
+
+    def one(src: int):
+        dst = 1 - src
+        plan.fused(data, ws.B[src], ws.A[src])
+        plan.reduce(ws.B[src], ws.A[src], ws.grad_B, ws.grad_A)
+        plan.finalize(ws.history, counter=ws.counter, current=ws.current, ok=ws.ok, **eta_args)
+        plan.update(ws.B[src], ws.A[src], ws.grad_B, ws.grad_A, ws.B[dst], ws.A[dst],
+                    eta_ptr=ws.current, ok=ws.ok)
+
+    if steps > 0:
+        if graph and getattr(rt, "supports_graphs", False):
+            graphs = [rt.capture(lambda: one(0)), rt.capture(lambda: one(1))]
+            rt.replay(graphs, [t % 2 for t in range(steps)])
+        else:
+            for t in range(steps):
+                one(t % 2)
+    history = np.asarray(rt.to_host(ws.history))[:steps]
+    bad = np.flatnonzero(~np.isfinite(history[:, DEVICE_HISTORY_COLUMNS.index("loss")]))
+    if bad.size:
+        t_bad = int(bad[0])
+        keep = 0 if t_bad == 0 else (t_bad - 1) % 2
+        return DeviceRun(B=ws.B[keep], A=ws.A[keep], B_prev=None, A_prev=None,
+                         history=history, diverged_at=t_bad)
+    last, prev = steps % 2, (steps - 1) % 2
+    return DeviceRun(B=ws.B[last], A=ws.A[last], B_prev=ws.B[prev] if steps else None,
+                     A_prev=ws.A[prev] if steps else None, history=history, diverged_at=None)
+
+
+def kernel_info(problem, data, r: int) -> dict:
+    """The launch configuration chosen for this problem at rank r (for benchmarks, reports)."""
+    return launch.plan(problem, data, r).describe()
