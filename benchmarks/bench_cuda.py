@@ -5,7 +5,10 @@ Groups (fp32):
 * ``cuda step m=n={8192,16384} r={4,16,64} float32``: ``lorakern-cuda`` (fused_step: pass,
   eta and update on the device), ``lorakern-cuda-loop`` (the body of ``fit``'s loop: fused pass,
   the Theorem policy on 0-d device arrays, update), ``cupy`` (G = R + B@A; G@A.T; B.T@G; norms;
-  eta; update, cuBLAS underneath) and ``torch`` (the same in PyTorch, where it has CUDA).
+  eta; update, cuBLAS underneath) and ``torch`` (the same in PyTorch, where it has CUDA). All
+  four come from ``lorakern.benchmarking.COMPARISONS``, the table the CPU benchmarks use, on
+  ``lorakern.testing``'s seeded data; under --benchmark-disable each runs once at 512 x 512 and
+  is checked against the NumPy reference (``benchmarking.check``).
 * ``cuda fit 200 steps m=n=8192 r=16 float32``: ``lorakern.fit`` against 200 ``fused_step``
   calls and ``run_steps`` (the graph-replayed loop); each ends with one synchronisation.
 * ``cuda floor``: device-to-device copy bandwidth and the fp32 FMA rate, from which
@@ -23,10 +26,11 @@ import importlib.util
 import math
 import statistics
 from functools import lru_cache
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
+from lorakern.benchmarking import COMPARISONS, Case, check, unavailable
 
 
 def _cuda_available() -> bool:
@@ -42,24 +46,16 @@ RANKS = (4, 16, 64)
 DTYPE = "float32"
 FIT_STEPS = 200
 EVENT_ROUNDS = 20
-THEOREM_CONSTANT = 5.0 * math.sqrt(2.0)
+#: the GPU implementations of lorakern.benchmarking.COMPARISONS (one table for CPU and GPU)
+IMPLS = ("lorakern-cuda", "lorakern-cuda-loop", "cupy", "torch")
+SMOKE_SIZE = 512  # --benchmark-disable: each implementation once at this size, checked
 
 
-# ---- inputs, built on the device and kept for the implementations of one case --------------
+# ---- inputs: lorakern.testing's seeded factory, copied to the GPU once per case ------------------
 @lru_cache(maxsize=1)
-def case(m: int, n: int, r: int, dtype: str = DTYPE, seed: int = 0):
-    """Seeded random R, B, A on the GPU (as lorakern.benchmarking.Case: B ~ N(0, 1),
-    A ~ N(0, 1/r)) and the lorakern Problem holding R; one case at a time (1 GB at 16384^2)."""
-    import cupy
-
-    import lorakern
-
-    rng = cupy.random.default_rng(seed)
-    R = rng.standard_normal((m, n), dtype=dtype)
-    B = rng.standard_normal((m, r), dtype=dtype)
-    A = rng.standard_normal((r, n), dtype=dtype) * np.dtype(dtype).type(1 / math.sqrt(r))
-    problem = lorakern.Problem(R, cupy.zeros_like(R))  # R = W0 - Y with Y = 0: R itself
-    return SimpleNamespace(m=m, n=n, r=r, dtype=dtype, R=problem.R, B=B, A=A, problem=problem)
+def case(m: int, n: int, r: int, dtype: str = DTYPE, seed: int = 0) -> Case:
+    """The seeded Case (one at a time: 1 GB of R at 16384^2 fp32, and its GPU copies)."""
+    return Case(m, n, r, dtype, seed)
 
 
 def gpu_info() -> dict:
@@ -77,88 +73,12 @@ def gpu_info() -> dict:
     return info
 
 
-# ---- the implementations: name -> setup(case) -> step() (no synchronisation inside) ---------
-def _lorakern_step(c):
-    import lorakern._cuda as backend
-
-    data = c.problem.data(backend)
-
-    def step():
-        s = backend.fused_step(c.problem, data, c.B, c.A)
-        return s.B, s.A, s.eta
-
-    return step
-
-
-def _lorakern_loop(c):
-    import lorakern
-    import lorakern._cuda as backend
-
-    data, policy = c.problem.data(backend), lorakern.Theorem()
-
-    def step():
-        p = backend.fused_pass(c.problem, data, c.B, c.A)
-        eta, _ = policy.choose(backend, c.problem, data, c.B, c.A, p, {})
-        B, A = backend.update(c.B, c.A, p.grad_B, p.grad_A, eta)
-        return B, A, eta
-
-    return step
-
-
-def _cupy(c):
-    """What a CuPy user writes: cuBLAS products, a few elementwise kernels, eta on the device."""
-    import cupy
-
-    R, B, A = c.R, c.B, c.A
-    norm = cupy.linalg.norm
-
-    def step():
-        G = R + B @ A
-        grad_B = G @ A.T
-        grad_A = B.T @ G
-        g_sq = norm(G) ** 2
-        loss = 0.5 * g_sq  # noqa: F841  (reported by a user; costs nothing extra)
-        grad_sq = norm(grad_B) ** 2 + norm(grad_A) ** 2  # noqa: F841
-        v_sq = norm(A) ** 2 + norm(B) ** 2
-        eta = 1.0 / cupy.maximum(THEOREM_CONSTANT * (v_sq + cupy.sqrt(g_sq)), 1.0)
-        eta = eta.astype(B.dtype)
-        return B - eta * grad_B, A - eta * grad_A, eta
-
-    return step
-
-
-def _torch(c):
-    import torch
-
-    R, B, A = (torch.as_tensor(x, device="cuda") for x in (c.R, c.B, c.A))  # zero-copy (DLPack)
-
-    def step():
-        G = R + B @ A
-        grad_B = G @ A.T
-        grad_A = B.T @ G
-        g_sq = torch.linalg.vector_norm(G) ** 2
-        grad_sq = torch.linalg.vector_norm(grad_B) ** 2 + torch.linalg.vector_norm(grad_A) ** 2  # noqa: F841
-        v_sq = torch.linalg.vector_norm(A) ** 2 + torch.linalg.vector_norm(B) ** 2
-        eta = 1.0 / torch.clamp(THEOREM_CONSTANT * (v_sq + torch.sqrt(g_sq)), min=1.0)
-        return B - eta * grad_B, A - eta * grad_A, eta
-
-    return step
-
-
 def _torch_cuda() -> bool:
     if importlib.util.find_spec("torch") is None:
         return False
     import torch
 
     return torch.cuda.is_available()
-
-
-COMPARISONS = {
-    "lorakern-cuda": _lorakern_step,
-    "lorakern-cuda-loop": _lorakern_loop,
-    "cupy": _cupy,
-    "torch": _torch,
-}
 
 
 def synchronize():
@@ -213,40 +133,56 @@ def time_it(benchmark, step, group: str, impl: str, **info):
 
 # ---- one step -----------------------------------------------------------------------------------
 STEP_PARAMS = [pytest.param(m, r, impl, id=f"m{m}-r{r}-{impl}")
-               for m in SIZES for r in RANKS for impl in COMPARISONS]
+               for m in SIZES for r in RANKS for impl in IMPLS]
 
 
 @pytest.mark.parametrize("m, r, impl", STEP_PARAMS)
 def test_step(benchmark, m, r, impl):
-    if impl == "torch" and not _torch_cuda():
-        pytest.skip("PyTorch with CUDA is not installed")
+    why = unavailable(impl)
+    if why:
+        pytest.skip(why)
+    if benchmark.disabled:  # a smoke run: once, small, checked against the NumPy reference
+        c = case(m, m, r).smaller(SMOKE_SIZE)
+        step = COMPARISONS[impl](c)
+        out = step()
+        synchronize()
+        check(impl, c, out)
+        return
     c = case(m, m, r)
     out = time_it(benchmark, COMPARISONS[impl](c), f"cuda step m=n={m} r={r} {DTYPE}", impl,
                   m=m, n=m, r=r, dtype=DTYPE)
     if impl.startswith("lorakern"):
-        import lorakern._cuda as backend
+        from lorakern._dispatch import bind
 
-        benchmark.extra_info["launch"] = backend.kernel_info(c.problem, c.problem.data(backend), r)
-    want = _cupy(c)()
+        engine = bind(c.problem(), "cuda")
+        benchmark.extra_info["launch"] = engine.kernels.kernel_info(engine.problem, engine.data, r)
+    want = COMPARISONS["cupy"](c)()  # at full size the reference is too slow: eta against cupy's
     assert math.isclose(float(out[2]), float(want[2]), rel_tol=1e-4), "eta differs from the cupy step"
 
 
 # ---- 200 steps: fit, single fused steps, the graph-replayed loop ---------------------------------
+def _engine(c):
+    from lorakern._dispatch import bind
+
+    engine = bind(c.problem(), "cuda")
+    return engine, engine.asarray(c.B), engine.asarray(c.A)
+
+
 def _fit(c, steps):
     import lorakern
 
-    return lambda: lorakern.fit(c.problem, c.B, c.A, steps=steps, device="cuda")
+    _, B, A = _engine(c)
+    return lambda: lorakern.fit(c.problem(), B, A, steps=steps, device="cuda")
 
 
 def _single_steps(c, steps):
-    import lorakern._cuda as backend
-
-    data = c.problem.data(backend)
+    engine, B0, A0 = _engine(c)
+    fused_step = engine.kernels.fused_step
 
     def run():
-        B, A = c.B, c.A
+        B, A = B0, A0
         for _ in range(steps):
-            s = backend.fused_step(c.problem, data, B, A)
+            s = fused_step(engine.problem, engine.data, B, A)
             B, A = s.B, s.A
         return B, A
 
@@ -254,18 +190,18 @@ def _single_steps(c, steps):
 
 
 def _run_steps(c, steps):
-    import lorakern._cuda as backend
-
-    data = c.problem.data(backend)
-    return lambda: backend.run_steps(c.problem, data, c.B, c.A, steps)
+    engine, B, A = _engine(c)
+    return lambda: engine.kernels.run_steps(engine.problem, engine.data, B, A, steps)
 
 
 @pytest.mark.parametrize("impl", ["fit", "fused_step x200", "run_steps"])
 def test_fit_200_steps(benchmark, impl):
     c = case(8192, 8192, 16)
+    if benchmark.disabled:
+        c = c.smaller(SMOKE_SIZE)
     setup = {"fit": _fit, "fused_step x200": _single_steps, "run_steps": _run_steps}[impl]
     time_it(benchmark, setup(c, FIT_STEPS), f"cuda fit {FIT_STEPS} steps m=n=8192 r=16 {DTYPE}", impl,
-            m=8192, n=8192, r=16, dtype=DTYPE, steps=FIT_STEPS)
+            m=c.m, n=c.n, r=16, dtype=DTYPE, steps=FIT_STEPS)
 
 
 # ---- the floor ---------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The masked, Huber and logistic steps against the squared one (issue 4).
 
 Groups "loss m=n=4096 r=16 float32" (and float64) hold lorakern-cpu (the squared loss,
-the peer), lorakern-cpu-masked (squared loss, ~50% of entries observed),
+the peer), lorakern-cpu-masked (squared loss, ~60% of entries observed),
 lorakern-cpu-huber (delta = 1, about half the entries clipped) and lorakern-cpu-logistic
 (labels in {-1, +1}; reads W0 and Y, two arrays, where the others read one).
 

@@ -2,9 +2,10 @@
 
     python benchmarks/gpu_table.py benchmarks/results/gpu-<date>.json > benchmarks/results/gpu-<date>.md
 
-Times are the medians of CUDA-event timings of back-to-back runs (extra_info["event_ms"]);
-where a run has none (--benchmark-disable), pytest-benchmark's median is used. Ratios
-"x / lorakern" are x's median over lorakern-cuda's (> 1: lorakern is faster). The floor of a
+Times are the medians of CUDA-event timings of back-to-back runs (extra_info["event_ms_all"]);
+where a run has none (--benchmark-disable), pytest-benchmark's. Ratios "x / lorakern-cuda" are
+x's median over lorakern-cuda's (> 1: lorakern is faster), with the quartiles. The markdown
+is written by lorakern.benchmarking.ratio_table, the writer of the CPU tables too. The floor of a
 step is max(bytes of R read once / copy bandwidth, 6 m n r flops / fp32 FMA rate), both rates
 measured in the same run (group "cuda floor"); "of floor" is the floor over lorakern's time.
 """
@@ -13,13 +14,22 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lorakern.benchmarking import Row, Stats, ratio_table  # noqa: E402  (the one markdown writer)
+
+PEERS = ("lorakern-cuda-loop", "cupy", "torch")
 
 
-def median_ms(bench: dict) -> float:
+def stats(bench: dict) -> Stats:
+    """Seconds: the CUDA-event timings where the run has them, else pytest-benchmark's."""
     info = bench.get("extra_info", {})
+    if info.get("event_ms_all"):
+        return Stats.of(info["event_ms_all"]).scaled(1e-3)
     if "event_ms" in info:
-        return float(info["event_ms"])
-    return float(bench["stats"]["median"]) * 1e3
+        return Stats.of([info["event_ms"]]).scaled(1e-3)
+    return Stats.from_pytest(bench["stats"])
 
 
 def table(report: dict) -> str:
@@ -39,41 +49,35 @@ def table(report: dict) -> str:
                  + f". Date: {report.get('datetime', '?')}.")
     if bandwidth and fma:
         lines.append(f"Floor rates: copy bandwidth {bandwidth:.0f} GB/s, fp32 FMA {fma:.1f} TFLOP/s.")
-    lines += ["", "Median ms of CUDA-event timings of back-to-back runs; `x / lorakern` is x's time over "
-              "lorakern-cuda's (> 1: lorakern faster).", ""]
+    lines += ["", "Median ms of CUDA-event timings of back-to-back runs; `x / lorakern-cuda` is x's "
+              "time over lorakern-cuda's (> 1: lorakern faster).", ""]
 
-    peers = ["lorakern-cuda-loop", "cupy", "torch"]
-    header = ["step", "lorakern-cuda (ms)"] + [f"{p} (ms)" for p in peers] + \
-             [f"{p} / lorakern" for p in peers] + ["floor (ms)", "of floor"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|---|" + "---:|" * (len(header) - 1))
+    def floor_s(row):
+        e = row.info
+        itemsize = 4 if e.get("dtype", "float32") == "float32" else 8
+        return max(e["m"] * e["n"] * itemsize / (bandwidth * 1e9), 6 * e["m"] * e["n"] * e["r"] / (fma * 1e12))
+
+    extra = {}
+    if bandwidth and fma:
+        extra = {"floor (ms)": lambda row: f"{floor_s(row) * 1e3:.3f}",
+                 "of floor": lambda row: f"{100 * floor_s(row) / row.times['lorakern-cuda'].median:.0f}%"}
+    rows = []
     for name in sorted(g for g in groups if g.startswith("cuda step")):
         impls = groups[name]
-        if "lorakern-cuda" not in impls:
-            continue
-        ours = median_ms(impls["lorakern-cuda"])
-        cells = [name.removeprefix("cuda step "), f"{ours:.3f}"]
-        cells += [f"{median_ms(impls[p]):.3f}" if p in impls else "-" for p in peers]
-        cells += [f"{median_ms(impls[p]) / ours:.2f}x" if p in impls else "-" for p in peers]
-        e = impls["lorakern-cuda"]["extra_info"]
-        if bandwidth and fma:
-            itemsize = 4 if e.get("dtype", "float32") == "float32" else 8
-            floor_ms = max(e["m"] * e["n"] * itemsize / (bandwidth * 1e9),
-                           6 * e["m"] * e["n"] * e["r"] / (fma * 1e12)) * 1e3
-            cells += [f"{floor_ms:.3f}", f"{100 * floor_ms / ours:.0f}%"]
-        else:
-            cells += ["-", "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-
+        if "lorakern-cuda" in impls:
+            rows.append(Row(cells=[name.removeprefix("cuda step ")],
+                            times={i: stats(b) for i, b in impls.items()},
+                            info=impls["lorakern-cuda"]["extra_info"]))
+    if rows:
+        lines += ratio_table(rows, labels=["step"], impls=["lorakern-cuda", *PEERS], peer="lorakern-cuda",
+                             direction="impl/peer", extra=extra)
     for name in sorted(g for g in groups if g.startswith("cuda fit")):
         impls = groups[name]
-        lines += ["", f"**{name}** (ms for all steps; per step in parentheses)", "",
-                  "| implementation | ms | vs fused_step x200 |", "|---|---:|---:|"]
-        base = median_ms(impls["fused_step x200"]) if "fused_step x200" in impls else None
-        for impl, bench in impls.items():
-            ms, steps = median_ms(bench), bench["extra_info"].get("steps", 1)
-            ratio = f"{ms / base:.3f}" if base else "-"
-            lines.append(f"| {impl} | {ms:.2f} ({ms / steps:.3f}) | {ratio} |")
+        order = [i for i in ("fused_step x200", "fit", "run_steps") if i in impls]
+        lines += ["", f"**{name}** (ms for all the steps)", ""]
+        lines += ratio_table([Row(cells=[name.removeprefix("cuda fit ")],
+                                  times={i: stats(impls[i]) for i in order})],
+                             labels=["run"], impls=order, peer="fused_step x200", direction="impl/peer")
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,11 @@
 The markdown has one table per kind of benchmark: the "step" groups (lorakern-cpu vs
 the plain NumPy step and the reference) with the speed-up over numpy, and the "loss"
 groups (masked, huber, logistic vs the squared step) with each one's time relative to
-the squared step.
+the squared step; pytest-benchmark times each implementation in its own block. Then the
+interleaved comparison (``lorakern.benchmarking.interleaved_records``, what ``lorakern bench``
+runs): lorakern-cpu and numpy at 4096^2 alternating round by round, as in a program that
+mixes them, each ratio the median of the round-by-round ratios with its quartiles (issue 11).
+Every table comes from ``lorakern.benchmarking.ratio_table``, the one markdown writer.
 """
 from __future__ import annotations
 
@@ -27,11 +31,14 @@ ROOT = HERE.parent
 FILES = ("bench_cpu.py", "bench_losses.py")
 QUICK = "m4096 and r16"
 
-# kind of group -> (peer, how to compare, column heading of a ratio)
+# kind of group -> (peer, how to compare: "speed-up" = peer / impl, else impl / peer)
 KINDS = {
-    "step": ("numpy", "speed-up", "{peer} / {impl}"),
-    "loss": ("lorakern-cpu", "relative time", "{impl} / {peer}"),
+    "step": ("numpy", "speed-up"),
+    "loss": ("lorakern-cpu", "relative time"),
 }
+# the interleaved comparison (lorakern.benchmarking.interleaved_records, as `lorakern bench`)
+INTERLEAVED = dict(sizes=((4096, 4096),), ranks=(4, 16, 64), dtypes=("float32", "float64"),
+                   impls=("lorakern-cpu", "numpy"), peer="numpy")
 SHORT = {"lorakern-cpu-masked": "masked", "lorakern-cpu-huber": "huber",
          "lorakern-cpu-logistic": "logistic"}
 
@@ -46,11 +53,13 @@ def main(argv=None) -> int:
                         "(default cpu-<date>, cpu-<date>-quick with --quick)")
     parser.add_argument("--from-json", type=Path, metavar="FILE",
                         help="do not run: write the markdown for an existing JSON file")
+    parser.add_argument("--no-interleaved", action="store_true",
+                        help="skip the interleaved comparison (lorakern-cpu and numpy, round by round)")
     parser.add_argument("pytest_args", nargs="*", help="more pytest options, after --")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from lorakern.benchmarking import machine_line, now
+    from lorakern.benchmarking import MAX_ROUNDS, MIN_ROUNDS, ROUND_BUDGET_S, interleaved_records, machine_line, now
 
     if args.from_json:
         json_path = args.from_json
@@ -77,6 +86,18 @@ def main(argv=None) -> int:
             return rc or 1
         if rc:
             print(f"warning: pytest exited with {rc}; the table has what did run", file=sys.stderr)
+        if not args.no_interleaved:
+            spec = dict(INTERLEAVED, ranks=(16,) if args.quick else INTERLEAVED["ranks"])
+            bench = (f"lorakern bench --m {spec['sizes'][0][0]} --ranks {' '.join(map(str, spec['ranks']))} "
+                     f"--dtypes {' '.join(spec['dtypes'])}")
+            print("+", bench, "(in this process)", flush=True)
+            data = json.loads(json_path.read_text())
+            data["lorakern_interleaved"] = {
+                "command": bench, "impls": spec["impls"], "peer": spec["peer"],
+                "rounds": f"Rounds: as many as fit in ~{ROUND_BUDGET_S:g} s per row, at least "
+                          f"{MIN_ROUNDS}, at most {MAX_ROUNDS}, after one warm-up call",
+                "records": interleaved_records(**spec)}
+            json_path.write_text(json.dumps(data, indent=1))
 
     data = json.loads(json_path.read_text())
     info = data.get("machine_info", {}).get("lorakern")
@@ -100,7 +121,7 @@ def _group_key(group: str):
 
 
 def markdown(data: dict, machine: str, date: str, command: str) -> str:
-    from lorakern.benchmarking import COMPARISONS
+    from lorakern.benchmarking import COMPARISONS, Row, Stats, ratio_table, records_markdown
 
     by_group: dict[str, dict[str, dict]] = {}
     for bench in data["benchmarks"]:
@@ -112,8 +133,8 @@ def markdown(data: dict, machine: str, date: str, command: str) -> str:
         f"- Machine: {machine}",
         f"- Command: `{command}`",
         "- Cells: median time of one full step (gradients, norms, the theorem's eta, the update), "
-        "in ms, over pytest-benchmark's rounds (at least 5, after one warm-up call); "
-        "the last column gives the rounds.", "",
+        "in ms, over pytest-benchmark's rounds (at least 5, after one warm-up call), each "
+        "implementation timed in its own block; the last column gives the rounds.", "",
     ]
     kinds: dict[str, list[str]] = {}
     for group in sorted(by_group, key=_group_key):
@@ -121,39 +142,32 @@ def markdown(data: dict, machine: str, date: str, command: str) -> str:
     order = list(KINDS)
     for kind in sorted(kinds, key=lambda k: (order.index(k) if k in order else len(order), k)):
         groups = kinds[kind]
-        peer, meaning, heading = KINDS.get(kind, (None, "", ""))
+        peer, meaning = KINDS.get(kind, (None, ""))
         impls = list(dict.fromkeys(i for g in groups for i in by_group[g]))
         impls.sort(key=lambda i: list(COMPARISONS).index(i) if i in COMPARISONS else len(COMPARISONS))
-        others = [i for i in impls if i != peer] if peer in impls else []
-        label = {i: SHORT.get(i, i) for i in impls}
+        names = {i: SHORT.get(i, i) for i in impls}
         if kind == "loss" and peer:
-            label[peer] = "squared"
-        out.append(f"## {kind}")
-        out.append("")
-        if others:
-            if meaning == "speed-up":
-                out.append(f"Ratios: {peer}'s median over each one's (> 1: faster than {peer}).")
-            else:
-                out.append(f"Ratios: each one's median over the {label[peer]} step's "
-                           f"({label[peer]} is {peer}; > 1: slower than {label[peer]}).")
+            names[peer] = "squared"
+        out += [f"## {kind} (blocks)", ""]
+        if peer in impls:
+            out.append(f"Ratios: {peer}'s median over each one's (> 1: faster than {peer})."
+                       if meaning == "speed-up" else
+                       f"Ratios: each one's median over the {names[peer]} step's ({names[peer]} is "
+                       f"{peer}; > 1: slower than {names[peer]}).")
             out.append("")
-        head = ["group"] + [f"{label[i]} (ms)" for i in impls]
-        head += [heading.format(peer=label[peer], impl=label[i]) for i in others] + ["rounds"]
-        out.append("| " + " | ".join(head) + " |")
-        out.append("|---|" + "---:|" * (len(head) - 1))
-        for group in groups:
-            stats = by_group[group]
-            med = {i: s["median"] for i, s in stats.items()}
-            cells = [group.partition(" ")[2] or group]
-            cells += [f"{med[i] * 1e3:.1f}" if i in med else "-" for i in impls]
-            for i in others:
-                if i in med and peer in med:
-                    ratio = med[peer] / med[i] if meaning == "speed-up" else med[i] / med[peer]
-                    cells.append(f"{ratio:.2f}x")
-                else:
-                    cells.append("-")
-            cells.append("/".join(str(stats[i]["rounds"]) for i in impls if i in stats))
-            out.append("| " + " | ".join(cells) + " |")
+        rows = [Row(cells=[group.partition(" ")[2] or group],
+                    times={i: Stats.from_pytest(s) for i, s in by_group[group].items()})
+                for group in groups]
+        out += ratio_table(rows, labels=["group"], impls=impls, peer=peer, names=names,
+                           direction="peer/impl" if meaning == "speed-up" else "impl/peer")
+        out.append("")
+    interleaved = data.get("lorakern_interleaved")
+    if interleaved:
+        out += ["## step (interleaved: what a user sees)", "",
+                f"Command: `{interleaved['command']}`. {interleaved['rounds']}. Each round runs every "
+                "implementation once, in the same order, so each runs right after the other as in "
+                "a program that mixes them; the ratio is taken round by round.", ""]
+        out += records_markdown(interleaved["records"], interleaved["impls"], interleaved["peer"])
         out.append("")
     return "\n".join(out)
 

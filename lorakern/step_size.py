@@ -68,11 +68,16 @@ class Theorem:
         if self.norm not in ("exact", "bound"):
             raise ValueError(f"Theorem norm must be 'exact' or 'bound', got {self.norm!r}")
 
-    def choose(self, engine, B, A, p, state):
-        xp = engine.xp
-        scale = self.constant * engine.problem.eta_lipschitz * (p.v_sq + xp.sqrt(p.g_sq))
+    def eta(self, v_sq, g_sq, lipschitz, xp=np):
+        """eta_t of eq. (8) from ||V_t||^2, ||G_t||_F^2 and max(L, 1), in ``xp``'s arithmetic
+        (NumPy on host floats, CuPy on 0-d device arrays, or any namespace with ``sqrt`` and
+        ``maximum``): the one place the formula is written."""
+        scale = self.constant * lipschitz * (v_sq + xp.sqrt(g_sq))
         # min{1/x, 1} written as 1/max{x, 1}: the same number, and no 1/0 when V = G = 0
-        return 1.0 / xp.maximum(scale, 1.0), 0
+        return 1.0 / xp.maximum(scale, 1.0)
+
+    def choose(self, engine, B, A, p, state):
+        return self.eta(p.v_sq, p.g_sq, engine.problem.eta_lipschitz, engine.xp), 0
 
     def device_loop(self, problem):
         return {"eta_scale": self.constant * problem.eta_lipschitz}

@@ -99,3 +99,92 @@ def check_arrays(loss, loss_next, eta, grad_sq, v_sq, *, l_star=0.0, decrease=0.
     v_growth = bool(np.all(v_sq <= growth * (1 + rtol)))
     return Report(lemma2=lemma2, lemma2_slack=slack, theorem3_lhs=lhs, theorem3_bound=float(bound),
                   theorem3=lhs <= bound, v_growth=v_growth, tolerance=tol)
+
+
+# -- a run's verdict, in words (lorakern demo prints it) --------------------------------------
+
+def policy_name(policy) -> str:
+    """A policy's short name: its ``name`` attribute, else its class name in lower case
+    ("theorem", "constant", "armijo", or a user-defined policy's own)."""
+    return str(getattr(policy, "name", None) or type(policy).__name__).lower()
+
+
+def monotone(result) -> tuple[bool, int | None]:
+    """(J decreased at every step up to rounding, the first t where it rose or None)."""
+    h = result.history
+    loss = np.append(h.loss, result.final_loss)
+    tol = RTOL[np.dtype(h.dtype)] * float(np.max(np.abs(loss)))
+    rose = np.flatnonzero(np.diff(loss) > tol)
+    return rose.size == 0, (int(rose[0]) if rose.size else None)
+
+
+def verdict(result) -> tuple[list[str], bool]:
+    """Lines saying what the theory guarantees for this run and whether it held; an ok flag.
+
+    What is guaranteed is read from the run's policy (``result.step_size``), so a
+    user-defined policy is judged by what it declares:
+
+    * ``decrease`` None: no descent guarantee. The lines say whether J fell monotonically
+      and, for reference, at how many steps Lemma 2's inequality (c = 1/5) held; ok is True.
+    * ``decrease`` c: Lemma 2's inequality with c at every step and Theorem 3's bound with c
+      are guaranteed; so is the ||V_t||^2 growth bound if the policy has eq. (8)'s
+      ``constant`` (its eta never exceeds the theorem's). ok is False if one of those failed
+      or the run diverged.
+    """
+    policy, h = result.step_size, result.history
+    name = policy_name(policy)
+    label = type(policy).__name__
+    steps = len(h)
+    c = getattr(policy, "decrease", None)
+    lines = []
+    if c is None:
+        mono, first = monotone(result)
+        ref = check(result, decrease=LEMMA2_DECREASE)
+        lines.append(f"theory    the paper's guarantees are for its eta_t; a {name} step has none")
+        lines.append("          loss decreased monotonically: " + (
+            f"yes, at all {steps} steps (up to {h.dtype} rounding)" if mono
+            else f"NO, it first rose at t = {first}"))
+        lines.append(f"          for reference, Lemma 2's inequality (c = 1/5) held at "
+                     f"{int(ref.lemma2.sum())}/{steps} steps")
+        if result.status == "diverged":
+            lines.append(f"          the loss stopped being finite after step {result.steps}")
+        return lines, True
+
+    report = check(result)  # the policy's own decrease and constant
+    paper = c == LEMMA2_DECREASE
+    growth_guaranteed = getattr(policy, "constant", None) is not None
+    if paper:
+        lines.append("theory    Mu & Klabjan (2025), checked on every recorded step")
+        lemma = "J(V_t+1) <= J(V_t) - eta_t/5 ||grad J(V_t)||^2"
+        bound = "5 (J(V_0) - 0) / sum_t eta_t"
+        growth_term = "10 J(V_0)"
+    else:
+        lines.append(f"theory    Lemma 2 and Theorem 3 checked with Lemma 2's constant 1/5 replaced by "
+                     f"the {label} c = {c:g}")
+        lemma = f"J(V_t+1) <= J(V_t) - c eta_t ||grad J(V_t)||^2 (the {label} condition)"
+        bound = "(J(V_0) - 0) / (c sum_t eta_t)"
+        growth_term = "(2/c) J(V_0)"
+    bad = np.flatnonzero(~report.lemma2)
+    lines.append(f"Lemma 2   {lemma}: " + (
+        f"held at all {steps} steps" if bad.size == 0 else
+        f"FAILED at {bad.size}/{steps} steps, first t = {bad[0]} "
+        f"(short by {-report.lemma2_slack[bad[0]]:.3g})"))
+    lines.append(f"Theorem 3 min_t ||grad J(V_t)||^2 <= {bound}: "
+                 f"{report.theorem3_lhs:.4g} <= {report.theorem3_bound:.4g}, "
+                 + ("held" if report.theorem3 else "FAILED"))
+    growth = "held" if report.v_growth else ("FAILED" if growth_guaranteed else "did not hold")
+    k = getattr(policy, "constant", None) or THEOREM_CONSTANT
+    k = "5 sqrt(2)" if k == THEOREM_CONSTANT else f"{k:.4g}"
+    lines.append(f"growth    ||V_t||^2 <= ||V_0||^2 + t/({k} L) + {growth_term} "
+                 f"(proof of Theorem 3): {growth}"
+                 + ("" if growth_guaranteed else f" (not guaranteed for {name})"))
+    lines.append(f"          slack allowed for {h.dtype} rounding: {report.tolerance:.3g} "
+                 f"({RTOL[np.dtype(h.dtype)]:g} x max |J|)")
+    ok = bool(report.lemma2.all()) and report.theorem3
+    if growth_guaranteed:
+        ok = ok and report.v_growth
+    if result.status == "diverged":
+        lines.append(f"          the loss stopped being finite after step {result.steps}: "
+                     f"a guaranteed-descent step must not do that")
+        ok = False
+    return lines, ok

@@ -1,4 +1,5 @@
-"""Shared test helpers: the one tolerance table, the comparison helpers, random problems.
+"""Shared test helpers: the comparison helpers against the reference, and (from
+lorakern.testing) the one tolerance table and the seeded problem factory.
 (Fixtures live in conftest.py.)
 
 Numba compiles one CPU kernel per (loss, mask or not, dtype) on first use, 4-9 s each on a
@@ -12,98 +13,16 @@ import lorakern
 from lorakern import reference
 from lorakern._dispatch import bind
 
-#: relative tolerance by dtype, against the scale (max |expected|) of the quantity compared
-#: (~80 ulps of float32, ~4500 of float64). The CPU kernel's worst error over the shapes of
-#: test_equivalence and test_losses was 0.09x these (fp32 grad_A at 2053x1031 r16) and
-#: 0.03x (fp64 loss), so they leave room for summation order, not for a wrong result.
-RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+# the one tolerance table and the seeded problem factory live in the package, shared with
+# benchmarks/ and lorakern.benchmarking; re-exported here for the tests
+from lorakern.testing import (FACTORS, RTOL, assert_bitwise, assert_close, host, make_case,  # noqa: F401
+                              random_adapters, random_data, tolerance)
 
 DTYPES = (np.float32, np.float64)
 LOSS_NAMES = ("squared", "huber", "logistic")
 
 #: the devices this machine has ('cpu', and 'cuda' where a GPU backend works)
 DEVICES = lorakern.devices()
-
-
-def assert_close(actual, expected, dtype, name="value", factor=1.0):
-    """|actual - expected| <= RTOL[dtype] * factor * max|expected| elementwise.
-
-    The scale is the quantity's own size, so one tolerance serves gradients, losses and
-    iterates. On failure the message gives the max error and the first differing elements.
-    """
-    rtol = RTOL[np.dtype(dtype)] * factor
-    a = np.asarray(actual, dtype=np.float64)
-    e = np.asarray(expected, dtype=np.float64)
-    assert a.shape == e.shape, f"{name}: shape {a.shape} != expected {e.shape}"
-    if not np.isfinite(e).all():
-        raise AssertionError(f"{name}: the expected value is not finite")
-    scale = float(np.max(np.abs(e))) if e.size else 0.0
-    bound = rtol * scale
-    err = np.abs(a - e)
-    bad = ~(err <= bound)  # NaN in actual counts as bad
-    if bad.any():
-        idx = np.argwhere(bad) if a.ndim else np.zeros((1, 0), int)
-        lines = [f"{name}: {int(bad.sum())} of {a.size} elements differ; max error "
-                 f"{np.nanmax(err):.3e} > {bound:.3e} (rtol {rtol:.1e} x scale {scale:.3e}), "
-                 f"dtype {np.dtype(dtype)}"]
-        for i in idx[:5]:
-            i = tuple(int(k) for k in i)
-            lines.append(f"  at {i}: actual {a[i]!r}, expected {e[i]!r}, error {err[i]:.3e}")
-        raise AssertionError("\n".join(lines))
-
-
-def assert_bitwise(actual, expected, name="value"):
-    """Identical bits (NaNs equal); on failure show the first differing elements."""
-    # contiguous 1-d+ copies: a 0-d array or a strided column can not be viewed as bytes
-    a = np.ascontiguousarray(np.atleast_1d(np.asarray(actual)))
-    e = np.ascontiguousarray(np.atleast_1d(np.asarray(expected)))
-    assert a.shape == e.shape and a.dtype == e.dtype, (
-        f"{name}: {a.shape} {a.dtype} != {e.shape} {e.dtype}")
-    diff = a.view(np.uint8).reshape(a.shape + (-1,)) != e.view(np.uint8).reshape(e.shape + (-1,))
-    bad = diff.any(axis=-1)
-    if bad.any():
-        err = np.abs(a.astype(np.float64) - e.astype(np.float64))
-        lines = [f"{name}: {int(bad.sum())} of {a.size} elements differ in their bits; "
-                 f"max error {np.nanmax(err):.3e}"]
-        for i in (np.argwhere(bad) if a.ndim else np.zeros((1, 0), int))[:5]:
-            i = tuple(int(k) for k in i)
-            lines.append(f"  at {i}: actual {a[i]!r}, expected {e[i]!r}")
-        raise AssertionError("\n".join(lines))
-
-
-def host(x):
-    """A NumPy copy of a NumPy or CuPy array."""
-    return x.get() if hasattr(x, "get") else np.asarray(x)
-
-
-def random_data(shape, dtype, *, loss="squared", seed=0, scale=1.0, masked=False):
-    """(W0, Y, mask) on fresh seeded random numbers; Y in {-1, +1} for logistic."""
-    rng = np.random.default_rng(seed)
-    m, n = shape
-    W0 = (scale * rng.standard_normal((m, n))).astype(dtype)
-    if loss == "logistic":
-        Y = np.where(rng.random((m, n)) < 0.5, -1.0, 1.0).astype(dtype)
-    else:
-        Y = (scale * rng.standard_normal((m, n))).astype(dtype)
-    mask = (rng.random((m, n)) < 0.6) if masked else None
-    return W0, Y, mask
-
-
-def random_adapters(m, n, r, dtype, *, seed=0, scale=None, init="gaussian"):
-    """(B, A) Gaussian (both non-zero), or LoRA's B = 0 with init='lora'."""
-    return lorakern.init_adapters(m, n, r, dtype=dtype, seed=seed + 10_000, init=init, scale=scale)
-
-
-def make_case(shape, dtype, *, loss="squared", masked=False, seed=0, lipschitz=None,
-              scale=1.0, init="gaussian", adapter_scale=None, delta=None):
-    """(problem, B, A) for an (m, n, r) shape on fresh seeded random data."""
-    m, n, r = shape
-    W0, Y, mask = random_data((m, n), dtype, loss=loss, seed=seed, scale=scale, masked=masked)
-    if not lorakern.LOSSES[loss].uses_delta:
-        delta = None  # one call site serves every loss; only huber takes a delta
-    problem = lorakern.Problem(W0, Y, loss=loss, mask=mask, lipschitz=lipschitz, delta=delta)
-    B, A = random_adapters(m, n, r, dtype, seed=seed, scale=adapter_scale, init=init)
-    return problem, B, A
 
 
 def device_pass(problem, device, B, A):

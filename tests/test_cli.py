@@ -6,6 +6,7 @@ kernels that the other test files compile anyway.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorakern import cli
+from lorakern import cli, demo, plot, theory
+from lorakern.testing import make_case
 
 SMALL = ["--m", "40", "--n", "30", "--rank", "3", "--steps", "20"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +48,7 @@ def assert_demo_output(out: str, steps: int = 20):
     assert "J(V_t)" in out and "eta_t" in out and "||grad J||^2" in out and "||V_t||^2" in out
     rows = table_rows(out)
     assert rows[0] == 0 and rows[-2] == steps - 1 and rows[-1] == steps, rows
-    assert 5 <= len(rows) <= cli.TABLE_ROWS + 1 and rows == sorted(set(rows)), rows
+    assert 5 <= len(rows) <= demo.TABLE_ROWS + 1 and rows == sorted(set(rows)), rows
     assert f"J(V_{steps}) = " in out and "time      fit" in out
     assert "verdict" in out
 
@@ -164,6 +166,121 @@ def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, tmp_pat
     assert out == ""  # it fails before any work
 
 
+@pytest.mark.parametrize("where, message", [
+    ("missing", "--plot: the folder {tmp}/missing does not exist"),
+    ("folder", "--plot: {tmp} is a directory"),
+])
+def test_plot_path_checked_before_the_demo(capsys, tmp_path, where, message):
+    path = tmp_path / "missing" / "x.png" if where == "missing" else tmp_path
+    code, out, err = run_main(capsys, "demo", *SMALL, "--device", "reference", "--plot", str(path))
+    assert code == 2 and message.format(tmp=tmp_path) in err, err
+    assert out == ""  # nothing ran
+
+
+def test_plot_in_a_read_only_folder(capsys, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root may write to any folder")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        code, out, err = run_main(capsys, "demo", *SMALL, "--plot", str(folder / "x.png"))
+    finally:
+        folder.chmod(0o700)
+    assert code == 2 and "is not writable" in err and out == ""
+
+
+def test_plot_format_checked_before_the_demo(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    code, out, err = run_main(capsys, "demo", *SMALL, "--plot", str(tmp_path / "x.foo"))
+    assert code == 2 and "--plot: matplotlib cannot write .foo files" in err and out == ""
+
+
+def test_constant_without_plot_is_rejected(capsys):
+    code, out, err = run_main(capsys, "demo", *SMALL, "--device", "reference", "--constant", "0.1")
+    assert code == 2 and "--constant sets the constant step of the --plot comparison" in err
+    assert "--step-size ETA" in err and out == ""
+
+
+# -- a policy the CLI helpers have never seen -------------------------------------------------
+
+class Halved:
+    """Half the theorem's eta: declares Lemma 2's decrease (a smaller step keeps it), has no
+    eq. (8) constant, runs on the device."""
+
+    decrease = 0.2
+    host_loop = False
+    norm = "exact"
+
+    def choose(self, engine, B, A, p, state):
+        from lorakern.step_size import THEOREM
+
+        eta, _ = THEOREM.choose(engine, B, A, p, state)
+        return 0.5 * eta, 0
+
+    def device_loop(self, problem):
+        from lorakern.step_size import THEOREM_CONSTANT
+
+        return {"eta_scale": 2 * THEOREM_CONSTANT * problem.eta_lipschitz}
+
+
+class Tiny:
+    """A fixed small eta chosen on the host: no guarantee declared."""
+
+    decrease = None
+    host_loop = True
+    norm = "exact"
+
+    def choose(self, engine, B, A, p, state):
+        return 1e-4, 0
+
+    def device_loop(self, problem):
+        return None
+
+
+def demo_args(step_size, **extra):
+    return types.SimpleNamespace(**{
+        "problem": "synthetic", "m": 40, "n": 30, "rank": 3, "dtype": "float32", "seed": 0,
+        "loss": "squared", "delta": 1.0, "observed": None, "steps": 20, "step_size": step_size,
+        "plot": None, "constant": None, **extra})
+
+
+@pytest.mark.parametrize("policy, says, verdict", [
+    (Halved(), ["step size halved (Halved: declares J(V_t+1) <= J(V_t) - 0.2 eta_t",
+                "Lemma 2   J(V_t+1) <= J(V_t) - eta_t/5 ||grad J(V_t)||^2: held at all 20 steps",
+                "(not guaranteed for halved)"], "every guaranteed inequality held"),
+    (Tiny(), ["step size tiny (Tiny: no descent guarantee; runs a host loop)",
+              "a tiny step has none", "loss decreased monotonically: yes"],
+     "no guarantee to check (tiny step)"),
+])
+def test_demo_with_a_user_defined_policy(capsys, tmp_path, policy, says, verdict):
+    lines = []
+    plotting = importlib.util.find_spec("matplotlib") is not None
+    args = demo_args(policy, plot=str(tmp_path / "p.png") if plotting else None)
+    code = demo.run(args, "reference", out=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    out = "\n".join(lines)
+    assert code == 0, out
+    for text in says + ["verdict   " + verdict]:
+        assert text in out, text
+    if plotting:  # its own curve beside the theorem, constant and armijo ones
+        assert "theorem, constant (eta = " in out and f"armijo and {theory.policy_name(policy)} steps" in out
+
+
+def test_verdict_reads_the_policy():
+    """theory.verdict judges a run by what its policy declares (no isinstance)."""
+    import lorakern
+
+    problem, B, A = make_case((30, 20, 3), np.float64, seed=4)
+    for policy, guaranteed in ((Halved(), True), (Tiny(), False), (lorakern.Armijo(), True),
+                               (lorakern.Constant(1e-3), False), (lorakern.Theorem(), True)):
+        result = lorakern.fit(problem, B, A, steps=15, device="reference", step_size=policy)
+        lines, ok = theory.verdict(result)
+        assert ok, lines
+        text = "\n".join(lines)
+        assert ("Lemma 2   " in text) == guaranteed, text
+        assert ("has none" in text) == (not guaranteed), text
+
+
 def test_elapsed_spreads_measured_time():
     from lorakern.step_size import Armijo, Constant, Theorem
 
@@ -174,7 +291,7 @@ def test_elapsed_spreads_measured_time():
 
     runs = {"theorem": run(Theorem(), 1.0, [0] * 4), "constant": run(Constant(0.1), 2.0, [0] * 4),
             "armijo": run(Armijo(), 3.0, [1, 3, 0, 0])}
-    t = cli.elapsed(runs)
+    t = plot.elapsed(runs)
     np.testing.assert_allclose(t["theorem"], [0, 0.25, 0.5, 0.75, 1.0])
     np.testing.assert_allclose(t["constant"], [0, 0.5, 1.0, 1.5, 2.0])
     # fused pass 0.25 s, loss-only pass (3 - 4 x 0.25) / 4 trials = 0.5 s
@@ -182,14 +299,14 @@ def test_elapsed_spreads_measured_time():
 
 
 def test_synthetic_problem_is_fittable_and_seeded():
-    a = cli.synthetic_problem(40, 30, 3, seed=5)
-    b = cli.synthetic_problem(40, 30, 3, seed=5)
+    a = demo.synthetic_problem(40, 30, 3, seed=5)
+    b = demo.synthetic_problem(40, 30, 3, seed=5)
     assert np.array_equal(a.problem.R, b.problem.R) and np.array_equal(a.A, b.A)
     assert not a.B.any()  # LoRA's start
     # at the planted shift only the noise is left: J = 1/2 ||noise||^2 ~ 1/2 NOISE^2 m n
-    expected = 0.5 * (cli.NOISE * cli.SHIFT_RMS) ** 2 * 40 * 30
+    expected = 0.5 * (demo.NOISE * demo.SHIFT_RMS) ** 2 * 40 * 30
     assert 0.7 * expected < a.planted_loss < 1.3 * expected
-    labels = cli.synthetic_problem(40, 30, 3, loss="logistic", observed=0.5)
+    labels = demo.synthetic_problem(40, 30, 3, loss="logistic", observed=0.5)
     assert set(np.unique(labels.problem.Y)) == {-1.0, 1.0} and labels.problem.mask is not None
 
 
@@ -232,5 +349,7 @@ def test_bench_real_table(capsys):
                               "--repeat", "1")
     assert code == 0, err
     assert "| 64 | 64 | 2 | float32 |" in out and "lorakern-cpu" in out
+    assert "numpy / lorakern-cpu" in out and "x (" in out  # each ratio with its quartiles
+    assert "Only 1 round(s)" in out
     code, out, err = run_main(capsys, "bench", "--m", "64", "--impls", "nope", "--repeat", "1")
     assert code == 2 and "unknown implementation" in err

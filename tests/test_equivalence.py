@@ -1,6 +1,6 @@
 """Every backend in devices() against the NumPy reference, squared loss (issue 2).
 
-Other losses and masks: test_losses.py. Tolerances: conftest.RTOL, relative to the scale of
+Other losses and masks: test_losses.py. Tolerances: lorakern.testing.RTOL, relative to the scale of
 each quantity.
 """
 from __future__ import annotations

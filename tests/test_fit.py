@@ -45,7 +45,7 @@ def test_history_is_the_steps(device, dtype, step_size):
     assert host(result.B).dtype == dtype
     # final_loss = J(V_T), by the loss-only pass; the next step's loss is the same number
     assert_close(result.final_loss, lorakern.step(problem, B_t, A_t, device=device).loss, dtype,
-                 "final_loss", factor=0.01)
+                 "final_loss", factor="same_kernel")
     assert result.seconds >= 0
 
 

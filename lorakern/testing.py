@@ -1,0 +1,231 @@
+"""What tests/ and benchmarks/ share: the seeded random problems and the one tolerance table.
+
+* ``make_case(shape, dtype, *, loss, masked, seed, ...) -> (problem, B, A)``: a Problem and
+  adapters on fresh seeded random data; ``random_data`` and ``random_adapters`` are its two
+  halves. ``Case`` is the same factory for the benchmarks: the arrays of one (m, n, r, dtype,
+  seed) built on first use and kept, a Problem per (loss, masked), copies on a GPU library.
+* ``RTOL`` (by dtype) and ``FACTORS`` (named multiples of it, each with the reason it is
+  needed): ``tolerance(dtype, factor)``; ``assert_close`` and ``assert_bitwise`` compare and,
+  on failure, show the first differing elements and the largest error.
+
+Used by the test suite, the benchmarks' smoke checks and ``lorakern.benchmarking.check``; it
+imports nothing beyond NumPy and lorakern.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from types import SimpleNamespace
+
+import numpy as np
+
+# -- the tolerance table ---------------------------------------------------------------------
+
+#: relative tolerance by dtype, against the scale (max |expected|) of the quantity compared
+#: (~80 ulps of float32, ~4500 of float64). The CPU kernel's worst error over the shapes of
+#: test_equivalence and test_losses was 0.09x these (fp32 grad_A at 2053x1031 r16) and
+#: 0.03x (fp64 loss), so they leave room for summation order, not for a wrong result.
+RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+
+#: named multiples of RTOL: what is compared, and why it needs more (or less) than one
+#: kernel against the reference. A factor is a number or a {dtype: number} dict.
+FACTORS: dict[str, float | dict] = {
+    # one fused pass or one step of a kernel against the NumPy reference
+    "kernel": 1.0,
+    # one device's two routes to the same number (the loss-only pass against the fused pass,
+    # an all-true mask against no mask): the same sums in the same order, up to the last bits
+    "same_kernel": 0.01,
+    # an entrywise loss formula (value and gradient, float64) against a separately derived
+    # one: log1p/exp routes differ by a few ulps per entry, and some arguments reach 1e4
+    "formula": 10.0,
+    # fit trajectories, step for step, on two devices: the rounding of each step feeds the
+    # next, so the difference grows with the steps (6 emulated, 40 on a GPU)
+    "fit": {np.dtype(np.float32): 20.0, np.dtype(np.float64): 100.0},
+}
+
+
+def tolerance(dtype, factor: float | str = "kernel") -> float:
+    """RTOL[dtype] times a factor: a number, or a name in FACTORS."""
+    dtype = np.dtype(dtype)
+    if isinstance(factor, str):
+        if factor not in FACTORS:
+            raise ValueError(f"unknown tolerance factor {factor!r}; known: {sorted(FACTORS)}")
+        factor = FACTORS[factor]
+    if isinstance(factor, dict):
+        factor = factor[dtype]
+    return RTOL[dtype] * float(factor)
+
+
+def assert_close(actual, expected, dtype, name="value", factor: float | str = 1.0):
+    """|actual - expected| <= tolerance(dtype, factor) * max|expected| elementwise.
+
+    The scale is the quantity's own size, so one tolerance serves gradients, losses and
+    iterates. On failure the message gives the max error and the first differing elements.
+    """
+    rtol = tolerance(dtype, factor)
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"{name}: shape {a.shape} != expected {e.shape}"
+    if not np.isfinite(e).all():
+        raise AssertionError(f"{name}: the expected value is not finite")
+    scale = float(np.max(np.abs(e))) if e.size else 0.0
+    bound = rtol * scale
+    err = np.abs(a - e)
+    bad = ~(err <= bound)  # NaN in actual counts as bad
+    if bad.any():
+        idx = np.argwhere(bad) if a.ndim else np.zeros((1, 0), int)
+        lines = [f"{name}: {int(bad.sum())} of {a.size} elements differ; max error "
+                 f"{np.nanmax(err):.3e} > {bound:.3e} (rtol {rtol:.1e} x scale {scale:.3e}), "
+                 f"dtype {np.dtype(dtype)}"]
+        for i in idx[:5]:
+            i = tuple(int(k) for k in i)
+            lines.append(f"  at {i}: actual {a[i]!r}, expected {e[i]!r}, error {err[i]:.3e}")
+        raise AssertionError("\n".join(lines))
+
+
+def assert_bitwise(actual, expected, name="value"):
+    """Identical bits (NaNs equal); on failure show the first differing elements."""
+    # contiguous 1-d+ copies: a 0-d array or a strided column can not be viewed as bytes
+    a = np.ascontiguousarray(np.atleast_1d(np.asarray(actual)))
+    e = np.ascontiguousarray(np.atleast_1d(np.asarray(expected)))
+    assert a.shape == e.shape and a.dtype == e.dtype, (
+        f"{name}: {a.shape} {a.dtype} != {e.shape} {e.dtype}")
+    diff = a.view(np.uint8).reshape(a.shape + (-1,)) != e.view(np.uint8).reshape(e.shape + (-1,))
+    bad = diff.any(axis=-1)
+    if bad.any():
+        err = np.abs(a.astype(np.float64) - e.astype(np.float64))
+        lines = [f"{name}: {int(bad.sum())} of {a.size} elements differ in their bits; "
+                 f"max error {np.nanmax(err):.3e}"]
+        for i in (np.argwhere(bad) if a.ndim else np.zeros((1, 0), int))[:5]:
+            i = tuple(int(k) for k in i)
+            lines.append(f"  at {i}: actual {a[i]!r}, expected {e[i]!r}")
+        raise AssertionError("\n".join(lines))
+
+
+def host(x):
+    """A NumPy copy of a NumPy, CuPy (``.get()``) or PyTorch (``.cpu()``) array or scalar."""
+    if hasattr(x, "get"):
+        return x.get()
+    if hasattr(x, "cpu") and hasattr(x, "numpy"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+# -- the seeded problem factory ------------------------------------------------------------
+
+def random_data(shape, dtype, *, loss="squared", seed=0, scale=1.0, masked=False):
+    """(W0, Y, mask) on fresh seeded random numbers: W0, Y ~ N(0, scale^2), Y in {-1, +1}
+    for "logistic", mask (``masked``) True on about 60% of the entries, else None.
+
+    One generator draws W0, then Y, then the mask, so the squared and Huber problems of one
+    seed share W0 and Y, and every loss shares W0.
+    """
+    from .losses import LOSSES
+
+    rng = np.random.default_rng(seed)
+    m, n = shape
+    W0 = (scale * rng.standard_normal((m, n))).astype(dtype)
+    if loss in LOSSES and LOSSES[loss].labels:
+        Y = np.where(rng.random((m, n)) < 0.5, -1.0, 1.0).astype(dtype)
+    else:
+        Y = (scale * rng.standard_normal((m, n))).astype(dtype)
+    mask = (rng.random((m, n)) < 0.6) if masked else None
+    return W0, Y, mask
+
+
+def random_adapters(m, n, r, dtype, *, seed=0, scale=None, init="gaussian"):
+    """(B, A) both Gaussian (standard deviation ``scale``, default 1/sqrt(max(m, n)); both
+    non-zero, so that BA and grad_A are not trivial), or LoRA's B = 0 with init="lora"."""
+    from .adapters import init_adapters
+
+    return init_adapters(m, n, r, dtype=dtype, seed=seed + 10_000, init=init, scale=scale)
+
+
+def make_case(shape, dtype, *, loss="squared", masked=False, seed=0, lipschitz=None,
+              scale=1.0, init="gaussian", adapter_scale=None, delta=None):
+    """(problem, B, A) for an (m, n, r) shape on fresh seeded random data.
+
+    ``delta`` is passed on only for a loss that takes one, so one call site serves every loss.
+    """
+    from .losses import LOSSES
+    from .problems import Problem
+
+    m, n, r = shape
+    W0, Y, mask = random_data((m, n), dtype, loss=loss, seed=seed, scale=scale, masked=masked)
+    if loss in LOSSES and not LOSSES[loss].uses_delta:
+        delta = None
+    problem = Problem(W0, Y, loss=loss, mask=mask, lipschitz=lipschitz, delta=delta)
+    B, A = random_adapters(m, n, r, dtype, seed=seed, scale=adapter_scale, init=init)
+    return problem, B, A
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark input: ``make_case``'s data for (m, n, r, dtype, seed), built on first use.
+
+    ``problem(loss, masked)`` is built once per (loss, masked) and kept; ``B``, ``A`` are
+    shared by all of them; ``R`` is the squared problem's residual W0 - Y (what a user of
+    plain NumPy keeps). ``on("cupy")`` / ``on("torch")`` copy R, B, A to the GPU once.
+    """
+
+    m: int
+    n: int
+    r: int
+    dtype: str = "float32"
+    seed: int = 0
+
+    def problem(self, loss: str = "squared", masked: bool = False):
+        """The lorakern.Problem for ``loss`` (with a mask if ``masked``), built once."""
+        cache = self.__dict__.setdefault("_problems", {})
+        if (loss, masked) not in cache:
+            cache[loss, masked] = make_case((self.m, self.n, self.r), self.dtype, loss=loss,
+                                            masked=masked, seed=self.seed)[0]
+        return cache[loss, masked]
+
+    @cached_property
+    def _adapters(self):
+        return random_adapters(self.m, self.n, self.r, self.dtype, seed=self.seed)
+
+    @property
+    def B(self) -> np.ndarray:
+        return self._adapters[0]
+
+    @property
+    def A(self) -> np.ndarray:
+        return self._adapters[1]
+
+    @property
+    def R(self) -> np.ndarray:
+        """The residual W0 - Y of the squared problem."""
+        return self.problem().R
+
+    def on(self, library: str) -> SimpleNamespace:
+        """R, B and A on the GPU as ``library`` ("cupy" or "torch") arrays, copied once."""
+        cache = self.__dict__.setdefault("_on", {})
+        if library not in cache:
+            import cupy
+
+            if "cupy" not in cache:
+                cache["cupy"] = SimpleNamespace(R=cupy.asarray(self.R), B=cupy.asarray(self.B),
+                                                A=cupy.asarray(self.A))
+            if library == "torch":
+                import torch
+
+                gpu = cache["cupy"]  # zero-copy views (DLPack)
+                cache["torch"] = SimpleNamespace(**{k: torch.as_tensor(getattr(gpu, k), device="cuda")
+                                                    for k in ("R", "B", "A")})
+            elif library != "cupy":
+                raise ValueError(f"unknown array library {library!r}; use 'cupy' or 'torch'")
+        return cache[library]
+
+    def smaller(self, size: int) -> "Case":
+        """The same case with m and n cut to at most ``size`` (smoke runs)."""
+        return Case(min(self.m, size), min(self.n, size), self.r, self.dtype, self.seed)
+
+    @property
+    def elements(self) -> int:
+        return self.m * self.n
+
+
+__all__ = ["RTOL", "FACTORS", "tolerance", "assert_close", "assert_bitwise", "host", "random_data",
+           "random_adapters", "make_case", "Case"]
