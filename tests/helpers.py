@@ -7,9 +7,11 @@ Numba compiles one CPU kernel per (loss, mask or not, dtype) on first use, 4-9 s
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import lorakern
 from lorakern import reference
+from lorakern._cuda import emulation
 from lorakern._dispatch import bind
 
 #: relative tolerance by dtype, against the scale (max |expected|) of the quantity compared
@@ -21,8 +23,27 @@ RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 DTYPES = (np.float32, np.float64)
 LOSS_NAMES = ("squared", "huber", "logistic")
 
-#: the devices this machine has ('cpu', and 'cuda' where a GPU backend works)
-DEVICES = lorakern.devices()
+#: the CUDA kernels run on the host (lorakern/_cuda/emulation.py), a Device object, where g++
+#: is found: the generic tests run the CUDA launcher and kernels through it without a GPU
+EMULATED = emulation.device() if emulation.available() else None
+
+#: the devices the generic tests run on: those this machine has ('cpu', and 'cuda' where a GPU
+#: works), and the emulated CUDA device
+DEVICES = lorakern.devices() + ((EMULATED,) if EMULATED is not None else ())
+
+#: the largest problem (m * n) a device runs in the tests: the emulation runs 256 OS threads
+#: per block and each __syncthreads wakes them all (~1-2 ms on 2 cores), so it gets small
+#: shapes only (131 x 67 at rank 64 is the largest of the generic suites it runs)
+MAX_ENTRIES = {"cuda-emulated": 10_000}
+
+
+def skip_if_too_big(device, shape):
+    """Skip the test if the (m, n[, r]) problem is above the device's size cap."""
+    name = getattr(device, "name", device)
+    cap = MAX_ENTRIES.get(name)
+    if cap is not None and shape[0] * shape[1] > cap:
+        pytest.skip(f"{name} runs problems of up to {cap} entries (256 OS threads per block); "
+                    f"this one is {shape[0]}x{shape[1]}")
 
 
 def assert_close(actual, expected, dtype, name="value", factor=1.0):
@@ -95,9 +116,12 @@ def random_adapters(m, n, r, dtype, *, seed=0, scale=None, init="gaussian"):
 
 
 def make_case(shape, dtype, *, loss="squared", masked=False, seed=0, lipschitz=None,
-              scale=1.0, init="gaussian", adapter_scale=None, delta=None):
-    """(problem, B, A) for an (m, n, r) shape on fresh seeded random data."""
+              scale=1.0, init="gaussian", adapter_scale=None, delta=None, device=None):
+    """(problem, B, A) for an (m, n, r) shape on fresh seeded random data; with ``device``,
+    the test is skipped if the shape is above that device's cap (MAX_ENTRIES)."""
     m, n, r = shape
+    if device is not None:
+        skip_if_too_big(device, shape)
     W0, Y, mask = random_data((m, n), dtype, loss=loss, seed=seed, scale=scale, masked=masked)
     if not lorakern.LOSSES[loss].uses_delta:
         delta = None  # one call site serves every loss; only huber takes a delta
