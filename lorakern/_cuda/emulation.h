@@ -123,8 +123,23 @@ inline double __dsub_rn(double a, double b) { return a - b; }
 #endif  // LORAKERN_EMULATION_H
 
 // ==== the runtime =============================================================================
+// A block's CUDA threads are fibers (ucontext) on one OS thread, switched at __syncthreads:
+// each runs until it reaches a barrier or the end of the kernel, and when every thread of the
+// block waits at the same barrier, all of them go on. Rounds alternate between ascending and
+// descending thread order, so that a thread reading what another writes in the same phase
+// (a missing barrier) sees a different value depending on its number. A switch costs well
+// under a microsecond where waking 256 OS threads at every barrier costs a millisecond.
+//
+// Under ThreadSanitizer (a process with libtsan loaded, modules built with -fsanitize=thread)
+// every fiber is a TSan fiber: the switches imply no ordering, and each barrier releases and
+// acquires a synchronisation object of its own phase, so TSan orders exactly what a barrier
+// orders. This runtime itself is built without instrumentation; its copies (memcpy, memset)
+// are checked through TSan's interceptors, as the fiber that issues them.
 #if defined(LORAKERN_EMULATION_RUNTIME) && !defined(LORAKERN_EMULATION_RUNTIME_DONE)
 #define LORAKERN_EMULATION_RUNTIME_DONE
+
+#include <sys/mman.h>
+#include <ucontext.h>
 
 #include <algorithm>
 #include <atomic>
@@ -134,18 +149,28 @@ inline double __dsub_rn(double a, double b) { return a - b; }
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
+
+// ThreadSanitizer's fiber interface, where a TSan runtime is loaded (null otherwise)
+extern "C" {
+void* __tsan_get_current_fiber() __attribute__((weak));
+void* __tsan_create_fiber(unsigned flags) __attribute__((weak));
+void __tsan_switch_to_fiber(void* fiber, unsigned flags) __attribute__((weak));
+void __tsan_set_fiber_name(void* fiber, const char* name) __attribute__((weak));
+void __tsan_acquire(void* addr) __attribute__((weak));
+void __tsan_release(void* addr) __attribute__((weak));
+}
 
 thread_local dim3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
 
 namespace lk_emu {
 
-// A place in the source where threads meet: a __syncthreads() call site, or the launcher's own
-// points (the start of a block, the end of the kernel).
+// A place in the source where threads meet: a __syncthreads() call site, or the end of the kernel.
 struct Site {
     const char* file = nullptr;
     int line = 0;
@@ -162,7 +187,7 @@ struct Site {
     }
 };
 
-struct Failure {};  // unwinds a thread once its launch has failed
+struct Failure {};  // unwinds a fiber once its launch has failed
 
 struct Copy {  // one cp.async: `bytes` to dst, the first `src_bytes` of them from src
     unsigned char* dst;
@@ -170,46 +195,65 @@ struct Copy {  // one cp.async: `bytes` to dst, the first `src_bytes` of them fr
     int bytes, src_bytes;
 };
 
-// The state the threads of one launch share. Arrivals at a barrier go through `mu` (the site
-// check and the bookkeeping); the waiting is on the atomic `generation`, which the last thread
-// to arrive advances (release) and the waiters read (acquire): ThreadSanitizer sees each
-// barrier as the synchronisation it is, and waking 256 threads does not queue them on a mutex.
+constexpr std::size_t STACK_BYTES = 512 * 1024;  // per CUDA thread (TSan frames are large)
+constexpr unsigned TSAN_NO_SYNC = 1;              // __tsan_switch_to_fiber_no_sync
+
+enum class State { ready, waiting, done };
+
+struct Fiber {
+    ucontext_t ctx;
+    unsigned char* stack = nullptr;  // STACK_BYTES above a guard page
+    void* tsan = nullptr;
+    unsigned tid = 0;
+    State state = State::done;
+    Site site;                        // where it waits
+    unsigned phase = 0;               // barriers passed in this block
+    std::vector<Copy> pending;        // issued cp.async copies that have not landed
+    std::vector<std::size_t> groups;  // pending.size() at each commit, oldest first
+};
+
 struct Launch {
     Thunk thunk = nullptr;
     void* kernel = nullptr;
     void** args = nullptr;
     unsigned nthreads = 0, grid = 0;
-    double timeout = 5.0;  // seconds without a new arrival at a barrier
+    double timeout = 5.0;  // seconds one thread may run without reaching a barrier
     unsigned char* smem = nullptr;
     unsigned smem_bytes = 0;
-
-    std::mutex mu;
-    std::condition_variable done;          // the launcher waits on it for `finished`
-    unsigned arrived = 0;                  // at the current barrier (under mu)
-    unsigned long long arrivals = 0;       // ever (under mu): the launcher's watchdog reads it
-    Site site;                             // of the barrier the arrived threads wait at
-    std::vector<char> here;                // here[t]: thread t waits at `site`
-    std::atomic<unsigned> generation{0};  // 32 bits: waits on a futex (64-bit atomics wait on a mutex)
     std::atomic<bool> failed{false};
-    std::string message;                   // the first failure (under mu)
-    unsigned finished = 0;                 // threads that left the launch (under mu)
+    char sync[2];          // TSan synchronisation objects of even and odd barrier phases
+
+    // shared with the launcher's watchdog: counters it reads, the rest under mu
+    std::atomic<unsigned long long> switches{0};  // fiber switches so far
+    std::atomic<unsigned> running{0}, block{0};   // the thread that runs, its block
+    std::mutex mu;
+    std::condition_variable done_cv;
+    bool done = false;
+    std::string message;           // the first failure
+    unsigned waiting = 0;          // threads waiting at a barrier in this round
+    Site waiting_at;               // the first one's barrier
 };
 
-static Launch* current = nullptr;  // set while a launch runs (workers read it after the job's acquire)
+static Launch* current = nullptr;
+static Fiber* running = nullptr;  // the fiber executing, nullptr in the scheduler
+static ucontext_t scheduler;
+static void* scheduler_tsan = nullptr;
+static std::vector<std::unique_ptr<Fiber>> fibers;
 static std::string error_text;     // of the last failed launch
 
-struct ThreadState {
-    std::vector<Copy> pending;          // issued cp.async copies that have not landed
-    std::vector<std::size_t> groups;    // pending.size() at each commit, oldest first
-};
-static thread_local ThreadState self;
+static bool tsan() { return __tsan_switch_to_fiber != nullptr; }
 
 static std::string ranges(const std::vector<unsigned>& ids)
 {
     std::string out;
+    int pieces = 0;
     for (std::size_t i = 0; i < ids.size();) {
         std::size_t j = i;
         while (j + 1 < ids.size() && ids[j + 1] == ids[j] + 1) ++j;
+        if (++pieces > 6) {
+            out += ", ... (" + std::to_string(ids.size()) + " threads)";
+            break;
+        }
         if (!out.empty()) out += ", ";
         out += std::to_string(ids[i]);
         if (j > i) out += "-" + std::to_string(ids[j]);
@@ -223,60 +267,103 @@ static std::string where_am_i()
     return "thread " + std::to_string(threadIdx.x) + " of block " + std::to_string(blockIdx.x);
 }
 
-// record the launch's first failure (L.mu held) and wake every thread waiting at a barrier
-static void fail_locked(Launch& L, const std::string& what)
+static void record_failure(Launch& L, const std::string& what)
 {
+    std::lock_guard<std::mutex> lock(L.mu);
     if (!L.failed.load()) {
         L.message = what;
         L.failed.store(true);
     }
-    L.generation.fetch_add(1);
-    L.generation.notify_all();
-    L.done.notify_all();
 }
 
 [[noreturn]] static void fail(const std::string& what)
 {
-    Launch& L = *current;
-    {
-        std::lock_guard<std::mutex> lock(L.mu);
-        fail_locked(L, what);
-    }
+    record_failure(*current, what);
     throw Failure{};
+}
+
+// ---- fibers ---------------------------------------------------------------------------------
+static void to_scheduler()  // from the running fiber
+{
+    Fiber& f = *running;
+    if (tsan()) __tsan_switch_to_fiber(scheduler_tsan, TSAN_NO_SYNC);
+    swapcontext(&f.ctx, &scheduler);
+}
+
+static void resume(Launch& L, Fiber& f)  // from the scheduler
+{
+    L.switches.fetch_add(1, std::memory_order_relaxed);
+    L.running.store(f.tid, std::memory_order_relaxed);
+    running = &f;
+    threadIdx = dim3{f.tid, 1, 1};
+    if (tsan()) __tsan_switch_to_fiber(f.tsan, TSAN_NO_SYNC);
+    swapcontext(&scheduler, &f.ctx);
+    running = nullptr;
+}
+
+static void entry()
+{
+    Fiber& f = *running;
+    Launch& L = *current;
+    if (tsan()) __tsan_acquire(&L.sync[0]);  // the block's start: shared memory poisoned, arguments
+    try {
+        L.thunk(L.kernel, L.args);
+        if (!f.pending.empty())
+            fail(std::to_string(f.pending.size()) + " cp.async copies issued by " + where_am_i() +
+                 " were never waited for");
+    } catch (const Failure&) {
+    } catch (const std::exception& e) {
+        record_failure(L, std::string("exception in ") + where_am_i() + ": " + e.what());
+    }
+    if (tsan()) __tsan_release(&L.sync[(f.phase + 1) % 2]);
+    f.state = State::done;
+    to_scheduler();  // never resumed: the next block makes the context anew
+}
+
+static void start(Fiber& f)
+{
+    if (f.stack == nullptr) {
+        const long page = 4096;
+        void* p = mmap(nullptr, STACK_BYTES + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) {
+            std::fprintf(stderr, "lorakern CUDA emulation: no memory for a thread's stack\n");
+            std::abort();
+        }
+        mprotect(p, page, PROT_NONE);  // an overflow faults instead of writing over a neighbour
+        f.stack = static_cast<unsigned char*>(p) + page;
+        if (tsan()) {
+            f.tsan = __tsan_create_fiber(0);
+            if (__tsan_set_fiber_name)
+                __tsan_set_fiber_name(f.tsan, ("CUDA thread " + std::to_string(f.tid)).c_str());
+        }
+    }
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = STACK_BYTES;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, entry, 0);
+    f.state = State::ready;
+    f.phase = 0;
+    f.pending.clear();
+    f.groups.clear();
 }
 
 // every thread of the block arrives here from the same site, or the launch fails
 static void barrier(const Site& site)
 {
+    Fiber& f = *running;
     Launch& L = *current;
-    const unsigned tid = threadIdx.x;
-    unsigned generation;
+    if (L.failed.load()) throw Failure{};
+    f.state = State::waiting;
+    f.site = site;
     {
         std::lock_guard<std::mutex> lock(L.mu);
-        if (L.failed.load()) throw Failure{};
-        if (L.arrived > 0 && !(L.site == site)) {
-            std::vector<unsigned> there;
-            for (unsigned t = 0; t < L.nthreads; ++t)
-                if (L.here[t]) there.push_back(t);
-            fail_locked(L, "threads of block " + std::to_string(blockIdx.x) + " reached different barriers: thread(s) " +
-                               ranges(there) + " wait at " + L.site.str() + ", thread " + std::to_string(tid) +
-                               " reached " + site.str() + " (a __syncthreads() that some threads skip)");
-            throw Failure{};
-        }
-        L.site = site;
-        L.here[tid] = 1;
-        ++L.arrivals;
-        generation = L.generation.load(std::memory_order_relaxed);
-        if (++L.arrived == L.nthreads) {
-            L.arrived = 0;
-            std::fill(L.here.begin(), L.here.end(), 0);
-            L.generation.fetch_add(1, std::memory_order_acq_rel);
-            L.generation.notify_all();
-            return;
-        }
+        if (L.waiting++ == 0) L.waiting_at = site;
     }
-    while (L.generation.load(std::memory_order_acquire) == generation)
-        L.generation.wait(generation, std::memory_order_acquire);
+    ++f.phase;
+    if (tsan()) __tsan_release(&L.sync[f.phase % 2]);
+    to_scheduler();
+    if (tsan()) __tsan_acquire(&L.sync[f.phase % 2]);
     if (L.failed.load()) throw Failure{};
 }
 
@@ -305,29 +392,30 @@ void copy_async(void* dst, const void* src, int bytes, int src_bytes)
     if (d < L.smem || d + bytes > L.smem + L.smem_bytes)
         fail("cp.async destination outside the block's dynamic shared memory in " + where_am_i());
     std::memset(d, 0xff, bytes);  // undefined until the wait: NaN
-    self.pending.push_back(Copy{d, s, bytes, src_bytes});
+    running->pending.push_back(Copy{d, s, bytes, src_bytes});
 }
 
-static void land(std::size_t count)  // the oldest `count` pending copies arrive
+static void land(Fiber& f, std::size_t count)  // the oldest `count` pending copies arrive
 {
     for (std::size_t i = 0; i < count; ++i) {
-        const Copy& c = self.pending[i];
+        const Copy& c = f.pending[i];
         std::memcpy(c.dst, c.src, c.src_bytes);
         std::memset(c.dst + c.src_bytes, 0, c.bytes - c.src_bytes);
     }
-    self.pending.erase(self.pending.begin(), self.pending.begin() + count);
-    for (auto& g : self.groups) g -= count;
+    f.pending.erase(f.pending.begin(), f.pending.begin() + count);
+    for (auto& g : f.groups) g -= count;
 }
 
-void copy_async_commit() { self.groups.push_back(self.pending.size()); }
+void copy_async_commit() { running->groups.push_back(running->pending.size()); }
 
 // cp.async.wait_group n: every committed group but the newest n has landed
 void copy_async_wait_group(int n)
 {
-    if ((int)self.groups.size() <= n) return;
-    const std::size_t upto = self.groups[self.groups.size() - 1 - n];
-    self.groups.erase(self.groups.begin(), self.groups.end() - n);
-    land(upto);
+    Fiber& f = *running;
+    if ((int)f.groups.size() <= n) return;
+    const std::size_t upto = f.groups[f.groups.size() - 1 - n];
+    f.groups.erase(f.groups.begin(), f.groups.end() - n);
+    land(f, upto);
 }
 
 // cp.async.wait_all: commit, then wait for every group
@@ -337,98 +425,132 @@ void copy_async_wait_all()
     copy_async_wait_group(0);
 }
 
-// ---- the launcher ---------------------------------------------------------------------------
-// The launcher's watchdog (L.mu held): a barrier that threads wait at and nobody has arrived at
-// for `timeout` seconds fails the launch.
-static void check_progress(Launch& L, unsigned long long& seen, std::chrono::steady_clock::time_point& since)
+// ---- the scheduler ----------------------------------------------------------------------------
+// After a round every unfinished thread waits at a barrier: the same one, and no thread has
+// finished, or the launch fails naming who is where.
+static bool check_round(Launch& L, unsigned block)
 {
-    const auto now = std::chrono::steady_clock::now();
-    if (L.arrivals != seen || L.arrived == 0) {
-        seen = L.arrivals;
-        since = now;
-        return;
-    }
-    if (std::chrono::duration<double>(now - since).count() < L.timeout) return;
-    std::vector<unsigned> missing;
-    for (unsigned t = 0; t < L.nthreads; ++t)
-        if (!L.here[t]) missing.push_back(t);
-    char seconds[32];
-    std::snprintf(seconds, sizeof seconds, "%g", L.timeout);
-    fail_locked(L, "barrier timed out: " + std::to_string(L.arrived) + " of " + std::to_string(L.nthreads) +
-                       " threads wait at " + L.site.str() + " and none arrived for " + seconds + " s; thread(s) " +
-                       ranges(missing) + " never came (a deadlock, or a barrier they skip)");
-}
-
-// what CUDA thread t does in a launch: every block of the grid, in order
-static void run_thread(Launch& L, unsigned t)
-{
-    static const Site start{nullptr, 0, "the start of a block"};
-    static const Site end{nullptr, 0, "the end of the kernel"};
-    threadIdx = dim3{t, 1, 1};
-    try {
-        for (unsigned b = 0; b < L.grid; ++b) {
-            blockIdx = dim3{b, 1, 1};
-            if (t == 0) std::memset(L.smem, 0xff, L.smem_bytes);
-            barrier(start);
-            self.pending.clear();
-            self.groups.clear();
-            L.thunk(L.kernel, L.args);
-            if (!self.pending.empty())
-                fail(std::to_string(self.pending.size()) + " cp.async copies issued by " + where_am_i() +
-                     " were never waited for");
-            barrier(end);
+    std::vector<std::pair<Site, std::vector<unsigned>>> at;
+    std::vector<unsigned> finished;
+    for (auto& f : fibers) {
+        if (f->tid >= L.nthreads) break;
+        if (f->state == State::done) {
+            finished.push_back(f->tid);
+            continue;
         }
-    } catch (const Failure&) {
-    } catch (const std::exception& e) {
-        std::lock_guard<std::mutex> lock(L.mu);
-        fail_locked(L, std::string("exception in ") + where_am_i() + ": " + e.what());
+        auto it = std::find_if(at.begin(), at.end(), [&](const auto& a) { return a.first == f->site; });
+        if (it == at.end())
+            at.push_back({f->site, {f->tid}});
+        else
+            it->second.push_back(f->tid);
     }
-    std::lock_guard<std::mutex> lock(L.mu);
-    ++L.finished;
-    L.done.notify_all();
+    if (at.empty() || (at.size() == 1 && finished.empty())) return true;
+    std::string text = "threads of block " + std::to_string(block) + " reached different barriers: ";
+    for (std::size_t i = 0; i < at.size(); ++i)
+        text += (i ? ", thread(s) " : "thread(s) ") + ranges(at[i].second) + " wait at " + at[i].first.str();
+    if (!finished.empty()) text += ", thread(s) " + ranges(finished) + " reached the end of the kernel";
+    record_failure(L, text + " (a __syncthreads() that some threads skip)");
+    return false;
 }
 
-// The OS threads, made once and reused by every launch (made and joined per launch they cost
-// more than the kernels at the tests' sizes). Never destroyed: they sleep until the process ends.
-struct Pool {
+static void run_block(Launch& L, unsigned b)
+{
+    blockIdx = dim3{b, 1, 1};
+    std::memset(L.smem, 0xff, L.smem_bytes);
+    L.block.store(b);
+    {
+        std::lock_guard<std::mutex> lock(L.mu);
+        L.waiting = 0;
+    }
+    if (tsan()) __tsan_release(&L.sync[0]);
+    for (unsigned t = 0; t < L.nthreads; ++t) start(*fibers[t]);
+    for (unsigned round = 0;; ++round) {
+        for (unsigned i = 0; i < L.nthreads; ++i) {
+            Fiber& f = *fibers[round % 2 ? L.nthreads - 1 - i : i];
+            if (f.state == State::ready) resume(L, f);
+        }
+        {
+            std::lock_guard<std::mutex> lock(L.mu);
+            L.waiting = 0;
+        }
+        bool all_done = true;
+        for (unsigned t = 0; t < L.nthreads; ++t) all_done &= fibers[t]->state == State::done;
+        if (all_done) break;
+        if (!L.failed.load() && check_round(L, b)) {
+            for (unsigned t = 0; t < L.nthreads; ++t) fibers[t]->state = State::ready;
+            continue;
+        }
+        // failed: resume the waiting threads once more, so that they unwind (Failure)
+        for (unsigned t = 0; t < L.nthreads; ++t)
+            if (fibers[t]->state == State::waiting) {
+                fibers[t]->state = State::ready;
+                resume(L, *fibers[t]);
+            }
+    }
+    if (tsan()) {
+        __tsan_acquire(&L.sync[0]);
+        __tsan_acquire(&L.sync[1]);
+    }
+}
+
+static void run_launch(Launch& L)
+{
+    if (tsan() && scheduler_tsan == nullptr) scheduler_tsan = __tsan_get_current_fiber();
+    while (fibers.size() < L.nthreads) {
+        fibers.push_back(std::make_unique<Fiber>());
+        fibers.back()->tid = (unsigned)fibers.size() - 1;
+    }
+    gridDim = dim3{L.grid, 1, 1};
+    blockDim = dim3{L.nthreads, 1, 1};
+    for (unsigned b = 0; b < L.grid && !L.failed.load(); ++b) run_block(L, b);
+}
+
+// The OS thread the launches run on, made once (the launcher thread watches it).
+struct Worker {
     std::mutex mu;
     std::condition_variable wake;
-    std::vector<std::thread> threads;
     Launch* job = nullptr;
-    unsigned long long job_id = 0;
+    bool started = false;
 
-    void grow(unsigned n)
+    void post(Launch* L)
     {
-        while (threads.size() < n) {
-            const unsigned t = (unsigned)threads.size();
-            threads.emplace_back([this, t] {
-                unsigned long long seen = 0;
+        std::lock_guard<std::mutex> lock(mu);
+        if (!started) {
+            started = true;
+            std::thread([this] {
                 for (;;) {
                     Launch* L;
                     {
                         std::unique_lock<std::mutex> lock(mu);
-                        wake.wait(lock, [&] { return job_id != seen; });
-                        seen = job_id;
+                        wake.wait(lock, [&] { return job != nullptr; });
                         L = job;
+                        job = nullptr;
                     }
-                    if (L != nullptr && t < L->nthreads) run_thread(*L, t);
+                    current = L;
+                    run_launch(*L);
+                    current = nullptr;
+                    std::lock_guard<std::mutex> lock(L->mu);
+                    L->done = true;
+                    L->done_cv.notify_all();
                 }
-            });
-            threads.back().detach();
+            }).detach();
         }
+        job = L;
+        wake.notify_all();
     }
 };
 
-static Pool& pool()
+static Worker& worker()
 {
-    static Pool* p = new Pool;  // leaked on purpose: its threads outlive every static destructor
-    return *p;
+    static Worker* w = new Worker;  // never destroyed: its thread sleeps until the process ends
+    return *w;
 }
 
 static std::mutex launch_mutex;  // one launch at a time
 
-// A thread that never returns after a failure (it spins forever) cannot be stopped: the
-// process is aborted with the message rather than left hanging.
+// The launcher waits for the worker and watches it: a thread that runs for `timeout` seconds
+// without reaching a barrier fails the launch. If it never comes back (it spins forever), it
+// cannot be stopped: the process is aborted with the message rather than left hanging.
 int launch(Thunk thunk, void* kernel, unsigned grid, unsigned block, unsigned smem, void** args, double timeout)
 {
     std::lock_guard<std::mutex> one_at_a_time(launch_mutex);
@@ -439,46 +561,44 @@ int launch(Thunk thunk, void* kernel, unsigned grid, unsigned block, unsigned sm
     L.nthreads = block;
     L.grid = grid;
     L.timeout = timeout;
-    L.here.assign(block, 0);
     L.smem_bytes = smem;
     // exactly `smem` bytes (rounded to 128), so AddressSanitizer sees any overrun
     L.smem = static_cast<unsigned char*>(std::aligned_alloc(128, smem ? (smem + 127) / 128 * 128 : 128));
-    current = &L;
-    gridDim = dim3{grid, 1, 1};
-    blockDim = dim3{block, 1, 1};
-    Pool& P = pool();
+    worker().post(&L);
     {
-        std::lock_guard<std::mutex> lock(P.mu);
-        P.grow(block);
-        P.job = &L;
-        ++P.job_id;
-    }
-    P.wake.notify_all();
-    {
-        // wait for the threads, watching the barriers; after a failure, give them `timeout`
-        // (at least 3 s) to leave
         std::unique_lock<std::mutex> lock(L.mu);
-        unsigned long long seen = 0;
+        unsigned long long seen = L.switches.load();
         auto since = std::chrono::steady_clock::now();
         const auto tick = std::chrono::duration<double>(std::min(0.1, timeout / 10));
-        while (L.finished < block && !L.failed.load()) {
-            L.done.wait_for(lock, tick);
-            check_progress(L, seen, since);
+        while (!L.done && !L.failed.load()) {
+            L.done_cv.wait_for(lock, tick);
+            const auto now = std::chrono::steady_clock::now();
+            if (L.switches.load() != seen) {
+                seen = L.switches.load();
+                since = now;
+            } else if (!L.done && std::chrono::duration<double>(now - since).count() >= timeout) {
+                char seconds[32];
+                std::snprintf(seconds, sizeof seconds, "%g", timeout);
+                std::string text = "barrier timed out: thread " + std::to_string(L.running.load()) +
+                                   " of block " + std::to_string(L.block.load()) + " ran for " + seconds +
+                                   " s without reaching a barrier or the end of the kernel";
+                if (L.waiting > 0)
+                    text += "; " + std::to_string(L.waiting) + " of " + std::to_string(block) + " threads wait at " +
+                            L.waiting_at.str();
+                text += " (a deadlock, a barrier it skips, or an endless loop)";
+                L.message = text;
+                L.failed.store(true);
+            }
         }
         const auto grace = std::chrono::duration<double>(timeout > 3.0 ? timeout : 3.0);
-        if (!L.done.wait_for(lock, grace, [&] { return L.finished == block; })) {
-            std::fprintf(stderr, "lorakern CUDA emulation: %s; %u thread(s) still running, aborting\n",
-                         L.message.c_str(), block - L.finished);
+        if (!L.done_cv.wait_for(lock, grace, [&] { return L.done; })) {
+            std::fprintf(stderr, "lorakern CUDA emulation: %s; thread %u is still running, aborting\n",
+                         L.message.c_str(), L.running.load());
             std::fflush(stderr);
             std::abort();
         }
     }
-    {
-        std::lock_guard<std::mutex> lock(P.mu);
-        P.job = nullptr;
-    }
     std::free(L.smem);
-    current = nullptr;
     if (L.failed.load()) {
         error_text = L.message;
         return 1;

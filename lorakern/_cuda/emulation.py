@@ -110,12 +110,12 @@ class HostRuntime:
                 f'#line 1 "wrappers"\n{wrappers}\n'
                 f'extern "C" const char* emu_error() {{ return lk_emu::last_error(); }}\n')
 
-    def _compile(self, source: str, extra=()) -> Path:
+    def _compile(self, source: str, flags, extra=()) -> Path:
         """g++ source -> a shared library in the cache (named by a digest of source and flags)."""
         gxx = compiler()
         if gxx is None:
             self.check_available()
-        flags = list(self.flags)
+        flags = list(flags)
         digest = hashlib.sha256((source + "\0" + " ".join([*flags, *extra])).encode()).hexdigest()[:24]
         self.cache.mkdir(parents=True, exist_ok=True)
         lib = self.cache / f"{digest}.so"
@@ -133,16 +133,18 @@ class HostRuntime:
 
     @property
     def runtime_library(self) -> Path:
-        """emulation.h's runtime (barriers, copies, launcher), built once per set of flags."""
+        """emulation.h's runtime (fibers, barriers, copies, the launcher): built once, with the
+        base flags only. It is never instrumented: under ThreadSanitizer it tells TSan about
+        its fibers and barriers through TSan's interface instead."""
         if getattr(self, "_runtime_library", None) is None:
             source = f'#define LORAKERN_EMULATION_RUNTIME 1\n#line 1 "emulation.h"\n{header()}\n'
-            self._runtime_library = self._compile(source)
+            self._runtime_library = self._compile(source, FLAGS)
         return self._runtime_library
 
     def _build(self, code, names):
         runtime = self.runtime_library
         # linked by full path (DT_NEEDED names it), so the module finds this very runtime
-        lib = self._compile(self.source(code, names), extra=(str(runtime),))
+        lib = self._compile(self.source(code, names), self.flags, extra=(str(runtime),))
         dll = ctypes.CDLL(str(lib))
         dll.emu_error.restype = ctypes.c_char_p
         functions = {}
