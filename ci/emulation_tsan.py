@@ -1,9 +1,10 @@
 """ThreadSanitizer over the CUDA host emulation: data races between barriers fail.
 
-The emulation (lorakern/_cuda/emulation.h) runs a CUDA thread as an OS thread and every
-barrier as a mutex and an acquire/release atomic, so a ThreadSanitizer build sees what a GPU
-would race on: two threads of a block touching the same shared or global memory between two
-__syncthreads, one of them writing. This script, run by .ci/run after the test suite:
+The emulation (lorakern/_cuda/emulation.h) runs each CUDA thread as a fiber; in a process with
+the TSan runtime loaded, every fiber is a TSan fiber and every barrier orders exactly what a
+__syncthreads orders, so a module built with -fsanitize=thread reports what a GPU would race
+on: two threads of a block touching the same shared or global memory between two barriers,
+one of them writing. This script, run by .ci/run after the test suite:
 
   1. shows that it catches races: small kernels that race (through shared memory, through
      global memory) and fused.cu with one barrier removed must fail under TSan, and the small

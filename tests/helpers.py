@@ -31,9 +31,9 @@ EMULATED = emulation.device() if emulation.available() else None
 #: works), and the emulated CUDA device
 DEVICES = lorakern.devices() + ((EMULATED,) if EMULATED is not None else ())
 
-#: the largest problem (m * n) a device runs in the tests: the emulation runs 256 OS threads
-#: per block and each __syncthreads wakes them all (~1-2 ms on 2 cores), so it gets small
-#: shapes only (131 x 67 at rank 64 is the largest of the generic suites it runs)
+#: the largest problem (m * n) a device runs in the tests: the emulation runs a block's 256
+#: threads one after another and switches all of them at every __syncthreads (~0.3 ms), so it
+#: gets small shapes only (131 x 67 at rank 64 is the largest of the generic suites it runs)
 MAX_ENTRIES = {"cuda-emulated": 10_000}
 
 
@@ -42,8 +42,8 @@ def skip_if_too_big(device, shape):
     name = getattr(device, "name", device)
     cap = MAX_ENTRIES.get(name)
     if cap is not None and shape[0] * shape[1] > cap:
-        pytest.skip(f"{name} runs problems of up to {cap} entries (256 OS threads per block); "
-                    f"this one is {shape[0]}x{shape[1]}")
+        pytest.skip(f"{name} runs problems of up to {cap} entries (a block's 256 threads run one "
+                    f"after another); this one is {shape[0]}x{shape[1]}")
 
 
 def assert_close(actual, expected, dtype, name="value", factor=1.0):

@@ -121,6 +121,15 @@ __global__ void unwritten_smem(float* out)
     out[blockIdx.x * NT + threadIdx.x] = s[threadIdx.x];
 }
 
+// each thread writes its slot, then reads its neighbour's; `sync`: with the barrier between
+__global__ void neighbour(float* out, int sync)
+{
+    float* s = reinterpret_cast<float*>(lk_dynamic_smem());
+    s[threadIdx.x] = (float)threadIdx.x;
+    if (sync) __syncthreads();
+    out[threadIdx.x] = s[(threadIdx.x + 1) % NT];
+}
+
 // an argument list to check the launcher's marshalling against
 __global__ void typed(float* out, int i, long long j, double x)
 {
@@ -129,7 +138,7 @@ __global__ void typed(float* out, int i, long long j, double x)
 """
 
 PROBE_NAMES = ("copy_probe", "group_probe", "bad_copy", "no_wait", "skip_barrier", "split_barrier",
-               "late_thread", "trap_in_block_1", "unwritten_smem", "typed")
+               "late_thread", "trap_in_block_1", "unwritten_smem", "neighbour", "typed")
 
 
 def probes_source() -> str:
@@ -309,6 +318,17 @@ def test_shared_memory_starts_as_nan_in_every_block(rt, probes):
     out = np.zeros(2 * NT, np.float32)
     rt.launch(probes["unwritten_smem"], 2, (out,), 4 * NT)
     assert (out[:NT] == 1).all() and nan_bits(out[NT:]).all()
+
+
+def test_missing_barrier_shows_in_the_results(rt, probes):
+    """Without the barrier, a thread reads its neighbour's slot before the neighbour has run
+    (threads of a phase run one after another): the poison, not the value. (ThreadSanitizer
+    reports it as a race: ci/emulation_tsan.py.)"""
+    out = np.zeros(NT, np.float32)
+    rt.launch(probes["neighbour"], 2, (out, np.int32(1)), 4 * NT)
+    np.testing.assert_array_equal(out, (np.arange(NT) + 1) % NT)
+    rt.launch(probes["neighbour"], 2, (out, np.int32(0)), 4 * NT)
+    assert nan_bits(out[:NT - 1]).all()
 
 
 def test_recovers_after_a_failure(rt, probes):

@@ -1,9 +1,10 @@
 // Host emulation of the CUDA kernels in fused.cu (and of small test kernels): compiled by g++,
-// one OS thread per CUDA thread, the blocks of a grid one after another. emulation.py puts
-// this header in front of a module's source (loss prelude + fused.cu) and adds a wrapper per
-// kernel; the launcher and the kernels' index arithmetic, tails and reductions then run
-// without a GPU. The emulation is stricter than a GPU on purpose, so that a bug the hardware
-// happens to hide shows up in the results or as an error:
+// each CUDA thread a fiber with its own stack, a block's 256 fibers switched at __syncthreads
+// on one OS thread, the blocks of a grid one after another. emulation.py puts this header in
+// front of a module's source (loss prelude + fused.cu) and adds a wrapper per kernel; the
+// launcher and the kernels' index arithmetic, tails and reductions then run without a GPU.
+// The emulation is stricter than a GPU on purpose, so that a bug the hardware happens to hide
+// shows up in the results or as an error:
 //
 //   shared memory   filled with 0xff bytes (NaN) before every block: reading what no thread
 //                   of this block wrote gives NaN.
@@ -14,21 +15,25 @@
 //                   thread may not leave a block with copies it never waited for.
 //   __syncthreads   every thread of the block must reach the same barrier (the same line of
 //                   source); threads at different barriers, or some at a barrier and some at
-//                   the end of the kernel, fail at once naming both places. A barrier that
-//                   sees no new arrival for `timeout` seconds fails too (a thread that never
-//                   comes: a deadlock). A failure ends the launch with an error message
-//                   (HostRuntime raises EmulationError), never a hang.
-//   races           every synchronisation is a mutex or an acquire/release atomic, which
-//                   ThreadSanitizer understands: built with -fsanitize=thread, two threads
-//                   touching the same memory between two barriers (one of them writing) fail.
+//                   the end of the kernel, fail at once naming who is where. A thread that runs
+//                   for `timeout` seconds without reaching a barrier fails the launch too (a
+//                   deadlock: it waits for something that never comes). A failure ends the
+//                   launch with an error message (HostRuntime raises EmulationError), not a hang.
+//   order           the threads of a phase run one after another, in ascending thread order in
+//                   one phase and descending in the next, so a read of what another thread
+//                   writes in the same phase (a missing barrier) depends on who runs first.
+//   races           under ThreadSanitizer (modules built with -fsanitize=thread, libtsan
+//                   loaded) each thread is a TSan fiber and each barrier orders exactly what a
+//                   __syncthreads orders: two threads touching the same memory between two
+//                   barriers, one of them writing, fail (ci/emulation_tsan.py).
 //
 // What it cannot check: timing, warp-synchronous code (there are no warps here), memory order
 // between blocks (they run one after another), the PTX paths (the asm is not compiled).
 //
 // Two parts. The declarations below are all a module sees: they parse fast, so that each of
-// the many template instances the tests ask for compiles in a second or two. The runtime
-// (barriers, copies, the launcher and its thread pool) is the part under
-// LORAKERN_EMULATION_RUNTIME, compiled once into a library every module links against.
+// the many template instances the tests ask for compiles in a second or so. The runtime
+// (fibers, barriers, copies, the launcher) is the part under LORAKERN_EMULATION_RUNTIME,
+// compiled once into a library every module links against.
 #ifndef LORAKERN_EMULATION_H
 #define LORAKERN_EMULATION_H
 
@@ -127,8 +132,9 @@ inline double __dsub_rn(double a, double b) { return a - b; }
 // each runs until it reaches a barrier or the end of the kernel, and when every thread of the
 // block waits at the same barrier, all of them go on. Rounds alternate between ascending and
 // descending thread order, so that a thread reading what another writes in the same phase
-// (a missing barrier) sees a different value depending on its number. A switch costs well
-// under a microsecond where waking 256 OS threads at every barrier costs a millisecond.
+// (a missing barrier) sees a different value depending on its number. A barrier costs about
+// 0.3 ms (two context switches per thread); with an OS thread per CUDA thread it cost 1-2 ms
+// on 2 cores (every barrier woke 256 threads), and each launch started and joined them.
 //
 // Under ThreadSanitizer (a process with libtsan loaded, modules built with -fsanitize=thread)
 // every fiber is a TSan fiber: the switches imply no ordering, and each barrier releases and

@@ -2,17 +2,17 @@
 
 ``HostRuntime`` has the interface of ``launch.CupyRuntime`` (module, kernel, occupancy,
 launch, to_host, xp, sm_count, max_smem_per_block, supports_graphs). It compiles a module's
-source with g++ behind ``emulation.h`` (one OS thread per CUDA thread, a barrier per
-``__syncthreads``, cp.async copies that land only at their wait, shared memory poisoned with
-NaN before every block) and works on NumPy arrays. ``device()`` is a CudaDevice on it: the
+source with g++ behind ``emulation.h`` (each CUDA thread a fiber switched at ``__syncthreads``,
+cp.async copies that land only at their wait, shared memory poisoned with NaN before every
+block, barriers checked) and works on NumPy arrays. ``device()`` is a CudaDevice on it: the
 whole CUDA path (launcher, plans, kernels, run_steps) on a machine without a GPU. It is for
-tests: not in the user-facing device table, and slow (256 threads per block), so small
-shapes only.
+tests: not in the user-facing device table, and slow (a barrier switches 256 fibers), so
+small shapes only.
 
 A kernel that misbehaves fails with ``EmulationError`` naming what went wrong (threads at
-different barriers, a barrier that times out, a misaligned cp.async, __trap()) instead of
-hanging. ``HostRuntime(flags=["-fsanitize=thread"])`` builds ThreadSanitizer modules (load
-them into a process started with ``LD_PRELOAD=$(g++ -print-file-name=libtsan.so)``;
+different barriers, a thread that never reaches its barrier, a misaligned cp.async, __trap())
+instead of hanging. ``HostRuntime(flags=["-fsanitize=thread"])`` builds ThreadSanitizer
+modules (load them into a process started with ``LD_PRELOAD=$(g++ -print-file-name=libtsan.so)``;
 ``ci/emulation_tsan.py`` does).
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ from . import launch
 #: g++ flags of every module: the emulation needs C++20 (inline variables, fold expressions),
 #: threads, and no contraction of a * b + c into an fma the kernel did not ask for
 FLAGS = ("-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-w")
-#: seconds a barrier waits with no thread arriving before the launch fails
+#: seconds a CUDA thread may run without reaching a barrier (or the end of the kernel) before
+#: the launch fails
 TIMEOUT = float(os.environ.get("LORAKERN_EMULATION_TIMEOUT", "5"))
 
 
@@ -60,14 +61,14 @@ class HostRuntime:
     ----------
     flags : extra g++ flags (e.g. ``["-fsanitize=thread", "-g"]``); also read from
         ``$LORAKERN_EMULATION_FLAGS``.
-    timeout : seconds a barrier may wait with no new arrival before the launch fails.
+    timeout : seconds a CUDA thread may run without reaching a barrier before the launch fails.
     cache : where built modules are kept (keyed by a digest of source and flags).
     """
 
     name = "host-emulation"
     supports_graphs = False
     xp = np
-    #: a small "GPU": 3 multiprocessors, one block each, so default plans have a few blocks
+    #: a small "GPU": 3 multiprocessors, one block each, so that default plans have a few blocks
     sm_count = 3
     max_smem_per_block = 227 * 1024
 
