@@ -177,7 +177,7 @@ def test_shared_memory_sizes_agree_with_the_launcher(tmp_path):
     source = ("#define LORAKERN_EMULATION_RUNTIME 1\n" + emulation.header()
               + launch.module_source(LOSSES["squared"]) + SMEM_PROBE % "\n".join(prints))
     (tmp_path / "probe.cpp").write_text(source)
-    subprocess.run(["g++", "-std=c++20", "-pthread", "-w", str(tmp_path / "probe.cpp"), "-o",
+    subprocess.run(["g++", "-std=c++17", "-pthread", "-w", str(tmp_path / "probe.cpp"), "-o",
                     str(tmp_path / "probe")], check=True)
     got = [int(v) for v in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True,
                                           check=True).stdout.split()]

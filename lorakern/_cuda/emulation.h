@@ -568,7 +568,6 @@ int launch(Thunk thunk, void* kernel, unsigned grid, unsigned block, unsigned sm
     L.grid = grid;
     L.timeout = timeout;
     L.smem_bytes = smem;
-    // exactly `smem` bytes (rounded to 128), so AddressSanitizer sees any overrun
     L.smem = static_cast<unsigned char*>(std::aligned_alloc(128, smem ? (smem + 127) / 128 * 128 : 128));
     worker().post(&L);
     {

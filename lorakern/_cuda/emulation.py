@@ -33,9 +33,10 @@ import numpy as np
 from .._dispatch import DeviceUnavailableError
 from . import launch
 
-#: g++ flags of every module: the emulation needs C++20 (inline variables, fold expressions),
-#: threads, and no contraction of a * b + c into an fma the kernel did not ask for
-FLAGS = ("-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-w")
+#: g++ flags of every module and of the runtime: C++17 (fold expressions), threads, and no
+#: contraction of a * b + c into an fma the kernel did not ask for (results would differ from
+#: the GPU's, which contracts only where fused.cu says fma_rn)
+FLAGS = ("-std=c++17", "-O1", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-w")
 #: seconds a CUDA thread may run without reaching a barrier (or the end of the kernel) before
 #: the launch fails
 TIMEOUT = float(os.environ.get("LORAKERN_EMULATION_TIMEOUT", "5"))
@@ -59,8 +60,8 @@ class HostRuntime:
 
     Parameters
     ----------
-    flags : extra g++ flags (e.g. ``["-fsanitize=thread", "-g"]``); also read from
-        ``$LORAKERN_EMULATION_FLAGS``.
+    flags : extra g++ flags for the modules (e.g. ``["-fsanitize=thread", "-g"]``, or
+        ``["-O0", "-g"]`` to debug a kernel); also read from ``$LORAKERN_EMULATION_FLAGS``.
     timeout : seconds a CUDA thread may run without reaching a barrier before the launch fails.
     cache : where built modules are kept (keyed by a digest of source and flags).
     """
@@ -77,13 +78,14 @@ class HostRuntime:
         self.timeout = TIMEOUT if timeout is None else float(timeout)
         self.cache = Path(cache) if cache is not None else Path(tempfile.gettempdir()) / "lorakern-cuda-emulation"
         self._modules: dict = {}
+        self._runtime_library: Path | None = None
 
     def __repr__(self):
         return f"HostRuntime(flags={self.flags[len(FLAGS):]!r}, timeout={self.timeout})"
 
     def check_available(self):
         if compiler() is None:
-            raise DeviceUnavailableError("the CUDA host emulation needs g++ (C++20), which was not found")
+            raise DeviceUnavailableError("the CUDA host emulation needs g++ (C++17), which was not found")
 
     # ---- modules and kernels
     def module(self, code: str, names: tuple[str, ...]):
@@ -137,7 +139,7 @@ class HostRuntime:
         """emulation.h's runtime (fibers, barriers, copies, the launcher): built once, with the
         base flags only. It is never instrumented: under ThreadSanitizer it tells TSan about
         its fibers and barriers through TSan's interface instead."""
-        if getattr(self, "_runtime_library", None) is None:
+        if self._runtime_library is None:
             source = f'#define LORAKERN_EMULATION_RUNTIME 1\n#line 1 "emulation.h"\n{header()}\n'
             self._runtime_library = self._compile(source, FLAGS)
         return self._runtime_library
