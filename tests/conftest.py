@@ -3,14 +3,27 @@
 import pytest
 
 
+def pytest_make_parametrize_id(config, val, argname):
+    """A Device object (the emulated CUDA device) is shown by its name in test ids."""
+    if not isinstance(val, str) and hasattr(val, "kernels_name") and hasattr(val, "name"):
+        return val.name
+    return None
+
+
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """CPU column tiles of 16 (the default is up to 1024), so small inputs cross tile edges."""
+    """Small tiles, so that small inputs cross tile edges: CPU column tiles of 16 (the default
+    is up to 1024); CUDA tiles of 32 x 32 (default 64 x 64) and super-tiles of 2 x 3 tiles, so
+    that a 37 x 101 problem runs two blocks, one with a partial super-tile."""
     import lorakern._cpu.matrix as cpu
+    from lorakern._cuda import launch
 
     monkeypatch.setattr(cpu, "MIN_TILE", 16)
     monkeypatch.setattr(cpu, "MAX_TILE", 16)
     assert cpu.tile_width(4, 8) == 16 and cpu.tile_width(64, 4) == 16
+    monkeypatch.setattr(launch, "TILES", ((32, 32),))
+    monkeypatch.setattr(launch, "ROWS_PER_BLOCK", 2)
+    monkeypatch.setattr(launch, "COLS_PER_BLOCK", 3)
     return 16
 
 

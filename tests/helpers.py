@@ -8,21 +8,51 @@ Numba compiles one CPU kernel per (loss, mask or not, dtype) on first use, 4-9 s
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import lorakern
 from lorakern import reference
+from lorakern._cuda import emulation
 from lorakern._dispatch import bind
 
 # the one tolerance table and the seeded problem factory live in the package, shared with
 # benchmarks/ and lorakern.benchmarking; re-exported here for the tests
-from lorakern.testing import (FACTORS, RTOL, assert_bitwise, assert_close, host, make_case,  # noqa: F401
+from lorakern.testing import make_case as _make_case
+from lorakern.testing import (FACTORS, RTOL, assert_bitwise, assert_close, host,  # noqa: F401
                               random_adapters, random_data, tolerance)
 
 DTYPES = (np.float32, np.float64)
 LOSS_NAMES = ("squared", "huber", "logistic")
 
-#: the devices this machine has ('cpu', and 'cuda' where a GPU backend works)
-DEVICES = lorakern.devices()
+#: the CUDA kernels run on the host (lorakern/_cuda/emulation.py), a Device object, where g++
+#: is found: the generic tests run the CUDA launcher and kernels through it without a GPU
+EMULATED = emulation.device() if emulation.available() else None
+
+#: the devices the generic tests run on: those this machine has ('cpu', and 'cuda' where a GPU
+#: works), and the emulated CUDA device
+DEVICES = lorakern.devices() + ((EMULATED,) if EMULATED is not None else ())
+
+#: the largest problem (m * n) a device runs in the tests: the emulation runs a block's 256
+#: threads one after another and switches all of them at every __syncthreads (~0.3 ms), so it
+#: gets small shapes only (131 x 67 at rank 64 is the largest of the generic suites it runs)
+MAX_ENTRIES = {"cuda-emulated": 10_000}
+
+
+def skip_if_too_big(device, shape):
+    """Skip the test if the (m, n[, r]) problem is above the device's size cap."""
+    name = getattr(device, "name", device)
+    cap = MAX_ENTRIES.get(name)
+    if cap is not None and shape[0] * shape[1] > cap:
+        pytest.skip(f"{name} runs problems of up to {cap} entries (a block's 256 threads run one "
+                    f"after another); this one is {shape[0]}x{shape[1]}")
+
+
+def make_case(shape, dtype, *, device=None, **kwargs):
+    """lorakern.testing.make_case; with ``device``, the test is skipped if the shape is above
+    that device's cap (MAX_ENTRIES)."""
+    if device is not None:
+        skip_if_too_big(device, shape)
+    return _make_case(shape, dtype, **kwargs)
 
 
 def device_pass(problem, device, B, A):

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -165,8 +164,7 @@ int main() {
 def test_shared_memory_sizes_agree_with_the_launcher(tmp_path):
     """launch.smem_bytes mirrors Fused<...>::SMEM_BYTES for every tile the launcher may pick
     (the kernel traps when given less than it computes)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_cuda import EMULATION_HEADER
+    from lorakern._cuda import emulation
 
     cases = [(dtype, rk, bm, bn, grad, labels) for dtype in DTYPES for rk in launch.RANK_BOUNDS
              for bm, bn in launch.TILES for grad in (True, False) for labels in (True, False)]
@@ -175,11 +173,12 @@ def test_shared_memory_sizes_agree_with_the_launcher(tmp_path):
         t = "float" if dtype is np.float32 else "double"
         prints.append(f'    std::printf("%lld\\n", lorakern::Fused<{t}, {rk}, {bm}, {bn}, '
                       f'{str(labels).lower()}, {str(grad).lower()}>::SMEM_BYTES);')
-    source = (EMULATION_HEADER + launch.module_source(LOSSES["squared"])
-              + SMEM_PROBE % "\n".join(prints))
+    # the emulation's header with its runtime, so that the probe links as a program of its own
+    source = ("#define LORAKERN_EMULATION_RUNTIME 1\n" + emulation.header()
+              + launch.module_source(LOSSES["squared"]) + SMEM_PROBE % "\n".join(prints))
     (tmp_path / "probe.cpp").write_text(source)
-    subprocess.run(["g++", "-std=c++20", "-w", str(tmp_path / "probe.cpp"), "-o", str(tmp_path / "probe")],
-                   check=True)
+    subprocess.run(["g++", "-std=c++17", "-pthread", "-w", str(tmp_path / "probe.cpp"), "-o",
+                    str(tmp_path / "probe")], check=True)
     got = [int(v) for v in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True,
                                           check=True).stdout.split()]
     want = [launch.smem_bytes(np.dtype(d).itemsize, rk, bm, bn, grad, labels)

@@ -27,7 +27,7 @@ BIG = (2053, 1031, 16)
 def test_matches_reference(device, dtype, shape, tiles, request):
     if tiles == "small":
         request.getfixturevalue("small_tiles")
-    problem, B, A = make_case(shape, dtype, seed=sum(shape))
+    problem, B, A = make_case(shape, dtype, seed=sum(shape), device=device)
     compare_pass(problem, B, A, device)
     compare_step(problem, B, A, device)
 
@@ -35,7 +35,7 @@ def test_matches_reference(device, dtype, shape, tiles, request):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("device", DEVICES)
 def test_matches_reference_few_thousand(device, dtype):
-    problem, B, A = make_case(BIG, dtype, seed=7)
+    problem, B, A = make_case(BIG, dtype, seed=7, device=device)
     compare_pass(problem, B, A, device)
     compare_step(problem, B, A, device)
 
@@ -44,7 +44,7 @@ def test_matches_reference_few_thousand(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_lora_init_b_zero(device, dtype, small_tiles):
     """B = 0 as LoRA starts: grad_A = B^T G = 0 exactly, grad_B = G A^T is not."""
-    problem, B, A = make_case((37, 101, 5), dtype, seed=3, init="lora")
+    problem, B, A = make_case((37, 101, 5), dtype, seed=3, init="lora", device=device)
     assert not B.any() and A.any()
     compare_pass(problem, B, A, device)
     got, _ = compare_step(problem, B, A, device)
@@ -57,7 +57,7 @@ def test_lora_init_b_zero(device, dtype, small_tiles):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("device", DEVICES)
 def test_lipschitz_below_and_above_one(device, dtype, lipschitz, small_tiles):
-    problem, B, A = make_case((37, 101, 5), dtype, seed=4, lipschitz=lipschitz)
+    problem, B, A = make_case((37, 101, 5), dtype, seed=4, lipschitz=lipschitz, device=device)
     got, _ = compare_step(problem, B, A, device)
     # eta uses max(L, 1): L = 0.3 gives the L = 1 step, L = 7 a seventh of it (eta < 1 here)
     one = lorakern.step(lorakern.Problem(problem.R, np.zeros_like(problem.R)), B, A, device=device)
@@ -69,7 +69,7 @@ def test_lipschitz_below_and_above_one(device, dtype, lipschitz, small_tiles):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("device", DEVICES)
 def test_constant_step_size(device, dtype, eta, small_tiles):
-    problem, B, A = make_case((37, 101, 5), dtype, seed=5)
+    problem, B, A = make_case((37, 101, 5), dtype, seed=5, device=device)
     got, _ = compare_step(problem, B, A, device, step_size=eta)
     assert got.eta == eta
 
@@ -78,7 +78,7 @@ def test_constant_step_size(device, dtype, eta, small_tiles):
 @pytest.mark.parametrize("device", DEVICES)
 def test_armijo_step(device, dtype, small_tiles):
     """One Armijo step from the same cap: the same number of trials and the same eta."""
-    problem, B, A = make_case((37, 101, 5), dtype, seed=6)
+    problem, B, A = make_case((37, 101, 5), dtype, seed=6, device=device)
     got, want = compare_step(problem, B, A, device, step_size=lorakern.Armijo(cap=4.0, c=0.1))
     assert got.trials == want.trials >= 2  # cap 4 is too long here: it backtracks
 
@@ -100,7 +100,7 @@ def _noncontiguous(x, order_f):
 @pytest.mark.parametrize("device", DEVICES)
 def test_noncontiguous_inputs(device, dtype, small_tiles):
     """Fortran-order W0 and A, strided views of Y and B: the results of contiguous inputs."""
-    _, B, A = make_case((37, 101, 5), dtype, seed=8)
+    _, B, A = make_case((37, 101, 5), dtype, seed=8, device=device)
     W0, Y, _ = random_data((37, 101), dtype, seed=8)
     nc = lorakern.Problem(_noncontiguous(W0, True), _noncontiguous(Y, False))
     Bn, An = _noncontiguous(B, False), _noncontiguous(A, True)
@@ -116,7 +116,7 @@ def test_noncontiguous_inputs(device, dtype, small_tiles):
 @pytest.mark.parametrize("device", DEVICES)
 def test_deterministic(device, dtype):
     """The same inputs give the same bits on every call (same thread count)."""
-    problem, B, A = make_case((257, 263, 17), dtype, seed=9)
+    problem, B, A = make_case((257, 263, 17), dtype, seed=9, device=device)
     runs = [device_pass(problem, device, B, A)
             for _ in range(2)]
     assert_bitwise(host(runs[0].grad_B), host(runs[1].grad_B), "grad_B")

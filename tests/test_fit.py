@@ -19,7 +19,7 @@ FIELDS = ("loss", "eta", "grad_sq", "v_sq", "g_norm", "trials")
 @pytest.mark.parametrize("device", ALL)
 def test_history_is_the_steps(device, dtype, step_size):
     """fit's history entry t and iterate V_T are what step() gives from V_t, step by step."""
-    problem, B, A = make_case(SHAPE, dtype, seed=70)
+    problem, B, A = make_case(SHAPE, dtype, seed=70, device=device)
     T = 8
     result = lorakern.fit(problem, B, A, steps=T, device=device, step_size=step_size)
     h = result.history
@@ -52,7 +52,7 @@ def test_history_is_the_steps(device, dtype, step_size):
 @pytest.mark.parametrize("device", ALL)
 def test_history_loss_at_next_iterate(device):
     """history.loss[t + 1] is J at the iterate of a fit that stopped after t + 1 steps."""
-    problem, B, A = make_case(SHAPE, np.float64, seed=71)
+    problem, B, A = make_case(SHAPE, np.float64, seed=71, device=device)
     long = lorakern.fit(problem, B, A, steps=6, device=device)
     for t in range(5):
         short = lorakern.fit(problem, B, A, steps=t + 1, device=device)
@@ -64,7 +64,7 @@ def test_history_loss_at_next_iterate(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_fit_matches_reference_fit(device):
     """fit on the device follows fit on the reference, step for step (fp64, tight)."""
-    problem, B, A = make_case((257, 263, 17), np.float64, seed=72)
+    problem, B, A = make_case((257, 263, 17), np.float64, seed=72, device=device)
     got = lorakern.fit(problem, B, A, steps=15, device=device)
     want = lorakern.fit(problem, B, A, steps=15, device="reference")
     for name in FIELDS[:-1]:
@@ -77,14 +77,17 @@ def test_fit_matches_reference_fit(device):
 
 @pytest.mark.parametrize("device", ALL)
 def test_tol_stops_early(device):
-    problem, B, A = make_case(SHAPE, np.float64, seed=73)
+    """With the host looking every step (check_every=1: the default on the CPU; a GPU looks
+    every 50 steps by default), fit stops at the first V_t with grad_sq <= tol."""
+    problem, B, A = make_case(SHAPE, np.float64, seed=73, device=device)
     full = lorakern.fit(problem, B, A, steps=30, device=device, step_size="armijo")
     g = full.history.grad_sq
     # the last new minimum of grad_sq: the first V_t with grad_sq <= tol is V_stop
     stop = max(k for k in range(1, 30) if g[k] < g[:k].min())
     tol = float(g[stop])
     assert stop >= 3
-    result = lorakern.fit(problem, B, A, steps=30, device=device, step_size="armijo", tol=tol)
+    result = lorakern.fit(problem, B, A, steps=30, device=device, step_size="armijo", tol=tol,
+                          check_every=1)
     assert result.status == "converged" and result.steps == stop == len(result.history)
     for name in FIELDS:
         assert_bitwise(getattr(result.history, name), getattr(full.history, name)[:stop], name)
@@ -92,7 +95,7 @@ def test_tol_stops_early(device):
     s = lorakern.step(problem, result.B, result.A, device=device)
     assert s.grad_sq <= tol and s.loss == result.final_loss
     # tol already met at V_0: no step at all
-    at_start = lorakern.fit(problem, B, A, steps=30, device=device, tol=np.inf)
+    at_start = lorakern.fit(problem, B, A, steps=30, device=device, tol=np.inf, check_every=1)
     assert at_start.status == "converged" and at_start.steps == 0 and len(at_start.history) == 0
     assert_bitwise(host(at_start.B), B, "B")
     assert at_start.final_loss == full.history.loss[0]
@@ -100,7 +103,7 @@ def test_tol_stops_early(device):
 
 @pytest.mark.parametrize("device", ALL)
 def test_zero_steps(device):
-    problem, B, A = make_case(SHAPE, np.float64, seed=74)
+    problem, B, A = make_case(SHAPE, np.float64, seed=74, device=device)
     result = lorakern.fit(problem, B, A, steps=0, device=device)
     assert result.status == "completed" and result.steps == 0 and len(result.history) == 0
     assert_bitwise(host(result.B), B, "B")
@@ -113,11 +116,11 @@ def test_zero_steps(device):
 def test_diverging_step_stops(device):
     """A constant eta far too large: the loss overflows; fit stops, warns, and returns the last
     iterate whose loss was finite, with a history that ends there."""
-    problem, B, A = make_case(SHAPE, np.float64, seed=75)
+    problem, B, A = make_case(SHAPE, np.float64, seed=75, device=device)
     with pytest.warns(RuntimeWarning, match="finite"), np.errstate(over="ignore", invalid="ignore"):
-        result = lorakern.fit(problem, B, A, steps=200, device=device, step_size=1e3)
+        result = lorakern.fit(problem, B, A, steps=20, device=device, step_size=1e3)
     assert result.status == "diverged"
-    assert 0 < result.steps < 200 and len(result.history) == result.steps
+    assert 0 < result.steps < 19 and len(result.history) == result.steps
     Bf, Af = host(result.B), host(result.A)
     assert np.isfinite(Bf).all() and np.isfinite(Af).all()
     assert np.isfinite(result.final_loss) and np.isfinite(result.history.loss).all()
@@ -131,6 +134,31 @@ def test_diverging_step_stops(device):
         nxt = lorakern.step(problem, Bf, Af, device=device, step_size=1e3)
         p = device_pass(problem, device, host(nxt.B), host(nxt.A))
     assert not np.isfinite(float(p.loss)) or not np.isfinite(host(nxt.B)).all()
+
+
+@pytest.mark.parametrize("device_loop", [True, False], ids=["device-loop", "host-loop"])
+@pytest.mark.parametrize("device", ALL)
+def test_last_step_diverges(device, device_loop, monkeypatch):
+    """J(V_t) finite for every t < T, J(V_T) not: fit returns V_{T-1}, its loss from the
+    history, status "diverged" and a warning; a device with a loop of its own (CUDA's
+    run_steps) does it through DeviceRun.B_prev, the others through the host loop."""
+    monkeypatch.setattr(lorakern.descent, "DEVICE_LOOP", device_loop)
+    problem, B, A = make_case(SHAPE, np.float64, seed=75, device=device)
+    with pytest.warns(RuntimeWarning, match="finite"), np.errstate(over="ignore", invalid="ignore"):
+        first = lorakern.fit(problem, B, A, steps=20, device=device, step_size=1e3)
+    T = first.steps + 1  # J(V_T) is the first loss that is not finite
+    with pytest.warns(RuntimeWarning, match=f"after step {T - 1}"), \
+            np.errstate(over="ignore", invalid="ignore"):
+        result = lorakern.fit(problem, B, A, steps=T, device=device, step_size=1e3)
+    assert (result.status, result.steps, len(result.history)) == ("diverged", T - 1, T - 1)
+    before = lorakern.fit(problem, B, A, steps=T - 1, device=device, step_size=1e3)
+    assert before.status == "completed"
+    assert_bitwise(host(result.B), host(before.B), "B = V_{T-1}")
+    assert_bitwise(host(result.A), host(before.A), "A = V_{T-1}")
+    assert np.isfinite(result.final_loss)  # J(V_{T-1}) of the history, the loss-only pass's
+    assert_close(result.final_loss, before.final_loss, np.float64, "final_loss", 0.01)
+    for name in FIELDS:
+        assert_bitwise(getattr(result.history, name), getattr(before.history, name), name)
 
 
 def test_progress_bar(capsys):

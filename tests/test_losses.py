@@ -83,7 +83,7 @@ def test_reference_gradient_is_the_derivative(name):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("device", DEVICES)
 def test_loss_matches_reference(device, dtype, loss, masked, small_tiles):
-    problem, B, A = make_case(SHAPE, dtype, loss=loss, masked=masked, seed=20, delta=0.5)
+    problem, B, A = make_case(SHAPE, dtype, loss=loss, masked=masked, seed=20, delta=0.5, device=device)
     compare_pass(problem, B, A, device)
     compare_step(problem, B, A, device)
 
@@ -92,7 +92,7 @@ def test_loss_matches_reference(device, dtype, loss, masked, small_tiles):
 @pytest.mark.parametrize("device", DEVICES)
 def test_logistic_large_margins(device, dtype, small_tiles):
     """|Z| in the hundreds: exp(|Z|) overflows, the loss and gradients must not."""
-    problem, B, A = make_case(SHAPE, dtype, loss="logistic", seed=21, scale=300.0)
+    problem, B, A = make_case(SHAPE, dtype, loss="logistic", seed=21, scale=300.0, device=device)
     Z = problem.W0.astype(np.float64) + B.astype(np.float64) @ A.astype(np.float64)
     assert np.abs(Z).max() > 500 and np.median(np.abs(Z)) > 100
     with np.errstate(over="raise", invalid="raise"):
@@ -108,7 +108,7 @@ def test_logistic_large_margins(device, dtype, small_tiles):
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_all_true_mask_equals_no_mask(device, loss, small_tiles):
-    problem, B, A = make_case(SHAPE, np.float64, loss=loss, seed=22)
+    problem, B, A = make_case(SHAPE, np.float64, loss=loss, seed=22, device=device)
     W0, Y, _ = random_data(SHAPE[:2], np.float64, loss=loss, seed=22)
     masked = lorakern.Problem(W0, Y, loss=loss, mask=np.ones(SHAPE[:2], bool))
     got = device_pass(masked, device, B, A)
@@ -121,7 +121,7 @@ def test_all_true_mask_equals_no_mask(device, loss, small_tiles):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_all_true_mask_fit_equals_unmasked_fit(device):
-    problem, B, A = make_case(SHAPE, np.float64, seed=23)
+    problem, B, A = make_case(SHAPE, np.float64, seed=23, device=device)
     W0, Y, _ = random_data(SHAPE[:2], np.float64, seed=23)
     masked = lorakern.Problem(W0, Y, mask=np.ones(SHAPE[:2], bool))
     got = lorakern.fit(masked, B, A, steps=10, device=device)
@@ -138,7 +138,7 @@ def test_all_true_mask_fit_equals_unmasked_fit(device):
 def test_masked_out_entries_do_not_matter(device, loss, small_tiles):
     """Changing Y (and W0) where the mask is False changes no bit of the step."""
     W0, Y, mask = random_data(SHAPE[:2], np.float64, loss=loss, seed=24, masked=True)
-    _, B, A = make_case(SHAPE, np.float64, seed=24)
+    _, B, A = make_case(SHAPE, np.float64, seed=24, device=device)
     W0b, Yb = W0.copy(), Y.copy()
     off = ~mask
     Yb[off] = -Yb[off] if loss == "logistic" else Yb[off] + 100.0
@@ -154,7 +154,7 @@ def test_masked_out_entries_do_not_matter(device, loss, small_tiles):
 def test_mask_selects_entries(device, small_tiles):
     """The masked loss is the sum over observed entries only (and an empty mask gives 0)."""
     W0, Y, mask = random_data(SHAPE[:2], np.float64, seed=25, masked=True)
-    _, B, A = make_case(SHAPE, np.float64, seed=25)
+    _, B, A = make_case(SHAPE, np.float64, seed=25, device=device)
     Z = W0 + B @ A
     step = lorakern.step(lorakern.Problem(W0, Y, mask=mask), B, A, device=device)
     assert_close(step.loss, 0.5 * np.sum((Z - Y)[mask] ** 2), np.float64, "loss")

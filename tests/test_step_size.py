@@ -19,7 +19,7 @@ ALL = ("reference",) + DEVICES
 @pytest.mark.parametrize("device", ALL)
 def test_constant_eta_is_used_exactly(device, eta):
     """eta is the number given, and the update is B - eta grad_B with that eta."""
-    problem, B, A = make_case(SHAPE, np.float64, seed=40)
+    problem, B, A = make_case(SHAPE, np.float64, seed=40, device=device)
     got = lorakern.step(problem, B, A, device=device, step_size=eta)
     value = float(eta.eta if isinstance(eta, Constant) else eta)
     assert got.eta == value
@@ -35,7 +35,7 @@ def test_constant_eta_is_used_exactly(device, eta):
 @pytest.mark.parametrize("device", ALL)
 def test_theorem_constant(device, constant, lipschitz):
     """eta = min{1 / (constant max(L, 1) (||V||^2 + ||G||)), 1}, for the constant given."""
-    problem, B, A = make_case(SHAPE, np.float64, seed=41, lipschitz=lipschitz)
+    problem, B, A = make_case(SHAPE, np.float64, seed=41, lipschitz=lipschitz, device=device)
     got = lorakern.step(problem, B, A, device=device, step_size=Theorem(constant=constant))
     want = min(1.0 / (constant * max(lipschitz, 1.0) * (got.v_sq + got.g_norm)), 1.0)
     assert want < 1  # not capped here, so the constant shows
@@ -67,7 +67,7 @@ def test_armijo_condition_every_step(device, dtype, policy):
     """On every recorded step: J(V - eta grad J) <= J(V) - c eta ||grad J||^2; eta is either
     an accepted trial, (first trial) / 2^(trials - 1) with first = min(cap, 2 x last eta),
     or the theorem's eta_t once the trials would fall to it."""
-    problem, B, A = make_case(SHAPE, dtype, seed=43)
+    problem, B, A = make_case(SHAPE, dtype, seed=43, device=device)
     result = lorakern.fit(problem, B, A, steps=12, device=device, step_size=policy)
     h = result.history
     assert result.status == "completed" and len(h) == 12
@@ -96,7 +96,7 @@ def test_armijo_condition_every_step(device, dtype, policy):
 @pytest.mark.parametrize("device", ALL)
 def test_armijo_cap_below_theorem_takes_theorem(device):
     """A cap at or below eta_t: no trial is spent, the theorem's eta is taken."""
-    problem, B, A = make_case(SHAPE, np.float64, seed=47)
+    problem, B, A = make_case(SHAPE, np.float64, seed=47, device=device)
     theorem = lorakern.step(problem, B, A, device=device)
     got = lorakern.step(problem, B, A, device=device, step_size=Armijo(cap=theorem.eta / 2))
     assert got.trials == 0 and got.eta == theorem.eta
@@ -104,7 +104,7 @@ def test_armijo_cap_below_theorem_takes_theorem(device):
 
 @pytest.mark.parametrize("device", ALL)
 def test_armijo_takes_larger_steps_than_theorem(device):
-    problem, B, A = make_case(SHAPE, np.float64, seed=44)
+    problem, B, A = make_case(SHAPE, np.float64, seed=44, device=device)
     armijo = lorakern.fit(problem, B, A, steps=10, device=device, step_size="armijo")
     theorem = lorakern.fit(problem, B, A, steps=10, device=device)
     assert armijo.history.eta.min() > theorem.history.eta.max()
@@ -114,7 +114,7 @@ def test_armijo_takes_larger_steps_than_theorem(device):
 @pytest.mark.parametrize("device", ALL)
 def test_armijo_falls_back_to_theorem(device):
     """Out of trials (one trial of a far too long step): the theorem's eta is taken."""
-    problem, B, A = make_case(SHAPE, np.float64, seed=45)
+    problem, B, A = make_case(SHAPE, np.float64, seed=45, device=device)
     got = lorakern.step(problem, B, A, device=device, step_size=Armijo(cap=1e6, max_trials=1))
     want = lorakern.step(problem, B, A, device=device)
     assert got.trials == 1

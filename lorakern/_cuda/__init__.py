@@ -106,6 +106,8 @@ class CudaDevice:
     def check_available(self):
         if self._runtime is None:
             check_available()
+        elif hasattr(self._runtime, "check_available"):
+            self._runtime.check_available()
 
     def asarray(self, x, dtype):
         """A C-contiguous device copy of x (NumPy or CuPy)."""

@@ -86,6 +86,9 @@ __device__ __forceinline__ bool aligned(const void* p, unsigned long long bytes)
 
 // ---- asynchronous global -> shared copies (cp.async on sm_80+; a plain copy elsewhere) -----
 // src_bytes < BYTES zero-fills the rest; src_bytes == 0 reads nothing (src must still be valid).
+// A copy is visible to its own thread after copy_async_wait_all, to the others after the
+// __syncthreads that follows it. The host emulation (emulation.h) lands each copy only at that
+// wait and fills its destination with NaN until then, so a missing wait shows in the results.
 template <int BYTES>
 __device__ __forceinline__ void copy_async(void* dst, const void* src, int src_bytes)
 {
@@ -97,6 +100,8 @@ __device__ __forceinline__ void copy_async(void* dst, const void* src, int src_b
     else
         asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(s), "l"(src), "n"(BYTES), "r"(src_bytes)
                      : "memory");
+#elif defined(LORAKERN_HOST_EMULATION)
+    lk_emu::copy_async(dst, src, BYTES, src_bytes);  // lands at the wait (emulation.h)
 #else
     unsigned char* d = static_cast<unsigned char*>(dst);
     const unsigned char* g = static_cast<const unsigned char*>(src);
@@ -108,6 +113,8 @@ __device__ __forceinline__ void copy_async_commit()
 {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
     asm volatile("cp.async.commit_group;" ::: "memory");
+#elif defined(LORAKERN_HOST_EMULATION)
+    lk_emu::copy_async_commit();
 #endif
 }
 
@@ -115,6 +122,8 @@ __device__ __forceinline__ void copy_async_wait_all()
 {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
     asm volatile("cp.async.wait_all;" ::: "memory");
+#elif defined(LORAKERN_HOST_EMULATION)
+    lk_emu::copy_async_wait_all();
 #endif
 }
 

@@ -4,7 +4,7 @@ A ``Plan`` holds, for one problem and rank, the compiled kernels, the launch geo
 workspace the partial sums live in; it is made once and kept on the problem's device data.
 Everything goes through the device's *runtime*: ``CupyRuntime`` (cupy.RawModule, CuPy arrays)
 on a GPU, or the host emulation (``emulation.HostRuntime``: the same fused.cu compiled by g++,
-a thread per CUDA thread), so that this launcher, the kernels' index arithmetic, tails and
+a fiber per CUDA thread), so that this launcher, the kernels' index arithmetic, tails and
 reductions are checked without a GPU.
 
 Memory plan of one fused step (m x n data, rank r padded to RK, tiles BM x BN, a grid of

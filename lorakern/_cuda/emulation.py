@@ -1,0 +1,217 @@
+"""The CUDA kernels on the host: a test device that runs fused.cu without a GPU.
+
+``HostRuntime`` has the interface of ``launch.CupyRuntime`` (module, kernel, occupancy,
+launch, to_host, xp, sm_count, max_smem_per_block, supports_graphs). It compiles a module's
+source with g++ behind ``emulation.h`` (each CUDA thread a fiber switched at ``__syncthreads``,
+cp.async copies that land only at their wait, shared memory poisoned with NaN before every
+block, barriers checked) and works on NumPy arrays. ``device()`` is a CudaDevice on it: the
+whole CUDA path (launcher, plans, kernels, run_steps) on a machine without a GPU. It is for
+tests: not in the user-facing device table, and slow (a barrier switches 256 fibers), so
+small shapes only.
+
+A kernel that misbehaves fails with ``EmulationError`` naming what went wrong (threads at
+different barriers, a thread that never reaches its barrier, a misaligned cp.async, __trap())
+instead of hanging. ``HostRuntime(flags=["-fsanitize=thread"])`` builds ThreadSanitizer
+modules (load them into a process started with ``LD_PRELOAD=$(g++ -print-file-name=libtsan.so)``;
+``ci/emulation_tsan.py`` does).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from .._dispatch import DeviceUnavailableError
+from . import launch
+
+#: g++ flags of every module and of the runtime: C++17 (fold expressions), threads, and no
+#: contraction of a * b + c into an fma the kernel did not ask for (results would differ from
+#: the GPU's, which contracts only where fused.cu says fma_rn)
+FLAGS = ("-std=c++17", "-O1", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-w")
+#: seconds a CUDA thread may run without reaching a barrier (or the end of the kernel) before
+#: the launch fails
+TIMEOUT = float(os.environ.get("LORAKERN_EMULATION_TIMEOUT", "5"))
+
+
+class EmulationError(RuntimeError):
+    """An emulated kernel did something a GPU would hang on, trap on, or get wrong."""
+
+
+def compiler() -> str | None:
+    """The g++ the emulation builds with (``$CXX`` if set), or None."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def header() -> str:
+    return resources.files(__package__).joinpath("emulation.h").read_text()
+
+
+class HostRuntime:
+    """launch.py's runtime interface, with the kernels compiled by g++ for the host.
+
+    Parameters
+    ----------
+    flags : extra g++ flags for the modules (e.g. ``["-fsanitize=thread", "-g"]``, or
+        ``["-O0", "-g"]`` to debug a kernel); also read from ``$LORAKERN_EMULATION_FLAGS``.
+    timeout : seconds a CUDA thread may run without reaching a barrier before the launch fails.
+    cache : where built modules are kept (keyed by a digest of source and flags).
+    """
+
+    name = "host-emulation"
+    supports_graphs = False
+    xp = np
+    #: a small "GPU": 3 multiprocessors, one block each, so that default plans have a few blocks
+    sm_count = 3
+    max_smem_per_block = 227 * 1024
+
+    def __init__(self, *, flags=(), timeout: float | None = None, cache: Path | None = None):
+        self.flags = tuple(FLAGS) + tuple(flags) + tuple(os.environ.get("LORAKERN_EMULATION_FLAGS", "").split())
+        self.timeout = TIMEOUT if timeout is None else float(timeout)
+        self.cache = Path(cache) if cache is not None else Path(tempfile.gettempdir()) / "lorakern-cuda-emulation"
+        self._modules: dict = {}
+        self._runtime_library: Path | None = None
+
+    def __repr__(self):
+        return f"HostRuntime(flags={self.flags[len(FLAGS):]!r}, timeout={self.timeout})"
+
+    def check_available(self):
+        if compiler() is None:
+            raise DeviceUnavailableError("the CUDA host emulation needs g++ (C++17), which was not found")
+
+    # ---- modules and kernels
+    def module(self, code: str, names: tuple[str, ...]):
+        key = (code, tuple(names))
+        if key not in self._modules:
+            self._modules[key] = self._build(code, tuple(names))
+        return self._modules[key]
+
+    def source(self, code: str, names: tuple[str, ...]) -> str:
+        """The translation unit of a module: emulation.h's declarations, the code (fused.cu's
+        lines named as such in messages), and a launch and a signature function per name."""
+        kernels = launch.kernel_source()
+        at = code.find(kernels)
+        if at >= 0:  # compiler messages and barrier sites in fused.cu's own line numbers
+            end = at + len(kernels)
+            after = code[:end].count("\n") + 1  # "module:N" is line N of `code`
+            code = (f'{code[:at]}\n#line 1 "fused.cu"\n{kernels}\n#line {after} "module"\n'
+                    f'{code[end:]}')
+        wrappers = "\n".join(
+            f'extern "C" int emu_kernel_{i}(unsigned g, unsigned b, unsigned s, void** a, double t) '
+            f"{{ return lk_emu::launch_kernel(&{name}, g, b, s, a, t); }}\n"
+            f'extern "C" int emu_signature_{i}(char* k, int* s) {{ return lk_emu::signature(&{name}, k, s); }}'
+            for i, name in enumerate(names))
+        return (f'#line 1 "emulation.h"\n{header()}\n#line 1 "module"\n{code}\n'
+                f'#line 1 "wrappers"\n{wrappers}\n'
+                f'extern "C" const char* emu_error() {{ return lk_emu::last_error(); }}\n')
+
+    def _compile(self, source: str, flags, extra=()) -> Path:
+        """g++ source -> a shared library in the cache (named by a digest of source and flags)."""
+        gxx = compiler()
+        if gxx is None:
+            self.check_available()
+        flags = list(flags)
+        digest = hashlib.sha256((source + "\0" + " ".join([*flags, *extra])).encode()).hexdigest()[:24]
+        self.cache.mkdir(parents=True, exist_ok=True)
+        lib = self.cache / f"{digest}.so"
+        if not lib.exists():
+            src = self.cache / f"{digest}.cpp"
+            src.write_text(source)
+            tmp = self.cache / f"{digest}.{os.getpid()}.so"
+            # libraries after the source: with --as-needed, one before it would be dropped
+            proc = subprocess.run([gxx, *flags, str(src), *extra, "-o", str(tmp)], capture_output=True,
+                                  text=True)
+            if proc.returncode != 0:
+                raise EmulationError(f"g++ failed to build {src}:\n{proc.stderr[-6000:]}")
+            tmp.replace(lib)
+        return lib
+
+    @property
+    def runtime_library(self) -> Path:
+        """emulation.h's runtime (fibers, barriers, copies, the launcher): built once, with the
+        base flags only. It is never instrumented: under ThreadSanitizer it tells TSan about
+        its fibers and barriers through TSan's interface instead."""
+        if self._runtime_library is None:
+            source = f'#define LORAKERN_EMULATION_RUNTIME 1\n#line 1 "emulation.h"\n{header()}\n'
+            self._runtime_library = self._compile(source, FLAGS)
+        return self._runtime_library
+
+    def _build(self, code, names):
+        runtime = self.runtime_library
+        # linked by full path (DT_NEEDED names it), so the module finds this very runtime
+        lib = self._compile(self.source(code, names), self.flags, extra=(str(runtime),))
+        dll = ctypes.CDLL(str(lib))
+        dll.emu_error.restype = ctypes.c_char_p
+        functions = {}
+        for i, name in enumerate(names):
+            f = getattr(dll, f"emu_kernel_{i}")
+            f.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p),
+                          ctypes.c_double]
+            f.restype = ctypes.c_int
+            kinds, sizes = ctypes.create_string_buffer(64), (ctypes.c_int * 64)()
+            count = getattr(dll, f"emu_signature_{i}")(kinds, sizes)
+            functions[name] = SimpleNamespace(
+                call=f, name=name, error=dll.emu_error,
+                signature=[(kinds.raw[j:j + 1].decode(), sizes[j]) for j in range(count)])
+        return SimpleNamespace(dll=dll, path=lib, functions=functions)
+
+    def kernel(self, module, name: str, smem: int):
+        return module.functions[name]
+
+    def occupancy(self, kernel, smem: int) -> int:
+        return 1
+
+    # ---- launches
+    def launch(self, kernel, grid: int, args, smem: int = 0, *, block: int = launch.NT):
+        """Run the kernel; arguments marshalled as CuPy would, each checked against the kernel's
+        parameter types (a wrong integer width would pass here by luck and break on the GPU)."""
+        if len(args) != len(kernel.signature):
+            raise TypeError(f"{kernel.name}: {len(args)} arguments for {len(kernel.signature)} parameters")
+        keep, pointers = [], []
+        for i, (a, (kind, size)) in enumerate(zip(args, kernel.signature)):
+            where = f"{kernel.name} argument {i}"
+            if isinstance(a, np.ndarray):
+                if kind != "p":
+                    raise TypeError(f"{where}: an array for a {kind!r} parameter")
+                if not a.flags.c_contiguous:
+                    raise ValueError(f"{where}: kernels take C-contiguous arrays")
+                value = np.array(a.ctypes.data, dtype=np.uint64)
+            elif isinstance(a, np.generic):
+                if kind == "p":
+                    if not (a.dtype == np.uint64 and a == 0):
+                        raise TypeError(f"{where}: a pointer must be an array or null")
+                elif (a.dtype.kind == "f") != (kind == "f") or a.dtype.itemsize != size:
+                    raise TypeError(f"{where}: {a.dtype} for a {size}-byte {'float' if kind == 'f' else 'integer'}")
+                value = np.array(a)
+            else:
+                raise TypeError(f"{where}: {type(a).__name__} (kernels take arrays and NumPy scalars)")
+            keep.append(value)
+            pointers.append(value.ctypes.data)
+        argv = (ctypes.c_void_p * len(pointers))(*pointers)
+        if kernel.call(int(grid), int(block), int(smem), argv, self.timeout) != 0:
+            raise EmulationError(f"{kernel.name}: {kernel.error().decode()}")
+
+    @staticmethod
+    def to_host(x):
+        return x
+
+
+def available() -> bool:
+    """True where the emulation can build (g++ found)."""
+    return compiler() is not None
+
+
+@lru_cache(maxsize=None)
+def device():
+    """The emulated CUDA device (one per process): CudaDevice("cuda-emulated") on HostRuntime."""
+    from . import CudaDevice
+
+    return CudaDevice("cuda-emulated", runtime=HostRuntime())
