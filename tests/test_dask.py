@@ -37,10 +37,17 @@ ROW_CHUNKS = (1, 6, 13, 17)
 M, N, R = sum(ROW_CHUNKS), 29, 3
 
 
+#: each worker's memory limit: room for the worker itself (Python, the Numba kernels it has
+#: compiled: ~250-300 MiB) and half of the memory test's problem under Dask's spill
+#: threshold (70% of the limit), beyond which it would spill shards to disk and then pause
+MEMORY_LIMIT = 800 * 2**20
+
+
 @pytest.fixture(scope="module")
 def client():
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, silence_logs=40) as cluster:
+                                  memory_limit=MEMORY_LIMIT, dashboard_address=None,
+                                  silence_logs=40) as cluster:
         with distributed.Client(cluster) as c:
             yield c
 
@@ -113,6 +120,21 @@ def test_step_armijo_and_column_chunks(client):
     assert got.history.trials.sum() > 0  # the line search ran loss-only passes
     s = lorakern.step(sharded, B, A, device="auto")
     assert isinstance(s.B, np.ndarray) and isinstance(s.loss, float)
+
+
+def test_problem_from_zarr(client, tmp_path):
+    """docs/dask.md's flow: W0 and Y in zarr stores chunked by rows, read by the workers."""
+    pytest.importorskip("zarr")
+    W0, Y, _ = random_data((M, N), np.float32, seed=10)
+    for name, x in (("w0", W0), ("y", Y)):
+        da.from_array(x, chunks=(10, -1)).to_zarr(str(tmp_path / f"{name}.zarr"))
+    sharded = lorakern.Problem(da.from_zarr(str(tmp_path / "w0.zarr")),
+                               da.from_zarr(str(tmp_path / "y.zarr")))
+    assert [hi - lo for lo, hi in sharded.shards.bounds] == [10, 10, 10, M - 30]
+    B, A = random_adapters(M, N, R, np.float32, seed=10)
+    got = lorakern.fit(sharded, B, A, steps=STEPS, device="cpu")
+    want = lorakern.fit(lorakern.Problem(W0, Y), B, A, steps=STEPS, device="cpu")
+    _assert_fits_close(got, want, np.float32)
 
 
 def test_no_data_moves_and_graph_does_not_grow(client):
@@ -188,14 +210,43 @@ def test_no_cluster_is_a_clear_error(script, says):
 
 
 def test_closed_client_is_a_clear_error(client):
+    from lorakern._dask import DaskDevice
+
     sharded, _, B, A = _pair(seed=8)
     other = distributed.Client(client.scheduler.address, set_as_default=False)
+    dev = DaskDevice(other, "cpu")
     other.close()
-    dev = lorakern._dask.DaskDevice.__new__(lorakern._dask.DaskDevice)
-    dev.__dict__.update(client=other, inner="cpu", threads=1, inner_name="cpu",
-                        name="dask[cpu]", _checked=False)
     with pytest.raises(lorakern.DeviceUnavailableError, match="not connected"):
         lorakern.fit(sharded, B, A, steps=1, device=dev)
+    with pytest.raises(ValueError, match="another Dask client"):  # shards live on `client`
+        with distributed.Client(client.scheduler.address, set_as_default=False) as third:
+            lorakern.fit(sharded, B, A, steps=1, device=DaskDevice(third, "cpu"))
+
+
+def test_larger_than_one_workers_memory(client):
+    """W0 and Y together larger than either worker's memory limit: the shards (R, half the
+    bytes) spread over both workers, each within its limit, and the fit runs."""
+    m, n, r = 6600, 8192, 4  # W0, Y: 412 MiB each (fp64); R: 412 MiB
+    limits = {w: info["memory_limit"] for w, info in client.scheduler_info()["workers"].items()}
+    assert set(limits.values()) == {MEMORY_LIMIT}
+    rng = da.random.default_rng(11)  # made on the workers: the client never holds it
+    W0 = rng.standard_normal((m, n), chunks=(400, n))
+    Y = rng.standard_normal((m, n), chunks=(400, n))
+    assert W0.nbytes + Y.nbytes > MEMORY_LIMIT
+    sharded = lorakern.Problem(W0, Y)
+    B, A = random_adapters(m, n, r, np.float64, seed=11)
+    result = lorakern.fit(sharded, B, A, steps=3, device="cpu")
+    held = client.run_on_scheduler(lambda dask_scheduler: {
+        ws.address: sum(ts.nbytes for ts in ws.has_what if "lorakern-shard" in str(ts.key))
+        for ws in dask_scheduler.workers.values()})
+    spilled = client.run(lambda dask_worker: len(getattr(dask_worker.data, "slow", ())))
+    assert result.status == "completed" and lorakern.theory.check(result).all_hold
+    assert result.final_loss < result.history.loss[0]
+    assert sum(held.values()) >= m * n * 8  # every shard's R is held, and counted
+    assert all(0 < b < MEMORY_LIMIT / 2 for b in held.values()), held
+    assert set(held) == set(limits), "a worker was restarted (killed for memory?)"
+    assert not any(spilled.values()), f"shards were spilled to disk: {spilled}"
+    del sharded
 
 
 class _KillWorkerAt:
@@ -242,34 +293,3 @@ def test_worker_killed_mid_fit(client):
     assert_bitwise(got.A, undisturbed.A, "A")
     assert_bitwise(got.history.loss, undisturbed.history.loss, "history.loss")
     client.wait_for_workers(2, timeout=120)  # the nanny's new worker, for the tests after
-
-
-def test_larger_than_one_workers_memory(tmp_path):
-    """W0 and Y together larger than either worker's memory limit: the shards (R, half the
-    bytes) spread over both workers and the fit runs, within the limits.
-
-    The limit leaves room for a worker's own ~250 MiB (Python, Numba's compiled kernels) plus
-    its half of R under Dask's spill threshold (70%), else it would pause.
-    """
-    m, n, r = 9600, 8192, 4  # W0, Y: 300 MiB each (fp32); R: 300 MiB
-    limit = 600 * 2**20
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  memory_limit=limit, dashboard_address=None,
-                                  silence_logs=40, local_directory=tmp_path) as cluster:
-        with distributed.Client(cluster) as c:
-            rng = da.random.default_rng(11)  # made on the workers: the client never holds it
-            W0 = rng.standard_normal((m, n), dtype=np.float32, chunks=(400, n))
-            Y = rng.standard_normal((m, n), dtype=np.float32, chunks=(400, n))
-            assert W0.nbytes + Y.nbytes >= limit
-            sharded = lorakern.Problem(W0, Y)
-            B, A = random_adapters(m, n, r, np.float32, seed=11)
-            result = lorakern.fit(sharded, B, A, steps=3, device="cpu")
-            loss0 = float(0.5 * ((W0 - Y + da.from_array(B, chunks=(400, r)) @ A) ** 2).sum())
-            held = c.run_on_scheduler(lambda dask_scheduler: {
-                ws.address: sum(ts.nbytes for ts in ws.has_what
-                                if "lorakern-shard" in str(ts.key))
-                for ws in dask_scheduler.workers.values()})
-    assert result.status == "completed" and lorakern.theory.check(result).all_hold
-    assert_close(result.history.loss[0], loss0, np.float32, "J(V_0)")
-    assert sum(held.values()) >= m * n * 4  # every shard's R is held, and counted
-    assert all(0 < b < limit / 2 for b in held.values()), held

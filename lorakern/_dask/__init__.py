@@ -78,8 +78,8 @@ class DaskDevice:
 
     Parameters
     ----------
-    client : a dask.distributed Client, or None for the default client (the one most
-        recently connected).
+    client : a dask.distributed Client, or None for the current one (that of
+        ``with client.as_current():``, else the one most recently connected).
     inner : what each worker runs on its shards: "cpu" (the Numba kernels), "cuda" (for
         CuPy-backed chunks), "reference", or a Device object that pickles.
     threads : Numba threads per shard task on a "cpu" worker (default 1: the worker's own
@@ -87,7 +87,7 @@ class DaskDevice:
         worker that computes it.
 
     ``fit(problem, B, A, device="cpu")`` on a dask-backed problem makes one of these with the
-    default client; pass one yourself to pick the client or the threads.
+    current client; pass one yourself to pick the client or the threads.
     """
 
     kernels_name = "dask"
@@ -105,6 +105,9 @@ class DaskDevice:
         elif not isinstance(inner, _dispatch.Device):
             raise TypeError(f"inner must be a device name such as 'cpu' or a Device object, "
                             f"got {type(inner).__name__}")
+        elif _dispatch.DEVICES.get(inner.name) and _dispatch._load(
+                _dispatch.DEVICES[inner.name]) is inner:
+            inner = inner.name  # a registered device travels as its name: workers load theirs
         self.client = default_client(client)
         self.inner = inner
         self.threads = positive_int("threads", threads)

@@ -1,19 +1,20 @@
 """The matrix kind on a Dask cluster: the inner device's fused pass per row shard, merged.
 
-Per pass: one task per shard, placed by Dask where its shard lives (the task's only large
-input), running the inner device's own ``fused_pass`` on the shard's rows. The task takes
-B[lo:hi] (rows x r) and A (r x n) as arguments and returns grad_B[lo:hi], the shard's r x n
-partial P_s = B[lo:hi]^T G_s of grad_A, J_s and ||G_s||^2. The partials are added in shard
-order, in float64 (a fixed order: the bits do not depend on which task ends first); up to
-FAN_IN shards on the client, more in a fixed tree of FAN_IN-way merge tasks on the workers,
-so the client receives O(r n) per pass however many shards there are. The step's norms
-are then formed from the merged pieces (eq. 8):
+Per pass: one task per shard, pinned to the worker that holds the shard, running the inner
+device's own ``fused_pass`` on the shard's rows. The task takes B[lo:hi] (rows x r) and A
+(r x n) as arguments and returns grad_B[lo:hi], the shard's r x n partial
+P_s = B[lo:hi]^T G_s of grad_A, J_s and ||G_s||^2. The partials are added in shard order,
+in float64 (a fixed order: the bits do not depend on which task ends first); up to FAN_IN
+shards on the client, more in a fixed tree of FAN_IN-way merge tasks on the workers, so the
+client receives O(r n) per pass however many shards there are. The step's norms are then
+formed from the merged pieces (eq. 8):
 
     grad_sq = ||grad_B||^2 + ||grad_A||^2,   v_sq = ||A||^2 + ||B||^2   (float64, client)
 
-Each pass's tasks have fresh keys and are released when the pass returns: the graph the
-scheduler holds is the shards' and one pass's, whatever the number of steps. No m x n data
-moves after the shards are built: only B's rows, A, and the r x n partials travel.
+Each pass's tasks have fresh keys and are released once the next pass is submitted: the
+graph the scheduler holds is the shards' and at most two passes', whatever the number of
+steps. No m x n data moves after the shards are built: only B's rows, A, and the r x n
+partials travel.
 """
 from __future__ import annotations
 
@@ -25,8 +26,6 @@ import numpy as np
 from .. import _dispatch
 from ..results import PassResult
 from . import DaskDevice, distributed
-
-dist = None  # dask.distributed, imported by prepare()
 
 #: partials merged per merge task (and on the client when there are at most this many
 #: shards): 8 r x n float64 arrays in flight per merge
@@ -45,15 +44,8 @@ def prepare(problem, device):
     if shards.client is not device.client:
         raise ValueError("the problem's shards live on another Dask client than the device's; "
                          "build the Problem and fit it with the same client")
-    inner = device.inner
-    if not isinstance(inner, str) and _dispatch.DEVICES.get(inner.name) is not None:
-        # a registered device travels as its name (the worker loads its own)
-        if _dispatch._load(_dispatch.DEVICES[inner.name]) is inner:
-            inner = inner.name
-    global dist
-    dist = distributed()
-    return SimpleNamespace(shards=shards, client=device.client, inner=inner,
-                           threads=device.threads)
+    return SimpleNamespace(shards=shards, client=device.client, inner=device.inner,
+                           threads=device.threads, previous=None)
 
 
 def fused_pass(problem, data, B, A, *, norm="exact"):
@@ -87,7 +79,7 @@ def _run(data, B, A, norm, with_grad):
     for pinned workers that are gone, and submits those shards' tasks again unpinned: Dask
     rebuilds a lost shard from its source and runs the task where the shard now is.
     """
-    client, shards = data.client, data.shards
+    dist, client, shards = distributed(), data.client, data.shards
     tag = uuid.uuid4().hex
     B, A = np.ascontiguousarray(B), np.ascontiguousarray(A)
     args = (data.inner, data.threads, norm, with_grad)
