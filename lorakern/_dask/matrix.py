@@ -61,12 +61,14 @@ def fused_pass(problem, data, B, A, *, norm="exact"):
 def loss_pass(problem, data, B, A):
     """J(B, A) alone: one loss-only task per shard, the J_s added in shard order."""
     futures = _run(data, B, A, "exact", False)
-    return float(sum(data.client.gather(futures)))  # sum() adds in list order
+    return float(sum(data.client.gather(futures, direct=True)))  # sum() adds in list order
 
 
 def _sq(x) -> float:
-    x = np.asarray(x, dtype=np.float64).ravel()
-    return float(x @ x)
+    """||x||_F^2 in float64, without BLAS (whose idle threads would spin on the client's
+    cores, which the workers may share)."""
+    x = np.ascontiguousarray(x).ravel()
+    return float(np.einsum("i,i->", x, x, dtype=np.float64))
 
 
 def _run(data, B, A, norm, with_grad):
@@ -127,7 +129,7 @@ def _merged(data, futures):
                                       key=f"lorakern-merge-{tag}-{level}-{i}")
                    for i in range(0, len(futures), FAN_IN)]
         level += 1
-    return merge(*data.client.gather(futures))
+    return merge(*data.client.gather(futures, direct=True))
 
 
 # ---- what runs on the workers ------------------------------------------------------------------
