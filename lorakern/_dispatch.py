@@ -29,6 +29,14 @@ KERNELS: dict[tuple[str, str], str] = {
     ("matrix", "reference"): "lorakern.reference.matrix",
     ("matrix", "cpu"): "lorakern._cpu.matrix",
     ("matrix", "cuda"): "lorakern._cuda.matrix",
+    ("matrix", "dask"): "lorakern._dask.matrix",
+}
+
+#: array library -> "module:function" making the device for arrays of that library out of the
+#: device the user named: wrap(spec, arrays) -> Device. A problem on dask arrays runs the
+#: named device on each of its row shards (lorakern._dask).
+WRAPPERS: dict[str, str] = {
+    "dask": "lorakern._dask:wrap",
 }
 
 #: the device names a user can pass: the table's and "auto" (where the arrays live)
@@ -108,7 +116,13 @@ def device(name: str) -> Device:
 
 
 def resolve(spec, *arrays) -> Device:
-    """A device name ("auto": "cuda" if any array is a CuPy array, else "cpu") or object."""
+    """A device name ("auto": "cuda" if any array is a CuPy array, else "cpu") or object.
+
+    Arrays of a library in WRAPPERS (dask) get that library's device, wrapped around ``spec``.
+    """
+    library = _wrapping_library(arrays)
+    if library is not None:
+        return _load(WRAPPERS[library])(spec, arrays)
     if isinstance(spec, str):
         if spec == "auto":
             spec = "cuda" if any(_is_cupy(a) for a in arrays if a is not None) else "cpu"
@@ -141,6 +155,19 @@ def devices() -> tuple[str, ...]:
             continue
         found.append(name)
     return tuple(found)
+
+
+def array_library(x) -> str:
+    """The top-level module of x's type: "numpy", "cupy", "dask", ..."""
+    return type(x).__module__.split(".")[0]
+
+
+def _wrapping_library(arrays) -> str | None:
+    # never imports the library: an array of it can only exist if it is in sys.modules
+    for a in arrays:
+        if a is not None and array_library(a) in WRAPPERS and array_library(a) in sys.modules:
+            return array_library(a)
+    return None
 
 
 def _is_cupy(x) -> bool:

@@ -1,4 +1,4 @@
-"""A CPU step never imports CuPy; a missing CUDA backend is a clear error (STYLE.md)."""
+"""A CPU step never imports CuPy or Dask; a missing CUDA backend is a clear error (STYLE.md)."""
 from __future__ import annotations
 
 import os
@@ -19,6 +19,8 @@ B, A = lorakern.init_adapters(5, 6, 2, dtype=np.float64, seed=0, init="gaussian"
 result = lorakern.step(lorakern.Problem(W0, Y), B, A, device="cpu")
 assert np.isfinite(result.B).all()
 assert "cupy" not in sys.modules, "a CPU step imported cupy"
+for name in ("dask", "distributed"):
+    assert name not in sys.modules, f"a CPU step on NumPy arrays imported {name}"
 found = lorakern.devices()
 assert "cpu" in found
 if "cuda" not in found:
@@ -27,7 +29,7 @@ print("ok", found)
 """
 
 
-def test_cpu_step_does_not_import_cupy():
+def test_cpu_step_does_not_import_cupy_or_dask():
     root = str(Path(lorakern.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,

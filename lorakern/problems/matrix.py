@@ -7,8 +7,11 @@ array or None.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
+from .._dispatch import array_library
 from ..losses import LOSSES, Loss
 from .._validate import array_namespace, check_delta, check_matrix, positive_float
 
@@ -18,7 +21,9 @@ class Problem:
 
     Parameters
     ----------
-    W0, Y : (m, n) float32 or float64 arrays, same dtype; NumPy or CuPy.
+    W0, Y : (m, n) float32 or float64 arrays, same dtype; NumPy, CuPy, or dask arrays (the
+        problem is then sharded by rows and kept on the workers of a Dask cluster; see
+        lorakern._dask).
     loss : "squared" (the default, J = 1/2 ||W0 + BA - Y||_F^2), "huber" or "logistic".
     mask : optional (m, n) boolean array; entries where it is False add nothing.
     delta : the Huber threshold (> 0; default 1). Only "huber" takes it.
@@ -39,16 +44,19 @@ class Problem:
                  lipschitz: float | None = None):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known losses: {sorted(LOSSES)}")
+        if _sharded(W0, Y, mask):  # dask arrays: checked and kept on the workers, by rows
+            from .._dask.problem import init_sharded
+
+            self._set_loss(loss, delta, lipschitz)
+            init_sharded(self, W0, Y, mask, self._shard_kwargs())
+            return
         check_matrix("W0", W0)
         check_matrix("Y", Y, dtype=W0.dtype)
         if W0.shape != Y.shape:
             raise ValueError(f"W0 has shape {tuple(W0.shape)} but Y has shape {tuple(Y.shape)}")
         if W0.size == 0:
             raise ValueError(f"W0 and Y must be non-empty, got shape {tuple(W0.shape)}")
-        self.loss: Loss = LOSSES[loss]
-        self.delta = check_delta(self.loss, delta)
-        self.lipschitz = (self.loss.lipschitz if lipschitz is None
-                          else positive_float("lipschitz", lipschitz))
+        self._set_loss(loss, delta, lipschitz)
         xp = array_namespace(W0)
         if array_namespace(Y) is not xp:
             raise TypeError("W0 and Y must both be NumPy arrays or both CuPy arrays")
@@ -69,6 +77,17 @@ class Problem:
             self.W0 = self.Y = None
         self.mask = None if mask is None else _check_mask(mask, self.shape, xp)
         self._prepared: dict = {}  # device key -> that device's copy of the data
+
+    def _set_loss(self, loss, delta, lipschitz):
+        self.loss: Loss = LOSSES[loss]
+        self.delta = check_delta(self.loss, delta)
+        self.lipschitz = (self.loss.lipschitz if lipschitz is None
+                          else positive_float("lipschitz", lipschitz))
+
+    def _shard_kwargs(self) -> dict:
+        """What a Problem on some of the rows takes besides the arrays."""
+        return dict(loss=self.loss.name, lipschitz=self.lipschitz,
+                    delta=self.delta if self.loss.uses_delta else None)
 
     # -- the layout the kernels read ---------------------------------------------------------
     @property
@@ -108,6 +127,12 @@ class Problem:
         m, n = self.shape
         mask = "" if self.mask is None else ", masked"
         return f"Problem({m}x{n} {self.dtype}, loss={self.loss.name!r}{mask}, L={self.lipschitz})"
+
+
+def _sharded(*arrays) -> bool:
+    """True if any input is a dask array (never imports dask: it is loaded if one exists)."""
+    return "dask" in sys.modules and any(
+        array_library(a) == "dask" for a in arrays if a is not None)
 
 
 def _check_mask(mask, shape, xp):
