@@ -1,39 +1,64 @@
-"""Numba kernels for the fused LoRA step.
+"""Numba kernels for the fused LoRA step: the pieces, and the on-disk cache of the kernels.
 
-Memory plan. Rows are split into ``nchunks`` contiguous chunks, one per thread (prange).
-A chunk walks its rows in groups of ROWS = 4 and the columns in tiles of ``tile`` columns,
-tile-major, so that the tile of A and the chunk's partial grad_A for that tile stay in
-cache (L2) while every row group of the chunk passes over them:
+Work units. The m x n data are cut into fixed units of ``unit_rows`` rows x ``unit_cols``
+columns (the geometry depends on the shape, the rank and the dtype, never on the thread
+count). Threads take units one at a time from an atomic counter, so a thread whose core is
+busy (another library's spinning threads, another process) takes fewer units instead of
+holding up the step. Each unit (p, q) writes its own partials, which ``merge`` adds in unit
+order afterwards: the bits do not depend on the thread count or on which thread ran which unit.
 
-    t[4, tile]  = R[rows, tile] + B[rows, :] @ A[:, tile]        (phase 1: 2*4*tile*r flops)
-    value, G    = loss(t)          -> loss, ||G||^2 in float64     (pointwise)
-    grad_B[rows, :]  += G @ A[:, tile]^T                           (phase 2)
-    grad_A_part[:, tile] += B[rows, :]^T @ G                       (phase 3, same sweep)
+Memory plan of one unit. It walks its rows in blocks of ``block_rows`` rows; for each block
+and each chunk of ``chunk`` columns (G stays in L1/L2 between the phases):
 
-R is read from memory exactly once; the three phases are 6 m n r flops in all, the same
-as the three matrix products of the unfused step, but with no m x n temporary.
+    G[block, chunk] = R[block, chunk] + B[block, :] @ A[:, chunk]        phase 1  (2 r flops/entry)
+    value, G        = loss(G)        -> loss, ||G||^2 in float64         pointwise
+    grad_B_part[q][block, :]  (+)= G @ A[:, chunk]^T                     phase 2  (2 r)
+    grad_A_part[p][:, chunk]  (+)= B[block, :]^T @ G                     phase 3  (2 r)
 
-G never exists beyond a 4 x tile buffer. Each chunk owns its rows of grad_B and its own
-r x n partial of grad_A; ``merge`` adds the partials in chunk order, so the bits do not
-depend on scheduling (they do depend on nchunks, i.e. on the thread count).
+R is read from memory once; the phases are the 6 m n r flops of the three matrix products
+of the unfused step, with no m x n temporary. Each phase has two implementations with the
+same arguments: SIMD micro-kernels (simd.py; register blocks of explicit AVX2 vectors and
+FMAs) and portable loops for CPUs without AVX2/FMA. They round differently; each is
+deterministic on its own.
 
-B and A arrive padded with zeros to r4 = r rounded up to 4 (and B to m4 rows): zero
-columns of B / rows of A add nothing to G and get zero gradients, and the phases can be
-unrolled by 4 over the rank with no remainder loop. Rows past m read row m-1 of the data
-and are given G = 0, so they add nothing either.
+B and A arrive padded with zeros (B to the units' rows x r4, A to r4 x the units' columns;
+r4 = r rounded up to 4), so the phases need no remainder loops over the rank or in phases
+2 and 3. Rows past m read row m - 1 of the data and get G = 0; columns past n get G = 0.
+
+The kernel for a (loss, layout, SIMD or not) is generated from _fused.py with the loss's
+scalar code pasted in, written as a module into a cache directory and imported, so that
+Numba's ``cache=True`` finds it on disk in the next process (``fused_kernel``).
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import math  # noqa: F401  (used by the generated loss functions)
+import os
+import re
+import sys
+import tempfile
+import threading
 from functools import lru_cache
+from pathlib import Path
 
 import numba
 import numpy as np
 
-ROWS = 4  # rows per group: phases 2+3 do 8 FMAs per 6 loads (4 of G, 1 of A, 1 of grad_A)
-# reassociation lets LLVM vectorise the dot products of phase 2; no 'nnan'/'ninf', so
+from . import simd
+from .simd import lanes, vbroadcast, vfma, vload, vstore, vsum, vzeros
+
+# reassociation lets LLVM vectorise the portable loops' reductions; no 'nnan'/'ninf', so
 # non-finite values propagate and the driver can see them
 FASTMATH = {"reassoc", "contract", "nsz"}
+
+#: the SIMD micro-kernels' register blocks (phase 1: MR rows x 2 vectors; phase 2: 2 rows
+#: x 4 ranks; phase 3: 4 ranks x 2 vectors). block_rows is a multiple of MR, the column
+#: chunk a multiple of 2 vectors, r4 a multiple of 4.
+MR = 4
+
+#: True where this CPU has AVX2 and FMA: use the SIMD micro-kernels (tests switch it off)
+SIMD = simd.available()
 
 
 @numba.njit(inline="always")  # no fast-math: (1 + x) - 1 must not be simplified to x
@@ -48,154 +73,362 @@ def _log1p(x):
 _SCALAR_REPLACEMENTS = {"math.log1p(": "_log1p("}
 
 
-def _compile_loss(loss):
-    """The loss's scalar (value, grad) function, compiled by Numba for inlining."""
-    source = loss.scalar_source("pointwise")
+def _scalar_source(loss, fname: str = "pointwise") -> str:
+    source = loss.scalar_source(fname)
     for slow, fast in _SCALAR_REPLACEMENTS.items():
         source = source.replace(slow, fast)
+    return source
+
+
+def _compile_loss(loss):
+    """The loss's scalar (value, grad) function, compiled by Numba for inlining (not cached
+    on disk; the fused kernels get theirs from the generated module)."""
     namespace = {"math": math, "_log1p": _log1p}
-    exec(source, namespace)
+    exec(_scalar_source(loss), namespace)
     return numba.njit(inline="always", fastmath=FASTMATH)(namespace["pointwise"])
 
 
-@lru_cache(maxsize=None)
-def fused_kernel(loss, labels: bool, masked: bool):
-    """The fused pass for one loss and data layout.
+# ---- phase 1: G[:, :w] = data[rows, j0:j0 + w] + Bp[b0:b0 + nb] @ Ap[:, j0:j0 + w] -----------
+# rows past m read row m - 1 (the pointwise step zeroes them); G[:, w:wpad] = 0
 
-    ``labels``: the data are W0 and Y (z = W0 + BA) instead of R (d = R + BA).
-    ``masked``: entries with mask == 0 add nothing. These two are closure constants, so
-    Numba compiles each combination separately and the branches on them cost nothing.
-    The kernel's ``with_grad`` argument is a run-time flag (one branch per row group):
-    False gives the loss-only pass (phase 1 and the loss; no gradients) used by line
-    searches and for J(V_T), without compiling a second kernel.
-    """
-    pointwise = _compile_loss(loss)
-
-    @numba.njit(parallel=True, fastmath=FASTMATH, nogil=True)
-    def kernel(data, labels_y, mask, Bp, Ap, delta, tile, zero, with_grad, grad_B, grad_A_parts, scalars):
-        m, n = data.shape
-        r4 = Ap.shape[0]
-        nchunks = grad_A_parts.shape[0]
-        ngroups = Bp.shape[0] // ROWS
-        for c in numba.prange(nchunks):
-            g_first = c * ngroups // nchunks
-            g_last = (c + 1) * ngroups // nchunks
-            grad_A = grad_A_parts[c]
-            if with_grad:
-                grad_A[:, :] = 0.0
-            buf = np.empty((ROWS, tile), dtype=data.dtype)
-            loss_sum = 0.0  # float64 accumulators
-            g_sq = 0.0
-            for j0 in range(0, n, tile):
-                w = min(tile, n - j0)
-                for grp in range(g_first, g_last):
-                    i0 = grp * ROWS
-                    # ---- phase 1: t = R + B A for the 4 rows x w columns, two rows at a
-                    # time and 4 ranks at a time (8 B values + 4 A values + 2 rows fit the
-                    # 16 vector registers of AVX2); the first rank group reads R itself,
-                    # so R is loaded once. Rows past m read row m - 1 (G is zeroed below).
-                    for ip in range(0, ROWS, 2):
-                        ia, ib = i0 + ip, i0 + ip + 1
-                        ta, tb = buf[ip], buf[ip + 1]
-                        ra = data[min(ia, m - 1), j0:j0 + w]
-                        rb = data[min(ib, m - 1), j0:j0 + w]
-                        for k in range(0, r4, 4):
-                            ba0, ba1, ba2, ba3 = Bp[ia, k], Bp[ia, k + 1], Bp[ia, k + 2], Bp[ia, k + 3]
-                            bb0, bb1, bb2, bb3 = Bp[ib, k], Bp[ib, k + 1], Bp[ib, k + 2], Bp[ib, k + 3]
-                            a0, a1 = Ap[k, j0:j0 + w], Ap[k + 1, j0:j0 + w]
-                            a2, a3 = Ap[k + 2, j0:j0 + w], Ap[k + 3, j0:j0 + w]
-                            if k == 0:
-                                for jj in range(w):
-                                    x0, x1, x2, x3 = a0[jj], a1[jj], a2[jj], a3[jj]
-                                    ta[jj] = ra[jj] + ba0 * x0 + ba1 * x1 + ba2 * x2 + ba3 * x3
-                                    tb[jj] = rb[jj] + bb0 * x0 + bb1 * x1 + bb2 * x2 + bb3 * x3
-                            else:
-                                for jj in range(w):
-                                    x0, x1, x2, x3 = a0[jj], a1[jj], a2[jj], a3[jj]
-                                    ta[jj] += ba0 * x0 + ba1 * x1 + ba2 * x2 + ba3 * x3
-                                    tb[jj] += bb0 * x0 + bb1 * x1 + bb2 * x2 + bb3 * x3
-                    t0, t1, t2, t3 = buf[0], buf[1], buf[2], buf[3]
-                    # ---- pointwise: loss value and G = dL/dZ; G = 0 off the mask and past m
-                    for ii in range(ROWS):
-                        row = buf[ii]
-                        i = i0 + ii
-                        if i >= m:
-                            row[:w] = 0.0
-                            continue
-                        for jj in range(w):
-                            y = labels_y[i, j0 + jj] if labels else row[jj]
-                            value, grad = pointwise(row[jj], y, delta)
-                            if masked:
-                                # multiply by the 0/1 mask instead of branching: the loop
-                                # stays vectorisable (a branch here cost 1.5-2x)
-                                keep = np.float64(mask[i, j0 + jj])
-                                value = value * keep
-                                grad = grad * keep
-                            row[jj] = grad  # rounded to the data's dtype
-                            g = np.float64(row[jj])
-                            loss_sum += value
-                            g_sq += g * g
-                    if not with_grad:
-                        continue
-                    # ---- phases 2 and 3 in one sweep per rank k, sharing the loads of G:
-                    #   grad_B[rows, k]    += G[rows, tile] . A[k, tile]     (G A^T)
-                    #   grad_A_part[k, tile] += B[rows, k]^T G[rows, tile]   (B^T G)
-                    # 8 FMAs per 6 loads and 1 store: bound by the FMA units, not by loads.
-                    for k in range(r4):
-                        b0, b1, b2, b3 = Bp[i0, k], Bp[i0 + 1, k], Bp[i0 + 2, k], Bp[i0 + 3, k]
-                        a = Ap[k, j0:j0 + w]
-                        out = grad_A[k, j0:j0 + w]
-                        s0 = s1 = s2 = s3 = zero
-                        for jj in range(w):
-                            y0, y1, y2, y3 = t0[jj], t1[jj], t2[jj], t3[jj]
-                            x = a[jj]
-                            s0 += y0 * x
-                            s1 += y1 * x
-                            s2 += y2 * x
-                            s3 += y3 * x
-                            out[jj] += b0 * y0 + b1 * y1 + b2 * y2 + b3 * y3
-                        grad_B[i0, k] += s0
-                        grad_B[i0 + 1, k] += s1
-                        grad_B[i0 + 2, k] += s2
-                        grad_B[i0 + 3, k] += s3
-            scalars[c, 0] = loss_sum
-            scalars[c, 1] = g_sq
-
-    return kernel
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _phase1_tail(G, data, Bp, Ap, b0, nb, j0, jfirst, w, wpad, m):
+    """Columns [jfirst, w) one at a time (the portable path's whole phase 1), then zeros."""
+    r4 = Ap.shape[0]
+    for ii in range(nb):
+        src = data[min(b0 + ii, m - 1)]
+        row = G[ii]
+        for jj in range(jfirst, w):
+            row[jj] = src[j0 + jj]
+        for k in range(0, r4, 4):
+            b0k, b1k, b2k, b3k = Bp[b0 + ii, k], Bp[b0 + ii, k + 1], Bp[b0 + ii, k + 2], Bp[b0 + ii, k + 3]
+            a0, a1, a2, a3 = Ap[k], Ap[k + 1], Ap[k + 2], Ap[k + 3]
+            for jj in range(jfirst, w):
+                j = j0 + jj
+                row[jj] += b0k * a0[j] + b1k * a1[j] + b2k * a2[j] + b3k * a3[j]
+        for jj in range(w, wpad):
+            row[jj] = 0.0
 
 
-# cached on disk (saves ~3.5 s of a new process's first step). The fused kernels are not:
-# they are closures over a generated loss function, whose pickled form differs in every
-# process, so Numba would write a new cache entry each time and never hit it.
-@numba.njit(fastmath=FASTMATH, nogil=True, cache=True)
-def merge(grad_A_parts, grad_A, grad_B, Bp, Ap, scalars, out):
-    """grad_A = sum of the chunks' partials, in chunk order; the norms in float64.
+@numba.njit(inline="always")
+def _phase1_simd(G, data, Bp, Ap, b0, nb, j0, w, wpad, m):
+    """4 rows x 2 vectors of accumulators held across the rank loop: per rank 2 loads of
+    A, 4 broadcasts of B, 8 FMAs."""
+    L = lanes(G)
+    r4 = Ap.shape[0]
+    wfull = w // (2 * L) * (2 * L)
+    for ii in range(0, nb, MR):
+        i = b0 + ii
+        s0, s1, s2, s3 = min(i, m - 1), min(i + 1, m - 1), min(i + 2, m - 1), min(i + 3, m - 1)
+        for jj in range(0, wfull, 2 * L):
+            j = j0 + jj
+            c00, c01 = vload(data, s0, j), vload(data, s0, j + L)
+            c10, c11 = vload(data, s1, j), vload(data, s1, j + L)
+            c20, c21 = vload(data, s2, j), vload(data, s2, j + L)
+            c30, c31 = vload(data, s3, j), vload(data, s3, j + L)
+            for k in range(r4):
+                a0, a1 = vload(Ap, k, j), vload(Ap, k, j + L)
+                b = vbroadcast(Bp[i, k])
+                c00, c01 = vfma(b, a0, c00), vfma(b, a1, c01)
+                b = vbroadcast(Bp[i + 1, k])
+                c10, c11 = vfma(b, a0, c10), vfma(b, a1, c11)
+                b = vbroadcast(Bp[i + 2, k])
+                c20, c21 = vfma(b, a0, c20), vfma(b, a1, c21)
+                b = vbroadcast(Bp[i + 3, k])
+                c30, c31 = vfma(b, a0, c30), vfma(b, a1, c31)
+            vstore(G, ii, jj, c00)
+            vstore(G, ii, jj + L, c01)
+            vstore(G, ii + 1, jj, c10)
+            vstore(G, ii + 1, jj + L, c11)
+            vstore(G, ii + 2, jj, c20)
+            vstore(G, ii + 2, jj + L, c21)
+            vstore(G, ii + 3, jj, c30)
+            vstore(G, ii + 3, jj + L, c31)
+    _phase1_tail(G, data, Bp, Ap, b0, nb, j0, wfull, w, wpad, m)
+
+
+# ---- phase 2: grad_B[b0:b0 + nb, :] (+)= G[:, :wpad] @ Ap[:, j0:j0 + wpad]^T -------------------
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _phase2_portable(G, Ap, gB, b0, nb, j0, wpad, first):
+    r4 = Ap.shape[0]
+    for ii in range(nb):
+        row = G[ii]
+        for k in range(r4):
+            a = Ap[k]
+            s = row[0] * a[j0]
+            for jj in range(1, wpad):
+                s += row[jj] * a[j0 + jj]
+            gB[b0 + ii, k] = s if first else gB[b0 + ii, k] + s
+
+
+@numba.njit(inline="always")
+def _phase2_simd(G, Ap, gB, b0, nb, j0, wpad, first):
+    """2 rows x 4 ranks of vector dot products: per vector of columns 2 loads of G, 4 of A,
+    8 FMAs; the lanes are summed once per chunk."""
+    L = lanes(G)
+    r4 = Ap.shape[0]
+    for ii in range(0, nb, 2):
+        for k in range(0, r4, 4):
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = vzeros(G)
+            for jj in range(0, wpad, L):
+                j = j0 + jj
+                g0, g1 = vload(G, ii, jj), vload(G, ii + 1, jj)
+                a = vload(Ap, k, j)
+                s00, s10 = vfma(g0, a, s00), vfma(g1, a, s10)
+                a = vload(Ap, k + 1, j)
+                s01, s11 = vfma(g0, a, s01), vfma(g1, a, s11)
+                a = vload(Ap, k + 2, j)
+                s02, s12 = vfma(g0, a, s02), vfma(g1, a, s12)
+                a = vload(Ap, k + 3, j)
+                s03, s13 = vfma(g0, a, s03), vfma(g1, a, s13)
+            i = b0 + ii
+            if first:
+                gB[i, k], gB[i, k + 1], gB[i, k + 2], gB[i, k + 3] = vsum(s00), vsum(s01), vsum(s02), vsum(s03)
+                gB[i + 1, k], gB[i + 1, k + 1] = vsum(s10), vsum(s11)
+                gB[i + 1, k + 2], gB[i + 1, k + 3] = vsum(s12), vsum(s13)
+            else:
+                gB[i, k] += vsum(s00)
+                gB[i, k + 1] += vsum(s01)
+                gB[i, k + 2] += vsum(s02)
+                gB[i, k + 3] += vsum(s03)
+                gB[i + 1, k] += vsum(s10)
+                gB[i + 1, k + 1] += vsum(s11)
+                gB[i + 1, k + 2] += vsum(s12)
+                gB[i + 1, k + 3] += vsum(s13)
+
+
+# ---- phase 3: grad_A[:, j0:j0 + wpad] (+)= Bp[b0:b0 + nb]^T @ G[:, :wpad] ---------------------
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _phase3_portable(G, Bp, gA, b0, nb, j0, wpad, first):
+    r4 = gA.shape[0]
+    for k in range(r4):
+        out = gA[k, j0:j0 + wpad]
+        if first:
+            out[:] = 0.0
+        for ii in range(nb):
+            b = Bp[b0 + ii, k]
+            row = G[ii]
+            for jj in range(wpad):
+                out[jj] += b * row[jj]
+
+
+@numba.njit(inline="always")
+def _phase3_simd(G, Bp, gA, b0, nb, j0, wpad, first):
+    """4 ranks x 2 vectors of accumulators held across the rows: per row 2 loads of G,
+    4 broadcasts of B, 8 FMAs."""
+    L = lanes(G)
+    r4 = gA.shape[0]
+    for k in range(0, r4, 4):
+        for jj in range(0, wpad, 2 * L):
+            j = j0 + jj
+            if first:
+                c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = vzeros(G)
+            else:
+                c00, c01 = vload(gA, k, j), vload(gA, k, j + L)
+                c10, c11 = vload(gA, k + 1, j), vload(gA, k + 1, j + L)
+                c20, c21 = vload(gA, k + 2, j), vload(gA, k + 2, j + L)
+                c30, c31 = vload(gA, k + 3, j), vload(gA, k + 3, j + L)
+            for ii in range(nb):
+                g0, g1 = vload(G, ii, jj), vload(G, ii, jj + L)
+                i = b0 + ii
+                b = vbroadcast(Bp[i, k])
+                c00, c01 = vfma(b, g0, c00), vfma(b, g1, c01)
+                b = vbroadcast(Bp[i, k + 1])
+                c10, c11 = vfma(b, g0, c10), vfma(b, g1, c11)
+                b = vbroadcast(Bp[i, k + 2])
+                c20, c21 = vfma(b, g0, c20), vfma(b, g1, c21)
+                b = vbroadcast(Bp[i, k + 3])
+                c30, c31 = vfma(b, g0, c30), vfma(b, g1, c31)
+            vstore(gA, k, j, c00)
+            vstore(gA, k, j + L, c01)
+            vstore(gA, k + 1, j, c10)
+            vstore(gA, k + 1, j + L, c11)
+            vstore(gA, k + 2, j, c20)
+            vstore(gA, k + 2, j + L, c21)
+            vstore(gA, k + 3, j, c30)
+            vstore(gA, k + 3, j + L, c31)
+
+
+@numba.njit(inline="always")
+def _phase1_portable(G, data, Bp, Ap, b0, nb, j0, w, wpad, m):
+    _phase1_tail(G, data, Bp, Ap, b0, nb, j0, 0, w, wpad, m)
+
+
+#: (phase1, phase2, phase3) of each path, same arguments; the generated kernel takes one
+SIMD_PHASES = (_phase1_simd, _phase2_simd, _phase3_simd)
+PORTABLE_PHASES = (_phase1_portable, _phase2_portable, _phase3_portable)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def squared_pointwise(t, y, delta):
+    """The squared loss's (value, grad): the default loss of the _fused.py template."""
+    return 0.5 * t * t, t
+
+
+# ---- the merge: partials added in unit order; the norms -----------------------------------------
+
+#: the merge splits rows and columns into this many fixed pieces (not one per thread, so that
+#: the norms' float64 sums do not depend on the thread count)
+MERGE_PIECES = 16
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=True)
+def merge(gA_parts, gB_parts, Ap, Bp, m, n, grad_A, grad_B, scalars, out):
+    """grad_A = sum of the row panels' partials, grad_B = sum of the column tiles' partials,
+    each in unit order; loss and ||G||^2 = sums of the units' in unit order; the norms in
+    float64 over fixed pieces, added in piece order.
 
     out = [loss, ||G||^2, ||grad_B||^2 + ||grad_A||^2, ||A||^2 + ||B||^2].
     """
-    r4, n = grad_A.shape
-    grad_A[:, :] = grad_A_parts[0]
-    for c in range(1, grad_A_parts.shape[0]):
-        part = grad_A_parts[c]
+    r4 = grad_A.shape[0]
+    npanels, ntiles = gA_parts.shape[0], gB_parts.shape[0]
+    sums = np.zeros((MERGE_PIECES, 2))
+    for c in numba.prange(MERGE_PIECES):
+        ja, jb = c * n // MERGE_PIECES, (c + 1) * n // MERGE_PIECES
+        ia, ib = c * m // MERGE_PIECES, (c + 1) * m // MERGE_PIECES
+        grad_sq = 0.0
+        v_sq = 0.0
         for k in range(r4):
-            for j in range(n):
-                grad_A[k, j] += part[k, j]
+            dst = grad_A[k, ja:jb]
+            dst[:] = gA_parts[0, k, ja:jb]
+            for p in range(1, npanels):
+                src = gA_parts[p, k, ja:jb]
+                for j in range(jb - ja):
+                    dst[j] += src[j]
+            for j in range(jb - ja):
+                grad_sq += np.float64(dst[j]) ** 2
+                v_sq += np.float64(Ap[k, ja + j]) ** 2
+        for i in range(ia, ib):
+            dst = grad_B[i]
+            dst[:] = gB_parts[0, i]
+            for q in range(1, ntiles):
+                src = gB_parts[q, i]
+                for k in range(r4):
+                    dst[k] += src[k]
+            for k in range(r4):
+                grad_sq += np.float64(dst[k]) ** 2
+                v_sq += np.float64(Bp[i, k]) ** 2
+        sums[c, 0] = grad_sq
+        sums[c, 1] = v_sq
     loss = 0.0
     g_sq = 0.0
-    for c in range(scalars.shape[0]):
-        loss += scalars[c, 0]
-        g_sq += scalars[c, 1]
-    grad_sq = 0.0
-    v_sq = 0.0
-    for k in range(r4):
-        for j in range(n):
-            grad_sq += np.float64(grad_A[k, j]) ** 2
-            v_sq += np.float64(Ap[k, j]) ** 2
-    for i in range(grad_B.shape[0]):
-        for k in range(r4):
-            grad_sq += np.float64(grad_B[i, k]) ** 2
-            v_sq += np.float64(Bp[i, k]) ** 2
+    for u in range(scalars.shape[0]):
+        loss += scalars[u, 0]
+        g_sq += scalars[u, 1]
     out[0] = loss
     out[1] = g_sq
-    out[2] = grad_sq
-    out[3] = v_sq
+    out[2] = 0.0
+    out[3] = 0.0
+    for c in range(MERGE_PIECES):
+        out[2] += sums[c, 0]
+        out[3] += sums[c, 1]
+
+
+# ---- the generated kernels and their on-disk cache -------------------------------------------
+
+_TEMPLATE = Path(__file__).with_name("_fused.py")
+_BEGIN, _END = "# ---- generated: begin", "# ---- generated: end"
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path | None:
+    """Where the generated kernel modules (and, beside them, Numba's cache) are kept.
+
+    NUMBA_CACHE_DIR/lorakern if that is set, else $XDG_CACHE_HOME/lorakern (~/.cache/lorakern),
+    else a folder in the temporary directory; None if none is writable.
+    """
+    candidates = []
+    if numba.config.CACHE_DIR:
+        candidates.append(Path(numba.config.CACHE_DIR) / "lorakern")
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    candidates.append(Path(xdg) / "lorakern")
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    candidates.append(Path(tempfile.gettempdir()) / f"lorakern-{uid}")
+    for path in candidates:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if os.access(path, os.W_OK):
+                return path
+        except OSError:
+            continue
+    return None
+
+
+def kernel_source(loss, labels: bool, masked: bool, use_simd: bool) -> str:
+    """The source of the fused kernel for one loss and layout: _fused.py with its generated
+    block replaced by the layout constants and the loss's scalar function."""
+    template = _TEMPLATE.read_text()
+    head, rest = template.split(_BEGIN, 1)
+    _, tail = rest.split(_END, 1)
+    block = "\n".join([
+        _BEGIN + f" (loss {loss.name!r}, from lorakern/_cpu/kernels.py)",
+        f"LABELS = {bool(labels)}",
+        f"MASKED = {bool(masked)}",
+        f"USE_SIMD = {bool(use_simd)}",
+        "",
+        "",
+        "@numba.njit(inline='always', fastmath=FASTMATH)",
+        _scalar_source(loss).rstrip(),
+        "",
+        "",
+        _END,
+    ])
+    return head + block + tail
+
+
+def _fingerprint(source: str) -> str:
+    """Changes when the generated source, the helpers it inlines or Numba change (Numba's
+    cache checks only the kernel's own file, not the functions it calls)."""
+    h = hashlib.sha256(source.encode())
+    for path in (Path(__file__), Path(simd.__file__)):
+        h.update(path.read_bytes())
+    h.update(f"{numba.__version__} {sys.version}".encode())
+    return h.hexdigest()[:16]
+
+
+def _import_generated(name: str, source: str):
+    """Write ``source`` as module ``name`` in cache_dir() (unless it is there already, so its
+    time stamp, which Numba's cache checks, does not change) and import it; None if no
+    folder is writable."""
+    folder = cache_dir()
+    if folder is None:
+        return None
+    path = folder / f"{name}.py"
+    try:
+        if not path.exists() or path.read_text() != source:
+            tmp = folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+            tmp.write_text(source)
+            os.replace(tmp, path)
+    except OSError:
+        return None
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@lru_cache(maxsize=None)
+def fused_kernel(loss, labels: bool, masked: bool, use_simd: bool):
+    """The fused pass for one loss and data layout, compiled once per machine.
+
+    ``labels``: the data are W0 and Y (z = W0 + BA) instead of R (d = R + BA).
+    ``masked``: entries with mask == 0 add nothing. ``use_simd``: the AVX2/FMA
+    micro-kernels, else the portable loops. These are module constants of the generated
+    kernel, so each combination compiles separately and branches on them cost nothing; the
+    kernel's ``with_grad`` argument is a run-time flag (False: the loss-only pass).
+    """
+    source = kernel_source(loss, labels, masked, use_simd)
+    slug = re.sub(r"\W", "_", loss.name)
+    name = (f"lorakern_fused_{slug}_{'labels' if labels else 'residual'}_"
+            f"{'masked' if masked else 'dense'}_{'simd' if use_simd else 'portable'}_{_fingerprint(source)}")
+    with _lock:
+        module = sys.modules.get(name) or _import_generated(name, source)
+        if module is None:  # no writable folder: compile in memory, as before
+            namespace = {"__name__": name}
+            source = source.replace("cache=True", "cache=False")
+            exec(compile(source, f"<{name}>", "exec"), namespace)
+            return namespace["fused"]
+    return module.fused

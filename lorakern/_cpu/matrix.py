@@ -1,6 +1,7 @@
-"""The matrix kind on the CPU: the launcher of the fused Numba pass (kernels.py)."""
+"""The matrix kind on the CPU: the launcher of the fused Numba pass (kernels.py, _fused.py)."""
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,13 +9,40 @@ import numpy as np
 from ..results import PassResult
 from . import kernels, threads
 
-#: The tile of A and the chunk's grad_A partial for it (2 * r4 * tile values) should fit in
-#: the per-core L2: tile = CACHE_BYTES / (2 r4 itemsize), clamped to [MIN_TILE, MAX_TILE].
-#: Measured at 4096x4096, one thread (benchmarks/NOTES.md): r=16 fp32 takes 45 ms with
-#: tile 160 (the old L1 rule), 33 ms at 512, 29.7 at 1024, 32 at 2048; r=64 fp32 is best
-#: at 1024 (108 ms vs 146 at 256, 127 at 2048).
-CACHE_BYTES = 512 * 1024
+#: Rows of G computed, passed through the loss and used by phases 2 and 3 at a time
+#: (a multiple of kernels.MR = 4).
+BLOCK_ROWS = 8
+#: The block of G (BLOCK_ROWS x chunk columns) should stay in L1 between the phases:
+#: chunk = G_BYTES / (BLOCK_ROWS itemsize), clamped to [MIN_TILE, MAX_TILE], a multiple of 16.
+G_BYTES = 16 * 1024
 MIN_TILE, MAX_TILE = 16, 1024
+#: Work units: about TARGET_UNITS of them (64: 32 per thread on 2 cores, so a core that is
+#: busy for a while costs a fraction of the step), each at most MAX_UNIT_ROWS rows.
+TARGET_UNITS = 64
+MAX_UNIT_ROWS = 256
+
+ALIGN = 16  # columns: the SIMD phases work on 2 vectors (16 float32 or 2 x 8 float64) at a time
+
+
+def _round_up(x: int, k: int) -> int:
+    return -(-x // k) * k
+
+
+def geometry(m: int, n: int, r4: int, itemsize: int) -> tuple[int, int, int, int]:
+    """(unit_rows, unit_cols, block_rows, chunk) for an m x n problem: a function of the
+    shape, the rank and the dtype only, so the bits do not depend on the thread count."""
+    chunk = G_BYTES // (BLOCK_ROWS * itemsize) // ALIGN * ALIGN
+    chunk = min(max(chunk, MIN_TILE), MAX_TILE, _round_up(n, ALIGN))
+    unit_cols = chunk
+    ntiles = -(-n // unit_cols)
+    unit_rows = _round_up(-(-m * ntiles // TARGET_UNITS), BLOCK_ROWS)
+    unit_rows = min(max(unit_rows, BLOCK_ROWS), _round_up(MAX_UNIT_ROWS, BLOCK_ROWS))
+    return unit_rows, unit_cols, BLOCK_ROWS, chunk
+
+
+def tile_width(r4: int, itemsize: int) -> int:
+    """The column chunk of G (for a wide problem)."""
+    return geometry(1, 1 << 20, r4, itemsize)[3]
 
 
 def prepare(problem, device):
@@ -23,53 +51,78 @@ def prepare(problem, device):
                         "(use device='cuda', or build the Problem from NumPy arrays)")
     one = np.zeros((1, 1), problem.dtype)
     return SimpleNamespace(
-        data=problem.base,
-        labels_y=problem.labels if problem.labels is not None else one,
+        # the SIMD loads need unit stride along rows (a copy only if the caller's W0 is strided)
+        data=np.ascontiguousarray(problem.base),
+        labels_y=np.ascontiguousarray(problem.labels) if problem.labels is not None else one,
         mask=problem.mask if problem.mask is not None else np.zeros((1, 1), np.uint8),
+        workspace={}, lock=threading.Lock(),
     )
 
 
-def tile_width(r4: int, itemsize: int) -> int:
-    tile = CACHE_BYTES // (2 * r4 * itemsize)
-    return int(min(max(tile // 16 * 16, MIN_TILE), MAX_TILE))
-
-
-def _padded(B, A):
-    """B, A copied into zero-padded contiguous arrays: B to (m4, r4), A to (r4, n)."""
-    (m, r), n = B.shape, A.shape[1]
-    r4, m4 = -(-r // 4) * 4, -(-m // kernels.ROWS) * kernels.ROWS
-    Bp = np.zeros((m4, r4), B.dtype)
-    Bp[:m, :r] = B
-    Ap = np.zeros((r4, n), A.dtype)
-    Ap[:r] = A
-    return Bp, Ap
+def _workspace(data, key, make):
+    """The arrays for ``key``, kept between calls (fresh pages cost page faults: ~1 ms per
+    4 MiB); a call that finds another thread using them gets its own."""
+    if data.lock.acquire(blocking=False):
+        try:
+            ws = data.workspace.get(key)
+            if ws is None:
+                data.workspace.clear()  # one shape at a time
+                ws = data.workspace[key] = make()
+            return ws, data.lock
+        except BaseException:
+            data.lock.release()
+            raise
+    return make(), None
 
 
 def _run(problem, data, B, A, with_grad):
-    Bp, Ap = _padded(B, A)
-    (r4, n), m4 = Ap.shape, Bp.shape[0]
-    nchunks = max(1, min(threads(), m4 // kernels.ROWS))
-    kernel = kernels.fused_kernel(problem.loss, problem.loss.labels, problem.mask is not None)
-    grad_B = np.zeros((m4, r4), B.dtype)
-    parts = np.empty((nchunks, r4, n) if with_grad else (nchunks, 1, 1), B.dtype)
-    scalars = np.zeros((nchunks, 2), np.float64)
-    kernel(data.data, data.labels_y, data.mask, Bp, Ap, problem.delta,
-           tile_width(r4, Ap.itemsize), B.dtype.type(0), with_grad, grad_B, parts, scalars)
-    return Bp, Ap, grad_B, parts, scalars
+    (m, r), n = B.shape, A.shape[1]
+    dtype = B.dtype
+    r4 = _round_up(r, 4)
+    geo = unit_rows, unit_cols, _, _ = geometry(m, n, r4, dtype.itemsize)
+    npanels, ntiles = -(-m // unit_rows), -(-n // unit_cols)
+
+    def make():
+        return SimpleNamespace(
+            Bp=np.zeros((npanels * unit_rows, r4), dtype),
+            Ap=np.zeros((r4, _round_up(n, ALIGN)), dtype),
+            gA=np.empty((npanels, r4, _round_up(n, ALIGN)), dtype),
+            gB=np.empty((ntiles, npanels * unit_rows, r4), dtype),
+        )
+
+    ws, lock = _workspace(data, (m, n, r, dtype.str, geo), make)
+    try:
+        ws.Bp[:m, :r] = B
+        ws.Ap[:r, :n] = A
+        kernel = kernels.fused_kernel(problem.loss, problem.loss.labels, problem.mask is not None,
+                                      kernels.SIMD)
+        scalars = np.empty((npanels * ntiles, 2), np.float64)
+        counter = np.zeros(1, np.int64)
+        kernel(data.data, data.labels_y, data.mask, ws.Bp, ws.Ap, problem.delta, geo, with_grad,
+               counter, threads(), ws.gB, ws.gA, scalars)
+        if not with_grad:
+            return scalars, None, None, None
+        grad_A = np.empty((r4, n), dtype)
+        grad_B = np.empty((m, r4), dtype)
+        out = np.empty(4, np.float64)
+        kernels.merge(ws.gA, ws.gB, ws.Ap, ws.Bp, m, n, grad_A, grad_B, scalars, out)
+        return scalars, grad_B[:, :r], grad_A[:r], out
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def fused_pass(problem, data, B, A, *, norm="exact"):
     """Gradients and norms at (B, A) in one pass over the data (||G|| is always exact here)."""
-    (m, r) = B.shape
-    Bp, Ap, grad_B, parts, scalars = _run(problem, data, B, A, True)
-    grad_A = np.empty_like(Ap)
-    out = np.empty(4, np.float64)
-    kernels.merge(parts, grad_A, grad_B, Bp, Ap, scalars, out)
-    return PassResult(grad_B=grad_B[:m, :r], grad_A=grad_A[:r], loss=float(out[0]),
+    _, grad_B, grad_A, out = _run(problem, data, B, A, True)
+    return PassResult(grad_B=grad_B, grad_A=grad_A, loss=float(out[0]),
                       g_sq=float(out[1]), grad_sq=float(out[2]), v_sq=float(out[3]))
 
 
 def loss_pass(problem, data, B, A):
-    """J(B, A) alone: one read of the data, no gradient work."""
-    return float(_run(problem, data, B, A, False)[4][:, 0].sum())
-
+    """J(B, A) alone: one read of the data, no gradient work (summed in unit order)."""
+    scalars = _run(problem, data, B, A, False)[0]
+    loss = 0.0
+    for value in scalars[:, 0]:
+        loss += float(value)
+    return loss

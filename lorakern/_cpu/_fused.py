@@ -1,0 +1,84 @@
+"""The fused pass over the work units (the template of the generated kernels).
+
+kernels.fused_kernel() copies this file into a cache folder with the block between the
+"generated" markers replaced by one loss's scalar function and the layout constants, and
+imports the copy, so that Numba's ``cache=True`` finds the compiled kernel in the next
+process. As it stands the module is the squared loss, residual layout, no mask (its block
+below), and is importable and usable as such. See kernels.py for the memory plan.
+"""
+import math  # noqa: F401  (the generated loss functions call math.exp, ...)
+
+import numba
+import numpy as np
+
+from lorakern._cpu.kernels import FASTMATH, PORTABLE_PHASES, SIMD_PHASES, _log1p  # noqa: F401
+from lorakern._cpu.simd import atomic_add
+
+# ---- generated: begin
+LABELS = False   # the data are W0 and the labels Y are read (z = W0 + BA), else R (d = R + BA)
+MASKED = False   # entries where mask == 0 add nothing
+USE_SIMD = True  # the AVX2/FMA micro-kernels, else the portable loops
+
+from lorakern._cpu.kernels import squared_pointwise as pointwise  # noqa: E402
+# ---- generated: end
+
+phase1, phase2, phase3 = SIMD_PHASES if USE_SIMD else PORTABLE_PHASES
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=True)
+def fused(data, labels_y, mask, Bp, Ap, delta, geometry, with_grad, counter, nthreads,
+          gB_parts, gA_parts, scalars):
+    """One pass over the data: every unit's partials of grad_B and grad_A, loss and ||G||^2.
+
+    geometry = (unit_rows, unit_cols, block_rows, chunk); units are numbered row panel
+    major, u = p * ntiles + q. ``counter`` (int64[1], zero) hands out the units;
+    ``nthreads`` workers take them until none is left. Unit (p, q) writes
+    gB_parts[q][its rows], gA_parts[p][:, its columns] and scalars[u] = (loss, ||G||^2).
+    """
+    m, n = data.shape
+    unit_rows, unit_cols, block_rows, chunk = geometry
+    npanels = (m + unit_rows - 1) // unit_rows
+    ntiles = (n + unit_cols - 1) // unit_cols
+    nunits = npanels * ntiles
+    for _ in numba.prange(nthreads):
+        G = np.empty((block_rows, chunk), dtype=data.dtype)
+        while True:
+            u = atomic_add(counter, 1)
+            if u >= nunits:
+                break
+            p, q = u // ntiles, u % ntiles
+            i0, i1 = p * unit_rows, min((p + 1) * unit_rows, m)
+            j_end = min((q + 1) * unit_cols, n)
+            gA, gB = gA_parts[p], gB_parts[q]
+            loss_sum = 0.0  # float64 accumulators
+            g_sq = 0.0
+            for b0 in range(i0, i1, block_rows):
+                for j0 in range(q * unit_cols, j_end, chunk):
+                    w = min(chunk, j_end - j0)
+                    wpad = (w + 15) // 16 * 16 if USE_SIMD else w
+                    phase1(G, data, Bp, Ap, b0, block_rows, j0, w, wpad, m)
+                    # ---- pointwise: loss value and G = dL/dZ; G = 0 off the mask and past m
+                    for ii in range(block_rows):
+                        i = b0 + ii
+                        row = G[ii]
+                        if i >= m:
+                            row[:wpad] = 0.0
+                            continue
+                        for jj in range(w):
+                            y = labels_y[i, j0 + jj] if LABELS else row[jj]
+                            value, grad = pointwise(row[jj], y, delta)
+                            if MASKED:
+                                # multiply by the 0/1 mask instead of branching: the loop
+                                # stays vectorisable (a branch here cost 1.5-2x)
+                                keep = np.float64(mask[i, j0 + jj])
+                                value = value * keep
+                                grad = grad * keep
+                            row[jj] = grad  # rounded to the data's dtype
+                            g = np.float64(row[jj])
+                            loss_sum += value
+                            g_sq += g * g
+                    if with_grad:
+                        phase2(G, Ap, gB, b0, block_rows, j0, wpad, j0 == q * unit_cols)
+                        phase3(G, Bp, gA, b0, block_rows, j0, wpad, b0 == i0)
+            scalars[u, 0] = loss_sum
+            scalars[u, 1] = g_sq
