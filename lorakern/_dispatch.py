@@ -29,6 +29,9 @@ KERNELS: dict[tuple[str, str], str] = {
     ("matrix", "reference"): "lorakern.reference.matrix",
     ("matrix", "cpu"): "lorakern._cpu.matrix",
     ("matrix", "cuda"): "lorakern._cuda.matrix",
+    ("linear", "reference"): "lorakern.reference.linear",
+    ("linear", "cpu"): "lorakern._cpu.linear",
+    ("linear", "cuda"): "lorakern._cuda.linear",
 }
 
 #: the device names a user can pass: the table's and "auto" (where the arrays live)
