@@ -1,16 +1,16 @@
-"""The linear kind on the CPU: BLAS for the thin products with X, the Numba sweep
-(linear_kernels.py) for everything that touches a row of the N x m outputs.
+"""The linear kind on the CPU: one Numba sweep over the rows of X (linear_kernels.py) for the
+gradients, J and ||Delta||_F; BLAS only for the exact norm's large products.
 
 One fused pass at V = (B, A), the problem's Z0 = X W0^T (- Y) prepared once:
 
-    P = X A^T                  (N x r, BLAS: N n r multiply-adds)
-    sweep over row parts       Z = Z0 + P B^T, J, Delta, ||Delta||_F^2, Q = Delta B, P^T Delta
-    grad_B = (P^T Delta)^T / N    grad_A = Q^T X / N   (r x n, BLAS: N n r)
-    ||G||_F^2                  exact (problem.norm_strategy) or the certified bound
+    sweep over row parts   P = X A^T, Z = Z0 + P B^T, J, Delta, ||Delta||_F^2,
+                           P^T Delta and (Delta B)^T X summed per part
+    grad_B = (P^T Delta)^T / N = G A^T,   grad_A = (Delta B)^T X / N = B^T G
+    ||G||_F^2              exact (problem.norm_strategy) or the certified bound
 
-so the gradients cost O(N r (m + n)) and no m x n matrix is formed. The exact norm keeps
-Delta (N x m, a workspace made once) and computes ||Delta^T X||_F^2 either as
-<Delta Delta^T, X X^T> (a syrk of N^2 m / 2 multiply-adds against the float64 X X^T) or from
+so X and Z0 are read once, the gradients cost O(N r (m + n)) and no m x n matrix is formed.
+The exact norm keeps Delta (N x m, a workspace made once) and computes ||Delta^T X||_F^2 either
+as <Delta Delta^T, X X^T> (a syrk, N^2 m / 2 multiply-adds, against the float64 X X^T) or from
 column tiles of Delta^T X (N m n), each squared and discarded.
 """
 from __future__ import annotations
@@ -24,10 +24,13 @@ from . import linear_kernels as lk
 
 #: rows per part of the sweep, at least; at most MAX_PARTS parts. The parts, not the
 #: threads, fix the order of the sums, so the result does not depend on the thread count.
-#: A part's r4 x m partial of P^T Delta is written once and added in ``merge``: at
-#: N = 1024, m = 4096, r = 16 that is 16 parts of 64 rows, 16 x 256 KB.
+#: Each part writes an r4 x m and an r4 x n partial, added in ``merge``: at N = 1024,
+#: m = n = 4096, r = 16 that is 16 parts of 64 rows and 16 x 512 KB (fp32).
 PART_ROWS = 64
 MAX_PARTS = 64
+#: below this many multiply-adds per sweep (N r4 (3m + 2n)) the serial kernel runs: waking
+#: the threads costs more than such a sweep
+SERIAL_WORK = 1 << 22
 #: columns of X per tile of Delta^T X in the "tiles" norm strategy (an m x NORM_TILE block)
 NORM_TILE = 512
 
@@ -52,36 +55,48 @@ def nparts(N: int) -> int:
 
 
 def _sweep(problem, data, B, A, with_grad: bool, store: bool):
-    N, m = data.Z0.shape
-    n, r = data.X.shape[1], B.shape[1]
+    """(P^T Delta summed (r4 x m), (Delta B)^T X summed (r4 x n), J, ||Delta||_F^2)."""
+    (N, m), n, r = data.Z0.shape, data.X.shape[1], B.shape[1]
     r4 = -(-r // 4) * 4
     dt = problem.dtype
     A4 = np.zeros((r4, n), dt)
     A4[:r] = A
-    P = np.matmul(data.X, A4.T)  # N x r4, zero past r
     Bt = np.zeros((r4, m), dt)
     Bt[:r] = B.T
     k = nparts(N)
-    parts = np.empty((k, r4, m) if with_grad else (k, 1, 1), dt)
-    Q = np.empty((N, r4) if with_grad else (1, 1), dt)
+    parts_B = np.empty((k, r4, m) if with_grad else (k, 1, 1), dt)
+    parts_A = np.empty((k, r4, n) if with_grad else (k, 1, 1), dt)
     scalars = np.zeros((k, 2), np.float64)
     if store and data.D is None:
         data.D = np.empty((N, m), dt)
     D = data.D if store else np.zeros((1, 1), dt)
-    lk.sweep_kernel(problem.loss)(data.Z0, data.Yl, data.cls, P, Bt, problem.delta,
-                                  dt.type(0), with_grad, store, D, Q, parts, scalars)
+    parallel = N * r4 * (3 * m + 2 * n) >= SERIAL_WORK
+    lk.sweep_kernel(problem.loss, parallel)(
+        data.X, data.Z0, data.Yl, data.cls, A4, Bt, problem.delta, dt.type(0), with_grad,
+        store, D, parts_B, parts_A, scalars)
     loss_sum = d_sq = 0.0
     for p in range(k):  # in part order
         loss_sum += float(scalars[p, 0])
         d_sq += float(scalars[p, 1])
-    return P, Q, parts, loss_sum / N, d_sq
+    gBt = gA = None
+    if with_grad:
+        gBt, gA = np.empty((r4, m), dt), np.empty((r4, n), dt)
+        lk.merge(parts_B, gBt)
+        lk.merge(parts_A, gA)
+    return gBt, gA, loss_sum / N, d_sq
 
 
 def exact_norm_sq(problem, data) -> float:
     """||Delta^T X||_F^2 of the Delta the last exact pass stored (see norm_strategy)."""
     D, X = data.D, data.X
+    N, m = D.shape
+    small = N * m * min(N, X.shape[1]) < SERIAL_WORK  # serial loops, no BLAS threads
     if problem.norm_strategy == "gram":
+        if small:
+            return lk.gram_norm_sq(D, problem.gram)
         return lk.frob_dot(D @ D.T, problem.gram)  # <Delta Delta^T, X X^T>
+    if small:
+        return lk.tiles_norm_sq(D, X, NORM_TILE)
     total = 0.0
     for j0 in range(0, X.shape[1], NORM_TILE):
         total += lk.sq_sum(D.T @ X[:, j0:j0 + NORM_TILE])  # an m x NORM_TILE tile of Delta^T X
@@ -93,11 +108,9 @@ def fused_pass(problem, data, B, A, *, norm="exact"):
     in g_sq (LinearProblem.norm_bound_sq) and skips the exact norm's work."""
     N, r = problem.N, B.shape[1]
     exact = norm != "bound"
-    P, Q, parts, J, d_sq = _sweep(problem, data, B, A, True, exact)
-    gBt = np.empty(parts.shape[1:], problem.dtype)
-    lk.merge(parts, gBt)
+    gBt, gA, J, d_sq = _sweep(problem, data, B, A, True, exact)
     grad_B = np.ascontiguousarray(gBt[:r].T) / N   # (1/N) Delta^T P = G A^T
-    grad_A = (Q[:, :r].T @ data.X) / N            # (1/N) (Delta B)^T X = B^T G
+    grad_A = gA[:r] / N                           # (1/N) (Delta B)^T X = B^T G
     g_sq = (exact_norm_sq(problem, data) / float(N) ** 2 if exact
             else float(problem.norm_bound_sq(d_sq, J)))
     return PassResult(grad_B=grad_B, grad_A=grad_A, loss=J, g_sq=g_sq,
@@ -107,4 +120,4 @@ def fused_pass(problem, data, B, A, *, norm="exact"):
 
 def loss_pass(problem, data, B, A):
     """J(B, A) alone: one sweep, no gradient work."""
-    return _sweep(problem, data, B, A, False, False)[3]
+    return _sweep(problem, data, B, A, False, False)[2]
