@@ -409,3 +409,17 @@ def test_inputs_are_never_modified(small_parts):
     for a, b in ((X, problem.X), (Y, problem.Y), (W0, problem.W0), (B0, B), (A0, A)):
         assert_bitwise(b, a)
 
+
+
+def test_linear_rows_of_the_tables_conform():
+    """Every (linear, device) entry of KERNELS is a Kernels module; LinearProblem a ProblemKind."""
+    from lorakern import _dispatch
+    from lorakern.problems import ProblemKind
+
+    rows = {dev: target for (kind, dev), target in _dispatch.KERNELS.items() if kind == "linear"}
+    assert set(rows) == {"reference", "cpu", "cuda"}
+    for dev, target in rows.items():
+        assert isinstance(_dispatch._load(target), _dispatch.Kernels), target
+    problem, _, _ = make_linear((4, 3, 2, 1), np.float64)
+    assert isinstance(problem, ProblemKind) and problem.kind == "linear"
+    assert problem.adapter_shape() == (2, 3) and problem.arrays()[0] is problem.X
