@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -210,15 +209,13 @@ def main(argv=None) -> int:
             setup = time.perf_counter() - t0
             lorakern.step(problem, case.B, case.A, device="cpu")  # prepares Z0 (untimed)
             s = interleaved(case, args.rounds)
-
-            def cell(name):
-                x = s[name]
-                return f"{x['median'] * 1e3:.1f} [{x['min'] * 1e3:.1f}, {x['max'] * 1e3:.1f}]"
+            cell = {name: f"{x['median'] * 1e3:.1f} [{x['min'] * 1e3:.1f}, {x['max'] * 1e3:.1f}]"
+                    for name, x in s.items()}
 
             ratio_e = s["numpy"]["median"] / s["lorakern-cpu"]["median"]
             ratio_b = s["numpy"]["median"] / s["lorakern-cpu-bound"]["median"]
-            print(f"| {N} | {dtype} | {problem.norm_strategy} | {cell('numpy')} | "
-                  f"{cell('lorakern-cpu')} | {cell('lorakern-cpu-bound')} | {ratio_e:.1f}x | "
+            print(f"| {N} | {dtype} | {problem.norm_strategy} | {cell['numpy']} | "
+                  f"{cell['lorakern-cpu']} | {cell['lorakern-cpu-bound']} | {ratio_e:.1f}x | "
                   f"{ratio_b:.1f}x |", flush=True)
             spread = {k: (v["max"] - v["min"]) / v["median"] for k, v in s.items()}
             print(f"<!-- N={N} {dtype}: L = {L:.6g} certified in {setup:.1f} s; spread (max-min)/median: "

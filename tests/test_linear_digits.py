@@ -72,3 +72,11 @@ def test_library_does_not_import_scikit_learn():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=300)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_cli_digits_plot(digits, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "digits.png"
+    code = cli.main(["demo", "--problem", "digits", "--steps", "5", "--plot", str(path)])
+    assert code == 0 and f"plot      {path}" in capsys.readouterr().out
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

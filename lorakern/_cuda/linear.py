@@ -79,8 +79,9 @@ def exact_norm_sq(problem, data):
     """||Delta^T X||_F^2 (0-d float64) of the Delta the last exact pass stored."""
     xp, D, X = data.xp, data.D, data.X
     if problem.norm_strategy == "gram":
-        if data.K is None:
-            data.K = xp.asarray(problem.gram)
+        if data.K is None:  # X X^T in float64, formed on the device once
+            X64 = X.astype(np.float64)
+            data.K = X64 @ X64.T
         return xp.sum((D @ D.T).astype(np.float64) * data.K)  # <Delta Delta^T, X X^T>
     total = xp.zeros((), np.float64)
     for j0 in range(0, X.shape[1], NORM_TILE):
