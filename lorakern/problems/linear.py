@@ -31,8 +31,10 @@ from ..losses import LINEAR_LOSSES
 GRAM_RATIO = 2.0
 GRAM_MAX_BYTES = 1 << 30
 #: the Gram of X whose top eigenvalue is found exactly (eigvalsh) up to this size; above it
-#: by subspace iteration. Either estimate is then certified (``_certified_sigma_sq``).
+#: by Lanczos (at most LANCZOS_STEPS products). Either estimate is then certified
+#: (``_certified_sigma_sq``).
 EIGH_MAX = 1024
+LANCZOS_STEPS = 300
 #: relative slack on the certified bound on ||G||_F, by dtype: covers the rounding of
 #: ||Delta||_F and J that the kernels accumulate (and of the exact norm they are compared
 #: with), so that the bound stays above the norm computed from the same Delta. It makes
@@ -66,18 +68,21 @@ class LinearProblem:
     loss's Hessian in z_i, H_i <= L_loss I, so L = L_loss sigma_max(X)^2 / N with
     L_loss = 1 (squared, huber), 1/4 (logistic), 1/2 (cross-entropy). sigma_max(X)^2 is the
     top eigenvalue of the Gram C = X^T X or X X^T (the smaller one, k x k), formed in
-    float64. An eigenvalue estimate (``eigvalsh`` for k <= EIGH_MAX, subspace iteration
-    above) can fall below the truth, so it is *certified*: mu I - C is factored by Cholesky
-    for a mu slightly above the estimate (raised until the factorisation succeeds). A
-    Cholesky that runs to completion proves mu I - C + E >= 0 with ||E||_2 <= gamma_{k+1} k mu
-    (Higham, Accuracy and Stability, Thm 10.3), and the float64 Gram differs from the exact
-    one by at most gamma_d ||X||_F^2 (d the inner dimension), so
+    float64. An eigenvalue estimate (``eigvalsh`` for k <= EIGH_MAX, Lanczos above) can fall
+    below the truth, so it is *certified*: mu I - C is factored by Cholesky for a mu slightly
+    above the estimate (raised until the factorisation succeeds). A Cholesky that runs to
+    completion gives R^T R = mu I - C + E with |E| <= gamma_{k+1} |R^T| |R| (Higham, Accuracy
+    and Stability of Numerical Algorithms, 2nd ed., Thm 10.3; its proof needs only that the
+    factorisation completes), so ||E||_2 <= gamma_{k+1} tr(R^T R) ~ gamma_{k+1} k mu and
+    mu I - C + E >= 0; the float64 Gram differs from the exact one by at most gamma_d ||X||_F^2
+    (d the inner dimension). Hence
 
         sigma_max(X)^2 <= mu (1 + 2 (k + 2)^2 eps) + 2 (d + 2) eps ||X||_F^2
 
-    with eps the float64 unit roundoff. ``sigma_sq_bound`` is that number and
-    ``lipschitz`` is L_loss times it over N. It is computed on first use (one Gram, one
-    Cholesky; for N = n = 4096 a few seconds) and kept.
+    with eps the float64 machine epsilon (twice the unit roundoff, for slack). ``sigma_sq_bound``
+    is that number and ``lipschitz`` is L_loss times it over N. It is computed on first use
+    and kept: one Gram (N n min(N, n) / 2 multiply-adds), a Lanczos run and a Cholesky of
+    min(N, n)^3 / 3.
 
     **Theorem(norm="bound").** With ``norm="bound"`` the kernels put in ``g_sq`` the
     square of U = min(sigma ||Delta||_F / N, sqrt(2 L J)) (times 1 + BOUND_MARGIN), with sigma
@@ -289,22 +294,32 @@ def _check_classes(Y, N, m, xp):
 
 
 def _top_eigenvalue(C) -> float:
-    """An estimate of the top eigenvalue of the symmetric PSD C (may fall a little below it)."""
+    """An estimate of the top eigenvalue of the symmetric PSD C (may fall a little below it):
+    ``eigvalsh`` up to EIGH_MAX, else Lanczos with full reorthogonalisation (its top Ritz value,
+    once it changes by less than 1e-12 between checks; 4096 x 4096 takes about 60 products)."""
     k = C.shape[0]
     if k <= EIGH_MAX:
         return float(np.linalg.eigvalsh(C)[-1])
-    # subspace iteration on a block of 8, with Rayleigh-Ritz, until the top Ritz value settles
-    rng = np.random.default_rng(0)
-    V = np.linalg.qr(rng.standard_normal((k, 8)))[0]
-    top = 0.0
-    for _ in range(300):
-        W = C @ V
-        ritz = np.linalg.eigvalsh(V.T @ W)[-1]
-        V = np.linalg.qr(W)[0]
-        if abs(ritz - top) <= 1e-7 * abs(ritz):
-            return float(ritz)
-        top = ritz
-    return float(top)
+    steps = min(k, LANCZOS_STEPS)
+    Q = np.zeros((steps + 1, k))
+    q = np.random.default_rng(0).standard_normal(k)
+    Q[0] = q / np.linalg.norm(q)
+    alpha, beta, top = [], [], 0.0
+    for j in range(steps):
+        w = C @ Q[j]
+        alpha.append(float(Q[j] @ w))
+        for _ in range(2):  # full reorthogonalisation against every Lanczos vector so far
+            w -= Q[:j + 1].T @ (Q[:j + 1] @ w)
+        b = float(np.linalg.norm(w))
+        if (j + 1) % 10 == 0 or j + 1 == steps or b <= 1e-14 * abs(alpha[-1]):
+            T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+            ritz = float(np.linalg.eigvalsh(T)[-1])
+            if b <= 1e-14 * abs(alpha[-1]) or abs(ritz - top) <= 1e-12 * abs(ritz):
+                return ritz
+            top = ritz
+        beta.append(b)
+        Q[j + 1] = w / b
+    return top
 
 
 def _certified_sigma_sq(C, inner: int, fro_sq: float) -> float:
