@@ -10,14 +10,14 @@ from ._dispatch import DeviceUnavailableError, devices
 from .adapters import init_adapters
 from .descent import fit, step
 from .losses import LOSSES
-from .problems import Problem
+from .problems import LinearProblem, Problem
 from .results import FitResult, History, StepResult
 from .step_size import Armijo, Constant, StepSize, Theorem
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Problem", "step", "fit", "init_adapters", "devices", "DeviceUnavailableError",
+    "Problem", "LinearProblem", "step", "fit", "init_adapters", "devices", "DeviceUnavailableError",
     "StepResult", "FitResult", "History", "Theorem", "Constant", "Armijo", "StepSize", "LOSSES",
     "reference", "theory", "__version__",
 ]

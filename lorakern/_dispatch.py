@@ -30,6 +30,9 @@ KERNELS: dict[tuple[str, str], str] = {
     ("matrix", "cpu"): "lorakern._cpu.matrix",
     ("matrix", "cuda"): "lorakern._cuda.matrix",
     ("matrix", "dask"): "lorakern._dask.matrix",
+    ("linear", "reference"): "lorakern.reference.linear",
+    ("linear", "cpu"): "lorakern._cpu.linear",
+    ("linear", "cuda"): "lorakern._cuda.linear",
 }
 
 #: array library -> "module:function" making the device for arrays of that library out of the

@@ -60,6 +60,12 @@ def _fraction(text: str) -> float:
 def _cmd_demo(args, parser) -> int:
     from . import _dispatch, demo
 
+    if args.problem == "digits":  # a LinearProblem on scikit-learn's digits: lorakern/digits.py
+        from .digits import run_demo
+
+        return run_demo(args, parser)
+    args.steps = 300 if args.steps is None else args.steps
+    args.rank = 8 if args.rank is None else args.rank
     if args.constant is not None and args.plot is None:
         parser.error("--constant sets the constant step of the --plot comparison, so it needs "
                      "--plot FILE.png; for a constant step in the demo itself use --step-size ETA")
@@ -141,14 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "at about 10 steps, and check Lemma 2 at every step and Theorem 3's bound. "
                     "Exit code 1 if an inequality the step size guarantees failed.",
         formatter_class=_Help)
-    demo.add_argument("--problem", choices=sorted(PROBLEMS), default="synthetic",
-                      help="the built-in problem to fit")
+    demo.add_argument("--problem", choices=sorted(PROBLEMS) + ["digits"], default="synthetic",
+                      help="synthetic: the planted matrix problem below; digits: fine-tune a "
+                           "classifier on scikit-learn's digits with cross-entropy "
+                           "(lorakern.LinearProblem; needs lorakern[digits]); --m, --n, --loss, "
+                           "--delta, --observed and --constant are for synthetic only")
     demo.add_argument("--device", choices=DEVICES, default="auto",
                       help="where to run; auto = cpu for this NumPy problem")
     demo.add_argument("--m", type=_positive_int, default=512, help="rows of W0")
     demo.add_argument("--n", type=_positive_int, default=384, help="columns of W0")
-    demo.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank r (also the planted rank)")
-    demo.add_argument("--steps", type=_positive_int, default=300, help="gradient steps T")
+    demo.add_argument("--rank", type=_positive_int, default=None,
+                      help="LoRA rank r (also the planted rank); default 8, 2 for digits")
+    demo.add_argument("--steps", type=_positive_int, default=None,
+                      help="gradient steps T; default 300, 2000 for digits")
     demo.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="data type")
     demo.add_argument("--seed", type=int, default=0, help="seed of the problem (adapters use seed + 1)")
     demo.add_argument("--loss", choices=sorted(LOSSES), default="squared",

@@ -79,6 +79,14 @@ class Loss:
         exec(compile(ast.Module(self._statements, []), f"<loss {self.name}>", "exec"), env)
         return env["value"], env["grad"]
 
+    def array_pointwise(self, xp, t, y, delta):
+        """``numpy_pointwise`` in the array namespace ``xp`` (numpy or cupy): the same body,
+        each function looked up by its NumPy name in ``xp``."""
+        env = {name: getattr(xp, fns[0].__name__) for name, fns in _FUNCTIONS.items()}
+        env.update({"delta": delta, "y": y, self.inputs[0]: t})
+        exec(compile(ast.Module(self._statements, []), f"<loss {self.name}>", "exec"), env)
+        return env["value"], env["grad"]
+
     # -- scalar Python (Numba) ----------------------------------------------------------
     def scalar_source(self, fname: str) -> str:
         """``def fname(t, y, delta): ...; return value, grad`` for Numba to compile."""
@@ -173,3 +181,51 @@ grad = -y * where(m >= 0.0, e, 1.0) / (1.0 + e)
 """),
     ]
 }
+
+
+# -- row-wise losses -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RowLoss:
+    """A loss of a whole row z (the m outputs of one sample) and one integer label y in
+    [0, m): not entrywise, so it is not in LOSSES (the matrix kind has no rows to read).
+    The linear kind (problems/linear.py) takes it; each device writes the row sweep itself
+    (``rows`` below for NumPy and CuPy, a Numba loop in _cpu/linear_kernels.py).
+
+    Parameters
+    ----------
+    name : the name users pass as ``LinearProblem(..., loss=name)``.
+    lipschitz : L such that the row gradient is L-Lipschitz in z (Assumption 1).
+    """
+
+    name: str
+    lipschitz: float
+
+    labels = "class"     # Y is an (N,) integer array of class indices
+    uses_delta = False
+
+    def rows(self, xp, Z, y):
+        """(value per row (N,), grad (N, m)) of the softmax cross-entropy, in Z's dtype.
+
+        value_i = logsumexp(z_i) - z_i[y_i] = log(sum_j exp(z_ij - max_i)) - (z_i[y_i] - max_i),
+        grad_i = softmax(z_i) - e_{y_i}; the shift by the row's max keeps every exp <= 1,
+        so nothing overflows (and the sum is >= 1, so the log is finite).
+        """
+        N = Z.shape[0]
+        shifted = Z - Z.max(axis=1, keepdims=True)
+        e = xp.exp(shifted)
+        s = e.sum(axis=1)
+        rows = xp.arange(N)
+        value = xp.log(s) - shifted[rows, y]
+        grad = e / s[:, None]
+        grad[rows, y] -= 1.0
+        return value, grad
+
+
+#: cross-entropy: the Hessian of logsumexp is H = diag(p) - p p^T, and v^T H v is the
+#: variance of the values v_j drawn with probabilities p_j, at most (max v - min v)^2 / 4
+#: <= (v_a^2 + v_b^2) / 2 <= 1/2 for a unit v: the row gradient is 1/2-Lipschitz
+CROSS_ENTROPY = RowLoss("cross_entropy", lipschitz=0.5)
+
+#: the losses of the linear kind: the entrywise ones (over the N x m outputs) and the row-wise
+LINEAR_LOSSES: dict[str, object] = {**LOSSES, CROSS_ENTROPY.name: CROSS_ENTROPY}

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+from .linear import LinearProblem
 from .matrix import Problem
 
 
 @runtime_checkable
 class ProblemKind(Protocol):
-    kind: str            # the row of KERNELS: "matrix", ...
+    kind: str            # the row of KERNELS: "matrix", "linear", ...
     shape: tuple         # the weight's (m, n)
     dtype: Any           # float32 or float64
     lipschitz: float     # L of the gradient of J in W
@@ -30,4 +31,4 @@ class ProblemKind(Protocol):
         """The data as ``kernels`` on ``device`` read it, prepared once per device."""
 
 
-__all__ = ["Problem", "ProblemKind"]
+__all__ = ["LinearProblem", "Problem", "ProblemKind"]

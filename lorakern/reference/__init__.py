@@ -27,9 +27,10 @@ def gradient(problem, B, A):
     return _kind(problem).gradient(problem, B, A)
 
 
-def fused_pass(problem, data, B, A):
-    """results.PassResult: grad_B = G A^T, grad_A = B^T G and the norms of the step (eq. 3, 8)."""
-    return _kind(problem).fused_pass(problem, data, B, A)
+def fused_pass(problem, data, B, A, *, norm="exact"):
+    """results.PassResult: grad_B = G A^T, grad_A = B^T G and the norms of the step (eq. 3, 8).
+    ``norm="bound"``: g_sq may be a certified upper bound's square (Theorem(norm="bound"))."""
+    return _kind(problem).fused_pass(problem, data, B, A, norm=norm)
 
 
 def loss_pass(problem, data, B, A):
@@ -65,8 +66,8 @@ def step(problem, B, A, *, step_size="theorem"):
     policy = as_policy(step_size)
     if not isinstance(policy, (Theorem, Constant, Armijo)):
         return generic_step(problem, B, A, device=DEVICE, step_size=policy)
-    p = fused_pass(problem, None, B, A)
-    g_norm = math.sqrt(p.g_sq)
+    p = fused_pass(problem, None, B, A, norm=policy.norm)
+    g_norm = math.sqrt(p.g_sq)  # ||G_t||_F, or its certified bound for Theorem(norm="bound")
     trials = 0
     # eq. (8): eta_t = min{1 / (c max(L, 1) (||V_t||^2 + ||G_t||_F)), 1}, c = 5 sqrt(2)
     constant = policy.constant if isinstance(policy, Theorem) else THEOREM_CONSTANT

@@ -1,0 +1,123 @@
+"""The linear kind on the CPU: one Numba sweep over the rows of X (linear_kernels.py) for the
+gradients, J and ||Delta||_F; BLAS only for the exact norm's large products.
+
+One fused pass at V = (B, A), the problem's Z0 = X W0^T (- Y) prepared once:
+
+    sweep over row parts   P = X A^T, Z = Z0 + P B^T, J, Delta, ||Delta||_F^2,
+                           P^T Delta and (Delta B)^T X summed per part
+    grad_B = (P^T Delta)^T / N = G A^T,   grad_A = (Delta B)^T X / N = B^T G
+    ||G||_F^2              exact (problem.norm_strategy) or the certified bound
+
+so X and Z0 are read once, the gradients cost O(N r (m + n)) and no m x n matrix is formed.
+The exact norm keeps Delta (N x m, a workspace made once) and computes ||Delta^T X||_F^2 either
+as <Delta Delta^T, X X^T> (a syrk, N^2 m / 2 multiply-adds, against the float64 X X^T) or from
+column tiles of Delta^T X (N m n), each squared and discarded.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from ..results import PassResult
+from . import linear_kernels as lk
+
+#: rows per part of the sweep, at least; at most MAX_PARTS parts. The parts, not the
+#: threads, fix the order of the sums, so the result does not depend on the thread count.
+#: Each part writes an r4 x m and an r4 x n partial, added in ``merge``: at N = 1024,
+#: m = n = 4096, r = 16 that is 16 parts of 64 rows and 16 x 512 KB (fp32).
+PART_ROWS = 64
+MAX_PARTS = 64
+#: below this many multiply-adds per sweep (N r4 (3m + 2n)) the serial kernel runs: waking
+#: the threads costs more than such a sweep
+SERIAL_WORK = 1 << 22
+#: columns of X per tile of Delta^T X in the "tiles" norm strategy (an m x NORM_TILE block)
+NORM_TILE = 512
+
+
+def prepare(problem, device):
+    if problem.xp is not np:
+        raise TypeError("device='cpu' needs NumPy arrays; the problem holds CuPy arrays "
+                        "(use device='cuda', or build the LinearProblem from NumPy arrays)")
+    mode = lk.mode_of(problem.loss)
+    dummy = np.zeros((1, 1), problem.dtype)
+    return SimpleNamespace(
+        X=problem.X,
+        Z0=problem.base(np),
+        Yl=problem.Y if mode == lk.LABEL else dummy,
+        cls=problem.Y if mode == lk.CLASS else np.zeros(1, np.int64),
+        D=None,  # Delta, for the exact norm: allocated on the first pass that needs it
+    )
+
+
+def nparts(N: int) -> int:
+    return max(1, min(MAX_PARTS, -(-N // PART_ROWS)))
+
+
+def _sweep(problem, data, B, A, with_grad: bool, store: bool):
+    """(P^T Delta summed (r4 x m), (Delta B)^T X summed (r4 x n), J, ||Delta||_F^2)."""
+    (N, m), n, r = data.Z0.shape, data.X.shape[1], B.shape[1]
+    r4 = -(-r // 4) * 4
+    dt = problem.dtype
+    A4 = np.zeros((r4, n), dt)
+    A4[:r] = A
+    Bt = np.zeros((r4, m), dt)
+    Bt[:r] = B.T
+    k = nparts(N)
+    parts_B = np.empty((k, r4, m) if with_grad else (k, 1, 1), dt)
+    parts_A = np.empty((k, r4, n) if with_grad else (k, 1, 1), dt)
+    scalars = np.zeros((k, 2), np.float64)
+    if store and data.D is None:
+        data.D = np.empty((N, m), dt)
+    D = data.D if store else np.zeros((1, 1), dt)
+    parallel = N * r4 * (3 * m + 2 * n) >= SERIAL_WORK
+    lk.sweep_kernel(problem.loss, parallel)(
+        data.X, data.Z0, data.Yl, data.cls, A4, Bt, problem.delta, dt.type(0), with_grad,
+        store, D, parts_B, parts_A, scalars)
+    loss_sum = d_sq = 0.0
+    for p in range(k):  # in part order
+        loss_sum += float(scalars[p, 0])
+        d_sq += float(scalars[p, 1])
+    gBt = gA = None
+    if with_grad:
+        gBt, gA = np.empty((r4, m), dt), np.empty((r4, n), dt)
+        lk.merge(parts_B, gBt)
+        lk.merge(parts_A, gA)
+    return gBt, gA, loss_sum / N, d_sq
+
+
+def exact_norm_sq(problem, data) -> float:
+    """||Delta^T X||_F^2 of the Delta the last exact pass stored (see norm_strategy)."""
+    D, X = data.D, data.X
+    N, m = D.shape
+    small = N * m * min(N, X.shape[1]) < SERIAL_WORK  # serial loops, no BLAS threads
+    if problem.norm_strategy == "gram":
+        if small:
+            return lk.gram_norm_sq(D, problem.gram)
+        return lk.frob_dot(D @ D.T, problem.gram)  # <Delta Delta^T, X X^T>
+    if small:
+        return lk.tiles_norm_sq(D, X, NORM_TILE)
+    total = 0.0
+    for j0 in range(0, X.shape[1], NORM_TILE):
+        total += lk.sq_sum(D.T @ X[:, j0:j0 + NORM_TILE])  # an m x NORM_TILE tile of Delta^T X
+    return total
+
+
+def fused_pass(problem, data, B, A, *, norm="exact"):
+    """Gradients and norms at (B, A); ``norm="bound"`` gives the certified bound's square
+    in g_sq (LinearProblem.norm_bound_sq) and skips the exact norm's work."""
+    N, r = problem.N, B.shape[1]
+    exact = norm != "bound"
+    gBt, gA, J, d_sq = _sweep(problem, data, B, A, True, exact)
+    grad_B = np.ascontiguousarray(gBt[:r].T) / N   # (1/N) Delta^T P = G A^T
+    grad_A = gA[:r] / N                           # (1/N) (Delta B)^T X = B^T G
+    g_sq = (exact_norm_sq(problem, data) / float(N) ** 2 if exact
+            else float(problem.norm_bound_sq(d_sq, J)))
+    return PassResult(grad_B=grad_B, grad_A=grad_A, loss=J, g_sq=g_sq,
+                      grad_sq=lk.sq_sum(grad_B) + lk.sq_sum(grad_A),
+                      v_sq=lk.sq_sum(A) + lk.sq_sum(B))
+
+
+def loss_pass(problem, data, B, A):
+    """J(B, A) alone: one sweep, no gradient work."""
+    return _sweep(problem, data, B, A, False, False)[2]

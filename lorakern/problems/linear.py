@@ -1,0 +1,345 @@
+"""The linear kind: LoRA of a linear layer applied to data.
+
+J(B, A) = (1/N) sum_i loss(z_i, y_i) with Z = X (W0 + BA)^T (N x m), X the N x n inputs and
+W0 the m x n frozen weight (out x in, as ``torch.nn.Linear`` and PEFT keep it). The paper's
+original loss is L(W) = J at W0 + W; its gradient is
+
+    G = grad_W J = (1/N) Delta^T X,   Delta = dloss/dZ  (N x m),
+
+and grad_B = G A^T = (1/N) Delta^T (X A^T), grad_A = B^T G = (1/N) (Delta B)^T X (eq. 3), so a
+step needs no m x n matrix: the kernels sweep the rows of X once (O(N r (m + n)) work).
+Only ||G||_F, which eta_t needs (eq. 8), couples all samples: see ``norm_strategy`` and
+``norm_bound_sq``.
+
+The problem is validated once; the devices prepare from it what they read (X W0^T, or the
+residual X W0^T - Y for residual losses; the Gram XX^T when the norm strategy uses it).
+"""
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import numpy as np
+
+from .._validate import array_namespace, check_matrix, positive_float
+from ..losses import LINEAR_LOSSES
+
+#: exact ||Delta^T X||_F by the Gram identity <Delta Delta^T, X X^T> when N <= GRAM_RATIO n
+#: (the syrk Delta Delta^T costs N^2 m / 2 multiply-adds against N m n for the tiles of
+#: Delta^T X, so it is the cheaper one up to N = 2n) and the two N x N float64 matrices
+#: (X X^T kept, Delta Delta^T per step) fit in GRAM_MAX_BYTES; otherwise tiles of Delta^T X.
+GRAM_RATIO = 2.0
+GRAM_MAX_BYTES = 1 << 30
+#: the Gram of X whose top eigenvalue is found exactly (eigvalsh) up to this size; above it
+#: by Lanczos (at most LANCZOS_STEPS products). Either estimate is then certified
+#: (``_certified_sigma_sq``).
+EIGH_MAX = 1024
+LANCZOS_STEPS = 300
+#: relative slack on the certified bound on ||G||_F, by dtype: covers the rounding of
+#: ||Delta||_F and J that the kernels accumulate (and of the exact norm they are compared
+#: with), so that the bound stays above the norm computed from the same Delta. It makes
+#: eta_t smaller by at most this fraction.
+BOUND_MARGIN = {np.dtype(np.float32): 2.0 ** -12, np.dtype(np.float64): 2.0 ** -30}
+
+_EPS64 = float(np.finfo(np.float64).eps)
+
+
+class LinearProblem:
+    """J(B, A) = (1/N) sum_i loss(z_i, y_i), Z = X (W0 + BA)^T: LoRA of a linear layer.
+
+    Parameters
+    ----------
+    X : (N, n) float32 or float64 array, the inputs (one sample per row); NumPy or CuPy.
+    Y : the targets. (N, m) of X's dtype for "squared", "huber" and "logistic" (entries in
+        {-1, +1}: one-vs-rest); an (N,) integer array of class indices in [0, m) for
+        "cross_entropy".
+    W0 : (m, n) array of X's dtype, the frozen weight (out x in). B is m x r, A is r x n.
+    loss : "squared" (1/2 ||z - y||^2), "huber" (entrywise, threshold ``delta``),
+        "logistic" (entrywise log(1 + exp(-y z))) or "cross_entropy" (softmax over the m
+        outputs, computed with the row's max subtracted, so it never overflows).
+    delta : the Huber threshold (> 0). Only "huber" reads it; any other value than the
+        default 1.0 for another loss is an error.
+    lipschitz : L, the smoothness constant of J in W; None computes a guaranteed upper
+        bound (below). The step size uses max(L, 1), as for the matrix kind.
+
+    Notes
+    -----
+    **The constant L.** The Hessian of J in W is (1/N) sum_i (x_i x_i^T) (x) H_i with H_i the
+    loss's Hessian in z_i, H_i <= L_loss I, so L = L_loss sigma_max(X)^2 / N with
+    L_loss = 1 (squared, huber), 1/4 (logistic), 1/2 (cross-entropy). sigma_max(X)^2 is the
+    top eigenvalue of the Gram C = X^T X or X X^T (the smaller one, k x k), formed in
+    float64. An eigenvalue estimate (``eigvalsh`` for k <= EIGH_MAX, Lanczos above) can fall
+    below the truth, so it is *certified*: mu I - C is factored by Cholesky for a mu slightly
+    above the estimate (raised until the factorisation succeeds). A Cholesky that runs to
+    completion gives R^T R = mu I - C + E with |E| <= gamma_{k+1} |R^T| |R| (Higham, Accuracy
+    and Stability of Numerical Algorithms, 2nd ed., Thm 10.3; its proof needs only that the
+    factorisation completes), so ||E||_2 <= gamma_{k+1} tr(R^T R) ~ gamma_{k+1} k mu and
+    mu I - C + E >= 0; the float64 Gram differs from the exact one by at most gamma_d ||X||_F^2
+    (d the inner dimension). Hence
+
+        sigma_max(X)^2 <= mu (1 + 2 (k + 2)^2 eps) + 2 (d + 2) eps ||X||_F^2
+
+    with eps the float64 machine epsilon (twice the unit roundoff, for slack). ``sigma_sq_bound``
+    is that number and ``lipschitz`` is L_loss times it over N. It is computed on first use
+    and kept: one Gram (N n min(N, n) / 2 multiply-adds), a Lanczos run and a Cholesky of
+    min(N, n)^3 / 3.
+
+    **Theorem(norm="bound").** With ``norm="bound"`` the kernels put in ``g_sq`` the
+    square of U = min(sigma ||Delta||_F / N, sqrt(2 L J)) (times 1 + BOUND_MARGIN), with sigma
+    and L the certified bounds above, in place of ||G||_F. Both terms bound ||G||_F:
+    ||Delta^T X||_F <= ||X||_2 ||Delta||_F, and for an L-smooth function with infimum >= 0
+    (every loss here is >= 0) ||grad L(W)||^2 <= 2 L (L(W) - inf L) <= 2 L J. The bound
+    costs nothing beyond the sweep, against O(N m min(N, n)) for the exact norm. A larger
+    norm only makes eta_t smaller; Lemma 2's proof uses only upper bounds on eta_t
+    (eqs. 18, 21-23), so J(V_{t+1}) <= J(V_t) - eta_t/5 ||grad J(V_t)||^2 still holds at every
+    step, and Theorem 3's bound (10) follows by the same telescoping sum. The rate holds
+    too: its proof lower-bounds eta_t by replacing ||G_t|| with sqrt(2L (J(V_t) - L*)) <=
+    sqrt(2L (J(V_0) - L*)), and U <= sqrt(2 L J(V_t)) by construction (L* = 0), so the same
+    D_t = O(t) bounds 1/eta_t and sum_t eta_t still grows like log T. The ||V_t||^2 growth
+    bound of the proof needs only eta_t <= 1 and eta_t ||V_t||^2 <= 1/(5 sqrt(2) L), which a
+    smaller eta_t keeps. The certified L is used in the bound even when ``lipschitz`` is
+    given, so the bound never rests on a user's constant.
+
+    Raises
+    ------
+    TypeError : non-float or mixed dtypes, non-array inputs, a non-integer Y for
+        cross-entropy, arrays on different devices.
+    ValueError : shapes that do not fit together, empty arrays, non-finite entries, an
+        unknown loss, labels outside {-1, +1} (logistic) or [0, m) (cross-entropy), delta
+        or lipschitz not positive and finite, delta for a loss without one.
+    """
+
+    kind = "linear"
+
+    def __init__(self, X, Y, W0, *, loss: str = "squared", delta: float = 1.0,
+                 lipschitz: float | None = None):
+        if not isinstance(loss, str) or loss not in LINEAR_LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; known losses: {sorted(LINEAR_LOSSES)}")
+        self.loss = LINEAR_LOSSES[loss]
+        check_matrix("X", X)
+        check_matrix("W0", W0, dtype=X.dtype)
+        xp = array_namespace(X)
+        if array_namespace(W0) is not xp or array_namespace(Y) is not xp:
+            raise TypeError("X, Y and W0 must all be NumPy arrays or all CuPy arrays")
+        (N, n), (m, n_w) = X.shape, W0.shape
+        if N == 0 or n == 0 or m == 0:
+            raise ValueError(f"X and W0 must be non-empty, got X {tuple(X.shape)} and "
+                             f"W0 {tuple(W0.shape)}")
+        if n_w != n:
+            raise ValueError(f"W0 has {n_w} columns but X has {n}: W0 must be (m, n) = "
+                             f"(outputs, inputs) with n = X.shape[1]")
+        classes = self.loss.labels == "class"
+        if classes:
+            _check_classes(Y, N, m, xp)
+        else:
+            check_matrix("Y", Y, dtype=X.dtype)
+            if Y.shape[0] != N:
+                raise ValueError(f"Y has {Y.shape[0]} rows but X has {N}: one target row "
+                                 f"per sample")
+            if Y.shape[1] != m:
+                raise ValueError(f"Y has {Y.shape[1]} columns but W0 has {m} rows: Y must be "
+                                 f"(N, m) with m = W0.shape[0]")
+            if self.loss.labels and not bool(((Y == 1) | (Y == -1)).all()):
+                raise ValueError(f"loss {loss!r} needs labels Y in {{-1, +1}}")
+        if isinstance(delta, (bool, np.bool_)):
+            raise TypeError(f"delta must be a real number > 0, got {delta!r}")
+        if not self.loss.uses_delta:
+            if delta is not None and not (isinstance(delta, (int, float)) and delta == 1.0):
+                raise ValueError(f"delta={delta!r} was given, but loss {loss!r} has no delta "
+                                 f"(only huber uses it)")
+            self.delta = 1.0
+        else:
+            self.delta = positive_float("delta", 1.0 if delta is None else delta)
+        self._lipschitz = None if lipschitz is None else positive_float("lipschitz", lipschitz)
+        self.N, self.n, self.m = int(N), int(n), int(m)
+        self.shape = (self.m, self.n)
+        self.dtype = np.dtype(X.dtype)
+        self.X = xp.ascontiguousarray(X).copy()
+        self.W0 = xp.ascontiguousarray(W0).copy()
+        self.Y = xp.ascontiguousarray(Y).astype(xp.int64 if classes else self.dtype, copy=True)
+        self._prepared: dict = {}  # device key -> that device's copy of the data
+
+    # -- the protocol ------------------------------------------------------------------------
+    @property
+    def xp(self):
+        return array_namespace(self.X)
+
+    @property
+    def lipschitz(self) -> float:
+        """L of grad_W J: the one given, or L_loss sigma_max(X)^2 / N certified (class notes)."""
+        return self.certified_lipschitz if self._lipschitz is None else self._lipschitz
+
+    @property
+    def eta_lipschitz(self) -> float:
+        """max(L, 1): the constant the paper's step size uses."""
+        return max(self.lipschitz, 1.0)
+
+    @property
+    def certified_lipschitz(self) -> float:
+        """L_loss sigma_max(X)^2 / N with the certified sigma_max: what the bound on ||G|| uses."""
+        return self.loss.lipschitz * self.sigma_sq_bound / self.N
+
+    def arrays(self) -> tuple:
+        """The arrays whose home decides device="auto"."""
+        return (self.X,)
+
+    def adapter_shape(self) -> tuple[int, int]:
+        """(m, n): B is m x r and A is r x n."""
+        return self.shape
+
+    def data(self, device, kernels):
+        """The problem's data as ``kernels`` on ``device`` read it, prepared once and kept."""
+        if device.key not in self._prepared:
+            self._prepared[device.key] = kernels.prepare(self, device)
+        return self._prepared[device.key]
+
+    # -- what the kernels read -----------------------------------------------------------------
+    @property
+    def residual(self) -> bool:
+        """True for the residual losses (squared, huber): the pass reads Z0 = X W0^T - Y."""
+        return self.loss.labels is False
+
+    def base(self, xp=None):
+        """Z0 (N x m, the data's dtype): X W0^T - Y for a residual loss, else X W0^T.
+
+        Formed in float64 and rounded once, in row blocks of about 64 MB (``xp``: the array
+        namespace to compute in, default the problem's). ValueError if it overflows the dtype.
+        """
+        xp = self.xp if xp is None else xp
+        X, W0 = xp.asarray(self.X), xp.asarray(self.W0)
+        W64 = W0.astype(np.float64).T
+        Z0 = xp.empty((self.N, self.m), self.dtype)
+        rows = max(1, (64 << 20) // (8 * max(self.m, self.n)))
+        for i in range(0, self.N, rows):
+            z = X[i:i + rows].astype(np.float64) @ W64
+            if self.residual:
+                z -= xp.asarray(self.Y[i:i + rows])
+            with np.errstate(over="ignore", invalid="ignore"):
+                Z0[i:i + rows] = z
+        if not bool(xp.isfinite(Z0).all()):
+            what = "X W0^T - Y" if self.residual else "X W0^T"
+            raise ValueError(f"{what} overflows {self.dtype} (finite inputs, infinite "
+                             f"product); build the problem in float64, or rescale X and W0")
+        return Z0
+
+    @property
+    def norm_strategy(self) -> str:
+        """How the kernels compute the exact ||Delta^T X||_F: "gram" or "tiles".
+
+        "gram": <Delta Delta^T, K> with K = X X^T (N x N, float64, made once): N^2 m / 2
+        multiply-adds per step (a syrk). "tiles": Delta^T X[:, j0:j1] one column tile at a
+        time, each squared, summed and discarded: N m n multiply-adds. The Gram is used when
+        N <= GRAM_RATIO n and 16 N^2 bytes fit GRAM_MAX_BYTES.
+        """
+        if self.N <= GRAM_RATIO * self.n and 16 * self.N ** 2 <= GRAM_MAX_BYTES:
+            return "gram"
+        return "tiles"
+
+    @cached_property
+    def gram(self):
+        """K = X X^T in float64 (N x N, the problem's array namespace), made once."""
+        X64 = self.X.astype(np.float64)
+        return X64 @ X64.T
+
+    @cached_property
+    def sigma_sq_bound(self) -> float:
+        """A certified upper bound on sigma_max(X)^2 (see the class notes)."""
+        xp = self.xp
+        X64 = self.X.astype(np.float64)
+        if self.N <= self.n:
+            C, inner = (self.gram if self.norm_strategy == "gram" else X64 @ X64.T), self.n
+        else:
+            C, inner = X64.T @ X64, self.N
+        fro_sq = float(xp.sum(X64 * X64))
+        C = C.get() if hasattr(C, "get") else np.asarray(C)
+        return _certified_sigma_sq(C, inner, fro_sq)
+
+    def norm_bound_sq(self, d_sq, loss, xp=None):
+        """U^2, the square of a certified upper bound on ||G||_F (class notes).
+
+        d_sq = ||Delta||_F^2 and loss = J at the iterate: Python floats, or 0-d float64 arrays
+        of ``xp`` (then the result is one too, computed where they live).
+        """
+        a = self.sigma_sq_bound * d_sq / float(self.N) ** 2  # (sigma ||Delta||_F / N)^2
+        b = 2.0 * self.certified_lipschitz * loss              # 2 L J
+        scale = (1.0 + BOUND_MARGIN[self.dtype]) ** 2
+        if xp is None:
+            return scale * min(a, b) if math.isfinite(b) else scale * a
+        return scale * xp.minimum(a, xp.where(xp.isfinite(b), b, a))
+
+    def __repr__(self):
+        L = "certified" if self._lipschitz is None else f"{self._lipschitz:g}"
+        return (f"LinearProblem(X {self.N}x{self.n}, W0 {self.m}x{self.n} {self.dtype}, "
+                f"loss={self.loss.name!r}, L={L})")
+
+
+def _check_classes(Y, N, m, xp):
+    """Y: an (N,) integer array of class indices in [0, m)."""
+    dtype = getattr(Y, "dtype", None)
+    if dtype is None or not hasattr(Y, "shape"):
+        raise TypeError(f"Y must be an (N,) integer array of class indices for "
+                        f"cross_entropy, got {type(Y).__name__}")
+    if dtype.kind not in "iu":
+        raise TypeError(f"Y must hold integer class indices for cross_entropy, got dtype "
+                        f"{dtype}; convert it with Y.astype(np.int64) if it holds whole numbers")
+    if Y.ndim != 1:
+        raise ValueError(f"Y must be 1-D (one class index per sample) for cross_entropy, "
+                         f"got shape {tuple(Y.shape)}")
+    if Y.shape[0] != N:
+        raise ValueError(f"Y has {Y.shape[0]} labels but X has {N} rows: one label per sample")
+    lo, hi = int(Y.min()), int(Y.max())
+    if lo < 0 or hi >= m:
+        raise ValueError(f"Y holds class indices in [{lo}, {hi}], outside [0, {m}) "
+                         f"(m = W0.shape[0] = {m} classes)")
+
+
+def _top_eigenvalue(C) -> float:
+    """An estimate of the top eigenvalue of the symmetric PSD C (may fall a little below it):
+    ``eigvalsh`` up to EIGH_MAX, else Lanczos with full reorthogonalisation (its top Ritz value,
+    once it changes by less than 1e-12 between checks; 4096 x 4096 takes about 60 products)."""
+    k = C.shape[0]
+    if k <= EIGH_MAX:
+        return float(np.linalg.eigvalsh(C)[-1])
+    steps = min(k, LANCZOS_STEPS)
+    Q = np.zeros((steps + 1, k))
+    q = np.random.default_rng(0).standard_normal(k)
+    Q[0] = q / np.linalg.norm(q)
+    alpha, beta, top = [], [], 0.0
+    for j in range(steps):
+        w = C @ Q[j]
+        alpha.append(float(Q[j] @ w))
+        for _ in range(2):  # full reorthogonalisation against every Lanczos vector so far
+            w -= Q[:j + 1].T @ (Q[:j + 1] @ w)
+        b = float(np.linalg.norm(w))
+        if (j + 1) % 10 == 0 or j + 1 == steps or b <= 1e-14 * abs(alpha[-1]):
+            T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+            ritz = float(np.linalg.eigvalsh(T)[-1])
+            if b <= 1e-14 * abs(alpha[-1]) or abs(ritz - top) <= 1e-12 * abs(ritz):
+                return ritz
+            top = ritz
+        beta.append(b)
+        Q[j + 1] = w / b
+    return top
+
+
+def _certified_sigma_sq(C, inner: int, fro_sq: float) -> float:
+    """An upper bound on lambda_max of the exact Gram whose float64 rounding is C (k x k).
+
+    mu I - C is factored by Cholesky for mu just above the estimate, raised until the
+    factorisation runs to completion; then the margins of the class notes are added.
+    """
+    k = C.shape[0]
+    diag_max = float(np.max(np.diag(C)))
+    if diag_max == 0.0:
+        return 0.0  # X = 0: C = 0 exactly (no rounding in sums of zeros)
+    mu = max(_top_eigenvalue(C), diag_max / k) * (1.0 + 2.0 ** -20)
+    step = 2.0 ** -16
+    eye = np.eye(k)
+    while True:
+        try:
+            np.linalg.cholesky(mu * eye - C)
+            break
+        except np.linalg.LinAlgError:
+            mu *= 1.0 + step
+            step = min(step * 16.0, 1.0)
+    return mu * (1.0 + 2.0 * (k + 2) ** 2 * _EPS64) + 2.0 * (inner + 2) * _EPS64 * fro_sq
