@@ -15,6 +15,7 @@ through helpers.DEVICES.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -377,7 +378,7 @@ def test_importing_the_backend_does_not_import_cupy():
             "    lorakern.step(p, np.ones((3, 1)), np.ones((1, 4)), device=emu.device())\n"
             "    assert 'cupy' not in sys.modules, 'the emulated device imported cupy'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
-                          env={**__import__("os").environ, "PYTHONPATH": root}, timeout=300)
+                          env={**os.environ, "PYTHONPATH": root}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

@@ -310,7 +310,8 @@ def test_fused_pass_traps_on_too_little_shared_memory(monkeypatch):
     real = launch.smem_bytes
     monkeypatch.setattr(launch, "smem_bytes", lambda *a, **k: real(*a, **k) - 128)
     problem, B, A = make_case((7, 13, 3), np.float32, seed=3)
-    with pytest.raises(EmulationError, match=r"fused_pass<float, 4, 64, 64, false, false, true>: __trap\(\) in thread \d+ of block 0"):
+    with pytest.raises(EmulationError, match=r"fused_pass<float, 4, 64, 64, false, false, true>: "
+                                             r"__trap\(\) in thread \d+ of block 0"):
         emulated_pass(problem, B, A)
 
 

@@ -1,4 +1,5 @@
-"""Every backend in devices() against the NumPy reference, squared loss (issue 2).
+"""Every device in helpers.DEVICES (devices(), and the CUDA kernels in the host emulation)
+against the NumPy reference, squared loss (issue 2).
 
 Other losses and masks: test_losses.py. Tolerances: lorakern.testing.RTOL, relative to the scale of
 each quantity.

@@ -74,9 +74,10 @@ class HostRuntime:
     max_smem_per_block = 227 * 1024
 
     def __init__(self, *, flags=(), timeout: float | None = None, cache: Path | None = None):
-        self.flags = tuple(FLAGS) + tuple(flags) + tuple(os.environ.get("LORAKERN_EMULATION_FLAGS", "").split())
+        from_env = os.environ.get("LORAKERN_EMULATION_FLAGS", "").split()
+        self.flags = (*FLAGS, *flags, *from_env)
         self.timeout = TIMEOUT if timeout is None else float(timeout)
-        self.cache = Path(cache) if cache is not None else Path(tempfile.gettempdir()) / "lorakern-cuda-emulation"
+        self.cache = Path(cache or Path(tempfile.gettempdir()) / "lorakern-cuda-emulation")
         self._modules: dict = {}
         self._runtime_library: Path | None = None
 
@@ -189,7 +190,8 @@ class HostRuntime:
                     if not (a.dtype == np.uint64 and a == 0):
                         raise TypeError(f"{where}: a pointer must be an array or null")
                 elif (a.dtype.kind == "f") != (kind == "f") or a.dtype.itemsize != size:
-                    raise TypeError(f"{where}: {a.dtype} for a {size}-byte {'float' if kind == 'f' else 'integer'}")
+                    what = "float" if kind == "f" else "integer"
+                    raise TypeError(f"{where}: {a.dtype} for a {size}-byte {what}")
                 value = np.array(a)
             else:
                 raise TypeError(f"{where}: {type(a).__name__} (kernels take arrays and NumPy scalars)")
