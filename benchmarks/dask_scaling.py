@@ -44,7 +44,7 @@ def cluster(workers: int):
     import distributed
 
     c = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                 dashboard_address=None, silence_logs=40)
+                                 dashboard_address=":0", silence_logs=40)
     return c, distributed.Client(c, set_as_default=False)
 
 
