@@ -5,15 +5,16 @@ import pytest
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """CPU column tiles of 24 (the default is up to 1024) and work units of 24 rows in blocks
-    of 12, so small inputs cross tile, block and unit edges."""
+    """CPU work units of 24 rows x 48 columns, in blocks of 12 rows and chunks of 24 columns
+    (the defaults are hundreds), so small inputs cross chunk, block and unit edges."""
     import lorakern._cpu.matrix as cpu
 
     monkeypatch.setattr(cpu, "MIN_TILE", 24)
     monkeypatch.setattr(cpu, "MAX_TILE", 24)
     monkeypatch.setattr(cpu, "BLOCK_ROWS", 12)
     monkeypatch.setattr(cpu, "MAX_UNIT_ROWS", 24)
-    assert cpu.geometry(1000, 100, 64, 4) == (24, 24, 12, 24)
+    monkeypatch.setattr(cpu, "MAX_UNIT_COLS", 48)
+    assert cpu.geometry(1000, 100, 64, 4) == (24, 48, 12, 24)
     return 24
 
 

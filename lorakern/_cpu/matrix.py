@@ -1,6 +1,7 @@
 """The matrix kind on the CPU: the launcher of the fused Numba pass (kernels.py, _fused.py)."""
 from __future__ import annotations
 
+import math
 import threading
 from types import SimpleNamespace
 
@@ -13,14 +14,18 @@ from . import kernels, threads
 #: (a multiple of kernels.BLOCK_MULTIPLE = 12).
 BLOCK_ROWS = 12
 #: The block of G (BLOCK_ROWS x chunk columns) should stay in L1 between the phases:
-#: chunk = G_BYTES / (BLOCK_ROWS itemsize), clamped to [MIN_TILE, MAX_TILE], rounded down to
-#: a multiple of kernels.COLUMN_MULTIPLE = 24 (504 float32, 240 float64 columns).
+#: chunk ~ G_BYTES / (BLOCK_ROWS itemsize), clamped to [MIN_TILE, MAX_TILE], a multiple of
+#: kernels.COLUMN_MULTIPLE = 24 (about 504 float32, 240 float64 columns).
 G_BYTES = 24 * 1024
 MIN_TILE, MAX_TILE = 24, 1024
 #: Work units: about TARGET_UNITS of them (64: 32 per thread on 2 cores, so a core that is
-#: busy for a while costs a fraction of the step), each at most MAX_UNIT_ROWS rows.
+#: busy for a while costs a fraction of the step), as square as the matrix, but fewer where
+#: their partial sums ((row panels x n + column tiles x m) x r4 values) would exceed
+#: PARTIAL_FRACTION of the m x n data.
 TARGET_UNITS = 64
-MAX_UNIT_ROWS = 256
+PARTIAL_FRACTION = 0.25
+#: caps on a unit's rows and columns (None: none); the tests set them small
+MAX_UNIT_ROWS = MAX_UNIT_COLS = None
 #: phase 1 prefetches R one block ahead (False: no prefetch)
 PREFETCH = True
 
@@ -33,12 +38,22 @@ def geometry(m: int, n: int, r4: int, itemsize: int) -> tuple[int, int, int, int
     """(unit_rows, unit_cols, block_rows, chunk) for an m x n problem: a function of the
     shape, the rank and the dtype only, so the bits do not depend on the thread count."""
     align = kernels.COLUMN_MULTIPLE
-    chunk = G_BYTES // (BLOCK_ROWS * itemsize) // align * align
-    chunk = min(max(chunk, MIN_TILE), MAX_TILE, _round_up(n, align))
-    unit_cols = chunk
-    ntiles = -(-n // unit_cols)
-    unit_rows = _round_up(-(-m * ntiles // TARGET_UNITS), BLOCK_ROWS)
-    unit_rows = min(max(unit_rows, BLOCK_ROWS), _round_up(MAX_UNIT_ROWS, BLOCK_ROWS))
+    # P panels x Q tiles = units, P / Q = m / n, (P n + Q m) r4 = 2 sqrt(units m n) r4
+    # at most PARTIAL_FRACTION m n
+    units = min(TARGET_UNITS, int(PARTIAL_FRACTION ** 2 * m * n / (4 * r4 * r4)))
+    units = max(units, 1)
+    panels = min(max(1, round(math.sqrt(units * m / n))), -(-m // BLOCK_ROWS))
+    tiles = min(max(1, units // panels), -(-n // align))
+    unit_rows = _round_up(-(-m // panels), BLOCK_ROWS)
+    unit_cols = _round_up(-(-n // tiles), align)
+    if MAX_UNIT_ROWS:
+        unit_rows = min(unit_rows, _round_up(MAX_UNIT_ROWS, BLOCK_ROWS))
+    if MAX_UNIT_COLS:
+        unit_cols = min(unit_cols, _round_up(MAX_UNIT_COLS, align))
+    # the unit's columns in equal chunks of about the target width (up to 25 % over it)
+    target = min(max(G_BYTES // (BLOCK_ROWS * itemsize), MIN_TILE), MAX_TILE)
+    chunks = -(-4 * unit_cols // (5 * target))
+    chunk = _round_up(-(-unit_cols // chunks), align)
     return unit_rows, unit_cols, BLOCK_ROWS, chunk
 
 
