@@ -44,7 +44,7 @@ def cluster(workers: int):
     import distributed
 
     c = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                 dashboard_address=None, silence_logs=40)
+                                 dashboard_address=":0", silence_logs=40)
     return c, distributed.Client(c, set_as_default=False)
 
 
@@ -185,27 +185,35 @@ def main(argv=None):
         c.close()
 
 
+def _held(dask_scheduler):
+    """What the scheduler keeps: tasks, task groups (one per key prefix and token)."""
+    return len(dask_scheduler.tasks), len(dask_scheduler.task_groups)
+
+
 def long_run(engine, client, B, A, steps, block=100):
-    """Per-step time over ``steps`` steps of one fit, in blocks; the scheduler's task count."""
-    tasks = lambda: client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))  # noqa: E731
-    before = tasks()
+    """Per-step time over ``steps`` steps of one fit, in blocks, with the machine's load
+    average at the end of each block; what the scheduler and the client hold, before and
+    after."""
+    before = client.run_on_scheduler(_held), len(client.futures)
     stamps, loads = [time.perf_counter()], []
     for t in range(steps):
         B, A = run_steps(engine, B, A, 1)
         stamps.append(time.perf_counter())
-        if t % block == 0:
+        if (t + 1) % block == 0 or t == steps - 1:
             loads.append(os.getloadavg()[0])
+    after = client.run_on_scheduler(_held), len(client.futures)
     dt = np.diff(stamps) * 1e3
     blocks = [dt[i:i + block] for i in range(0, steps, block)]
     out = [f"## Long run: {steps} steps of dask 2x1 (ms per step by block of {block})", "",
-           "| steps | mean | median | max |", "|---|---:|---:|---:|"]
-    for i, b in enumerate(blocks):
+           "| steps | mean | median | max | load average at its end |",
+           "|---|---:|---:|---:|---:|"]
+    for i, (b, load) in enumerate(zip(blocks, loads)):
         out.append(f"| {i * block}-{i * block + len(b) - 1} | {b.mean():.1f} | "
-                   f"{np.median(b):.1f} | {b.max():.1f} |")
+                   f"{np.median(b):.1f} | {b.max():.1f} | {load:.1f} |")
     first, last = np.median(blocks[0]), np.median(blocks[-1])
-    out += ["", f"- last block's median / first block's: {last / first:.2f}; scheduler tasks "
-            f"before {before}, after {tasks()}; load average {min(loads):.1f} to "
-            f"{max(loads):.1f}"]
+    out += ["", f"- last block's median / first block's: {last / first:.2f}",
+            f"- held before / after: scheduler tasks {before[0][0]} / {after[0][0]}, task groups "
+            f"{before[0][1]} / {after[0][1]}, client futures {before[1]} / {after[1]}"]
     return out
 
 

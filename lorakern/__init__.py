@@ -4,6 +4,9 @@
     >>> problem = lorakern.Problem(W0, Y)
     >>> B, A = lorakern.init_adapters(m, n, rank=16, dtype=W0.dtype, seed=0)
     >>> result = lorakern.fit(problem, B, A, steps=100, device="cpu")
+
+``LinearProblem(X, Y, W0, loss=...)`` is LoRA of a linear layer applied to data (inputs X,
+outputs X (W0 + BA)^T); ``step`` and ``fit`` take either kind (docs/linear.md).
 """
 from . import reference, theory
 from ._dispatch import DeviceUnavailableError, devices

@@ -12,22 +12,24 @@ def pytest_make_parametrize_id(config, val, argname):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Small tiles, so that small inputs cross tile edges: CPU column tiles of 16 (the default
-    is up to 1024) and work units of 8 rows in blocks of 4, so small inputs cross tile, block
-    and unit edges; CUDA tiles of 32 x 32 (default 64 x 64) and super-tiles of 2 x 3 tiles, so
-    that a 37 x 101 problem runs two blocks, one with a partial super-tile."""
+    """Small tiles, so that small inputs cross tile edges: CPU work units of 24 rows x 48
+    columns, in blocks of 12 rows and chunks of 24 columns (the defaults are hundreds), so
+    small inputs cross chunk, block and unit edges; CUDA tiles of 32 x 32 (default 64 x 64) and
+    super-tiles of 2 x 3 tiles, so that a 37 x 101 problem runs two blocks, one with a partial
+    super-tile."""
     import lorakern._cpu.matrix as cpu
     from lorakern._cuda import launch
 
-    monkeypatch.setattr(cpu, "MIN_TILE", 16)
-    monkeypatch.setattr(cpu, "MAX_TILE", 16)
-    monkeypatch.setattr(cpu, "BLOCK_ROWS", 4)
-    monkeypatch.setattr(cpu, "MAX_UNIT_ROWS", 8)
-    assert cpu.geometry(100, 100, 64, 4) == (8, 16, 4, 16)
+    monkeypatch.setattr(cpu, "MIN_TILE", 24)
+    monkeypatch.setattr(cpu, "MAX_TILE", 24)
+    monkeypatch.setattr(cpu, "BLOCK_ROWS", 12)
+    monkeypatch.setattr(cpu, "MAX_UNIT_ROWS", 24)
+    monkeypatch.setattr(cpu, "MAX_UNIT_COLS", 48)
+    assert cpu.geometry(1000, 100, 64, 4) == (24, 48, 12, 24)
     monkeypatch.setattr(launch, "TILES", ((32, 32),))
     monkeypatch.setattr(launch, "ROWS_PER_BLOCK", 2)
     monkeypatch.setattr(launch, "COLS_PER_BLOCK", 3)
-    return 16
+    return 24
 
 
 @pytest.fixture

@@ -115,8 +115,8 @@ for path in sys.argv[1].split(","):
     kernels.SIMD = path == "simd"
     for tiles in ("default", "small"):
         if tiles == "small":
-            matrix.MIN_TILE = matrix.MAX_TILE = 16
-            matrix.BLOCK_ROWS, matrix.MAX_UNIT_ROWS = 4, 8
+            matrix.MIN_TILE = matrix.MAX_TILE = 24
+            matrix.BLOCK_ROWS, matrix.MAX_UNIT_ROWS, matrix.MAX_UNIT_COLS = 12, 24, 48
         for shape, dtype, loss, masked in cases:
             problem, B, A = make_case(shape, np.dtype(dtype), loss=loss, masked=masked, seed=5, delta=0.5)
             engine = bind(problem, "cpu")

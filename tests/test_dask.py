@@ -47,7 +47,7 @@ MEMORY_LIMIT = 800 * 2**20
 @pytest.fixture(scope="module")
 def client():
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  memory_limit=MEMORY_LIMIT, dashboard_address=None,
+                                  memory_limit=MEMORY_LIMIT, dashboard_address=":0",
                                   silence_logs=40) as cluster:
         with distributed.Client(cluster) as c:
             yield c
@@ -108,6 +108,13 @@ def test_many_shards_merge_in_a_tree(client):
     again = lorakern.fit(sharded, B, A, steps=STEPS, device="cpu")
     assert_bitwise(again.B, got.B, "B")
     assert_bitwise(again.A, got.A, "A")
+
+
+def test_wraps_any_device(client):
+    """device="reference" on a dask problem: the NumPy reference's pass on every shard."""
+    sharded, local, B, A = _pair(seed=13, dtype=np.float64, loss="huber", masked=True)
+    got = lorakern.fit(sharded, B, A, steps=4, device="reference")
+    _assert_fits_close(got, lorakern.fit(local, B, A, steps=4, device="reference"), np.float64)
 
 
 def test_table_entries_follow_the_protocols(client):

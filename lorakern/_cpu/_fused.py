@@ -12,7 +12,7 @@ import numba
 import numpy as np
 
 from lorakern._cpu.kernels import FASTMATH, PORTABLE_PHASES, SIMD_PHASES, _log1p  # noqa: F401
-from lorakern._cpu.simd import atomic_add
+from lorakern._cpu.simd import atomic_add, lanes
 
 # ---- generated: begin
 LABELS = False   # the data are W0 and the labels Y are read (z = W0 + BA), else R (d = R + BA)
@@ -26,12 +26,13 @@ phase1, phase2, phase3 = SIMD_PHASES if USE_SIMD else PORTABLE_PHASES
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=True)
-def fused(data, labels_y, mask, Bp, Ap, delta, geometry, with_grad, counter, nthreads,
+def fused(data, labels_y, mask, Bp, Ap, delta, geometry, prefetch_rows, with_grad, counter, nthreads,
           gB_parts, gA_parts, scalars):
     """One pass over the data: every unit's partials of grad_B and grad_A, loss and ||G||^2.
 
     geometry = (unit_rows, unit_cols, block_rows, chunk); units are numbered row panel
-    major, u = p * ntiles + q. ``counter`` (int64[1], zero) hands out the units;
+    major, u = p * ntiles + q. ``prefetch_rows`` > 0: phase 1 prefetches the data that many
+    rows ahead (0: no prefetch). ``counter`` (int64[1], zero) hands out the units;
     ``nthreads`` workers take them until none is left. Unit (p, q) writes
     gB_parts[q][its rows], gA_parts[p][:, its columns] and scalars[u] = (loss, ||G||^2).
     """
@@ -55,8 +56,9 @@ def fused(data, labels_y, mask, Bp, Ap, delta, geometry, with_grad, counter, nth
             for b0 in range(i0, i1, block_rows):
                 for j0 in range(q * unit_cols, j_end, chunk):
                     w = min(chunk, j_end - j0)
-                    wpad = (w + 15) // 16 * 16 if USE_SIMD else w
-                    phase1(G, data, Bp, Ap, b0, block_rows, j0, w, wpad, m)
+                    # the SIMD phases 2 and 3 work on 3 vectors of columns at a time
+                    wpad = -(-w // (3 * lanes(G))) * 3 * lanes(G) if USE_SIMD else w
+                    phase1(G, data, Bp, Ap, b0, block_rows, j0, w, wpad, m, prefetch_rows)
                     # ---- pointwise: loss value and G = dL/dZ; G = 0 off the mask and past m
                     for ii in range(block_rows):
                         i = b0 + ii

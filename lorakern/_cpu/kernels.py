@@ -46,16 +46,19 @@ import numba
 import numpy as np
 
 from . import simd
-from .simd import lanes, vbroadcast, vfma, vload, vstore, vsum, vzeros
+from .simd import lanes, prefetch, vbroadcast_at, vfma, vload, vstore, vsum, vzeros
 
 # reassociation lets LLVM vectorise the portable loops' reductions; no 'nnan'/'ninf', so
 # non-finite values propagate and the driver can see them
 FASTMATH = {"reassoc", "contract", "nsz"}
 
-#: the SIMD micro-kernels' register blocks (phase 1: MR rows x 2 vectors; phase 2: 2 rows
-#: x 4 ranks; phase 3: 4 ranks x 2 vectors). block_rows is a multiple of MR, the column
-#: chunk a multiple of 2 vectors, r4 a multiple of 4.
-MR = 4
+#: The SIMD micro-kernels' register blocks: phase 1 4 rows x 3 vectors, phase 2 3 rows x 4
+#: ranks, phase 3 4 ranks x 3 vectors. So the rows of a block come in multiples of
+#: BLOCK_MULTIPLE = 12, a chunk's columns are padded to a multiple of 3 vectors (24 float32,
+#: 12 float64; chunks are multiples of COLUMN_MULTIPLE = 24, which covers both), and r4 is a
+#: multiple of 4.
+BLOCK_MULTIPLE = 12
+COLUMN_MULTIPLE = 24
 
 #: True where this CPU has AVX2 and FMA: use the SIMD micro-kernels (tests switch it off)
 SIMD = simd.available()
@@ -93,7 +96,8 @@ def _compile_loss(loss):
 
 @numba.njit(inline="always", fastmath=FASTMATH)
 def _phase1_tail(G, data, Bp, Ap, b0, nb, j0, jfirst, w, wpad, m):
-    """Columns [jfirst, w) one at a time (the portable path's whole phase 1), then zeros."""
+    """Columns [jfirst, w) with loops LLVM vectorises (the portable path's whole phase 1),
+    then zeros up to wpad."""
     r4 = Ap.shape[0]
     for ii in range(nb):
         src = data[min(b0 + ii, m - 1)]
@@ -111,40 +115,56 @@ def _phase1_tail(G, data, Bp, Ap, b0, nb, j0, jfirst, w, wpad, m):
 
 
 @numba.njit(inline="always")
-def _phase1_simd(G, data, Bp, Ap, b0, nb, j0, w, wpad, m):
-    """4 rows x 2 vectors of accumulators held across the rank loop: per rank 2 loads of
-    A, 4 broadcasts of B, 8 FMAs."""
+def _phase1_simd(G, data, Bp, Ap, b0, nb, j0, w, wpad, m, ahead):
+    """4 rows x 3 vectors of accumulators (12 FMA chains: with 5 cycles of FMA latency and
+    2 FMAs per cycle, 8 chains would cap at 80 %) held across the rank loop: per rank 3
+    loads of A, 4 broadcasts of B, 12 FMAs. ``ahead`` > 0: prefetch the rows ``ahead``
+    below, so the next block's R arrives while phases 2 and 3 run."""
     L = lanes(G)
     r4 = Ap.shape[0]
-    wfull = w // (2 * L) * (2 * L)
-    for ii in range(0, nb, MR):
+    wfull = w // (3 * L) * (3 * L)
+    for ii in range(0, nb, 4):
         i = b0 + ii
         s0, s1, s2, s3 = min(i, m - 1), min(i + 1, m - 1), min(i + 2, m - 1), min(i + 3, m - 1)
-        for jj in range(0, wfull, 2 * L):
+        for jj in range(0, wfull, 3 * L):
             j = j0 + jj
-            c00, c01 = vload(data, s0, j), vload(data, s0, j + L)
-            c10, c11 = vload(data, s1, j), vload(data, s1, j + L)
-            c20, c21 = vload(data, s2, j), vload(data, s2, j + L)
-            c30, c31 = vload(data, s3, j), vload(data, s3, j + L)
+            c00, c01, c02 = vload(data, s0, j), vload(data, s0, j + L), vload(data, s0, j + 2 * L)
+            c10, c11, c12 = vload(data, s1, j), vload(data, s1, j + L), vload(data, s1, j + 2 * L)
+            c20, c21, c22 = vload(data, s2, j), vload(data, s2, j + L), vload(data, s2, j + 2 * L)
+            c30, c31, c32 = vload(data, s3, j), vload(data, s3, j + L), vload(data, s3, j + 2 * L)
+            if ahead:
+                for t in range(4):
+                    row = min(i + ahead + t, m - 1)
+                    prefetch(data, row, j)
+                    prefetch(data, row, j + 2 * L)
             for k in range(r4):
-                a0, a1 = vload(Ap, k, j), vload(Ap, k, j + L)
-                b = vbroadcast(Bp[i, k])
-                c00, c01 = vfma(b, a0, c00), vfma(b, a1, c01)
-                b = vbroadcast(Bp[i + 1, k])
-                c10, c11 = vfma(b, a0, c10), vfma(b, a1, c11)
-                b = vbroadcast(Bp[i + 2, k])
-                c20, c21 = vfma(b, a0, c20), vfma(b, a1, c21)
-                b = vbroadcast(Bp[i + 3, k])
-                c30, c31 = vfma(b, a0, c30), vfma(b, a1, c31)
+                a0, a1, a2 = vload(Ap, k, j), vload(Ap, k, j + L), vload(Ap, k, j + 2 * L)
+                b = vbroadcast_at(Bp, i, k)
+                c00, c01, c02 = vfma(b, a0, c00), vfma(b, a1, c01), vfma(b, a2, c02)
+                b = vbroadcast_at(Bp, i + 1, k)
+                c10, c11, c12 = vfma(b, a0, c10), vfma(b, a1, c11), vfma(b, a2, c12)
+                b = vbroadcast_at(Bp, i + 2, k)
+                c20, c21, c22 = vfma(b, a0, c20), vfma(b, a1, c21), vfma(b, a2, c22)
+                b = vbroadcast_at(Bp, i + 3, k)
+                c30, c31, c32 = vfma(b, a0, c30), vfma(b, a1, c31), vfma(b, a2, c32)
             vstore(G, ii, jj, c00)
             vstore(G, ii, jj + L, c01)
+            vstore(G, ii, jj + 2 * L, c02)
             vstore(G, ii + 1, jj, c10)
             vstore(G, ii + 1, jj + L, c11)
+            vstore(G, ii + 1, jj + 2 * L, c12)
             vstore(G, ii + 2, jj, c20)
             vstore(G, ii + 2, jj + L, c21)
+            vstore(G, ii + 2, jj + 2 * L, c22)
             vstore(G, ii + 3, jj, c30)
             vstore(G, ii + 3, jj + L, c31)
+            vstore(G, ii + 3, jj + 2 * L, c32)
     _phase1_tail(G, data, Bp, Ap, b0, nb, j0, wfull, w, wpad, m)
+
+
+@numba.njit(inline="always")
+def _phase1_portable(G, data, Bp, Ap, b0, nb, j0, w, wpad, m, ahead):
+    _phase1_tail(G, data, Bp, Ap, b0, nb, j0, 0, w, wpad, m)
 
 
 # ---- phase 2: grad_B[b0:b0 + nb, :] (+)= G[:, :wpad] @ Ap[:, j0:j0 + wpad]^T -------------------
@@ -164,38 +184,40 @@ def _phase2_portable(G, Ap, gB, b0, nb, j0, wpad, first):
 
 @numba.njit(inline="always")
 def _phase2_simd(G, Ap, gB, b0, nb, j0, wpad, first):
-    """2 rows x 4 ranks of vector dot products: per vector of columns 2 loads of G, 4 of A,
-    8 FMAs; the lanes are summed once per chunk."""
+    """3 rows x 4 ranks of vector dot products (12 chains): per vector of columns 3 loads
+    of G, 4 of A, 12 FMAs; the lanes are summed once per chunk (vsum, a fixed order)."""
     L = lanes(G)
     r4 = Ap.shape[0]
-    for ii in range(0, nb, 2):
+    for ii in range(0, nb, 3):
+        i = b0 + ii
         for k in range(0, r4, 4):
-            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = vzeros(G)
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = s20 = s21 = s22 = s23 = vzeros(G)
             for jj in range(0, wpad, L):
                 j = j0 + jj
-                g0, g1 = vload(G, ii, jj), vload(G, ii + 1, jj)
+                g0, g1, g2 = vload(G, ii, jj), vload(G, ii + 1, jj), vload(G, ii + 2, jj)
                 a = vload(Ap, k, j)
-                s00, s10 = vfma(g0, a, s00), vfma(g1, a, s10)
+                s00, s10, s20 = vfma(g0, a, s00), vfma(g1, a, s10), vfma(g2, a, s20)
                 a = vload(Ap, k + 1, j)
-                s01, s11 = vfma(g0, a, s01), vfma(g1, a, s11)
+                s01, s11, s21 = vfma(g0, a, s01), vfma(g1, a, s11), vfma(g2, a, s21)
                 a = vload(Ap, k + 2, j)
-                s02, s12 = vfma(g0, a, s02), vfma(g1, a, s12)
+                s02, s12, s22 = vfma(g0, a, s02), vfma(g1, a, s12), vfma(g2, a, s22)
                 a = vload(Ap, k + 3, j)
-                s03, s13 = vfma(g0, a, s03), vfma(g1, a, s13)
-            i = b0 + ii
-            if first:
-                gB[i, k], gB[i, k + 1], gB[i, k + 2], gB[i, k + 3] = vsum(s00), vsum(s01), vsum(s02), vsum(s03)
-                gB[i + 1, k], gB[i + 1, k + 1] = vsum(s10), vsum(s11)
-                gB[i + 1, k + 2], gB[i + 1, k + 3] = vsum(s12), vsum(s13)
-            else:
-                gB[i, k] += vsum(s00)
-                gB[i, k + 1] += vsum(s01)
-                gB[i, k + 2] += vsum(s02)
-                gB[i, k + 3] += vsum(s03)
-                gB[i + 1, k] += vsum(s10)
-                gB[i + 1, k + 1] += vsum(s11)
-                gB[i + 1, k + 2] += vsum(s12)
-                gB[i + 1, k + 3] += vsum(s13)
+                s03, s13, s23 = vfma(g0, a, s03), vfma(g1, a, s13), vfma(g2, a, s23)
+            _add_sums(gB, i, k, first, vsum(s00), vsum(s01), vsum(s02), vsum(s03))
+            _add_sums(gB, i + 1, k, first, vsum(s10), vsum(s11), vsum(s12), vsum(s13))
+            _add_sums(gB, i + 2, k, first, vsum(s20), vsum(s21), vsum(s22), vsum(s23))
+
+
+@numba.njit(inline="always")
+def _add_sums(gB, i, k, first, x0, x1, x2, x3):
+    """gB[i, k:k + 4] = (x0, x1, x2, x3), or += if not ``first``."""
+    if first:
+        gB[i, k], gB[i, k + 1], gB[i, k + 2], gB[i, k + 3] = x0, x1, x2, x3
+    else:
+        gB[i, k] += x0
+        gB[i, k + 1] += x1
+        gB[i, k + 2] += x2
+        gB[i, k + 3] += x3
 
 
 # ---- phase 3: grad_A[:, j0:j0 + wpad] (+)= Bp[b0:b0 + nb]^T @ G[:, :wpad] ---------------------
@@ -216,50 +238,48 @@ def _phase3_portable(G, Bp, gA, b0, nb, j0, wpad, first):
 
 @numba.njit(inline="always")
 def _phase3_simd(G, Bp, gA, b0, nb, j0, wpad, first):
-    """4 ranks x 2 vectors of accumulators held across the rows: per row 2 loads of G,
-    4 broadcasts of B, 8 FMAs."""
+    """4 ranks x 3 vectors of accumulators (12 chains) held across the rows: per row 3
+    loads of G, 4 broadcasts of B, 12 FMAs."""
     L = lanes(G)
     r4 = gA.shape[0]
     for k in range(0, r4, 4):
-        for jj in range(0, wpad, 2 * L):
+        for jj in range(0, wpad, 3 * L):
             j = j0 + jj
             if first:
-                c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = vzeros(G)
+                c00 = c01 = c02 = c10 = c11 = c12 = c20 = c21 = c22 = c30 = c31 = c32 = vzeros(G)
             else:
-                c00, c01 = vload(gA, k, j), vload(gA, k, j + L)
-                c10, c11 = vload(gA, k + 1, j), vload(gA, k + 1, j + L)
-                c20, c21 = vload(gA, k + 2, j), vload(gA, k + 2, j + L)
-                c30, c31 = vload(gA, k + 3, j), vload(gA, k + 3, j + L)
+                c00, c01, c02 = vload(gA, k, j), vload(gA, k, j + L), vload(gA, k, j + 2 * L)
+                c10, c11, c12 = vload(gA, k + 1, j), vload(gA, k + 1, j + L), vload(gA, k + 1, j + 2 * L)
+                c20, c21, c22 = vload(gA, k + 2, j), vload(gA, k + 2, j + L), vload(gA, k + 2, j + 2 * L)
+                c30, c31, c32 = vload(gA, k + 3, j), vload(gA, k + 3, j + L), vload(gA, k + 3, j + 2 * L)
             for ii in range(nb):
-                g0, g1 = vload(G, ii, jj), vload(G, ii, jj + L)
+                g0, g1, g2 = vload(G, ii, jj), vload(G, ii, jj + L), vload(G, ii, jj + 2 * L)
                 i = b0 + ii
-                b = vbroadcast(Bp[i, k])
-                c00, c01 = vfma(b, g0, c00), vfma(b, g1, c01)
-                b = vbroadcast(Bp[i, k + 1])
-                c10, c11 = vfma(b, g0, c10), vfma(b, g1, c11)
-                b = vbroadcast(Bp[i, k + 2])
-                c20, c21 = vfma(b, g0, c20), vfma(b, g1, c21)
-                b = vbroadcast(Bp[i, k + 3])
-                c30, c31 = vfma(b, g0, c30), vfma(b, g1, c31)
+                b = vbroadcast_at(Bp, i, k)
+                c00, c01, c02 = vfma(b, g0, c00), vfma(b, g1, c01), vfma(b, g2, c02)
+                b = vbroadcast_at(Bp, i, k + 1)
+                c10, c11, c12 = vfma(b, g0, c10), vfma(b, g1, c11), vfma(b, g2, c12)
+                b = vbroadcast_at(Bp, i, k + 2)
+                c20, c21, c22 = vfma(b, g0, c20), vfma(b, g1, c21), vfma(b, g2, c22)
+                b = vbroadcast_at(Bp, i, k + 3)
+                c30, c31, c32 = vfma(b, g0, c30), vfma(b, g1, c31), vfma(b, g2, c32)
             vstore(gA, k, j, c00)
             vstore(gA, k, j + L, c01)
+            vstore(gA, k, j + 2 * L, c02)
             vstore(gA, k + 1, j, c10)
             vstore(gA, k + 1, j + L, c11)
+            vstore(gA, k + 1, j + 2 * L, c12)
             vstore(gA, k + 2, j, c20)
             vstore(gA, k + 2, j + L, c21)
+            vstore(gA, k + 2, j + 2 * L, c22)
             vstore(gA, k + 3, j, c30)
             vstore(gA, k + 3, j + L, c31)
-
-
-@numba.njit(inline="always")
-def _phase1_portable(G, data, Bp, Ap, b0, nb, j0, w, wpad, m):
-    _phase1_tail(G, data, Bp, Ap, b0, nb, j0, 0, w, wpad, m)
+            vstore(gA, k + 3, j + 2 * L, c32)
 
 
 #: (phase1, phase2, phase3) of each path, same arguments; the generated kernel takes one
 SIMD_PHASES = (_phase1_simd, _phase2_simd, _phase3_simd)
 PORTABLE_PHASES = (_phase1_portable, _phase2_portable, _phase3_portable)
-
 
 @numba.njit(inline="always", fastmath=FASTMATH)
 def squared_pointwise(t, y, delta):
@@ -432,3 +452,4 @@ def fused_kernel(loss, labels: bool, masked: bool, use_simd: bool):
             exec(compile(source, f"<{name}>", "exec"), namespace)
             return namespace["fused"]
     return module.fused
+

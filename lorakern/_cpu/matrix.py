@@ -1,6 +1,7 @@
 """The matrix kind on the CPU: the launcher of the fused Numba pass (kernels.py, _fused.py)."""
 from __future__ import annotations
 
+import math
 import threading
 from types import SimpleNamespace
 
@@ -10,18 +11,23 @@ from ..results import PassResult
 from . import kernels, threads
 
 #: Rows of G computed, passed through the loss and used by phases 2 and 3 at a time
-#: (a multiple of kernels.MR = 4).
-BLOCK_ROWS = 8
+#: (a multiple of kernels.BLOCK_MULTIPLE = 12).
+BLOCK_ROWS = 12
 #: The block of G (BLOCK_ROWS x chunk columns) should stay in L1 between the phases:
-#: chunk = G_BYTES / (BLOCK_ROWS itemsize), clamped to [MIN_TILE, MAX_TILE], a multiple of 16.
-G_BYTES = 16 * 1024
-MIN_TILE, MAX_TILE = 16, 1024
+#: chunk ~ G_BYTES / (BLOCK_ROWS itemsize), clamped to [MIN_TILE, MAX_TILE], a multiple of
+#: kernels.COLUMN_MULTIPLE = 24 (about 504 float32, 240 float64 columns).
+G_BYTES = 24 * 1024
+MIN_TILE, MAX_TILE = 24, 1024
 #: Work units: about TARGET_UNITS of them (64: 32 per thread on 2 cores, so a core that is
-#: busy for a while costs a fraction of the step), each at most MAX_UNIT_ROWS rows.
+#: busy for a while costs a fraction of the step), as square as the matrix, but fewer where
+#: their partial sums ((row panels x n + column tiles x m) x r4 values) would exceed
+#: PARTIAL_FRACTION of the m x n data.
 TARGET_UNITS = 64
-MAX_UNIT_ROWS = 256
-
-ALIGN = 16  # columns: the SIMD phases work on 2 vectors (16 float32 or 2 x 8 float64) at a time
+PARTIAL_FRACTION = 0.25
+#: caps on a unit's rows and columns (None: none); the tests set them small
+MAX_UNIT_ROWS = MAX_UNIT_COLS = None
+#: phase 1 prefetches R one block ahead (False: no prefetch)
+PREFETCH = True
 
 
 def _round_up(x: int, k: int) -> int:
@@ -31,12 +37,23 @@ def _round_up(x: int, k: int) -> int:
 def geometry(m: int, n: int, r4: int, itemsize: int) -> tuple[int, int, int, int]:
     """(unit_rows, unit_cols, block_rows, chunk) for an m x n problem: a function of the
     shape, the rank and the dtype only, so the bits do not depend on the thread count."""
-    chunk = G_BYTES // (BLOCK_ROWS * itemsize) // ALIGN * ALIGN
-    chunk = min(max(chunk, MIN_TILE), MAX_TILE, _round_up(n, ALIGN))
-    unit_cols = chunk
-    ntiles = -(-n // unit_cols)
-    unit_rows = _round_up(-(-m * ntiles // TARGET_UNITS), BLOCK_ROWS)
-    unit_rows = min(max(unit_rows, BLOCK_ROWS), _round_up(MAX_UNIT_ROWS, BLOCK_ROWS))
+    align = kernels.COLUMN_MULTIPLE
+    # P panels x Q tiles = units, P / Q = m / n, (P n + Q m) r4 = 2 sqrt(units m n) r4
+    # at most PARTIAL_FRACTION m n
+    units = min(TARGET_UNITS, int(PARTIAL_FRACTION ** 2 * m * n / (4 * r4 * r4)))
+    units = max(units, 1)
+    panels = min(max(1, round(math.sqrt(units * m / n))), -(-m // BLOCK_ROWS))
+    tiles = min(max(1, units // panels), -(-n // align))
+    unit_rows = _round_up(-(-m // panels), BLOCK_ROWS)
+    unit_cols = _round_up(-(-n // tiles), align)
+    if MAX_UNIT_ROWS:
+        unit_rows = min(unit_rows, _round_up(MAX_UNIT_ROWS, BLOCK_ROWS))
+    if MAX_UNIT_COLS:
+        unit_cols = min(unit_cols, _round_up(MAX_UNIT_COLS, align))
+    # the unit's columns in equal chunks of about the target width (up to 25 % over it)
+    target = min(max(G_BYTES // (BLOCK_ROWS * itemsize), MIN_TILE), MAX_TILE)
+    chunks = -(-4 * unit_cols // (5 * target))
+    chunk = _round_up(-(-unit_cols // chunks), align)
     return unit_rows, unit_cols, BLOCK_ROWS, chunk
 
 
@@ -85,8 +102,8 @@ def _run(problem, data, B, A, with_grad):
     def make():
         return SimpleNamespace(
             Bp=np.zeros((npanels * unit_rows, r4), dtype),
-            Ap=np.zeros((r4, _round_up(n, ALIGN)), dtype),
-            gA=np.empty((npanels, r4, _round_up(n, ALIGN)), dtype),
+            Ap=np.zeros((r4, _round_up(n, kernels.COLUMN_MULTIPLE)), dtype),
+            gA=np.empty((npanels, r4, _round_up(n, kernels.COLUMN_MULTIPLE)), dtype),
             gB=np.empty((ntiles, npanels * unit_rows, r4), dtype),
         )
 
@@ -98,7 +115,8 @@ def _run(problem, data, B, A, with_grad):
                                       kernels.SIMD)
         scalars = np.empty((npanels * ntiles, 2), np.float64)
         counter = np.zeros(1, np.int64)
-        kernel(data.data, data.labels_y, data.mask, ws.Bp, ws.Ap, problem.delta, geo, with_grad,
+        kernel(data.data, data.labels_y, data.mask, ws.Bp, ws.Ap, problem.delta, geo,
+               geo[2] if PREFETCH else 0, with_grad,
                counter, threads(), ws.gB, ws.gA, scalars)
         if not with_grad:
             return scalars, None, None, None

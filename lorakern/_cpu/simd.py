@@ -117,6 +117,26 @@ def vbroadcast(typingctx, x):
 
 
 @intrinsic
+def vbroadcast_at(typingctx, ary, i, j):
+    """A vector with every lane equal to ary[i, j] (no bounds check, no negative indices:
+    Numba's own indexing would add wraparound code to every load of the inner loops)."""
+    if not (_c_matrix(ary) and isinstance(i, types.Integer) and isinstance(j, types.Integer)):
+        return None
+    vty = _vector_of(ary.dtype)
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], args[2],
+                               sig.args[1], sig.args[2])
+        x = builder.load(ptr, align=sig.args[0].dtype.bitwidth // 8)
+        vtype = context.get_value_type(vty)
+        one = builder.insert_element(ir.Constant(vtype, ir.Undefined), x, ir.IntType(32)(0))
+        return builder.shuffle_vector(one, ir.Constant(vtype, ir.Undefined),
+                                      ir.Constant(ir.VectorType(ir.IntType(32), vty.lanes), [0] * vty.lanes))
+
+    return vty(ary, i, j), codegen
+
+
+@intrinsic
 def vzeros(typingctx, like):
     """A zero vector of the dtype of the array ``like``."""
     vty = _vector_of(getattr(like, "dtype", None))
@@ -157,6 +177,18 @@ def vadd(typingctx, a, b):
 
 
 @intrinsic
+def vmul(typingctx, a, b):
+    """a * b lane by lane."""
+    if not (isinstance(a, Vector) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fmul(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
 def vsum(typingctx, v):
     """The sum of the lanes, always in the same order: halves added pairwise."""
     if not isinstance(v, Vector):
@@ -187,6 +219,26 @@ def lanes(typingctx, like):
         return context.get_constant(types.intp, vty.lanes)
 
     return types.intp(like), codegen
+
+
+@intrinsic
+def prefetch(typingctx, ary, i, j):
+    """Hint the CPU to bring the cache line of ary[i, j] into the caches (llvm.prefetch)."""
+    if not (isinstance(ary, types.Array) and ary.ndim == 2 and ary.layout == "C"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], args[2],
+                               sig.args[1], sig.args[2])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+        # read, high temporal locality (into L1), data cache
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.none(ary, i, j), codegen
 
 
 @intrinsic
