@@ -29,7 +29,10 @@ SHAPES = [(1, 1, 1), (5, 3, 2), (37, 101, 5), (67, 131, 9), (131, 67, 64)]
 
 
 def _env(**extra):
-    path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
+    # the package under test (installed or this checkout) and this tests/ folder (helpers.py):
+    # under CI the package is installed, so tests/ is not beside it
+    tests = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(p for p in (str(ROOT), tests, os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
