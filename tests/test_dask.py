@@ -155,7 +155,7 @@ def test_step_armijo_and_column_chunks(client):
 
 
 def test_problem_from_zarr(client, tmp_path):
-    """docs/dask.md's flow: W0 and Y in zarr stores chunked by rows, read by the workers."""
+    """The README's 'More than one machine' flow: W0 and Y in zarr stores chunked by rows, read by the workers."""
     pytest.importorskip("zarr")
     W0, Y, _ = random_data((M, N), np.float32, seed=10)
     for name, x in (("w0", W0), ("y", Y)):

@@ -21,7 +21,9 @@ def test_quick_start_has_two_commands():
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_python_examples_run(capsys):
     namespace = {}
-    for block in _blocks("python"):  # the blocks build on each other, in order
+    # the blocks build on each other, in order; ```py blocks (More than one machine) need a
+    # Dask cluster and are not run here (tests/test_dask.py runs that code on a LocalCluster)
+    for block in _blocks("python"):
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["report"].all_hold
     assert namespace["result"].history.loss[-1] < namespace["result"].history.loss[0]
