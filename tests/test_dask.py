@@ -12,9 +12,8 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
