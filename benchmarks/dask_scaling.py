@@ -114,11 +114,22 @@ def main(argv=None):
     tiny = engine_for(sharded_problem(client2, *random_arrays(2, n, dtype, shards=2)), client2)
     Bt, At = lorakern.init_adapters(2, n, r, dtype=dtype, seed=1, init="gaussian")
 
+    import psutil
+
+    procs = [psutil.Process()] + [psutil.Process(nanny.process.process.pid)
+                                  for c in (c2, c1) for nanny in c.workers.values()]
+    cpu_ms = {}  # name -> CPU ms per step of this process and every worker, per round
+
+    def cpu_seconds():
+        return sum(t.user + t.system for t in (p.cpu_times() for p in procs))
+
     def one(name, steps):
-        if name == "engine only":
-            return timed(run_steps, tiny, Bt, At, steps) / steps
+        engine, b, a = (tiny, Bt, At) if name == "engine only" else (engines[name], B, A)
         numba.set_num_threads(threads.get(name, numba.config.NUMBA_NUM_THREADS))
-        return timed(run_steps, engines[name], B, A, steps) / steps
+        before = cpu_seconds()
+        wall = timed(run_steps, engine, b, a, steps) / steps
+        cpu_ms.setdefault(name, []).append((cpu_seconds() - before) / steps * 1e3)
+        return wall
 
     names = list(engines) + ["engine only"]
     for name in names:  # warm-up: compile on every worker and here
@@ -162,8 +173,16 @@ def main(argv=None):
     per_round = {key: [a / b for a, b in zip(times[x], times[y])]
                  for key, (x, y) in {"1x1 / 2x1": ("dask 1x1", "dask 2x1"),
                                      "2x1 / cpu 2 thr": ("dask 2x1", "cpu 2 thr")}.items()}
+    cpu_med = {name: statistics.median(v[-args.rounds:]) for name, v in cpu_ms.items()}
+    lines += ["", "CPU time per step of this process and all workers (median over the rounds; "
+              "unlike wall time, it does not count waiting for a core):", "",
+              "| configuration | CPU ms / step |", "|---|---:|"]
+    lines += [f"| {name} | {cpu_med[name]:.1f} |" for name in names]
     lines += [
         "",
+        f"- engine CPU per step: dask 1x1 - cpu 1 thr = "
+        f"{cpu_med['dask 1x1'] - cpu_med['cpu 1 thr']:.1f} ms; dask 2x1 - cpu 1 thr = "
+        f"{cpu_med['dask 2x1'] - cpu_med['cpu 1 thr']:.1f} ms",
         f"- speed-up of 2 workers over 1 (dask 1x1 / dask 2x1): {med['dask 1x1'] / med['dask 2x1']:.2f}x "
         f"(per round {min(per_round['1x1 / 2x1']):.2f}-{max(per_round['1x1 / 2x1']):.2f}; aim >= 1.6)",
         f"- dask 2x1 / cpu 2 thr: {med['dask 2x1'] / med['cpu 2 thr']:.2f}x "

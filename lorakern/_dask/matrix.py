@@ -143,7 +143,11 @@ def shard_pass(shard, B_rows, A, inner, threads, norm, with_grad):
     kernels = _dispatch.kernels(shard.problem.kind, dev)
     with _thread_limit(dev, threads):
         data = shard.problem.data(dev, kernels)
-        B_d, A_d = dev.asarray(B_rows, shard.problem.dtype), dev.asarray(A, shard.problem.dtype)
+        dtype = shard.problem.dtype
+        if dev.xp is np:  # the task's own fresh copies: no second copy needed
+            B_d, A_d = np.ascontiguousarray(B_rows, dtype), np.ascontiguousarray(A, dtype)
+        else:
+            B_d, A_d = dev.asarray(B_rows, dtype), dev.asarray(A, dtype)
         if not with_grad:
             return float(dev.to_host(kernels.loss_pass(shard.problem, data, B_d, A_d)))
         p = kernels.fused_pass(shard.problem, data, B_d, A_d, norm=norm)
