@@ -175,12 +175,14 @@ def test_linear_step(benchmark, N, dtype, impl):
 # ---- the interleaved runner ---------------------------------------------------------------------
 def interleaved(case, rounds: int, impls=IMPLS) -> dict:
     """name -> {"median", "min", "max", "times"} (seconds), the rounds interleaved."""
-    from lorakern.benchmarking import measure
+    import statistics
+
+    from lorakern.benchmarking import interleaved as measure
 
     runs = {name: LINEAR_COMPARISONS[name](case) for name in impls}
-    stats = measure(runs, repeat=rounds)  # one warm-up call each, then a, b, c, a, b, c, ...
-    return {name: {"median": s["median"], "min": min(s["times"]), "max": max(s["times"]),
-                   "times": s["times"]} for name, s in stats.items()}
+    times = measure(runs, rounds)  # one warm-up call each, then a, b, c, a, b, c, ...
+    return {name: {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "times": ts}
+            for name, ts in times.items()}
 
 
 def main(argv=None) -> int:
