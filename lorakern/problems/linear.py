@@ -23,6 +23,7 @@ import numpy as np
 
 from .._validate import array_namespace, check_matrix, positive_float
 from ..losses import LINEAR_LOSSES
+from ._common import KindBase
 
 #: exact ||Delta^T X||_F by the Gram identity <Delta Delta^T, X X^T> when N <= GRAM_RATIO n
 #: (the syrk Delta Delta^T costs N^2 m / 2 multiply-adds against N m n for the tiles of
@@ -44,7 +45,7 @@ BOUND_MARGIN = {np.dtype(np.float32): 2.0 ** -12, np.dtype(np.float64): 2.0 ** -
 _EPS64 = float(np.finfo(np.float64).eps)
 
 
-class LinearProblem:
+class LinearProblem(KindBase):
     """J(B, A) = (1/N) sum_i loss(z_i, y_i), Z = X (W0 + BA)^T: LoRA of a linear layer.
 
     Parameters
@@ -182,16 +183,6 @@ class LinearProblem:
     def arrays(self) -> tuple:
         """The arrays whose home decides device="auto"."""
         return (self.X,)
-
-    def adapter_shape(self) -> tuple[int, int]:
-        """(m, n): B is m x r and A is r x n."""
-        return self.shape
-
-    def data(self, device, kernels):
-        """The problem's data as ``kernels`` on ``device`` read it, prepared once and kept."""
-        if device.key not in self._prepared:
-            self._prepared[device.key] = kernels.prepare(self, device)
-        return self._prepared[device.key]
 
     # -- what the kernels read -----------------------------------------------------------------
     @property

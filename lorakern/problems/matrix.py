@@ -14,9 +14,10 @@ import numpy as np
 from .._dispatch import array_library
 from ..losses import LOSSES, Loss
 from .._validate import array_namespace, check_delta, check_matrix, positive_float
+from ._common import KindBase
 
 
-class Problem:
+class Problem(KindBase):
     """J(B, A) = sum over (observed) entries of loss(W0 + BA, Y).
 
     Parameters
@@ -112,16 +113,6 @@ class Problem:
     def arrays(self) -> tuple:
         """The arrays whose home decides device="auto"."""
         return (self.base,)
-
-    def adapter_shape(self) -> tuple[int, int]:
-        """(m, n): B is m x r and A is r x n."""
-        return self.shape
-
-    def data(self, device, kernels):
-        """The problem's data as ``kernels`` on ``device`` read it, prepared once and kept."""
-        if device.key not in self._prepared:
-            self._prepared[device.key] = kernels.prepare(self, device)
-        return self._prepared[device.key]
 
     def __repr__(self):
         m, n = self.shape
