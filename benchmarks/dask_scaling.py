@@ -213,6 +213,7 @@ def long_run(engine, client, B, A, steps, block=100):
     """Per-step time over ``steps`` steps of one fit, in blocks, with the machine's load
     average at the end of each block; what the scheduler and the client hold, before and
     after."""
+    time.sleep(1.0)  # let releases in flight arrive before counting
     before = client.run_on_scheduler(_held), len(client.futures)
     stamps, loads = [time.perf_counter()], []
     for t in range(steps):
@@ -220,6 +221,7 @@ def long_run(engine, client, B, A, steps, block=100):
         stamps.append(time.perf_counter())
         if (t + 1) % block == 0 or t == steps - 1:
             loads.append(os.getloadavg()[0])
+    time.sleep(1.0)
     after = client.run_on_scheduler(_held), len(client.futures)
     dt = np.diff(stamps) * 1e3
     blocks = [dt[i:i + block] for i in range(0, steps, block)]

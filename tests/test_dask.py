@@ -216,6 +216,9 @@ def test_bad_input(client):
                      steps=1)
     with pytest.raises(ValueError, match="unknown device"):
         lorakern.fit(sharded, *random_adapters(M, N, R, np.float32), steps=1, device="tpu")
+    if "cuda" not in lorakern.devices():  # the workers (this machine) have no GPU either
+        with pytest.raises(lorakern.DeviceUnavailableError, match="can not run device 'cuda'"):
+            lorakern.fit(sharded, *random_adapters(M, N, R, np.float32), steps=1, device="cuda")
 
 
 SCRIPT_NO_CLIENT = """
