@@ -287,63 +287,48 @@ def squared_pointwise(t, y, delta):
     return 0.5 * t * t, t
 
 
-# ---- the merge: partials added in unit order; the norms -----------------------------------------
+# ---- the merge: partials added in unit order, by the thread that finishes a tile's or a
+# panel's last unit; the norms of each tile and panel in float64 -----------------------------
 
-#: the merge splits rows and columns into this many fixed pieces (not one per thread, so that
-#: the norms' float64 sums do not depend on the thread count)
-MERGE_PIECES = 16
+@numba.njit(inline="always", fastmath=FASTMATH)
+def merge_tile(gA_parts, Ap, grad_A, j0, j1, norms):
+    """grad_A[:, j0:j1] = the row panels' partials added in panel order;
+    norms = (||grad_A[:, j0:j1]||^2, ||A[:, j0:j1]||^2)."""
+    grad_sq = 0.0
+    v_sq = 0.0
+    for k in range(grad_A.shape[0]):
+        dst = grad_A[k, j0:j1]
+        dst[:] = gA_parts[0, k, j0:j1]
+        for p in range(1, gA_parts.shape[0]):
+            src = gA_parts[p, k, j0:j1]
+            for j in range(j1 - j0):
+                dst[j] += src[j]
+        for j in range(j1 - j0):
+            grad_sq += np.float64(dst[j]) ** 2
+            v_sq += np.float64(Ap[k, j0 + j]) ** 2
+    norms[0] = grad_sq
+    norms[1] = v_sq
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=True)
-def merge(gA_parts, gB_parts, Ap, Bp, m, n, grad_A, grad_B, scalars, out):
-    """grad_A = sum of the row panels' partials, grad_B = sum of the column tiles' partials,
-    each in unit order; loss and ||G||^2 = sums of the units' in unit order; the norms in
-    float64 over fixed pieces, added in piece order.
-
-    out = [loss, ||G||^2, ||grad_B||^2 + ||grad_A||^2, ||A||^2 + ||B||^2].
-    """
-    r4 = grad_A.shape[0]
-    npanels, ntiles = gA_parts.shape[0], gB_parts.shape[0]
-    sums = np.zeros((MERGE_PIECES, 2))
-    for c in numba.prange(MERGE_PIECES):
-        ja, jb = c * n // MERGE_PIECES, (c + 1) * n // MERGE_PIECES
-        ia, ib = c * m // MERGE_PIECES, (c + 1) * m // MERGE_PIECES
-        grad_sq = 0.0
-        v_sq = 0.0
-        for k in range(r4):
-            dst = grad_A[k, ja:jb]
-            dst[:] = gA_parts[0, k, ja:jb]
-            for p in range(1, npanels):
-                src = gA_parts[p, k, ja:jb]
-                for j in range(jb - ja):
-                    dst[j] += src[j]
-            for j in range(jb - ja):
-                grad_sq += np.float64(dst[j]) ** 2
-                v_sq += np.float64(Ap[k, ja + j]) ** 2
-        for i in range(ia, ib):
-            dst = grad_B[i]
-            dst[:] = gB_parts[0, i]
-            for q in range(1, ntiles):
-                src = gB_parts[q, i]
-                for k in range(r4):
-                    dst[k] += src[k]
+@numba.njit(inline="always", fastmath=FASTMATH)
+def merge_panel(gB_parts, Bp, grad_B, i0, i1, norms):
+    """grad_B[i0:i1] = the column tiles' partials added in tile order;
+    norms = (||grad_B[i0:i1]||^2, ||B[i0:i1]||^2)."""
+    r4 = grad_B.shape[1]
+    grad_sq = 0.0
+    v_sq = 0.0
+    for i in range(i0, i1):
+        dst = grad_B[i]
+        dst[:] = gB_parts[0, i]
+        for q in range(1, gB_parts.shape[0]):
+            src = gB_parts[q, i]
             for k in range(r4):
-                grad_sq += np.float64(dst[k]) ** 2
-                v_sq += np.float64(Bp[i, k]) ** 2
-        sums[c, 0] = grad_sq
-        sums[c, 1] = v_sq
-    loss = 0.0
-    g_sq = 0.0
-    for u in range(scalars.shape[0]):
-        loss += scalars[u, 0]
-        g_sq += scalars[u, 1]
-    out[0] = loss
-    out[1] = g_sq
-    out[2] = 0.0
-    out[3] = 0.0
-    for c in range(MERGE_PIECES):
-        out[2] += sums[c, 0]
-        out[3] += sums[c, 1]
+                dst[k] += src[k]
+        for k in range(r4):
+            grad_sq += np.float64(dst[k]) ** 2
+            v_sq += np.float64(Bp[i, k]) ** 2
+    norms[0] = grad_sq
+    norms[1] = v_sq
 
 
 # ---- the generated kernels and their on-disk cache -------------------------------------------
