@@ -114,7 +114,7 @@ def _phase1_tail(G, data, Bp, Ap, b0, nb, j0, jfirst, w, wpad, m):
             row[jj] = 0.0
 
 
-@numba.njit(inline="always")
+@numba.njit(nogil=True)
 def _phase1_simd(G, data, Bp, Ap, b0, nb, j0, w, wpad, m, ahead):
     """4 rows x 3 vectors of accumulators (12 FMA chains: with 5 cycles of FMA latency and
     2 FMAs per cycle, 8 chains would cap at 80 %) held across the rank loop: per rank 3
@@ -162,14 +162,14 @@ def _phase1_simd(G, data, Bp, Ap, b0, nb, j0, w, wpad, m, ahead):
     _phase1_tail(G, data, Bp, Ap, b0, nb, j0, wfull, w, wpad, m)
 
 
-@numba.njit(inline="always")
+@numba.njit(nogil=True, fastmath=FASTMATH)
 def _phase1_portable(G, data, Bp, Ap, b0, nb, j0, w, wpad, m, ahead):
     _phase1_tail(G, data, Bp, Ap, b0, nb, j0, 0, w, wpad, m)
 
 
 # ---- phase 2: grad_B[b0:b0 + nb, :] (+)= G[:, :wpad] @ Ap[:, j0:j0 + wpad]^T -------------------
 
-@numba.njit(inline="always", fastmath=FASTMATH)
+@numba.njit(nogil=True, fastmath=FASTMATH)
 def _phase2_portable(G, Ap, gB, b0, nb, j0, wpad, first):
     r4 = Ap.shape[0]
     for ii in range(nb):
@@ -182,7 +182,7 @@ def _phase2_portable(G, Ap, gB, b0, nb, j0, wpad, first):
             gB[b0 + ii, k] = s if first else gB[b0 + ii, k] + s
 
 
-@numba.njit(inline="always")
+@numba.njit(nogil=True)
 def _phase2_simd(G, Ap, gB, b0, nb, j0, wpad, first):
     """3 rows x 4 ranks of vector dot products (12 chains): per vector of columns 3 loads
     of G, 4 of A, 12 FMAs; the lanes are summed once per chunk (vsum, a fixed order)."""
@@ -222,7 +222,7 @@ def _add_sums(gB, i, k, first, x0, x1, x2, x3):
 
 # ---- phase 3: grad_A[:, j0:j0 + wpad] (+)= Bp[b0:b0 + nb]^T @ G[:, :wpad] ---------------------
 
-@numba.njit(inline="always", fastmath=FASTMATH)
+@numba.njit(nogil=True, fastmath=FASTMATH)
 def _phase3_portable(G, Bp, gA, b0, nb, j0, wpad, first):
     r4 = gA.shape[0]
     for k in range(r4):
@@ -236,7 +236,7 @@ def _phase3_portable(G, Bp, gA, b0, nb, j0, wpad, first):
                 out[jj] += b * row[jj]
 
 
-@numba.njit(inline="always")
+@numba.njit(nogil=True)
 def _phase3_simd(G, Bp, gA, b0, nb, j0, wpad, first):
     """4 ranks x 3 vectors of accumulators (12 chains) held across the rows: per row 3
     loads of G, 4 broadcasts of B, 12 FMAs."""
@@ -277,7 +277,11 @@ def _phase3_simd(G, Bp, gA, b0, nb, j0, wpad, first):
             vstore(gA, k + 3, j + 2 * L, c32)
 
 
-#: (phase1, phase2, phase3) of each path, same arguments; the generated kernel takes one
+#: (phase1, phase2, phase3) of each path, same arguments; the generated kernel takes one.
+#: They are Numba functions of their own, called once per block (the call costs nothing
+#: next to a block's work), so Numba types and lowers them once per dtype and process; LLVM
+#: still optimises them into every kernel (a first kernel compiled in 17 s instead of 21,
+#: each further loss or layout in 7-8 s, on the shared 2-core machine).
 SIMD_PHASES = (_phase1_simd, _phase2_simd, _phase3_simd)
 PORTABLE_PHASES = (_phase1_portable, _phase2_portable, _phase3_portable)
 
@@ -290,7 +294,7 @@ def squared_pointwise(t, y, delta):
 # ---- the merge: partials added in unit order, by the thread that finishes a tile's or a
 # panel's last unit; the norms of each tile and panel in float64 -----------------------------
 
-@numba.njit(inline="always", fastmath=FASTMATH)
+@numba.njit(nogil=True, fastmath=FASTMATH)
 def merge_tile(gA_parts, Ap, grad_A, j0, j1, norms):
     """grad_A[:, j0:j1] = the row panels' partials added in panel order;
     norms = (||grad_A[:, j0:j1]||^2, ||A[:, j0:j1]||^2)."""
@@ -310,7 +314,7 @@ def merge_tile(gA_parts, Ap, grad_A, j0, j1, norms):
     norms[1] = v_sq
 
 
-@numba.njit(inline="always", fastmath=FASTMATH)
+@numba.njit(nogil=True, fastmath=FASTMATH)
 def merge_panel(gB_parts, Bp, grad_B, i0, i1, norms):
     """grad_B[i0:i1] = the column tiles' partials added in tile order;
     norms = (||grad_B[i0:i1]||^2, ||B[i0:i1]||^2)."""
