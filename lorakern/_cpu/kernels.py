@@ -1,29 +1,33 @@
 """Numba kernels for the fused LoRA step: the pieces, and the on-disk cache of the kernels.
 
 Work units. The m x n data are cut into fixed units of ``unit_rows`` rows x ``unit_cols``
-columns (the geometry depends on the shape, the rank and the dtype, never on the thread
-count). Threads take units one at a time from an atomic counter, so a thread whose core is
-busy (another library's spinning threads, another process) takes fewer units instead of
-holding up the step. Each unit (p, q) writes its own partials, which ``merge`` adds in unit
-order afterwards: the bits do not depend on the thread count or on which thread ran which unit.
+columns (matrix.geometry: about 64 units, a function of the shape, the rank and the dtype,
+never of the thread count). Threads take units one at a time from an atomic counter, so a
+thread whose core is busy for a while (another library's spinning threads, another
+process) takes fewer units instead of holding up the step (benchmarks/NOTES.md). Unit
+(p, q) writes its own partials: grad_A_part[p][:, its columns], grad_B_part[q][its rows].
+The thread that finishes the last unit of column tile q adds grad_A's partials for those
+columns in panel order (``merge_tile``), and likewise for row panel p (``merge_panel``):
+the bits do not depend on the thread count or on which thread ran which unit.
 
 Memory plan of one unit. It walks its rows in blocks of ``block_rows`` rows; for each block
-and each chunk of ``chunk`` columns (G stays in L1/L2 between the phases):
+and each chunk of ``chunk`` columns (the block of G stays in L1 between the phases):
 
     G[block, chunk] = R[block, chunk] + B[block, :] @ A[:, chunk]        phase 1  (2 r flops/entry)
     value, G        = loss(G)        -> loss, ||G||^2 in float64         pointwise
     grad_B_part[q][block, :]  (+)= G @ A[:, chunk]^T                     phase 2  (2 r)
     grad_A_part[p][:, chunk]  (+)= B[block, :]^T @ G                     phase 3  (2 r)
 
-R is read from memory once; the phases are the 6 m n r flops of the three matrix products
-of the unfused step, with no m x n temporary. Each phase has two implementations with the
-same arguments: SIMD micro-kernels (simd.py; register blocks of explicit AVX2 vectors and
-FMAs) and portable loops for CPUs without AVX2/FMA. They round differently; each is
-deterministic on its own.
+R is read from memory once (phase 1 prefetches the next block's rows); the phases are the
+6 m n r flops of the three matrix products of the unfused step, with no m x n temporary.
+Each phase has two implementations with the same arguments: SIMD micro-kernels (simd.py;
+register blocks of 12 explicit AVX2 vectors and FMAs) and portable loops for CPUs without
+AVX2/FMA. They round differently; each is deterministic on its own.
 
-B and A arrive padded with zeros (B to the units' rows x r4, A to r4 x the units' columns;
-r4 = r rounded up to 4), so the phases need no remainder loops over the rank or in phases
-2 and 3. Rows past m read row m - 1 of the data and get G = 0; columns past n get G = 0.
+B and A arrive padded with zeros (B to the units' rows x r4, A to r4 x n rounded up to 24
+columns; r4 = r rounded up to 4), so the phases need no remainder loops over the rank or in
+phases 2 and 3. Rows past m read row m - 1 of the data and get G = 0; columns past n get
+G = 0.
 
 The kernel for a (loss, layout, SIMD or not) is generated from _fused.py with the loss's
 scalar code pasted in, written as a module into a cache directory and imported, so that

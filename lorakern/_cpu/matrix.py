@@ -57,11 +57,6 @@ def geometry(m: int, n: int, r4: int, itemsize: int) -> tuple[int, int, int, int
     return unit_rows, unit_cols, BLOCK_ROWS, chunk
 
 
-def tile_width(r4: int, itemsize: int) -> int:
-    """The column chunk of G (for a wide problem)."""
-    return geometry(1, 1 << 20, r4, itemsize)[3]
-
-
 def prepare(problem, device):
     if problem.xp is not np:
         raise TypeError("device='cpu' needs NumPy arrays; the problem holds CuPy arrays "
@@ -77,8 +72,9 @@ def prepare(problem, device):
 
 
 def _workspace(data, key, make):
-    """The arrays for ``key``, kept between calls (fresh pages cost page faults: ~1 ms per
-    4 MiB); a call that finds another thread using them gets its own."""
+    """The arrays for ``key``, kept with the problem's prepared data between calls (the
+    fresh pages of a new large array cost a page fault each); a call that finds another
+    thread using them gets its own."""
     if data.lock.acquire(blocking=False):
         try:
             ws = data.workspace.get(key)
