@@ -1,29 +1,33 @@
 """Numba kernels for the fused LoRA step: the pieces, and the on-disk cache of the kernels.
 
 Work units. The m x n data are cut into fixed units of ``unit_rows`` rows x ``unit_cols``
-columns (the geometry depends on the shape, the rank and the dtype, never on the thread
-count). Threads take units one at a time from an atomic counter, so a thread whose core is
-busy (another library's spinning threads, another process) takes fewer units instead of
-holding up the step. Each unit (p, q) writes its own partials, which ``merge`` adds in unit
-order afterwards: the bits do not depend on the thread count or on which thread ran which unit.
+columns (matrix.geometry: about 64 units, a function of the shape, the rank and the dtype,
+never of the thread count). Threads take units one at a time from an atomic counter, so a
+thread whose core is busy for a while (another library's spinning threads, another
+process) takes fewer units instead of holding up the step (benchmarks/NOTES.md). Unit
+(p, q) writes its own partials: grad_A_part[p][:, its columns], grad_B_part[q][its rows].
+The thread that finishes the last unit of column tile q adds grad_A's partials for those
+columns in panel order (``merge_tile``), and likewise for row panel p (``merge_panel``):
+the bits do not depend on the thread count or on which thread ran which unit.
 
 Memory plan of one unit. It walks its rows in blocks of ``block_rows`` rows; for each block
-and each chunk of ``chunk`` columns (G stays in L1/L2 between the phases):
+and each chunk of ``chunk`` columns (the block of G stays in L1 between the phases):
 
     G[block, chunk] = R[block, chunk] + B[block, :] @ A[:, chunk]        phase 1  (2 r flops/entry)
     value, G        = loss(G)        -> loss, ||G||^2 in float64         pointwise
     grad_B_part[q][block, :]  (+)= G @ A[:, chunk]^T                     phase 2  (2 r)
     grad_A_part[p][:, chunk]  (+)= B[block, :]^T @ G                     phase 3  (2 r)
 
-R is read from memory once; the phases are the 6 m n r flops of the three matrix products
-of the unfused step, with no m x n temporary. Each phase has two implementations with the
-same arguments: SIMD micro-kernels (simd.py; register blocks of explicit AVX2 vectors and
-FMAs) and portable loops for CPUs without AVX2/FMA. They round differently; each is
-deterministic on its own.
+R is read from memory once (phase 1 prefetches the next block's rows); the phases are the
+6 m n r flops of the three matrix products of the unfused step, with no m x n temporary.
+Each phase has two implementations with the same arguments: SIMD micro-kernels (simd.py;
+register blocks of 12 explicit AVX2 vectors and FMAs) and portable loops for CPUs without
+AVX2/FMA. They round differently; each is deterministic on its own.
 
-B and A arrive padded with zeros (B to the units' rows x r4, A to r4 x the units' columns;
-r4 = r rounded up to 4), so the phases need no remainder loops over the rank or in phases
-2 and 3. Rows past m read row m - 1 of the data and get G = 0; columns past n get G = 0.
+B and A arrive padded with zeros (B to the units' rows x r4, A to r4 x n rounded up to 24
+columns; r4 = r rounded up to 4), so the phases need no remainder loops over the rank or in
+phases 2 and 3. Rows past m read row m - 1 of the data and get G = 0; columns past n get
+G = 0.
 
 The kernel for a (loss, layout, SIMD or not) is generated from _fused.py with the loss's
 scalar code pasted in, written as a module into a cache directory and imported, so that
@@ -114,7 +118,7 @@ def _phase1_tail(G, data, Bp, Ap, b0, nb, j0, jfirst, w, wpad, m):
             row[jj] = 0.0
 
 
-@numba.njit(inline="always")
+@numba.njit(nogil=True)
 def _phase1_simd(G, data, Bp, Ap, b0, nb, j0, w, wpad, m, ahead):
     """4 rows x 3 vectors of accumulators (12 FMA chains: with 5 cycles of FMA latency and
     2 FMAs per cycle, 8 chains would cap at 80 %) held across the rank loop: per rank 3
@@ -162,14 +166,14 @@ def _phase1_simd(G, data, Bp, Ap, b0, nb, j0, w, wpad, m, ahead):
     _phase1_tail(G, data, Bp, Ap, b0, nb, j0, wfull, w, wpad, m)
 
 
-@numba.njit(inline="always")
+@numba.njit(nogil=True, fastmath=FASTMATH)
 def _phase1_portable(G, data, Bp, Ap, b0, nb, j0, w, wpad, m, ahead):
     _phase1_tail(G, data, Bp, Ap, b0, nb, j0, 0, w, wpad, m)
 
 
 # ---- phase 2: grad_B[b0:b0 + nb, :] (+)= G[:, :wpad] @ Ap[:, j0:j0 + wpad]^T -------------------
 
-@numba.njit(inline="always", fastmath=FASTMATH)
+@numba.njit(nogil=True, fastmath=FASTMATH)
 def _phase2_portable(G, Ap, gB, b0, nb, j0, wpad, first):
     r4 = Ap.shape[0]
     for ii in range(nb):
@@ -182,7 +186,7 @@ def _phase2_portable(G, Ap, gB, b0, nb, j0, wpad, first):
             gB[b0 + ii, k] = s if first else gB[b0 + ii, k] + s
 
 
-@numba.njit(inline="always")
+@numba.njit(nogil=True)
 def _phase2_simd(G, Ap, gB, b0, nb, j0, wpad, first):
     """3 rows x 4 ranks of vector dot products (12 chains): per vector of columns 3 loads
     of G, 4 of A, 12 FMAs; the lanes are summed once per chunk (vsum, a fixed order)."""
@@ -222,7 +226,7 @@ def _add_sums(gB, i, k, first, x0, x1, x2, x3):
 
 # ---- phase 3: grad_A[:, j0:j0 + wpad] (+)= Bp[b0:b0 + nb]^T @ G[:, :wpad] ---------------------
 
-@numba.njit(inline="always", fastmath=FASTMATH)
+@numba.njit(nogil=True, fastmath=FASTMATH)
 def _phase3_portable(G, Bp, gA, b0, nb, j0, wpad, first):
     r4 = gA.shape[0]
     for k in range(r4):
@@ -236,7 +240,7 @@ def _phase3_portable(G, Bp, gA, b0, nb, j0, wpad, first):
                 out[jj] += b * row[jj]
 
 
-@numba.njit(inline="always")
+@numba.njit(nogil=True)
 def _phase3_simd(G, Bp, gA, b0, nb, j0, wpad, first):
     """4 ranks x 3 vectors of accumulators (12 chains) held across the rows: per row 3
     loads of G, 4 broadcasts of B, 12 FMAs."""
@@ -277,7 +281,11 @@ def _phase3_simd(G, Bp, gA, b0, nb, j0, wpad, first):
             vstore(gA, k + 3, j + 2 * L, c32)
 
 
-#: (phase1, phase2, phase3) of each path, same arguments; the generated kernel takes one
+#: (phase1, phase2, phase3) of each path, same arguments; the generated kernel takes one.
+#: They are Numba functions of their own, called once per block (the call costs nothing
+#: next to a block's work), so Numba types and lowers them once per dtype and process; LLVM
+#: still optimises them into every kernel (a first kernel compiled in 17 s instead of 21,
+#: each further loss or layout in 7-8 s, on the shared 2-core machine).
 SIMD_PHASES = (_phase1_simd, _phase2_simd, _phase3_simd)
 PORTABLE_PHASES = (_phase1_portable, _phase2_portable, _phase3_portable)
 
@@ -287,63 +295,48 @@ def squared_pointwise(t, y, delta):
     return 0.5 * t * t, t
 
 
-# ---- the merge: partials added in unit order; the norms -----------------------------------------
+# ---- the merge: partials added in unit order, by the thread that finishes a tile's or a
+# panel's last unit; the norms of each tile and panel in float64 -----------------------------
 
-#: the merge splits rows and columns into this many fixed pieces (not one per thread, so that
-#: the norms' float64 sums do not depend on the thread count)
-MERGE_PIECES = 16
+@numba.njit(nogil=True, fastmath=FASTMATH)
+def merge_tile(gA_parts, Ap, grad_A, j0, j1, norms):
+    """grad_A[:, j0:j1] = the row panels' partials added in panel order;
+    norms = (||grad_A[:, j0:j1]||^2, ||A[:, j0:j1]||^2)."""
+    grad_sq = 0.0
+    v_sq = 0.0
+    for k in range(grad_A.shape[0]):
+        dst = grad_A[k, j0:j1]
+        dst[:] = gA_parts[0, k, j0:j1]
+        for p in range(1, gA_parts.shape[0]):
+            src = gA_parts[p, k, j0:j1]
+            for j in range(j1 - j0):
+                dst[j] += src[j]
+        for j in range(j1 - j0):
+            grad_sq += np.float64(dst[j]) ** 2
+            v_sq += np.float64(Ap[k, j0 + j]) ** 2
+    norms[0] = grad_sq
+    norms[1] = v_sq
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=True)
-def merge(gA_parts, gB_parts, Ap, Bp, m, n, grad_A, grad_B, scalars, out):
-    """grad_A = sum of the row panels' partials, grad_B = sum of the column tiles' partials,
-    each in unit order; loss and ||G||^2 = sums of the units' in unit order; the norms in
-    float64 over fixed pieces, added in piece order.
-
-    out = [loss, ||G||^2, ||grad_B||^2 + ||grad_A||^2, ||A||^2 + ||B||^2].
-    """
-    r4 = grad_A.shape[0]
-    npanels, ntiles = gA_parts.shape[0], gB_parts.shape[0]
-    sums = np.zeros((MERGE_PIECES, 2))
-    for c in numba.prange(MERGE_PIECES):
-        ja, jb = c * n // MERGE_PIECES, (c + 1) * n // MERGE_PIECES
-        ia, ib = c * m // MERGE_PIECES, (c + 1) * m // MERGE_PIECES
-        grad_sq = 0.0
-        v_sq = 0.0
-        for k in range(r4):
-            dst = grad_A[k, ja:jb]
-            dst[:] = gA_parts[0, k, ja:jb]
-            for p in range(1, npanels):
-                src = gA_parts[p, k, ja:jb]
-                for j in range(jb - ja):
-                    dst[j] += src[j]
-            for j in range(jb - ja):
-                grad_sq += np.float64(dst[j]) ** 2
-                v_sq += np.float64(Ap[k, ja + j]) ** 2
-        for i in range(ia, ib):
-            dst = grad_B[i]
-            dst[:] = gB_parts[0, i]
-            for q in range(1, ntiles):
-                src = gB_parts[q, i]
-                for k in range(r4):
-                    dst[k] += src[k]
+@numba.njit(nogil=True, fastmath=FASTMATH)
+def merge_panel(gB_parts, Bp, grad_B, i0, i1, norms):
+    """grad_B[i0:i1] = the column tiles' partials added in tile order;
+    norms = (||grad_B[i0:i1]||^2, ||B[i0:i1]||^2)."""
+    r4 = grad_B.shape[1]
+    grad_sq = 0.0
+    v_sq = 0.0
+    for i in range(i0, i1):
+        dst = grad_B[i]
+        dst[:] = gB_parts[0, i]
+        for q in range(1, gB_parts.shape[0]):
+            src = gB_parts[q, i]
             for k in range(r4):
-                grad_sq += np.float64(dst[k]) ** 2
-                v_sq += np.float64(Bp[i, k]) ** 2
-        sums[c, 0] = grad_sq
-        sums[c, 1] = v_sq
-    loss = 0.0
-    g_sq = 0.0
-    for u in range(scalars.shape[0]):
-        loss += scalars[u, 0]
-        g_sq += scalars[u, 1]
-    out[0] = loss
-    out[1] = g_sq
-    out[2] = 0.0
-    out[3] = 0.0
-    for c in range(MERGE_PIECES):
-        out[2] += sums[c, 0]
-        out[3] += sums[c, 1]
+                dst[k] += src[k]
+        for k in range(r4):
+            grad_sq += np.float64(dst[k]) ** 2
+            v_sq += np.float64(Bp[i, k]) ** 2
+    norms[0] = grad_sq
+    norms[1] = v_sq
 
 
 # ---- the generated kernels and their on-disk cache -------------------------------------------

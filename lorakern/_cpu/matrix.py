@@ -57,11 +57,6 @@ def geometry(m: int, n: int, r4: int, itemsize: int) -> tuple[int, int, int, int
     return unit_rows, unit_cols, BLOCK_ROWS, chunk
 
 
-def tile_width(r4: int, itemsize: int) -> int:
-    """The column chunk of G (for a wide problem)."""
-    return geometry(1, 1 << 20, r4, itemsize)[3]
-
-
 def prepare(problem, device):
     if problem.xp is not np:
         raise TypeError("device='cpu' needs NumPy arrays; the problem holds CuPy arrays "
@@ -77,8 +72,9 @@ def prepare(problem, device):
 
 
 def _workspace(data, key, make):
-    """The arrays for ``key``, kept between calls (fresh pages cost page faults: ~1 ms per
-    4 MiB); a call that finds another thread using them gets its own."""
+    """The arrays for ``key``, kept with the problem's prepared data between calls (the
+    fresh pages of a new large array cost a page fault each); a call that finds another
+    thread using them gets its own."""
     if data.lock.acquire(blocking=False):
         try:
             ws = data.workspace.get(key)
@@ -114,33 +110,36 @@ def _run(problem, data, B, A, with_grad):
         kernel = kernels.fused_kernel(problem.loss, problem.loss.labels, problem.mask is not None,
                                       kernels.SIMD)
         scalars = np.empty((npanels * ntiles, 2), np.float64)
-        counter = np.zeros(1, np.int64)
+        counters = np.zeros(1 + ntiles + npanels, np.int64)
+        grad_A = np.empty((r4, n) if with_grad else (1, 1), dtype)
+        grad_B = np.empty((m, r4) if with_grad else (1, 1), dtype)
+        norms = np.empty((ntiles + npanels, 2), np.float64)
         kernel(data.data, data.labels_y, data.mask, ws.Bp, ws.Ap, problem.delta, geo,
-               geo[2] if PREFETCH else 0, with_grad,
-               counter, threads(), ws.gB, ws.gA, scalars)
-        if not with_grad:
-            return scalars, None, None, None
-        grad_A = np.empty((r4, n), dtype)
-        grad_B = np.empty((m, r4), dtype)
-        out = np.empty(4, np.float64)
-        kernels.merge(ws.gA, ws.gB, ws.Ap, ws.Bp, m, n, grad_A, grad_B, scalars, out)
-        return scalars, grad_B[:, :r], grad_A[:r], out
+               geo[2] if PREFETCH else 0, with_grad, threads(), counters, ws.gB, ws.gA,
+               scalars, grad_B, grad_A, norms)
     finally:
         if lock is not None:
             lock.release()
+    # the units' and the tiles' and panels' sums, each added in a fixed order
+    loss, g_sq = _ordered_sum(scalars[:, 0]), _ordered_sum(scalars[:, 1])
+    if not with_grad:
+        return loss, None
+    return loss, PassResult(grad_B=grad_B[:, :r], grad_A=grad_A[:r], loss=loss, g_sq=g_sq,
+                            grad_sq=_ordered_sum(norms[:, 0]), v_sq=_ordered_sum(norms[:, 1]))
+
+
+def _ordered_sum(values) -> float:
+    total = 0.0
+    for x in values.tolist():
+        total += x
+    return total
 
 
 def fused_pass(problem, data, B, A, *, norm="exact"):
     """Gradients and norms at (B, A) in one pass over the data (||G|| is always exact here)."""
-    _, grad_B, grad_A, out = _run(problem, data, B, A, True)
-    return PassResult(grad_B=grad_B, grad_A=grad_A, loss=float(out[0]),
-                      g_sq=float(out[1]), grad_sq=float(out[2]), v_sq=float(out[3]))
+    return _run(problem, data, B, A, True)[1]
 
 
 def loss_pass(problem, data, B, A):
-    """J(B, A) alone: one read of the data, no gradient work (summed in unit order)."""
-    scalars = _run(problem, data, B, A, False)[0]
-    loss = 0.0
-    for value in scalars[:, 0]:
-        loss += float(value)
-    return loss
+    """J(B, A) alone: one read of the data, no gradient work (the same sum as fused_pass's)."""
+    return _run(problem, data, B, A, False)[0]

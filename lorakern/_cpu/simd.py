@@ -242,15 +242,18 @@ def prefetch(typingctx, ary, i, j):
 
 
 @intrinsic
-def atomic_add(typingctx, counter, value):
-    """counter[0] += value atomically; returns the old counter[0] (an int64 array)."""
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64
-            and isinstance(value, types.Integer)):
+def atomic_add(typingctx, counters, index, value):
+    """counters[index] += value atomically (sequentially consistent); returns the old value.
+    ``counters`` is a contiguous int64 array; no bounds check."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64
+            and counters.ndim == 1 and counters.layout == "C"
+            and isinstance(index, types.Integer) and isinstance(value, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
         ary = context.make_array(sig.args[0])(context, builder, args[0])
-        inc = context.cast(builder, args[1], sig.args[1], types.int64)
-        return builder.atomic_rmw("add", ary.data, inc, "seq_cst")
+        index = context.cast(builder, args[1], sig.args[1], types.intp)
+        inc = context.cast(builder, args[2], sig.args[2], types.int64)
+        return builder.atomic_rmw("add", builder.gep(ary.data, [index]), inc, "seq_cst")
 
-    return types.int64(counter, value), codegen
+    return types.int64(counters, index, value), codegen
