@@ -171,7 +171,19 @@ def test_problem_from_zarr(client, tmp_path):
     _assert_fits_close(got, want, np.float32)
 
 
-def test_no_data_moves_and_graph_does_not_grow(client):
+@pytest.mark.parametrize("watch_s", [None, 1e-4], ids=["quick-passes", "every-wait-times-out"])
+def test_no_data_moves_and_graph_does_not_grow(client, monkeypatch, watch_s):
+    """30 steps hold no more tasks on the scheduler than 1 step, without the garbage collector.
+
+    With watch_s=1e-4 every wait for a pass times out first (as on a slow or busy machine),
+    the path whose errors once kept each pass's futures alive in reference cycles.
+    """
+    import gc
+
+    import lorakern._dask.matrix as dask_matrix
+
+    if watch_s is not None:
+        monkeypatch.setattr(dask_matrix, "WATCH_S", watch_s)
     sharded, _, B, A = _pair(seed=6)
     lorakern.fit(sharded, B, A, steps=1, device="cpu")  # the shards are built and placed
 
@@ -179,19 +191,29 @@ def test_no_data_moves_and_graph_does_not_grow(client):
         return [str(k) for log in dask_worker.transfer_incoming_log for k in log["keys"]
                 if "lorakern-shard" in str(k)]
 
+    def held():
+        return client.run_on_scheduler(
+            lambda dask_scheduler: sorted(str(k) for k in dask_scheduler.tasks))
+
     before = client.run(shard_keys_received)
-    tasks_before = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
-    lorakern.fit(sharded, B, A, steps=30, device="cpu")
-    assert client.run(shard_keys_received) == before, "a shard moved between workers"
-    # the scheduler forgets released tasks asynchronously (slowly on a busy machine): give it
-    # a few seconds to settle before counting
-    deadline = time.monotonic() + 20
-    while True:
-        tasks_after = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
-        if tasks_after <= tasks_before or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert tasks_after == tasks_before, "the scheduler holds more tasks after 30 steps"
+    gc.collect()
+    tasks_before = held()
+    gc.disable()
+    try:
+        lorakern.fit(sharded, B, A, steps=30, device="cpu")
+        assert client.run(shard_keys_received) == before, "a shard moved between workers"
+        # the scheduler forgets released tasks asynchronously (slowly on a busy machine): give
+        # it a few seconds to settle before counting
+        deadline = time.monotonic() + 20
+        while True:
+            tasks_after = held()
+            if len(tasks_after) <= len(tasks_before) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        gc.enable()
+    new = sorted(set(tasks_after) - set(tasks_before))
+    assert len(tasks_after) == len(tasks_before), f"held after 30 steps, not before: {new}"
 
 
 def test_bad_input(client):

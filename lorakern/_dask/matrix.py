@@ -18,6 +18,7 @@ partials travel.
 """
 from __future__ import annotations
 
+import traceback
 import uuid
 from types import SimpleNamespace
 
@@ -96,13 +97,8 @@ def _run(data, B, A, norm, with_grad):
     placement = shards.placement()
     futures = [submit(i, worker) for i, worker in enumerate(placement)]
     retries = 0
-    while True:
-        try:
-            with client.as_current():  # wait() asks for the current client
-                dist.wait(futures, timeout=WATCH_S)
-            break
-        except dist.TimeoutError:  # still running: are the workers they are pinned to alive?
-            pass
+    while not _finished(dist, client, futures):  # still running after WATCH_S: are the
+        # workers they are pinned to alive?
         live = set(client.ncores())
         lost = [i for i, f in enumerate(futures)
                 if not f.done() and placement[i] is not None and placement[i] not in live]
@@ -118,6 +114,22 @@ def _run(data, B, A, norm, with_grad):
     # (10 ms), as the client sends at most one batch per interval
     data.previous = futures
     return futures
+
+
+def _finished(dist, client, futures) -> bool:
+    """True once every future is done (or failed); False if some still run after WATCH_S."""
+    if all(f.done() for f in futures):
+        return True  # (a wait with a tiny timeout may expire before it looks at them)
+    try:
+        with client.as_current():  # wait() asks for the current client
+            dist.wait(futures, timeout=WATCH_S)
+    except dist.TimeoutError as exc:
+        # the error's frames refer to one another and to the futures: clear them, or the
+        # futures (and their tasks on the scheduler) live until the garbage collector runs
+        traceback.clear_frames(exc.__traceback__)
+        exc.__traceback__ = None
+        return False
+    return True
 
 
 def _merged(data, futures):
