@@ -129,7 +129,7 @@ def device_of(name):
 @pytest.fixture
 def small_parts(monkeypatch):
     """Row parts of 3 rows, column tiles of 4 and row tiles of 7: small inputs cross every
-    boundary; the parallel sweep runs however small the problem (SERIAL_WORK = 0)."""
+    boundary; the sweep runs on every thread however small the problem (SERIAL_WORK = 0)."""
     import lorakern._cpu.linear as cpu
     import lorakern._cuda.linear as cuda
 
@@ -219,7 +219,7 @@ def test_pass_matches_reference(dtype, loss, shape, device, small_parts):
 @pytest.mark.parametrize("device", TARGETS)
 @pytest.mark.parametrize("loss", ["logistic", "cross_entropy"])
 def test_lora_start_and_default_tiles(loss, device):
-    """B = 0 (LoRA's start: grad_A = 0) with the default tile sizes (the serial CPU sweep)."""
+    """B = 0 (LoRA's start: grad_A = 0) with the default tile sizes (one thread on the CPU)."""
     problem, _, A = make_linear((45, 17, 11, 6), np.float32, loss, seed=4)
     B = np.zeros((11, 6), np.float32)
     got, _ = compare_linear_pass(problem, B, A, device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numba
 import numpy as np
 
 from ..results import PassResult
@@ -28,8 +29,10 @@ from . import linear_kernels as lk
 #: m = n = 4096, r = 16 that is 16 parts of 64 rows and 16 x 512 KB (fp32).
 PART_ROWS = 64
 MAX_PARTS = 64
-#: below this many multiply-adds per sweep (N r4 (3m + 2n)) the serial kernel runs: waking
-#: the threads costs more than such a sweep
+#: below this many multiply-adds (a sweep's N r4 (3m + 2n), an exact norm's N m min(N, n))
+#: the work runs on one thread, without BLAS: waking threads costs more than such work (the
+#: digits demo's sweep, 1078 x 65 x 10 at r = 2: 1.8 ms on one thread, 15 ms on two on this
+#: shared 2-core machine)
 SERIAL_WORK = 1 << 22
 #: columns of X per tile of Delta^T X in the "tiles" norm strategy (an m x NORM_TILE block)
 NORM_TILE = 512
@@ -70,10 +73,18 @@ def _sweep(problem, data, B, A, with_grad: bool, store: bool):
     if store and data.D is None:
         data.D = np.empty((N, m), dt)
     D = data.D if store else np.zeros((1, 1), dt)
-    parallel = N * r4 * (3 * m + 2 * n) >= SERIAL_WORK
-    lk.sweep_kernel(problem.loss, parallel)(
-        data.X, data.Z0, data.Yl, data.cls, A4, Bt, problem.delta, dt.type(0), with_grad,
-        store, D, parts_B, parts_A, scalars)
+    kernel = lk.sweep_kernel(problem.loss)
+    args = (data.X, data.Z0, data.Yl, data.cls, A4, Bt, problem.delta, dt.type(0), with_grad,
+            store, D, parts_B, parts_A, scalars)
+    if N * r4 * (3 * m + 2 * n) >= SERIAL_WORK:
+        kernel(*args)
+    else:  # one thread: the same parts, so the same bits
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            kernel(*args)
+        finally:
+            numba.set_num_threads(threads)
     loss_sum = d_sq = 0.0
     for p in range(k):  # in part order
         loss_sum += float(scalars[p, 0])

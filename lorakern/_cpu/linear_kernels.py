@@ -22,8 +22,8 @@ part's end are zero in the group's buffers.
 The loss is a closure constant: an entrywise loss from losses.LOSSES inlined per entry
 (its generated scalar function, as the matrix kind's kernels use it), or the row-wise
 softmax cross-entropy written out below (max, exp once per entry into a float64 row, sum).
-Each loss compiles twice, lazily: parallel over the parts, and serial for small problems
-(where waking threads costs more than the work).
+Each loss compiles once, lazily (parallel over the parts); the launcher runs small problems
+on one thread, where waking the others costs more than the work.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def mode_of(loss) -> int:
 
 
 @lru_cache(maxsize=None)
-def sweep_kernel(loss, parallel: bool = True):
+def sweep_kernel(loss):
     """The fused sweep for one loss (see the module's memory plan)."""
     mode = mode_of(loss)
     # a row-wise loss has no scalar body; the squared one stands in so the kernel types
@@ -178,7 +178,7 @@ def sweep_kernel(loss, parallel: bool = True):
             scalars[p, 0] = loss_sum
             scalars[p, 1] = d_sq
 
-    return numba.njit(parallel=parallel, fastmath=FASTMATH, nogil=True)(kernel)
+    return numba.njit(parallel=True, fastmath=FASTMATH, nogil=True)(kernel)
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True)
