@@ -96,6 +96,10 @@ def _run(data, B, A, norm, with_grad):
 
     placement = shards.placement()
     futures = [submit(i, worker) for i, worker in enumerate(placement)]
+    # the previous pass's futures are released here, right after this pass's submission, so
+    # that both go out in one batch: the client sends at most one batch per interval (10 ms),
+    # and a release sent at the end of a pass would hold the next submission back by up to that
+    data.previous = futures
     retries = 0
     while not _finished(dist, client, futures):  # still running after WATCH_S: are the
         # workers they are pinned to alive?
@@ -109,10 +113,6 @@ def _run(data, B, A, norm, with_grad):
                 futures[i], placement[i] = submit(i, None, retries), None
     if retries:
         shards.forget_placement()  # lost shards were rebuilt elsewhere: ask again next pass
-    # keep this pass's futures until the next pass has been submitted: releasing them sends
-    # a message that would hold the next submission back by the client's batching interval
-    # (10 ms), as the client sends at most one batch per interval
-    data.previous = futures
     return futures
 
 

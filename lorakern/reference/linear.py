@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import check_numpy, pass_from_gradient
+from ._common import check_numpy, pass_from_gradient, quiet
 
 
 def forward(problem, B, A):
@@ -32,6 +32,7 @@ def prepare(problem, device):
     return None
 
 
+@quiet
 def fused_pass(problem, data, B, A, *, norm="exact"):
     """results.PassResult; with ``norm="bound"`` g_sq is the certified bound's square
     (LinearProblem.norm_bound_sq) in place of ||G||_F^2."""
@@ -43,5 +44,6 @@ def fused_pass(problem, data, B, A, *, norm="exact"):
     return p
 
 
+@quiet
 def loss_pass(problem, data, B, A):
     return forward(problem, B, A)[1]

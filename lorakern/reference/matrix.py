@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import check_numpy, pass_from_gradient
+from ._common import check_numpy, pass_from_gradient, quiet
 
 
 def gradient(problem, B, A):
@@ -25,9 +25,11 @@ def prepare(problem, device):
     return None
 
 
+@quiet
 def fused_pass(problem, data, B, A, *, norm="exact"):
     return pass_from_gradient(*gradient(problem, B, A), B, A)
 
 
+@quiet
 def loss_pass(problem, data, B, A):
     return gradient(problem, B, A)[1]
