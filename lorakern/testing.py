@@ -133,6 +133,21 @@ def random_data(shape, dtype, *, loss="squared", seed=0, scale=1.0, masked=False
     return W0, Y, mask
 
 
+def random_linear_data(rng, N, n, m, dtype, *, loss="squared", w0_scale=1.0):
+    """(X, Y, W0) of a linear layer on data, drawn from ``rng`` in that order: X (N x n) and
+    W0 (m x n) ~ N(0, 1) (W0 times ``w0_scale``); Y (N, m) ~ N(0, 1), +-1 for "logistic", or
+    (N,) class indices in [0, m) for "cross_entropy"."""
+    X = rng.standard_normal((N, n)).astype(dtype)
+    W0 = (w0_scale * rng.standard_normal((m, n))).astype(dtype)
+    if loss == "cross_entropy":
+        Y = rng.integers(0, m, N)
+    elif loss == "logistic":
+        Y = np.where(rng.random((N, m)) < 0.5, -1.0, 1.0).astype(dtype)
+    else:
+        Y = rng.standard_normal((N, m)).astype(dtype)
+    return X, Y, W0
+
+
 def random_adapters(m, n, r, dtype, *, seed=0, scale=None, init="gaussian"):
     """(B, A) both Gaussian (standard deviation ``scale``, default 1/sqrt(max(m, n)); both
     non-zero, so that BA and grad_A are not trivial), or LoRA's B = 0 with init="lora"."""

@@ -17,7 +17,9 @@ import pytest
 import lorakern
 from lorakern import reference, theory
 from lorakern._dispatch import Device, bind
+from lorakern._host import HostDevice
 from lorakern.problems import linear as linear_problem
+from lorakern.testing import random_linear_data
 
 from helpers import DEVICES, assert_bitwise, assert_close, host
 
@@ -36,14 +38,7 @@ def make_linear(shape, dtype, loss="squared", *, seed=0, scale=0.5, lipschitz=No
     """(problem, B, A) on fresh seeded random data; B and A both non-zero."""
     N, n, m, r = shape
     rng = np.random.default_rng([seed, N, n, m, r])
-    X = rng.standard_normal((N, n)).astype(dtype)
-    W0 = (rng.standard_normal((m, n)) / math.sqrt(n)).astype(dtype)
-    if loss == "cross_entropy":
-        Y = rng.integers(0, m, N)
-    elif loss == "logistic":
-        Y = np.where(rng.random((N, m)) < 0.5, -1.0, 1.0).astype(dtype)
-    else:
-        Y = rng.standard_normal((N, m)).astype(dtype)
+    X, Y, W0 = random_linear_data(rng, N, n, m, dtype, loss=loss, w0_scale=1 / math.sqrt(n))
     kwargs = {"delta": 0.7} if loss == "huber" else {}
     problem = lorakern.LinearProblem(X, Y, W0, loss=loss, lipschitz=lipschitz, **kwargs)
     B = (scale * rng.standard_normal((m, r))).astype(dtype)
@@ -85,12 +80,8 @@ class StubCudaDevice:
     def asarray(self, x, dtype):
         return np.array(x, dtype=dtype, copy=True, order="C")
 
-    def to_host(self, x):
-        return np.asarray(x)
-
-    def update(self, B, A, grad_B, grad_A, eta):
-        eta = B.dtype.type(eta)
-        return B - eta * grad_B, A - eta * grad_A
+    to_host = HostDevice.to_host  # NumPy arrays: the host's copy-back and eq. (3)
+    update = HostDevice.update
 
 
 STUB = StubCudaDevice()

@@ -5,19 +5,11 @@ import numpy as np
 import pytest
 
 import lorakern
+from lorakern.testing import random_linear_data
 
 
 def _data(loss="squared", dtype=np.float32, N=6, n=5, m=4, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((N, n)).astype(dtype)
-    W0 = rng.standard_normal((m, n)).astype(dtype)
-    if loss == "cross_entropy":
-        Y = rng.integers(0, m, N)
-    elif loss == "logistic":
-        Y = np.where(rng.random((N, m)) < 0.5, -1.0, 1.0).astype(dtype)
-    else:
-        Y = rng.standard_normal((N, m)).astype(dtype)
-    return X, Y, W0
+    return random_linear_data(np.random.default_rng(seed), N, n, m, dtype, loss=loss)
 
 
 def _with(data_loss="squared", **changes):

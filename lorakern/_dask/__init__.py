@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import _dispatch
 from .._dispatch import DeviceUnavailableError
+from .._host import HostDevice
 
 INSTALL = 'pip install "lorakern[dask]"'
 
@@ -98,14 +99,8 @@ class DaskDevice:
 
         if isinstance(inner, DaskDevice):
             raise TypeError("a DaskDevice can not wrap another DaskDevice")
-        if isinstance(inner, str):
-            if inner not in _dispatch.DEVICES:
-                raise ValueError(f"unknown device {inner!r} for the workers; known devices: "
-                                 f"{sorted(_dispatch.DEVICES)}")
-        elif not isinstance(inner, _dispatch.Device):
-            raise TypeError(f"inner must be a device name such as 'cpu' or a Device object, "
-                            f"got {type(inner).__name__}")
-        elif _dispatch.DEVICES.get(inner.name) and _dispatch._load(
+        inner = _worker_device(inner)
+        if not isinstance(inner, str) and _dispatch.DEVICES.get(inner.name) and _dispatch._load(
                 _dispatch.DEVICES[inner.name]) is inner:
             inner = inner.name  # a registered device travels as its name: workers load theirs
         self.client = default_client(client)
@@ -154,16 +149,24 @@ class DaskDevice:
             x = x.get()
         return np.array(x, dtype=dtype, copy=True, order="C")
 
-    def to_host(self, x):
-        return np.asarray(x)
-
-    def update(self, B, A, grad_B, grad_A, eta):
-        # eq. (3) on the client, rounded as the host devices round it
-        eta = B.dtype.type(eta)
-        return B - eta * grad_B, A - eta * grad_A
+    # B, A and the merged gradients live on the client as NumPy arrays: the host's eq. (3)
+    to_host = HostDevice.to_host
+    update = HostDevice.update
 
     def __repr__(self):
         return f"DaskDevice({self.inner_name!r}, scheduler={_address(self.client)})"
+
+
+def _worker_device(spec):
+    """``spec`` if it names a registered device or is a Device object, else a clear error."""
+    if isinstance(spec, str):
+        if spec not in _dispatch.DEVICES:
+            raise ValueError(f"unknown device {spec!r} for the workers; known devices: "
+                             f"{sorted(_dispatch.DEVICES) + ['auto']}")
+    elif not isinstance(spec, _dispatch.Device):
+        raise TypeError(f"device must be a string such as 'cpu' or 'cuda', or a Device object, "
+                        f"got {type(spec).__name__}")
+    return spec
 
 
 def _inner_problem(inner) -> str:
@@ -188,16 +191,10 @@ def wrap(spec, arrays) -> DaskDevice:
     if isinstance(spec, DaskDevice):
         spec.check_available()
         return spec
-    if isinstance(spec, str):
-        if spec == "auto":
-            metas = [getattr(a, "_meta", a) for a in arrays if a is not None]
-            spec = "cuda" if any(_dispatch._is_cupy(m) for m in metas) else "cpu"
-        elif spec not in _dispatch.DEVICES:
-            raise ValueError(f"unknown device {spec!r}; known devices: "
-                             f"{sorted(_dispatch.DEVICES) + ['auto']}")
-    elif not isinstance(spec, _dispatch.Device):
-        raise TypeError(f"device must be a string such as 'cpu' or 'cuda', or a Device object, "
-                        f"got {type(spec).__name__}")
+    if isinstance(spec, str) and spec == "auto":
+        metas = [getattr(a, "_meta", a) for a in arrays if a is not None]
+        spec = "cuda" if any(_dispatch._is_cupy(m) for m in metas) else "cpu"
+    spec = _worker_device(spec)
     client = default_client()
     key = (client.id, spec if isinstance(spec, str) else spec.key)
     dev = _made.get(key)
