@@ -17,12 +17,21 @@ def array_namespace(x):
     return np
 
 
-def check_matrix(name: str, x, dtype=None):
-    """Raise TypeError/ValueError unless x is a finite 2-D float32/float64 array (of ``dtype``)."""
+def reject_masked(name: str, x, *, takes_mask: bool = False):
+    """TypeError for a NumPy masked array, whose hidden entries would be used as numbers;
+    ``takes_mask``: the caller has a ``mask=`` argument, and the message points to it."""
     if isinstance(x, np.ma.MaskedArray):
+        fix = (f"pass {name}.data and give the observed entries as "
+               f"mask=~np.ma.getmaskarray({name})" if takes_mask
+               else f"pass a plain array, such as {name}.filled(value)")
         raise TypeError(f"{name} is a NumPy masked array, whose hidden entries would be used "
-                        f"as numbers; pass {name}.data and give the observed entries as "
-                        f"mask=~np.ma.getmaskarray({name})")
+                        f"as numbers; {fix}")
+
+
+def check_matrix(name: str, x, dtype=None, *, takes_mask: bool = False):
+    """Raise TypeError/ValueError unless x is a finite 2-D float32/float64 array (of ``dtype``)
+    and not a masked array (``takes_mask``: see reject_masked)."""
+    reject_masked(name, x, takes_mask=takes_mask)
     xp = array_namespace(x)
     if xp is np and not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(x).__name__}")
@@ -69,8 +78,9 @@ def check_delta(loss, delta):
     if delta is None:
         return 1.0
     if not loss.uses_delta:
+        names = sorted(_losses_with_delta())
         raise ValueError(f"delta={delta!r} was given, but loss {loss.name!r} has no delta "
-                         f"(only {', '.join(sorted(_losses_with_delta()))} use it)")
+                         f"(only {', '.join(names)} {'uses' if len(names) == 1 else 'use'} it)")
     return positive_float("delta", delta)
 
 

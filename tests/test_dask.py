@@ -232,6 +232,9 @@ def test_bad_input(client):
         lorakern.Problem(_dask(W0), _dask(Y)[:, :-1])
     with pytest.raises(TypeError, match="mask must be a boolean"):
         lorakern.Problem(_dask(W0), _dask(Y), mask=_dask(mask.astype(np.float32)))
+    huge = np.full((M, N), 3e38, np.float32)  # issue 12, item 2: finite inputs, W0 - Y = -inf
+    with pytest.raises(ValueError, match="residual W0 - Y overflows float32.*float64"):
+        lorakern.Problem(_dask(huge), _dask(-huge))
     sharded = lorakern.Problem(_dask(W0), _dask(Y))
     with pytest.raises(ValueError, match="A must have n"):
         lorakern.fit(sharded, np.zeros((M, R), np.float32), np.zeros((R, N + 1), np.float32),
@@ -241,6 +244,31 @@ def test_bad_input(client):
     if "cuda" not in lorakern.devices():  # the workers (this machine) have no GPU either
         with pytest.raises(lorakern.DeviceUnavailableError, match="can not run device 'cuda'"):
             lorakern.fit(sharded, *random_adapters(M, N, R, np.float32), steps=1, device="cuda")
+
+
+@pytest.mark.parametrize("dtype, steps, eta", [
+    (np.float32, 1, 1e20), (np.float64, 1, 1e200), (np.float32, 5, 0.9)])
+def test_last_step_blow_up_is_diverged(client, dtype, steps, eta):
+    """Issue 12, item 1 on the Dask device: the issue's reproducers (a blow-up on the last
+    step, or before it) stop with the last iterate whose loss is finite, "diverged", a warning."""
+    rng = np.random.default_rng(0)
+    W0 = rng.standard_normal((40, 30)).astype(np.float32).astype(dtype)
+    B, A = (x.astype(dtype) for x in lorakern.init_adapters(40, 30, rank=4, dtype=np.float32,
+                                                             seed=1, init="gaussian"))
+    chunks = (1, 6, 13, 20)
+    problem = lorakern.Problem(_dask(W0, chunks), _dask(W0 + 1, chunks))
+    before = (B.copy(), A.copy())
+    with pytest.warns(RuntimeWarning, match="stopped being finite"):
+        result = lorakern.fit(problem, B, A, steps=steps, device="cpu", step_size=eta)
+    assert result.status == "diverged" and np.isfinite(result.final_loss)
+    assert np.isfinite(result.B).all() and np.isfinite(result.A).all()
+    assert len(result.history) == result.steps < steps
+    replay = lorakern.fit(problem, B, A, steps=result.steps, device="cpu", step_size=eta)
+    assert replay.status == "completed" and result.final_loss == replay.final_loss
+    assert_bitwise(result.B, replay.B, "B")
+    assert_bitwise(result.A, replay.A, "A")
+    assert_bitwise(B, before[0], "caller's B")
+    assert_bitwise(A, before[1], "caller's A")
 
 
 SCRIPT_NO_CLIENT = """

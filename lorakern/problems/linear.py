@@ -21,7 +21,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .._validate import array_namespace, check_matrix, positive_float
+from .._validate import array_namespace, check_matrix, positive_float, reject_masked
 from ..losses import LINEAR_LOSSES
 from ._common import KindBase
 
@@ -266,6 +266,7 @@ class LinearProblem(KindBase):
 
 def _check_classes(Y, N, m, xp):
     """Y: an (N,) integer array of class indices in [0, m)."""
+    reject_masked("Y", Y)
     dtype = getattr(Y, "dtype", None)
     if dtype is None or not hasattr(Y, "shape"):
         raise TypeError(f"Y must be an (N,) integer array of class indices for "

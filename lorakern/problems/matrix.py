@@ -13,7 +13,8 @@ import numpy as np
 
 from .._dispatch import array_library
 from ..losses import LOSSES, Loss
-from .._validate import array_namespace, check_delta, check_matrix, positive_float
+from .._validate import (array_namespace, check_delta, check_matrix, positive_float,
+                         reject_masked)
 from ._common import KindBase
 
 
@@ -33,7 +34,7 @@ class Problem(KindBase):
 
     Raises
     ------
-    TypeError : non-float or mixed dtypes, a NumPy masked array (use ``mask=``).
+    TypeError : non-float or mixed dtypes, a NumPy masked array (for W0 and Y: use ``mask=``).
     ValueError : shapes that differ, non-finite entries or a residual W0 - Y that overflows,
         an unknown loss, delta or lipschitz not positive and finite (or delta for a loss
         without one), labels outside {-1, +1} for "logistic", a bad mask.
@@ -51,8 +52,8 @@ class Problem(KindBase):
             self._set_loss(loss, delta, lipschitz)
             init_sharded(self, W0, Y, mask, self._shard_kwargs())
             return
-        check_matrix("W0", W0)
-        check_matrix("Y", Y, dtype=W0.dtype)
+        check_matrix("W0", W0, takes_mask=True)
+        check_matrix("Y", Y, dtype=W0.dtype, takes_mask=True)
         if W0.shape != Y.shape:
             raise ValueError(f"W0 has shape {tuple(W0.shape)} but Y has shape {tuple(Y.shape)}")
         if W0.size == 0:
@@ -127,6 +128,7 @@ def _sharded(*arrays) -> bool:
 
 
 def _check_mask(mask, shape, xp):
+    reject_masked("mask", mask)
     if array_namespace(mask) is not xp:
         raise TypeError("mask must live where W0 and Y live (NumPy or CuPy)")
     dtype = getattr(mask, "dtype", None)  # a list or other non-array has none
