@@ -60,12 +60,10 @@ def _fraction(text: str) -> float:
 def _cmd_demo(args, parser) -> int:
     from . import _dispatch, demo
 
-    if args.problem == "digits":  # a LinearProblem on scikit-learn's digits: lorakern/digits.py
-        from .digits import run_demo
-
-        return run_demo(args, parser)
-    args.steps = 300 if args.steps is None else args.steps
-    args.rank = 8 if args.rank is None else args.rank
+    if args.constant is not None and args.problem == "digits":
+        parser.error("--constant sets the constant step of the synthetic problem's --plot "
+                     "comparison; the digits demo has none (for a constant step in it use "
+                     "--step-size ETA)")
     if args.constant is not None and args.plot is None:
         parser.error("--constant sets the constant step of the --plot comparison, so it needs "
                      "--plot FILE.png; for a constant step in the demo itself use --step-size ETA")
@@ -82,6 +80,12 @@ def _cmd_demo(args, parser) -> int:
         why = check_format(args.plot)
         if why is not None:
             parser.error(f"--plot: {why}")
+    if args.problem == "digits":  # a LinearProblem on scikit-learn's digits: lorakern/digits.py
+        from .digits import run_demo
+
+        return run_demo(args, parser)
+    args.steps = 300 if args.steps is None else args.steps
+    args.rank = 8 if args.rank is None else args.rank
     try:
         # the built-in problems are NumPy arrays: "auto" is the CPU
         device = _dispatch.resolve(args.device).name

@@ -182,15 +182,11 @@ def run(task: DigitsTask, *, steps: int = STEPS, device="auto", step_size="theor
 
 
 def run_demo(args, parser) -> int:
-    """The CLI's ``demo --problem digits``: prints the report, returns the exit code."""
+    """The CLI's ``demo --problem digits``: prints the report, returns the exit code (the CLI
+    has checked ``--plot``'s path and matplotlib)."""
     from . import _dispatch
     from .step_size import as_policy
 
-    if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            parser.error('--plot needs matplotlib: pip install "lorakern[plot]"')
     try:
         _sklearn()
     except ImportError as exc:

@@ -166,13 +166,15 @@ def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, tmp_pat
     assert out == ""  # it fails before any work
 
 
+@pytest.mark.parametrize("problem", ["synthetic", "digits"])
 @pytest.mark.parametrize("where, message", [
     ("missing", "--plot: the folder {tmp}/missing does not exist"),
     ("folder", "--plot: {tmp} is a directory"),
 ])
-def test_plot_path_checked_before_the_demo(capsys, tmp_path, where, message):
+def test_plot_path_checked_before_the_demo(capsys, tmp_path, where, message, problem):
     path = tmp_path / "missing" / "x.png" if where == "missing" else tmp_path
-    code, out, err = run_main(capsys, "demo", *SMALL, "--device", "reference", "--plot", str(path))
+    code, out, err = run_main(capsys, "demo", "--problem", problem, *SMALL, "--device", "reference",
+                              "--plot", str(path))
     assert code == 2 and message.format(tmp=tmp_path) in err, err
     assert out == ""  # nothing ran
 
@@ -190,9 +192,11 @@ def test_plot_in_a_read_only_folder(capsys, tmp_path):
     assert code == 2 and "is not writable" in err and out == ""
 
 
-def test_plot_format_checked_before_the_demo(capsys, tmp_path):
+@pytest.mark.parametrize("problem", ["synthetic", "digits"])
+def test_plot_format_checked_before_the_demo(capsys, tmp_path, problem):
     pytest.importorskip("matplotlib")
-    code, out, err = run_main(capsys, "demo", *SMALL, "--plot", str(tmp_path / "x.foo"))
+    code, out, err = run_main(capsys, "demo", "--problem", problem, *SMALL,
+                              "--plot", str(tmp_path / "x.foo"))
     assert code == 2 and "--plot: matplotlib cannot write .foo files" in err and out == ""
 
 
@@ -200,6 +204,14 @@ def test_constant_without_plot_is_rejected(capsys):
     code, out, err = run_main(capsys, "demo", *SMALL, "--device", "reference", "--constant", "0.1")
     assert code == 2 and "--constant sets the constant step of the --plot comparison" in err
     assert "--step-size ETA" in err and out == ""
+
+
+def test_constant_with_digits_is_rejected(capsys, tmp_path):
+    """The digits demo's comparison has no constant step: --constant is not silently ignored."""
+    code, out, err = run_main(capsys, "demo", "--problem", "digits", "--constant", "0.1",
+                              "--plot", str(tmp_path / "x.png"))
+    assert code == 2 and "the digits demo has none" in err and "--step-size ETA" in err
+    assert out == ""
 
 
 # -- a policy the CLI helpers have never seen -------------------------------------------------
