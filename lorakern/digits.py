@@ -30,7 +30,8 @@ SOURCE_C = 0.05
 STEPS = 2000
 #: the held-out accuracy on the shifted task the demo reaches at its defaults (tested)
 EXPECTED_ACCURACY = 0.90
-HINT = 'pip install "lorakern[digits]" (scikit-learn, for its bundled digits data)'
+HINT = ('pip install "lorakern[digits]" (from a clone: pip install ".[digits]"), for '
+        'scikit-learn and its bundled digits data')
 
 
 @dataclass

@@ -360,7 +360,8 @@ def test_steps_do_not_wait_for_the_host():
 # ---- without a GPU ------------------------------------------------------------------------------
 def test_missing_cupy_raises_device_unavailable(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` fails, find_spec says absent
-    with pytest.raises(lorakern.DeviceUnavailableError, match=r'pip install "lorakern\[cuda\]"'):
+    with pytest.raises(lorakern.DeviceUnavailableError,
+                       match=r'pip install "lorakern\[cuda\]" \(from a clone: pip install "\.\[cuda\]"\)'):
         lorakern._cuda.check_available()
 
 

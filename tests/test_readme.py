@@ -27,3 +27,45 @@ def test_python_examples_run(capsys):
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["report"].all_hold
     assert namespace["result"].history.loss[-1] < namespace["result"].history.loss[0]
+
+
+# -- what a new reader needs (issue 12, item 8) ----------------------------------------------
+
+def _text():
+    return " ".join(README.read_text().split())  # one space for every run of whitespace
+
+
+def test_no_issue_numbers():
+    assert not re.search(r"\(?issue \d+\)?", README.read_text(), re.IGNORECASE)
+
+
+def test_every_problem_of_the_examples_is_fitted():
+    code = "\n".join(_blocks("python"))
+    built = re.findall(r"^(\w+) = lorakern\.(?:Linear)?Problem\(", code, re.MULTILINE)
+    fitted = set(re.findall(r"lorakern\.fit\((\w+),", code))
+    assert len(built) >= 5 and set(built) <= fitted, f"built, never fitted: {set(built) - fitted}"
+
+
+def test_quick_start_says_what_the_suite_and_the_first_run_cost():
+    quick = " ".join(README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0].split())
+    assert re.search(r"The suite takes about \d+ minutes", quick)
+    assert "without a GPU" in quick and "skip (`pytest -rs` lists each skipped test with its reason)" in quick
+    assert re.search(r"first step .* took [\d.-]+ s with an empty cache and [\d.-]+ s", quick)
+
+
+def test_install_hints_agree_with_the_readme():
+    """Each install command the README gives for an extra is one the error messages give."""
+    import tomllib
+
+    from lorakern import _cuda, _dask, digits, plot
+
+    extras = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    hints = {"cuda": _cuda._INSTALL, "dask": _dask.INSTALL, "digits": digits.HINT, "plot": plot.PLOT_HINT}
+    text = _text()
+    for extra, hint in hints.items():
+        assert extra in extras
+        forms = {f'pip install "lorakern[{extra}]"', f'pip install ".[{extra}]"'}
+        in_readme = {f for f in forms if f in text}
+        assert in_readme, f"the README does not say how to install the {extra} extra"
+        assert in_readme <= {f for f in forms if f in hint}, (
+            f"the README installs {extra} with {sorted(in_readme)}, the error says: {hint}")

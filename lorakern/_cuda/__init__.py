@@ -16,7 +16,7 @@ import sys
 from .._dispatch import DeviceUnavailableError
 from . import launch
 
-_INSTALL = 'pip install "lorakern[cuda]"'
+_INSTALL = 'pip install "lorakern[cuda]" (from a clone: pip install ".[cuda]")'
 
 
 # ---- availability ---------------------------------------------------------------------------
@@ -59,8 +59,8 @@ def check_available():
     """Raise DeviceUnavailableError saying what is missing for device='cuda'."""
     if importlib.util.find_spec("cupy") is None:
         raise DeviceUnavailableError(
-            f"device='cuda' needs CuPy, which is not installed: {_INSTALL} "
-            f"(CuPy for CUDA 12; for another CUDA version install the matching cupy-cudaXXx)")
+            f"device='cuda' needs CuPy, which is not installed: {_INSTALL} installs CuPy "
+            f"for CUDA 12; for another CUDA version install the matching cupy-cudaXXx")
     problem = _driver_problem()
     if problem is not None:
         raise DeviceUnavailableError(f"device='cuda' is unavailable: {problem}")
@@ -72,7 +72,7 @@ def check_available():
         raise DeviceUnavailableError(
             f"device='cuda' is unavailable: CuPy is installed but cannot use a GPU "
             f"({type(exc).__name__}: {exc}); check the NVIDIA driver and that the CuPy package "
-            f"matches its CUDA version ({_INSTALL} installs CuPy for CUDA 12)") from exc
+            f"matches its CUDA version; {_INSTALL} installs CuPy for CUDA 12") from exc
     if count < 1:
         raise DeviceUnavailableError("device='cuda' is unavailable: CuPy sees no CUDA device")
 
