@@ -128,14 +128,21 @@ for path in sys.argv[1].split(","):
                 numba.set_num_threads(threads)
                 assert numba.get_num_threads() == threads
                 d = digest(engine.fused_pass(B, A), engine.loss_pass(B, A))
-                out.setdefault(key, {})[threads] = d
+                out.setdefault(key, {})[f"threads {threads}"] = d
+            own = matrix._workers
+            for workers in (1, 4, 7):  # the pass's worker threads, whatever threads() says
+                matrix._workers = lambda: workers
+                d = digest(engine.fused_pass(B, A), engine.loss_pass(B, A))
+                out[key][f"workers {workers}"] = d
+            matrix._workers = own
 print(json.dumps(out))
 """
 
 
 def test_same_bits_for_1_2_3_threads():
-    """Fixed work units merged in unit order: the same bits on 1, 2 and 3 Numba threads, for
-    both paths, default and small tiles, every loss, with and without a mask."""
+    """Fixed work units merged in unit order: the same bits on 1, 2 and 3 Numba threads and
+    on 1, 4 and 7 worker threads, for both paths, default and small tiles, every loss, with
+    and without a mask."""
     paths = "simd,portable" if simd.available() else "portable"
     proc = subprocess.run([sys.executable, "-c", BITS_SCRIPT, paths], capture_output=True, text=True,
                           env=_env(NUMBA_NUM_THREADS="3"), timeout=900, cwd=ROOT)

@@ -26,22 +26,13 @@ from lorakern._cpu.kernels import squared_pointwise as pointwise  # noqa: E402
 phase1, phase2, phase3 = SIMD_PHASES if USE_SIMD else PORTABLE_PHASES
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
-def fused(data, labels_y, mask, Bp, Ap, delta, geometry, prefetch_rows, with_grad, nthreads,
-          counters, gB_parts, gA_parts, scalars, grad_B, grad_A, norms):
-    """One pass over the data: loss, ||G||^2, grad_B, grad_A and the norms.
-
-    ``nthreads`` workers (``work``) take units from ``counters[0]`` until none is left.
-    """
-    for _ in numba.prange(nthreads):
-        work(data, labels_y, mask, Bp, Ap, delta, geometry, prefetch_rows, with_grad,
-             counters, gB_parts, gA_parts, scalars, grad_B, grad_A, norms)
-
-
-@numba.njit(fastmath=FASTMATH, nogil=True)
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True)
 def work(data, labels_y, mask, Bp, Ap, delta, geometry, prefetch_rows, with_grad,
          counters, gB_parts, gA_parts, scalars, grad_B, grad_A, norms):
-    """One worker: takes units until none is left.
+    """One worker of the fused pass: takes units from ``counters[0]`` until none is left.
+
+    matrix.py runs several at once, each on a thread of its own (nogil): every one of them
+    computes loss, ||G||^2, grad_B, grad_A and the norms for the units it takes.
 
     geometry = (unit_rows, unit_cols, block_rows, chunk); units are numbered column tile
     major, u = q * npanels + p, so that the units two threads run at once are in different

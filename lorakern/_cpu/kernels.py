@@ -443,6 +443,6 @@ def fused_kernel(loss, labels: bool, masked: bool, use_simd: bool):
             namespace = {"__name__": name}
             source = source.replace("cache=True", "cache=False")
             exec(compile(source, f"<{name}>", "exec"), namespace)
-            return namespace["fused"]
-    return module.fused
+            return namespace["work"]
+    return module.work
 

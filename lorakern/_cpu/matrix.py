@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,6 +30,48 @@ PARTIAL_FRACTION = 0.25
 MAX_UNIT_ROWS = MAX_UNIT_COLS = None
 #: phase 1 prefetches R one block ahead (False: no prefetch)
 PREFETCH = True
+#: Workers of a pass: threads() of them, each a thread that takes units until none is left
+#: (so the count never changes the bits); WORKERS_PER_CORE per core when threads() is every
+#: core of the machine. More workers than cores get a larger share of a core that something
+#: else is using (another process, or OpenBLAS's threads, which spin for a while after every
+#: NumPy matrix product): the OS shares a core per thread. A smaller threads() is a limit
+#: the caller set (numba.set_num_threads, a Dask worker's threads) and is kept.
+WORKERS_PER_CORE = 2
+
+_pool: tuple[ThreadPoolExecutor, int] | None = None  # (the pool, its threads)
+_pool_lock = threading.Lock()
+
+
+def _workers() -> int:
+    count = threads()
+    return count * WORKERS_PER_CORE if count >= _cores() else count
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _run_workers(work, args, workers: int) -> None:
+    """``work(*args)`` on ``workers`` threads at once: this one and workers - 1 of a pool
+    kept between passes (its idle threads sleep; they never spin)."""
+    global _pool
+    futures = []
+    if workers > 1:
+        with _pool_lock:
+            if _pool is None or _pool[1] < workers - 1:
+                if _pool is not None:
+                    _pool[0].shutdown(wait=False)  # its threads end once idle
+                _pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="lorakern-cpu"), workers - 1
+            pool = _pool[0]
+        futures = [pool.submit(work, *args) for _ in range(workers - 1)]
+    try:
+        work(*args)
+    finally:
+        for future in futures:
+            future.result()
 
 
 def _round_up(x: int, k: int) -> int:
@@ -114,9 +158,10 @@ def _run(problem, data, B, A, with_grad):
         grad_A = np.empty((r4, n) if with_grad else (1, 1), dtype)
         grad_B = np.empty((m, r4) if with_grad else (1, 1), dtype)
         norms = np.empty((ntiles + npanels, 2), np.float64)
-        kernel(data.data, data.labels_y, data.mask, ws.Bp, ws.Ap, problem.delta, geo,
-               geo[2] if PREFETCH else 0, with_grad, threads(), counters, ws.gB, ws.gA,
-               scalars, grad_B, grad_A, norms)
+        _run_workers(kernel, (data.data, data.labels_y, data.mask, ws.Bp, ws.Ap, problem.delta,
+                              geo, geo[2] if PREFETCH else 0, with_grad, counters, ws.gB,
+                              ws.gA, scalars, grad_B, grad_A, norms),
+                     min(_workers(), npanels * ntiles))
     finally:
         if lock is not None:
             lock.release()
