@@ -224,3 +224,33 @@ def test_concurrent_calls_on_one_problem(small_tiles):
         assert_bitwise(p.grad_B, alone.grad_B, "grad_B")
         assert_bitwise(p.grad_A, alone.grad_A, "grad_A")
         assert (p.loss, p.g_sq, p.grad_sq, p.v_sq) == (alone.loss, alone.g_sq, alone.grad_sq, alone.v_sq)
+
+
+FORK_SCRIPT = r"""
+import os, signal, sys
+import numpy as np
+from lorakern._cpu import matrix
+from lorakern._dispatch import bind
+from helpers import make_case
+
+matrix.MAX_UNIT_ROWS, matrix.MAX_UNIT_COLS = 24, 48   # many units
+matrix._workers = lambda: 3                          # and a pool of 2 threads
+problem, B, A = make_case((150, 130, 6), np.dtype("float32"), seed=7)
+before = bind(problem, "cpu").fused_pass(B, A)
+pid = os.fork()
+if pid == 0:                                         # the child: the pool's threads are not here
+    signal.alarm(60)                                 # a pass waiting on them would hang
+    p = bind(problem, "cpu").fused_pass(B, A)
+    os._exit(0 if np.array_equal(p.grad_A, before.grad_A) and p.loss == before.loss else 1)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_makes_its_own_workers():
+    """A process forked after a pass (multiprocessing's default on Linux) runs its own passes:
+    it does not wait on worker threads that only its parent has."""
+    proc = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True,
+                          env=_env(), timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1] == "0", "the forked child's pass hung or differed"

@@ -42,6 +42,15 @@ _pool: tuple[ThreadPoolExecutor, int] | None = None  # (the pool, its threads)
 _pool_lock = threading.Lock()
 
 
+def _forget_pool_in_child():
+    """A forked child has none of the pool's threads: it makes its own on its first pass."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _workers() -> int:
     count = threads()
     return count * WORKERS_PER_CORE if count >= _cores() else count
