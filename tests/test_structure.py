@@ -109,6 +109,25 @@ def test_user_defined_policy(device):
     np.testing.assert_allclose(one.eta, 0.5 * full.history.eta[0], rtol=1e-15)
 
 
+@dataclass(frozen=True)
+class HalfTheoremSubclass(Theorem):
+    """A user's policy made by subclassing a built-in one: its own choose() is what runs."""
+
+    def choose(self, engine, B, A, p, state):
+        eta, trials = super().choose(engine, B, A, p, state)
+        return 0.5 * eta, trials
+
+
+def test_reference_step_runs_a_subclass_policy_own_choose():
+    """reference.step writes the built-in policies out literally; a subclass of one may
+    override choose(), so it is not taken for the built-in (it halved nothing before)."""
+    problem, B, A = make_case((23, 17, 3), np.float64, seed=4)
+    full = lorakern.reference.step(problem, B, A).eta
+    got = lorakern.reference.step(problem, B, A, step_size=HalfTheoremSubclass())
+    want = lorakern.step(problem, B, A, device="reference", step_size=HalfTheoremSubclass())
+    assert got.eta == want.eta == 0.5 * full
+
+
 @pytest.mark.parametrize("device", ["reference", "cpu"])
 def test_theory_check_reads_the_armijo_constant(device):
     """The issue's reproduction: an Armijo run checked with c = 1/5 'failed' 10 of 30 steps."""

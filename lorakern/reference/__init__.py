@@ -56,15 +56,16 @@ def step(problem, B, A, *, step_size="theorem"):
     """One step of LoRA gradient descent, as the paper writes it (eq. 3 and 8).
 
     Same contract as ``lorakern.step``: new arrays for B and A, the caller's untouched.
-    The built-in policies are written out literally here; another policy's own ``choose``
-    runs on the reference device.
+    The built-in policies are written out literally here; any other policy, a subclass of a
+    built-in one included (it may override ``choose``), runs its own ``choose`` on the
+    reference device.
     """
     from ..descent import step as generic_step
     from ..adapters import check_adapters
 
     check_adapters(problem, B, A)
     policy = as_policy(step_size)
-    if not isinstance(policy, (Theorem, Constant, Armijo)):
+    if type(policy) not in (Theorem, Constant, Armijo):
         return generic_step(problem, B, A, device=DEVICE, step_size=policy)
     p = fused_pass(problem, None, B, A, norm=policy.norm)
     g_norm = math.sqrt(p.g_sq)  # ||G_t||_F, or its certified bound for Theorem(norm="bound")
