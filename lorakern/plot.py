@@ -7,12 +7,13 @@ demo's own run where its policy is one of them, and adding it as a curve where i
 """
 from __future__ import annotations
 
-import math
 import numbers
 import os
 from pathlib import Path
 
 import numpy as np
+
+from .step_size import THEOREM_CONSTANT
 
 #: the comparison's default constant step, CONSTANT_FACTOR / (max(L, 1) (||V_0||^2 + ||G_0||_F)):
 #: 5 sqrt(2) / 2 ~ 3.5 times the theorem's first eta, stable on the demo problems
@@ -73,7 +74,7 @@ def constant_note(constant: float, source: str | None = None) -> str:
     if source is not None:
         return f"constant eta = {constant:.4g} ({source})"
     return (f"constant eta = {CONSTANT_FACTOR:g} / (max(L,1) (||V_0||^2 + ||G_0||_F)) = {constant:.4g}, "
-            f"{CONSTANT_FACTOR * 5 * math.sqrt(2):.3g}x the theorem's eta_0")
+            f"{CONSTANT_FACTOR * THEOREM_CONSTANT:.3g}x the theorem's eta_0")
 
 
 def comparison_runs(demo, steps: int, device: str, main_result, *, constant: float | None = None,
@@ -130,7 +131,6 @@ def elapsed(runs: dict) -> dict:
 
 def curve_label(result) -> str:
     """The legend entry of a run, from its policy's parameters."""
-    from .step_size import THEOREM_CONSTANT
     from .theory import policy_name
 
     policy = result.step_size
