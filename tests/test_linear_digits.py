@@ -45,6 +45,29 @@ def test_fine_tuning_reaches_the_stated_accuracy(digits):
     assert runs["theorem (norm=bound)"].history.eta[0] <= runs["theorem (norm=exact)"].history.eta[0]
 
 
+def test_user_defined_policy_in_the_digits_comparison(digits):
+    """The demo reads what a policy declares, not its class: a user's policy is labelled by its
+    name and judged by its declared decrease, next to the built-in comparison runs."""
+    import lorakern
+
+    class HalfTheorem:
+        decrease, host_loop, norm = 0.2, False, "exact"
+
+        def choose(self, engine, B, A, p, state):
+            eta, trials = lorakern.Theorem().choose(engine, B, A, p, state)
+            return 0.5 * eta, trials
+
+        def device_loop(self, problem):
+            return None
+
+    runs = digits.run(digits.digits_task(), steps=3, device="cpu", step_size=HalfTheorem())
+    assert list(runs) == ["halftheorem", "theorem (norm=exact)", "theorem (norm=bound)", "armijo"]
+    assert runs["halftheorem"].history.eta[0] == 0.5 * runs["theorem (norm=exact)"].history.eta[0]
+    for result in runs.values():
+        lines, ok = digits.verdict_lines(result)
+        assert ok and "Lemma 2 held at every step (3 steps)" in lines[0]
+
+
 def test_cli_digits_demo(digits, capsys):
     code = cli.main(["demo", "--problem", "digits", "--steps", "30", "--device", "cpu"])
     out = capsys.readouterr().out
