@@ -30,6 +30,7 @@ import lorakern
 from lorakern import reference
 from lorakern._cuda import emulation, launch
 from lorakern._cuda import matrix as cuda_kernels
+from lorakern.results import DEVICE_HISTORY_COLUMNS
 
 from helpers import assert_bitwise, assert_close, make_case
 
@@ -229,7 +230,7 @@ def test_run_steps_equals_fit_bit_for_bit(cuda, monkeypatch, dtype, eta):
     data = data_of(cuda, problem)
     run = cuda.kernels.run_steps(problem, data, B, A, steps, eta_fixed=eta)
     assert run.diverged_at is None
-    for i, name in enumerate(["loss", "g_sq", "grad_sq", "v_sq", "eta"]):
+    for i, name in enumerate(DEVICE_HISTORY_COLUMNS):
         if name == "g_sq":  # fit records g_norm = sqrt(g_sq)
             same_bits(np.sqrt(run.history[:, i]), fit.history.g_norm, "g_norm")
         else:
@@ -298,7 +299,7 @@ def test_last_step_divergence_in_the_device_loop(cuda, monkeypatch):
     same_bits(cuda.to_host(result.B), cuda.to_host(run.B_prev), "B = V_{T-1}")
     same_bits(cuda.to_host(result.A), cuda.to_host(run.A_prev), "A = V_{T-1}")
     assert not np.isfinite(float(cuda.kernels.loss_pass(problem, data_of(cuda, problem), run.B, run.A)))
-    assert result.final_loss == run.history[T - 1, 0]
+    assert result.final_loss == run.history[T - 1, DEVICE_HISTORY_COLUMNS.index("loss")]
 
 
 # ---- GPU only -----------------------------------------------------------------------------------
