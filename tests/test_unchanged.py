@@ -1,8 +1,10 @@
 """The restructuring into kinds x devices (issue 8) kept every result's bits.
 
-``data/golden_bits.json`` holds sha256 digests of fit results on fixed seeds, computed by the
-code before the restructuring (commit a4591c1) on the machine named there. The same code on
-another CPU, NumPy or BLAS may round differently, so there the test skips and says why.
+``data/golden_bits.json`` holds sha256 digests of fit results on fixed seeds, on the machine
+named there: the reference device's computed by the code before the restructuring (commit
+a4591c1); the CPU device's were too, then re-recorded when issue 11's CPU kernel changed how
+it rounds (``recorded_by`` in the file says so). The same code on another CPU, NumPy or BLAS
+may round differently, so there the test skips and says why.
 """
 from __future__ import annotations
 
