@@ -243,4 +243,4 @@ class Case:
 
 
 __all__ = ["RTOL", "FACTORS", "tolerance", "assert_close", "assert_bitwise", "host", "random_data",
-           "random_adapters", "make_case", "Case"]
+           "random_linear_data", "random_adapters", "make_case", "Case"]
