@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..results import DEVICE_HISTORY_COLUMNS, DeviceRun, PassResult
-from ..step_size import THEOREM_CONSTANT  # eta_t = 1 / max(c max(L, 1) (||V||^2 + ||G||), 1)
+from ..step_size import THEOREM  # eta_t = 1 / max(c max(L, 1) (||V||^2 + ||G||), 1)
 from . import launch
 
 
@@ -43,7 +43,7 @@ def fused_pass(problem, data, B, A, *, norm="exact"):
     out = xp.empty(5, np.float64)  # fresh per pass: the 0-d views below outlive it
     plan.fused(data, B, A)
     plan.reduce(B, A, grad_B, grad_A)
-    plan.finalize(out, eta_scale=THEOREM_CONSTANT * problem.eta_lipschitz)
+    plan.finalize(out, eta_scale=_default_scale(problem, None))  # finalize's eta: not used here
     col = {name: out[i] for i, name in enumerate(DEVICE_HISTORY_COLUMNS)}
     return PassResult(grad_B=grad_B, grad_A=grad_A, loss=col["loss"], g_sq=col["g_sq"],
                       grad_sq=col["grad_sq"], v_sq=col["v_sq"])
@@ -70,7 +70,8 @@ def _eta_args(eta_scale: float | None, eta_fixed: float | None) -> dict:
 
 
 def _default_scale(problem, eta_scale):
-    return THEOREM_CONSTANT * problem.eta_lipschitz if eta_scale is None else eta_scale
+    """eta_scale, or the theorem's (its device_loop: c max(L, 1)) where it is None."""
+    return THEOREM.device_loop(problem)["eta_scale"] if eta_scale is None else eta_scale
 
 
 def fused_step(problem, data, B, A, *, eta_scale: float | None = None, eta_fixed: float | None = None):
