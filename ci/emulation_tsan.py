@@ -32,7 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 TSAN_EXIT = 66
 FLAGS = ["-fsanitize=thread", "-g"]
 TIMEOUT = 120.0  # seconds a barrier may wait: TSan makes everything 5-15x slower
@@ -91,8 +90,7 @@ def child_fused_without_barrier():
 def child_fused(cases=None):
     import numpy as np
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import assert_close, compare_pass, make_case
+    from lorakern.testing import assert_close, compare_pass, make_case
 
     import lorakern
     from lorakern import reference

@@ -111,6 +111,28 @@ def host(x):
     return np.asarray(x)
 
 
+def device_pass(problem, device, B, A):
+    """The fused pass of ``problem`` on ``device`` at (B, A) (copied onto the device)."""
+    from ._dispatch import bind
+
+    engine = bind(problem, device)
+    return engine.fused_pass(engine.asarray(B), engine.asarray(A))
+
+
+def compare_pass(problem, B, A, device, factor=1.0):
+    """The device's fused pass against the reference's: gradients and the four norms."""
+    from . import reference
+
+    dt = problem.dtype
+    got = device_pass(problem, device, B, A)
+    want = reference.fused_pass(problem, None, B, A)
+    assert host(got.grad_B).dtype == dt and host(got.grad_A).dtype == dt
+    assert_close(host(got.grad_B), want.grad_B, dt, "grad_B", factor)
+    assert_close(host(got.grad_A), want.grad_A, dt, "grad_A", factor)
+    for name in ("loss", "g_sq", "grad_sq", "v_sq"):
+        assert_close(float(getattr(got, name)), getattr(want, name), dt, name, factor)
+
+
 # -- the seeded problem factory ------------------------------------------------------------
 
 def random_data(shape, dtype, *, loss="squared", seed=0, scale=1.0, masked=False):
@@ -242,5 +264,6 @@ class Case:
         return self.m * self.n
 
 
-__all__ = ["RTOL", "FACTORS", "tolerance", "assert_close", "assert_bitwise", "host", "random_data",
+__all__ = ["RTOL", "FACTORS", "tolerance", "assert_close", "assert_bitwise", "host",
+           "device_pass", "compare_pass", "random_data",
            "random_linear_data", "random_adapters", "make_case", "Case"]

@@ -13,13 +13,13 @@ import pytest
 import lorakern
 from lorakern import reference
 from lorakern._cuda import emulation
-from lorakern._dispatch import bind
 
 # the one tolerance table and the seeded problem factory live in the package, shared with
 # benchmarks/ and lorakern.benchmarking; re-exported here for the tests
 from lorakern.testing import make_case as _make_case
-from lorakern.testing import (FACTORS, RTOL, assert_bitwise, assert_close, host,  # noqa: F401
-                              random_adapters, random_data, tolerance)
+from lorakern.testing import (FACTORS, RTOL, assert_bitwise, assert_close,  # noqa: F401
+                              compare_pass, device_pass, host, random_adapters, random_data,
+                              tolerance)
 
 DTYPES = (np.float32, np.float64)
 LOSS_NAMES = ("squared", "huber", "logistic")
@@ -53,24 +53,6 @@ def make_case(shape, dtype, *, device=None, **kwargs):
     if device is not None:
         skip_if_too_big(device, shape)
     return _make_case(shape, dtype, **kwargs)
-
-
-def device_pass(problem, device, B, A):
-    """The fused pass of ``problem`` on ``device`` at (B, A) (copied onto the device)."""
-    engine = bind(problem, device)
-    return engine.fused_pass(engine.asarray(B), engine.asarray(A))
-
-
-def compare_pass(problem, B, A, device, factor=1.0):
-    """The backend's fused pass against the reference's: gradients and the four norms."""
-    dt = problem.dtype
-    got = device_pass(problem, device, B, A)
-    want = reference.fused_pass(problem, None, B, A)
-    assert host(got.grad_B).dtype == dt and host(got.grad_A).dtype == dt
-    assert_close(host(got.grad_B), want.grad_B, dt, "grad_B", factor)
-    assert_close(host(got.grad_A), want.grad_A, dt, "grad_A", factor)
-    for name in ("loss", "g_sq", "grad_sq", "v_sq"):
-        assert_close(float(getattr(got, name)), getattr(want, name), dt, name, factor)
 
 
 def compare_step(problem, B, A, device, step_size="theorem", factor=1.0):

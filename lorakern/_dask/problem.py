@@ -116,11 +116,8 @@ def init_sharded(problem, W0, Y, mask, kwargs) -> None:
 
     problem.shape = tuple(int(s) for s in W0.shape)
     problem.dtype = np.dtype(W0.dtype)
-    if problem.loss.labels:
-        problem.W0, problem.Y, problem.R = W0, Y, None
-    else:
-        problem.R, problem.W0 = W0 - Y, None  # lazy: the shards hold it, never the client
-        problem.Y = None
+    # lazy: the shards hold the data, never the client (each shard checks its residual)
+    problem._set_layout(W0, Y, lambda W0, Y: W0 - Y)
     problem.mask = mask
     problem._prepared = {}
 

@@ -66,19 +66,30 @@ class Problem(KindBase):
             raise ValueError(f"loss {loss!r} needs labels Y in {{-1, +1}}")
         self.shape = tuple(int(s) for s in W0.shape)
         self.dtype = np.dtype(W0.dtype)
-        if self.loss.labels:
-            self.W0, self.Y = xp.ascontiguousarray(W0).copy(), xp.ascontiguousarray(Y).copy()
-            self.R = None
-        else:
-            with np.errstate(over="ignore", invalid="ignore"):
-                self.R = xp.ascontiguousarray(W0 - Y)
-            if not bool(xp.isfinite(self.R).all()):
-                raise ValueError(
-                    f"the residual W0 - Y overflows {self.dtype} (finite inputs, infinite "
-                    f"difference); build the problem in float64, or rescale W0 and Y")
-            self.W0 = self.Y = None
+        if self.loss.labels:  # the problem's own copies
+            W0, Y = xp.ascontiguousarray(W0).copy(), xp.ascontiguousarray(Y).copy()
+        self._set_layout(W0, Y, self._residual)
         self.mask = None if mask is None else _check_mask(mask, self.shape, xp)
         self._prepared: dict = {}  # device key -> that device's copy of the data
+
+    def _set_layout(self, W0, Y, residual) -> None:
+        """The arrays the kernels read (see the module docstring): W0 and Y for a label loss,
+        ``residual(W0, Y)`` alone for a residual loss. (The Dask device's Problem passes
+        lazy arrays and W0 - Y.)"""
+        if self.loss.labels:
+            self.W0, self.Y, self.R = W0, Y, None
+        else:
+            self.R, self.W0, self.Y = residual(W0, Y), None, None
+
+    def _residual(self, W0, Y):
+        xp = array_namespace(W0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            R = xp.ascontiguousarray(W0 - Y)
+        if not bool(xp.isfinite(R).all()):
+            raise ValueError(
+                f"the residual W0 - Y overflows {self.dtype} (finite inputs, infinite "
+                f"difference); build the problem in float64, or rescale W0 and Y")
+        return R
 
     def _set_loss(self, loss, delta, lipschitz):
         self.loss: Loss = LOSSES[loss]
