@@ -132,7 +132,7 @@ def markdown(data: dict, machine: str, date: str, command: str) -> str:
         f"- Date: {date}",
         f"- Machine: {machine}",
         f"- Command: `{command}`",
-        "- Cells: median time of one full step (gradients, norms, the theorem's eta, the update), "
+        "- Cells: median time (quartiles) of one full step (gradients, norms, the theorem's eta, the update), "
         "in ms, over pytest-benchmark's rounds (at least 5, after one warm-up call), each "
         "implementation timed in its own block; the last column gives the rounds.", "",
     ]

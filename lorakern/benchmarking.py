@@ -385,10 +385,14 @@ def ms(seconds: float) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 1 else f"{x:.3f}"
 
 
+def _time_cell(t: Stats) -> str:
+    return f"{ms(t.median)} ({ms(t.q1)}-{ms(t.q3)})" if t.rounds > 1 else ms(t.median)
+
+
 def ratio_table(rows: list[Row], *, labels: list[str], impls: list[str], peer: str | None,
                 direction: str = "peer/impl", names: dict | None = None,
                 extra: dict | None = None) -> list[str]:
-    """Markdown lines: label columns, each implementation's median (ms), the ratio of each
+    """Markdown lines: label columns, each implementation's median (ms) with its quartiles, the ratio of each
     other implementation against ``peer`` with its quartiles, ``extra`` columns, the rounds.
 
     direction : "peer/impl" (the peer's time over each one's: > 1 means faster than the peer)
@@ -415,7 +419,7 @@ def ratio_table(rows: list[Row], *, labels: list[str], impls: list[str], peer: s
     wide = False
     for row in rows:
         cells = [str(c) for c in row.cells]
-        cells += [ms(row.times[i].median) if i in row.times else "-" for i in impls]
+        cells += [_time_cell(row.times[i]) if i in row.times else "-" for i in impls]
         for i in others:
             if i not in row.times or peer not in row.times:
                 cells.append("-")
@@ -431,6 +435,7 @@ def ratio_table(rows: list[Row], *, labels: list[str], impls: list[str], peer: s
         cells.append("/".join(str(row.times[i].rounds) for i in impls if i in row.times))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    lines.append("Times: the median with the quartiles in parentheses, over the rounds.")
     lines.append("Ratios: the median with the quartiles in parentheses" +
                  (" (of the round-by-round ratios)." if any(r.ratios for r in rows) else
                   " (q1/q3 .. q3/q1 of the two samples)."))
@@ -508,7 +513,7 @@ def table(sizes=((4096, 4096),), ranks=(4, 16, 64), dtypes=("float32", "float64"
     lines = [
         f"Machine: {machine_line()}. Date: {now()}.",
         f"Interleaved rounds: {rounds}, after one warm-up call (time.perf_counter). Cells: "
-        f"median ms; '{peer} / x' is {peer}'s time over x's in the same round (> 1: x is faster).",
+        f"median ms (quartiles); '{peer} / x' is {peer}'s time over x's in the same round (> 1: x is faster).",
     ]
     if repeat is not None and repeat < MIN_ROUNDS:
         lines.append(f"Only {repeat} round(s): the spread means little below {MIN_ROUNDS}.")

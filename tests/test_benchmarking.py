@@ -135,7 +135,7 @@ def test_ratio_table_marks_a_wide_spread():
                         impls=["x", "peer"], peer="peer")
     text = "\n".join(lines)
     assert lines[0] == "| row | x (ms) | peer (ms) | peer / x | rounds |"
-    assert "| steady | 1000 | 2000 | 2.00x (2.00-2.00) | 9/9 |" in text
+    assert "| steady | 1000 (1000-1000) | 2000 (2000-2000) | 2.00x (2.00-2.00) | 9/9 |" in text
     noisy_line = next(line for line in lines if line.startswith("| noisy"))
     assert noisy_line.split("|")[4].strip().endswith("!")
     assert "Wide spread (!)" in text
@@ -151,7 +151,7 @@ def test_records_markdown_uses_the_round_by_round_ratios():
     records = [{"m": 8, "n": 8, "r": 2, "dtype": "float32",
                 "times": {"lorakern-cpu": [1.0, 2.0, 1.0], "numpy": [2.0, 4.0, 3.0]}}]
     lines = records_markdown(records, ["lorakern-cpu"], "numpy")
-    assert "| 8 | 8 | 2 | float32 | 1000 | 3000 | 2.00x (2.00-2.50) ! | 3/3 |" in lines
+    assert "| 8 | 8 | 2 | float32 | 1000 (1000-1500) | 3000 (2500-3500) | 2.00x (2.00-2.50) ! | 3/3 |" in lines
     assert "(of the round-by-round ratios)" in lines[-2]
 
 
@@ -183,8 +183,8 @@ def test_gpu_table_uses_the_same_writer():
     text = gpu_table.table(report)
     assert "GPU: Test GPU" in text
     # floor: max(8192^2 * 4 B / 1000 GB/s, 6 * 8192^2 * 16 / 50 TFLOP/s) = 0.268 ms; 13% of 2 ms
-    assert "| m=n=8192 r=16 float32 | 2.00 | - | 5.00 | - | - | 2.50x (2.50-2.50) | - | 0.268 | 13% | 20/20 |" in text
-    assert "| 200 steps m=n=8192 r=16 float32 | 400 | 380 | 0.95x (0.95-0.95) | 20/20 |" in text
+    assert "| m=n=8192 r=16 float32 | 2.00 (2.00-2.00) | - | 5.00 (5.00-5.00) | - | - | 2.50x (2.50-2.50) | - | 0.268 | 13% | 20/20 |" in text
+    assert "| 200 steps m=n=8192 r=16 float32 | 400 (400-400) | 380 (380-380) | 0.95x (0.95-0.95) | 20/20 |" in text
 
 
 def test_run_markdown_has_blocks_and_interleaved():
@@ -205,6 +205,6 @@ def test_run_markdown_has_blocks_and_interleaved():
     md = run.markdown(data, "a machine", "today", "cmd")
     assert "## step (blocks)" in md and "## step (interleaved: what a user sees)" in md
     # blocks: the ratio interval from the quartiles; interleaved: round by round
-    assert "| m=n=64 r=2 float32 | 1.00 | 3.00 | 3.00x (2.45-3.67) ! | 7/7 |" in md
-    assert "| 64 | 64 | 2 | float32 | 1.00 | 3.00 | 3.00x (3.00-3.00) | 3/3 |" in md
+    assert "| m=n=64 r=2 float32 | 1.00 (0.900-1.10) | 3.00 (2.70-3.30) | 3.00x (2.45-3.67) ! | 7/7 |" in md
+    assert "| 64 | 64 | 2 | float32 | 1.00 (1.00-1.00) | 3.00 (3.00-3.00) | 3.00x (3.00-3.00) | 3/3 |" in md
     assert math.isfinite(benchmarking.WIDE_SPREAD)
