@@ -32,10 +32,11 @@ MAX_UNIT_ROWS = MAX_UNIT_COLS = None
 PREFETCH = True
 #: Workers of a pass: threads() of them, each a thread that takes units until none is left
 #: (so the count never changes the bits); WORKERS_PER_CORE per core when threads() is every
-#: core of the machine. More workers than cores get a larger share of a core that something
-#: else is using (another process, or OpenBLAS's threads, which spin for a while after every
-#: NumPy matrix product): the OS shares a core per thread. A smaller threads() is a limit
-#: the caller set (numba.set_num_threads, a Dask worker's threads) and is kept.
+#: core of the machine. More workers than cores get a larger share of a core that another
+#: process is using, as the OS shares a core per thread (one core busy: 11-22 % faster;
+#: against OpenBLAS's threads spinning after a NumPy product it does not help, see
+#: benchmarks/NOTES.md). A smaller threads() is a limit the caller set
+#: (numba.set_num_threads, a Dask worker's threads) and is kept.
 WORKERS_PER_CORE = 2
 
 _pool: tuple[ThreadPoolExecutor, int] | None = None  # (the pool, its threads)
@@ -48,7 +49,8 @@ def _forget_pool_in_child():
     _pool, _pool_lock = None, threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_pool_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def _workers() -> int:
