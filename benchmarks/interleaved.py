@@ -10,11 +10,11 @@ threads keep spinning for a while after it returns) and then the fused step, eac
 with time.perf_counter. pytest-benchmark (bench_cpu.py) times each implementation in its own
 block, where that never happens.
 
-For every case it prints the median and the spread (min-max) of each implementation over
-the rounds, the ratio of the medians with the min-max of the per-round ratios, and the
-floor of the fused step from rates measured in the same run (benchmarks/floor.py: read
-bandwidth of a large sum, FMA rate of a BLAS matrix product), with the fraction of it the
-fused step reaches (floor / median). The machine's load average is printed before and
+For every case it prints a row of the one ratio table (lorakern.benchmarking.ratio_table):
+the median of each implementation with its quartiles over the rounds, the round-by-round
+ratio (median and quartiles), and the floor of the fused step from rates measured in the
+same run (benchmarks/floor.py: read bandwidth of a large sum, FMA rate of a BLAS matrix
+product), with the fraction of it the fused step reaches (floor / median). The machine's load average is printed before and
 after, since other jobs on a shared machine move the numbers.
 """
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import floor  # noqa: E402  (benchmarks/floor.py)
-from lorakern.benchmarking import COMPARISONS, Case, check, machine_line, now  # noqa: E402
+from lorakern.benchmarking import (COMPARISONS, Case, Row, Stats, check, machine_line,  # noqa: E402
+                                   now, paired_ratio, ratio_table)
 
 
 def _set(assignment: str):
@@ -96,30 +96,29 @@ def main(argv=None) -> int:
     if bandwidth:
         print(f"rates: read {bandwidth / 1e9:.1f} GB/s, FMA fp32 {fma['float32'] / 1e9:.0f} "
               f"GFLOP/s, fp64 {fma['float64'] / 1e9:.0f} GFLOP/s")
-    print(f"median of {args.rounds} rounds (min-max); ratio = {args.peer} median / "
-          f"{args.impl} median (min-max of the per-round ratios)")
+    print(f"{args.rounds} rounds; ratio = {args.peer}'s time over {args.impl}'s in the same round")
     print()
-    print(f"| m=n | r | dtype | {args.peer} ms | {args.impl} ms | ratio | floor ms | of floor |")
-    print("|---|---|---|---|---|---|---|---|")
+    extra = {"floor ms": lambda row: f"{row.info['floor'] * 1e3:.1f}" if row.info["floor"] else "-",
+             "of floor": lambda row: (f"{row.info['floor'] / row.times[args.impl].median:.0%}"
+                                      if row.info["floor"] else "-")}
+    rows = []
     for size in args.size:
         for r in args.ranks:
             for dtype in args.dtypes:
                 case = Case(size, size, r, dtype)
                 times = run_case(case, args.impl, args.peer, args.rounds, args.pause)
-                a, b = times[args.peer], times[args.impl]
-                ma, mb = statistics.median(a), statistics.median(b)
-                ratios = [x / y for x, y in zip(a, b)]
-                cells = [str(size), str(r), dtype,
-                         f"{ma * 1e3:.1f} ({min(a) * 1e3:.1f}-{max(a) * 1e3:.1f})",
-                         f"{mb * 1e3:.1f} ({min(b) * 1e3:.1f}-{max(b) * 1e3:.1f})",
-                         f"**{ma / mb:.2f}x** ({min(ratios):.2f}-{max(ratios):.2f})"]
-                if bandwidth:
-                    fl = floor_seconds(case, bandwidth, fma)
-                    cells += [f"{fl * 1e3:.1f}", f"{fl / mb:.0%}"]
-                else:
-                    cells += ["-", "-"]
-                print("| " + " | ".join(cells) + " |", flush=True)
+                rows.append(Row(cells=[size, r, dtype],
+                                times={k: Stats.of(v) for k, v in times.items()},
+                                ratios={args.impl: paired_ratio(times, args.peer, args.impl)},
+                                info={"floor": floor_seconds(case, bandwidth, fma) if bandwidth else None}))
+                lines = ratio_table(rows[-1:], labels=["m=n", "r", "dtype"], impls=[args.peer, args.impl],
+                                    peer=args.peer, extra=extra)
+                if len(rows) == 1:
+                    print("\n".join(lines[:2]))
+                print(lines[2], flush=True)
                 del case, times
+    print("\n".join(ratio_table(rows, labels=["m=n", "r", "dtype"], impls=[args.peer, args.impl],
+                                peer=args.peer, extra=extra)[2 + len(rows):]))
     print()
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0

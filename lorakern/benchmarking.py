@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from .step_size import THEOREM
-from .testing import Case, assert_close, host
+from .testing import Case, LinearCase, assert_close, host
 
 __all__ = ["COMPARISONS", "Case", "Impl", "check", "unavailable", "Stats", "interleaved",
            "Row", "ratio_table", "table", "interleaved_records", "records_markdown",
@@ -45,6 +45,8 @@ __all__ = ["COMPARISONS", "Case", "Impl", "check", "unavailable", "Stats", "inte
 class Impl:
     """One implementation: ``setup(case) -> step`` and what it solves and needs.
 
+    kind : the problem kind it steps: "matrix" (its case a ``Case``) or "linear" (a
+        ``LinearCase``: the squared-loss LinearProblem with its certified L).
     loss, masked : the problem it solves (for ``check`` against the reference).
     needs : None (runs on the CPU), "cuda" (lorakern's CUDA device) or "torch" (PyTorch with CUDA).
     max_elements : the largest m * n it is timed at (a slow reference), inf for no limit.
@@ -54,6 +56,7 @@ class Impl:
     """
 
     setup: Callable[[Case], Callable[[], tuple]]
+    kind: str = "matrix"
     loss: str = "squared"
     masked: bool = False
     needs: str | None = None
@@ -173,6 +176,47 @@ def _plain(library: Callable[[Case], SimpleNamespace]):
     return setup
 
 
+def _plain_linear(case: LinearCase):
+    """The linear layer's plain step: every m x n and N x m matrix formed, in the data's dtype:
+    Z = X (W0 + BA)^T, Delta = Z - Y, G = Delta^T X / N, G A^T, B^T G, ||G||_F, eta
+    (Theorem.eta on Python floats), the update."""
+    X, Y, W0, B, A, N = case.X, case.Y, case.W0, case.B, case.A, case.N
+    L = case.problem.eta_lipschitz  # max(L, 1), computed once, as a user would
+    norm = np.linalg.norm
+    host_math = SimpleNamespace(sqrt=math.sqrt, maximum=max)  # eta stays a Python float
+
+    def run():
+        Delta = X @ (W0 + B @ A).T - Y
+        G = Delta.T @ X / N
+        grad_B, grad_A = G @ A.T, B.T @ G
+        g_sq = float(norm(G)) ** 2
+        loss = 0.5 * float(np.vdot(Delta, Delta)) / N  # noqa: F841  (a user reports it)
+        grad_sq = float(norm(grad_B)) ** 2 + float(norm(grad_A)) ** 2  # noqa: F841
+        v_sq = float(norm(A)) ** 2 + float(norm(B)) ** 2
+        eta = THEOREM.eta(v_sq, g_sq, L, host_math)
+        return B - eta * grad_B, A - eta * grad_A, eta
+
+    return run
+
+
+def _lorakern_linear(norm: str):
+    """lorakern.step of the linear kind on the CPU, the theorem's eta with ``norm``."""
+
+    def setup(case: LinearCase):
+        from . import descent
+        from .step_size import Theorem
+
+        problem, B, A, policy = case.problem, case.B, case.A, Theorem(norm=norm)
+
+        def run():
+            result = descent.step(problem, B, A, device="cpu", step_size=policy)
+            return result.B, result.A, result.eta
+
+        return run
+
+    return setup
+
+
 COMPARISONS: dict[str, Impl] = {
     "lorakern-cpu": Impl(_lorakern_host("cpu", "squared", False)),
     "numpy": Impl(_plain(_numpy_library)),
@@ -184,6 +228,10 @@ COMPARISONS: dict[str, Impl] = {
     "lorakern-cuda-loop": Impl(_lorakern_cuda_loop, needs="cuda"),
     "cupy": Impl(_plain(_cupy_library), needs="cuda"),
     "torch": Impl(_plain(_torch_library), needs="torch"),
+    # the linear kind (benchmarks/bench_linear.py): exact ||G||_F and Theorem(norm="bound")
+    "linear-numpy": Impl(_plain_linear, kind="linear"),
+    "linear-lorakern-cpu": Impl(_lorakern_linear("exact"), kind="linear"),
+    "linear-lorakern-cpu-bound": Impl(_lorakern_linear("bound"), kind="linear"),
 }
 
 
@@ -221,7 +269,13 @@ def check(name: str, case: Case, out) -> None:
     from . import reference
 
     impl = COMPARISONS[name]
-    want = reference.step(case.problem(impl.loss, impl.masked), case.B, case.A)
+    if impl.kind == "linear":
+        from .step_size import Theorem
+
+        policy = Theorem(norm="bound" if name.endswith("bound") else "exact")
+        want = reference.step(case.problem, case.B, case.A, step_size=policy)
+    else:
+        want = reference.step(case.problem(impl.loss, impl.masked), case.B, case.A)
     for got, expected, what in zip(out[:2], (want.B, want.A), ("B", "A")):
         got = host(got)
         assert got.dtype == np.dtype(case.dtype), f"{name}: {what} has dtype {got.dtype}"
@@ -460,6 +514,9 @@ def interleaved_records(sizes=((4096, 4096),), ranks=(4, 16, 64), dtypes=("float
         why = unavailable(name)  # ValueError if unknown
         if why:
             raise ValueError(why)
+        if COMPARISONS[name].kind != "matrix":
+            raise ValueError(f"{name} steps the {COMPARISONS[name].kind} kind; this table times "
+                             f"the matrix kind (benchmarks/bench_linear.py times the linear one)")
     records = []
     for size in sizes:
         m, n = (size, size) if isinstance(size, (int, np.integer)) else size

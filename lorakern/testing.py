@@ -264,6 +264,58 @@ class Case:
         return self.m * self.n
 
 
+@dataclass(frozen=True)
+class LinearCase:
+    """One benchmark input of the linear kind, seeded, built on first use: X, Y ~ N(0, 1);
+    W0 ~ N(0, 1/n), so X W0^T ~ N(0, 1); B ~ N(0, 1) and A ~ N(0, 1/(r n)), so BA is of W0's
+    size (B is not LoRA's zero: grad_A would vanish). ``problem`` is the squared-loss
+    LinearProblem with its certified L."""
+
+    N: int
+    n: int
+    m: int
+    r: int
+    dtype: str = "float32"
+    seed: int = 0
+
+    def _normal(self, stream, shape, scale=1.0):
+        rng = np.random.default_rng([self.seed, stream, self.N, self.n, self.m, self.r])
+        x = rng.standard_normal(shape, dtype=np.dtype(self.dtype).type)
+        if scale != 1.0:
+            x *= np.dtype(self.dtype).type(scale)
+        return x
+
+    @cached_property
+    def X(self):
+        return self._normal(1, (self.N, self.n))
+
+    @cached_property
+    def W0(self):
+        return self._normal(2, (self.m, self.n), 1 / np.sqrt(self.n))
+
+    @cached_property
+    def Y(self):
+        return self._normal(3, (self.N, self.m))
+
+    @cached_property
+    def B(self):
+        return self._normal(4, (self.m, self.r))
+
+    @cached_property
+    def A(self):
+        return self._normal(5, (self.r, self.n), 1 / np.sqrt(self.r * self.n))
+
+    @cached_property
+    def problem(self):
+        from .problems import LinearProblem
+
+        return LinearProblem(self.X, self.Y, self.W0)
+
+    def smaller(self, N: int, n: int, m: int) -> "LinearCase":
+        """The same case capped at (N, n, m) (the benchmarks' smoke size)."""
+        return LinearCase(min(self.N, N), min(self.n, n), min(self.m, m), self.r, self.dtype, self.seed)
+
+
 __all__ = ["RTOL", "FACTORS", "tolerance", "assert_close", "assert_bitwise", "host",
            "device_pass", "compare_pass", "random_data",
-           "random_linear_data", "random_adapters", "make_case", "Case"]
+           "random_linear_data", "random_adapters", "make_case", "Case", "LinearCase"]

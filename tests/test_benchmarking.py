@@ -17,7 +17,7 @@ import pytest
 from lorakern import benchmarking
 from lorakern.benchmarking import (COMPARISONS, Case, Row, Stats, check, interleaved, paired_ratio,
                                    ratio_table, records_markdown, unavailable)
-from lorakern.testing import make_case
+from lorakern.testing import LinearCase, make_case
 
 ROOT = Path(__file__).resolve().parents[1]
 ODD = [(1, 1, 1), (37, 53, 5), (64, 33, 17)]
@@ -36,7 +36,11 @@ def _cpu_params():
 @pytest.mark.parametrize("shape", ODD, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name, dtype", list(_cpu_params()))
 def test_every_cpu_implementation_matches_the_reference(name, dtype, shape):
-    case = Case(*shape, dtype, seed=sum(shape))
+    m, n, r = shape
+    if COMPARISONS[name].kind == "linear":  # N samples of n features, a layer of m outputs
+        case = LinearCase(m + n + 1, n, m, r, dtype, seed=sum(shape))
+    else:
+        case = Case(m, n, r, dtype, seed=sum(shape))
     check(name, case, COMPARISONS[name](case)())
 
 
@@ -208,3 +212,16 @@ def test_run_markdown_has_blocks_and_interleaved():
     assert "| m=n=64 r=2 float32 | 1.00 (0.900-1.10) | 3.00 (2.70-3.30) | 3.00x (2.45-3.67) ! | 7/7 |" in md
     assert "| 64 | 64 | 2 | float32 | 1.00 (1.00-1.00) | 3.00 (3.00-3.00) | 3.00x (3.00-3.00) | 3/3 |" in md
     assert math.isfinite(benchmarking.WIDE_SPREAD)
+
+
+def test_linear_check_can_fail():
+    case = LinearCase(40, 23, 17, 3, "float64", seed=2)
+    B, A, eta = COMPARISONS["linear-numpy"](case)()
+    check("linear-numpy", case, (B, A, eta))
+    with pytest.raises(AssertionError, match="linear-numpy: new A"):
+        check("linear-numpy", case, (B, A * (1 + 1e-9), eta))
+
+
+def test_bench_refuses_another_kind():
+    with pytest.raises(ValueError, match="linear kind"):
+        benchmarking.table(sizes=(8,), ranks=(2,), dtypes=("float32",), impls=("linear-numpy",))

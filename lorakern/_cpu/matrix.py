@@ -81,8 +81,11 @@ def _run_workers(work, args, workers: int) -> None:
     try:
         work(*args)
     finally:
+        # every unit is taken now: a pool thread that has not started yet would find none,
+        # so it is not waited for (on a busy core its wake-up can take longer than the pass)
         for future in futures:
-            future.result()
+            if not future.cancel():
+                future.result()
 
 
 def _round_up(x: int, k: int) -> int:
