@@ -40,3 +40,13 @@ class HostDevice:
         # would for B - eta * grad_B with a NumPy scalar
         eta = B.dtype.type(eta)
         return B - eta * grad_B, A - eta * grad_A
+
+
+def ordered_sum(values) -> float:
+    """The float64 sum of ``values`` added left to right, one rounding per addition: the fixed
+    order in which the devices add their pieces (units, parts, shards). Python's sum() is
+    not that: since Python 3.12 it compensates the rounding of floats."""
+    total = 0.0
+    for x in values:
+        total += float(x)
+    return total

@@ -47,6 +47,7 @@ class Impl:
 
     kind : the problem kind it steps: "matrix" (its case a ``Case``) or "linear" (a
         ``LinearCase``: the squared-loss LinearProblem with its certified L).
+    norm : the Theorem policy's ||G|| it uses ("exact", or "bound" for the linear kind).
     loss, masked : the problem it solves (for ``check`` against the reference).
     needs : None (runs on the CPU), "cuda" (lorakern's CUDA device) or "torch" (PyTorch with CUDA).
     max_elements : the largest m * n it is timed at (a slow reference), inf for no limit.
@@ -57,6 +58,7 @@ class Impl:
 
     setup: Callable[[Case], Callable[[], tuple]]
     kind: str = "matrix"
+    norm: str = "exact"
     loss: str = "squared"
     masked: bool = False
     needs: str | None = None
@@ -231,7 +233,7 @@ COMPARISONS: dict[str, Impl] = {
     # the linear kind (benchmarks/bench_linear.py): exact ||G||_F and Theorem(norm="bound")
     "linear-numpy": Impl(_plain_linear, kind="linear"),
     "linear-lorakern-cpu": Impl(_lorakern_linear("exact"), kind="linear"),
-    "linear-lorakern-cpu-bound": Impl(_lorakern_linear("bound"), kind="linear"),
+    "linear-lorakern-cpu-bound": Impl(_lorakern_linear("bound"), kind="linear", norm="bound"),
 }
 
 
@@ -272,8 +274,7 @@ def check(name: str, case: Case, out) -> None:
     if impl.kind == "linear":
         from .step_size import Theorem
 
-        policy = Theorem(norm="bound" if name.endswith("bound") else "exact")
-        want = reference.step(case.problem, case.B, case.A, step_size=policy)
+        want = reference.step(case.problem, case.B, case.A, step_size=Theorem(norm=impl.norm))
     else:
         want = reference.step(case.problem(impl.loss, impl.masked), case.B, case.A)
     for got, expected, what in zip(out[:2], (want.B, want.A), ("B", "A")):

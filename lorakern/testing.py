@@ -266,10 +266,11 @@ class Case:
 
 @dataclass(frozen=True)
 class LinearCase:
-    """One benchmark input of the linear kind, seeded, built on first use: X, Y ~ N(0, 1);
-    W0 ~ N(0, 1/n), so X W0^T ~ N(0, 1); B ~ N(0, 1) and A ~ N(0, 1/(r n)), so BA is of W0's
-    size (B is not LoRA's zero: grad_A would vanish). ``problem`` is the squared-loss
-    LinearProblem with its certified L."""
+    """One benchmark input of the linear kind, seeded, built on first use:
+    ``random_linear_data``'s X, Y ~ N(0, 1) and W0 ~ N(0, 1/n) (so X W0^T ~ N(0, 1)), and
+    ``random_adapters``' B, A ~ N(0, 1/sqrt(r n)), so that BA is of W0's size (B is not LoRA's
+    zero: grad_A would vanish). ``problem`` is the squared-loss LinearProblem with its
+    certified L."""
 
     N: int
     n: int
@@ -278,32 +279,22 @@ class LinearCase:
     dtype: str = "float32"
     seed: int = 0
 
-    def _normal(self, stream, shape, scale=1.0):
-        rng = np.random.default_rng([self.seed, stream, self.N, self.n, self.m, self.r])
-        x = rng.standard_normal(shape, dtype=np.dtype(self.dtype).type)
-        if scale != 1.0:
-            x *= np.dtype(self.dtype).type(scale)
-        return x
+    @cached_property
+    def _data(self):
+        rng = np.random.default_rng([self.seed, self.N, self.n, self.m, self.r])
+        return random_linear_data(rng, self.N, self.n, self.m, self.dtype,
+                                  w0_scale=1 / np.sqrt(self.n))
 
     @cached_property
-    def X(self):
-        return self._normal(1, (self.N, self.n))
+    def _adapters(self):
+        return random_adapters(self.m, self.n, self.r, self.dtype, seed=self.seed,
+                               scale=(self.r * self.n) ** -0.25)
 
-    @cached_property
-    def W0(self):
-        return self._normal(2, (self.m, self.n), 1 / np.sqrt(self.n))
-
-    @cached_property
-    def Y(self):
-        return self._normal(3, (self.N, self.m))
-
-    @cached_property
-    def B(self):
-        return self._normal(4, (self.m, self.r))
-
-    @cached_property
-    def A(self):
-        return self._normal(5, (self.r, self.n), 1 / np.sqrt(self.r * self.n))
+    X = property(lambda self: self._data[0])
+    Y = property(lambda self: self._data[1])
+    W0 = property(lambda self: self._data[2])
+    B = property(lambda self: self._adapters[0])
+    A = property(lambda self: self._adapters[1])
 
     @cached_property
     def problem(self):
@@ -314,7 +305,6 @@ class LinearCase:
     def smaller(self, N: int, n: int, m: int) -> "LinearCase":
         """The same case capped at (N, n, m) (the benchmarks' smoke size)."""
         return LinearCase(min(self.N, N), min(self.n, n), min(self.m, m), self.r, self.dtype, self.seed)
-
 
 __all__ = ["RTOL", "FACTORS", "tolerance", "assert_close", "assert_bitwise", "host",
            "device_pass", "compare_pass", "random_data",

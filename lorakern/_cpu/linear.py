@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import numba
 import numpy as np
 
+from .._host import ordered_sum
 from ..results import PassResult
 from . import linear_kernels as lk
 
@@ -85,10 +86,7 @@ def _sweep(problem, data, B, A, with_grad: bool, store: bool):
             kernel(*args)
         finally:
             numba.set_num_threads(threads)
-    loss_sum = d_sq = 0.0
-    for p in range(k):  # in part order
-        loss_sum += float(scalars[p, 0])
-        d_sq += float(scalars[p, 1])
+    loss_sum, d_sq = ordered_sum(scalars[:k, 0].tolist()), ordered_sum(scalars[:k, 1].tolist())
     gBt = gA = None
     if with_grad:
         gBt, gA = np.empty((r4, m), dt), np.empty((r4, n), dt)

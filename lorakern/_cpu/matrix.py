@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from .._host import ordered_sum
 from ..results import PassResult
 from . import kernels, threads
 
@@ -180,18 +181,12 @@ def _run(problem, data, B, A, with_grad):
         if lock is not None:
             lock.release()
     # the units' and the tiles' and panels' sums, each added in a fixed order
-    loss, g_sq = _ordered_sum(scalars[:, 0]), _ordered_sum(scalars[:, 1])
+    loss, g_sq = ordered_sum(scalars[:, 0].tolist()), ordered_sum(scalars[:, 1].tolist())
     if not with_grad:
         return loss, None
     return loss, PassResult(grad_B=grad_B[:, :r], grad_A=grad_A[:r], loss=loss, g_sq=g_sq,
-                            grad_sq=_ordered_sum(norms[:, 0]), v_sq=_ordered_sum(norms[:, 1]))
-
-
-def _ordered_sum(values) -> float:
-    total = 0.0
-    for x in values.tolist():
-        total += x
-    return total
+                            grad_sq=ordered_sum(norms[:, 0].tolist()),
+                            v_sq=ordered_sum(norms[:, 1].tolist()))
 
 
 def fused_pass(problem, data, B, A, *, norm="exact"):

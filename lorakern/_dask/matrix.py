@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .. import _dispatch
+from .._host import ordered_sum
 from ..results import PassResult
 from . import DaskDevice, distributed
 
@@ -62,7 +63,7 @@ def fused_pass(problem, data, B, A, *, norm="exact"):
 def loss_pass(problem, data, B, A):
     """J(B, A) alone: one loss-only task per shard, the J_s added in shard order."""
     futures = _run(data, B, A, "exact", False)
-    return float(sum(data.client.gather(futures, direct=True)))  # sum() adds in list order
+    return ordered_sum(data.client.gather(futures, direct=True))  # as merge() adds them
 
 
 def _sq(x) -> float:
