@@ -1,12 +1,13 @@
-"""What a lorakern step costs the user's NumPy code that runs right after it (issue 11).
+"""A lorakern step and the user's NumPy step, each right after the other (issue 11).
 
-    python benchmarks/numpy_after.py                       # m = n = 1024 and 2048, r = 16, fp32
+    python benchmarks/numpy_after.py                       # m = n = 512, 1024, 2048, r = 16, fp32
     python benchmarks/numpy_after.py --sizes 4096 --rounds 20
 
 Threads that spin after a parallel pass (OpenMP's, OpenBLAS's) take cores from whatever runs
-next. Each round times the plain NumPy step (G = R + BA, G Aᵀ, Bᵀ G) twice: once after a
-0.2 s pause (nothing of ours is awake) and once right after a lorakern CPU step; it prints
-the median of each over the rounds. Equal medians: the step leaves nothing running behind it.
+next. Each round times the plain NumPy step (G = R + BA, G Aᵀ, Bᵀ G) once after a 0.2 s
+pause (nothing is awake) and once right after a lorakern CPU step, and the lorakern step
+once after a pause and once right after the NumPy step; it prints the median (min-max) of
+each over the rounds. Equal columns: the step before leaves nothing running behind it.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from lorakern.benchmarking import Case, machine_line, now  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--rounds", type=int, default=40)
@@ -32,8 +33,9 @@ def main(argv=None) -> int:
     print(f"Machine: {machine_line()}. Date: {now()}.")
     print(f"r = {args.rank}, {args.dtype}, median of {args.rounds} rounds (min-max)")
     print()
-    print("| m = n | NumPy step after a pause (ms) | NumPy step right after a lorakern step (ms) |")
-    print("|---:|---:|---:|")
+    print("| m = n | NumPy step: after a pause | right after a lorakern step "
+          "| lorakern step: after a pause | right after a NumPy step |")
+    print("|---:|---:|---:|---:|---:|")
     for size in args.sizes:
         case = Case(size, size, args.rank, args.dtype)
         problem, R, B, A = case.problem(), case.R, case.B, case.A
@@ -46,19 +48,22 @@ def main(argv=None) -> int:
             return lorakern.step(problem, B, A, device="cpu")
 
         lorakern_step(), numpy_step()  # compile, warm up
-        paused, after = [], []
+        times = {k: [] for k in ("numpy paused", "numpy after", "lorakern paused", "lorakern after")}
         for _ in range(args.rounds):
-            time.sleep(0.2)
-            t0 = time.perf_counter()
-            numpy_step()
-            paused.append(time.perf_counter() - t0)
-            lorakern_step()
-            t0 = time.perf_counter()
-            numpy_step()
-            after.append(time.perf_counter() - t0)
-        cell = [f"{statistics.median(x) * 1e3:.2f} ({min(x) * 1e3:.2f}-{max(x) * 1e3:.2f})"
-                for x in (paused, after)]
-        print(f"| {size} | {cell[0]} | {cell[1]} |", flush=True)
+            for first, then, name in ((None, numpy_step, "numpy paused"),
+                                      (lorakern_step, numpy_step, "numpy after"),
+                                      (None, lorakern_step, "lorakern paused"),
+                                      (numpy_step, lorakern_step, "lorakern after")):
+                if first is None:
+                    time.sleep(0.2)
+                else:
+                    first()
+                t0 = time.perf_counter()
+                then()
+                times[name].append(time.perf_counter() - t0)
+        cells = [f"{statistics.median(x) * 1e3:.2f} ({min(x) * 1e3:.2f}-{max(x) * 1e3:.2f})"
+                 for x in times.values()]
+        print(f"| {size} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
 
