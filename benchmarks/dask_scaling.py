@@ -39,8 +39,26 @@ from lorakern import _dispatch  # noqa: E402
 from lorakern.step_size import THEOREM  # noqa: E402
 
 
+#: Dask settings for a cluster whose scheduler, client and workers share the cores that run
+#: the kernels (this benchmark's LocalClusters on a 2-core machine): the periodic work each
+#: Dask process does while idle, made rarer. Measured on the 2-core development machine, CPU
+#: ms per second of a LocalCluster of 2 workers doing nothing (main process; each worker):
+#: Dask's defaults 55-88; 50-53; these settings 13; 5. ``--dask-defaults`` runs without them.
+QUIET = {
+    "distributed.admin.tick.interval": "1s",               # event-loop health check, 20 ms
+    "distributed.worker.profile.enabled": False,           # stack samples every 10 ms
+    "distributed.admin.system-monitor.interval": "5s",     # CPU/memory/network plots, 500 ms
+    "distributed.worker.memory.monitor-interval": "1s",    # spill/pause/terminate checks, 100 ms
+}
+
+
+#: seconds over which the clusters' CPU use is measured while idle
+IDLE_S = 4.0
+
+
 def cluster(workers: int):
-    """(LocalCluster, Client): ``workers`` processes, 1 thread each."""
+    """(LocalCluster, Client): ``workers`` processes, 1 thread each (the current Dask
+    settings are passed on to the worker processes)."""
     import distributed
 
     c = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
@@ -97,8 +115,14 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="steps per configuration per round")
     ap.add_argument("--long", type=int, default=0, help="steps of the long run (dask 2x1)")
     ap.add_argument("--out", help="also write the markdown here")
+    ap.add_argument("--dask-defaults", action="store_true",
+                    help="run the clusters with Dask's default settings instead of QUIET")
     args = ap.parse_args(argv)
+    import dask
     import numba
+
+    if not args.dask_defaults:
+        dask.config.set(QUIET)
 
     m, n, r, dtype = args.m, args.n, args.r, np.dtype(args.dtype)
     (c2, client2), (c1, client1) = cluster(2), cluster(1)
@@ -138,6 +162,12 @@ def main(argv=None):
     got = run_steps(engines["dask 2x1"], B, A, 3)
     want = run_steps(engines["cpu 2 thr"], B, A, 3)
     drift = max(float(np.max(np.abs(g - w)) / np.max(np.abs(w))) for g, w in zip(got, want))
+    # what the two clusters (this process: client, schedulers, nannies; and the 3 workers)
+    # burn while nothing runs: taken from the cores the kernels run on
+    time.sleep(1.0)
+    before = cpu_seconds()
+    time.sleep(IDLE_S)
+    idle_ms = (cpu_seconds() - before) / IDLE_S * 1e3
 
     times = {name: [] for name in names}
     loads = []
@@ -160,6 +190,9 @@ def main(argv=None):
         f"- Command: `python benchmarks/dask_scaling.py {' '.join(argv or sys.argv[1:])}`",
         f"- {args.rounds} interleaved rounds of {args.steps} steps per configuration; ms per step "
         f"(median, min-max). Two row shards of {-(-m // 2)} rows.",
+        "- Dask settings: " + ("Dask's defaults" if args.dask_defaults else
+                               ", ".join(f"`{k}: {v}`" for k, v in QUIET.items())),
+        f"- Both clusters idle: {idle_ms:.0f} CPU ms per second (this process and the 3 workers)",
         f"- dask 2x1 after 3 steps against cpu 2 thr: max |difference| / max |value| = "
         f"{drift:.1e} (B and A)",
         "",
@@ -192,6 +225,7 @@ def main(argv=None):
         f"{med['dask 1x1'] - med['cpu 1 thr']:.1f} ms; a step of 1 row per shard = "
         f"{med['engine only']:.1f} ms",
     ]
+    lines += ["", *task_bodies(engines["dask 2x1"], client2, B, A, 2 * args.steps)]
     if args.long:
         lines += ["", *long_run(engines["dask 2x1"], client2, B, A, args.long)]
     text = "\n".join(lines) + "\n"
@@ -202,6 +236,50 @@ def main(argv=None):
         c.close()
     for c in (c2, c1):
         c.close()
+
+
+def _time_tasks(on: bool) -> list:
+    """On a worker: wrap lorakern's shard task so that it records its wall-clock and CPU time
+    (on), or unwrap it and return the (wall, cpu) seconds recorded (off)."""
+    import lorakern._dask.matrix as mx
+
+    if on and not hasattr(mx, "_untimed"):
+        mx._untimed, mx._task_times = mx.shard_pass, []
+
+        def timed(*args, **kwargs):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return mx._untimed(*args, **kwargs)
+            finally:
+                mx._task_times.append((time.perf_counter() - wall, time.thread_time() - cpu))
+
+        mx.shard_pass = timed  # the tasks find it by name when they are unpickled
+    elif not on and hasattr(mx, "_untimed"):
+        mx.shard_pass = mx.__dict__.pop("_untimed")
+        return mx.__dict__.pop("_task_times")
+    return []
+
+
+def task_bodies(engine, client, B, A, steps):
+    """Where a dask 2x1 step goes: each worker's task body, wall-clock against its own CPU
+    time (a task on 1 thread: the difference is time it waited for a core)."""
+    client.run(_time_tasks, True)
+    t = time.perf_counter()
+    run_steps(engine, B, A, steps)
+    step = (time.perf_counter() - t) / steps * 1e3
+    recorded = client.run(_time_tasks, False)
+    out = [f"Task bodies of dask 2x1 over {steps} steps ({step:.1f} ms per step), median per "
+           "worker: wall-clock, the task thread's CPU time, and their difference (waiting for "
+           "a core):", ""]
+    for worker, times in sorted(recorded.items()):
+        if not times:
+            out.append(f"- {worker}: no task recorded")
+            continue
+        wall = statistics.median(w for w, _ in times) * 1e3
+        cpu = statistics.median(c for _, c in times) * 1e3
+        out.append(f"- {worker}: {len(times)} tasks, wall {wall:.1f} ms, CPU {cpu:.1f} ms, "
+                   f"waiting {wall - cpu:.1f} ms")
+    return out
 
 
 def _held(dask_scheduler):

@@ -14,7 +14,9 @@ For every case it prints a row of the one ratio table (lorakern.benchmarking.rat
 the median of each implementation with its quartiles over the rounds, the round-by-round
 ratio (median and quartiles), and the floor of the fused step from rates measured in the
 same run (benchmarks/floor.py: read bandwidth of a large sum, FMA rate of a BLAS matrix
-product), with the fraction of it the fused step reaches (floor / median). The machine's load average is printed before and
+product), with the fraction of it the fused step reaches (floor / median) and the ratio a
+step running at that floor would reach (the peer's median / floor: the most any fused kernel
+doing the step's 6 m n r flops at BLAS's rate could show against the same peer, that run). The machine's load average is printed before and
 after, since other jobs on a shared machine move the numbers.
 """
 from __future__ import annotations
@@ -100,7 +102,10 @@ def main(argv=None) -> int:
     print()
     extra = {"floor ms": lambda row: f"{row.info['floor'] * 1e3:.1f}" if row.info["floor"] else "-",
              "of floor": lambda row: (f"{row.info['floor'] / row.times[args.impl].median:.0%}"
-                                      if row.info["floor"] else "-")}
+                                      if row.info["floor"] else "-"),
+             # the ratio a fused step running at its floor would reach against this peer
+             "ratio at floor": lambda row: (f"{row.times[args.peer].median / row.info['floor']:.2f}x"
+                                            if row.info["floor"] else "-")}
     rows = []
     for size in args.size:
         for r in args.ranks:

@@ -69,3 +69,33 @@ def test_install_hints_agree_with_the_readme():
         assert in_readme, f"the README does not say how to install the {extra} extra"
         assert in_readme <= {f for f in forms if f in hint}, (
             f"the README installs {extra} with {sorted(in_readme)}, the error says: {hint}")
+
+
+def test_dask_settings_are_dask_settings_and_the_benchmarks():
+    """The README's settings for workers that share cores name real Dask settings, and they
+    are the ones benchmarks/dask_scaling.py runs with (QUIET)."""
+    import importlib.util
+    import textwrap
+
+    dask = pytest.importorskip("dask")
+    pytest.importorskip("distributed")  # registers the distributed.* defaults
+    import yaml
+
+    (block,) = _blocks("yaml")
+
+    def flat(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    settings = dict(flat(yaml.safe_load(textwrap.dedent(block))))
+    missing = object()
+    unknown = [key for key in settings if dask.config.get(key, default=missing) is missing]
+    assert not unknown, f"not Dask settings: {unknown}"
+    path = README.parent / "benchmarks" / "dask_scaling.py"
+    spec = importlib.util.spec_from_file_location("dask_scaling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert settings == module.QUIET
