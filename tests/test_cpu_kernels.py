@@ -101,6 +101,7 @@ BITS_SCRIPT = r"""
 import hashlib, json, sys
 import numba, numpy as np
 from lorakern._cpu import kernels, matrix
+from lorakern._cpu import workers as workers_module
 from lorakern._dispatch import bind
 from helpers import make_case
 
@@ -129,12 +130,12 @@ for path in sys.argv[1].split(","):
                 assert numba.get_num_threads() == threads
                 d = digest(engine.fused_pass(B, A), engine.loss_pass(B, A))
                 out.setdefault(key, {})[f"threads {threads}"] = d
-            own = matrix._workers
+            own = workers_module.count
             for workers in (1, 4, 7):  # the pass's worker threads, whatever threads() says
-                matrix._workers = lambda: workers
+                workers_module.count = lambda: workers
                 d = digest(engine.fused_pass(B, A), engine.loss_pass(B, A))
                 out[key][f"workers {workers}"] = d
-            matrix._workers = own
+            workers_module.count = own
 print(json.dumps(out))
 """
 
@@ -165,15 +166,23 @@ B, A = lorakern.init_adapters(40, 30, rank=4, dtype=np.float64, seed=1, init="ga
 problem = lorakern.Problem(W0, Y)
 lorakern.step(problem, B, A, device="cpu")
 seconds = time.perf_counter() - t0
+X, Yl = rng.standard_normal((50, 30)), rng.standard_normal((50, 40))
+linear = lorakern.LinearProblem(X, Yl, W0, loss="huber")
+lorakern.step(linear, B, A, device="cpu")
+from lorakern._cpu import linear_kernels
 fused = kernels.fused_kernel(problem.loss, False, False, kernels.SIMD)
-stats = {"fused": (sum(fused.stats.cache_hits.values()), sum(fused.stats.cache_misses.values()))}
-print(json.dumps({"seconds": seconds, "stats": stats, "file": fused.py_func.__code__.co_filename}))
+sweep = linear_kernels.sweep_kernel(linear.loss)
+stats = {name: (sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values()))
+         for name, f in (("fused", fused), ("sweep", sweep))}
+print(json.dumps({"seconds": seconds, "stats": stats, "file": fused.py_func.__code__.co_filename,
+                  "sweep file": sweep.py_func.__code__.co_filename}))
 """
 
 
 def test_second_process_reuses_the_compiled_kernels(tmp_path):
     """A new process loads the kernels that an earlier one compiled (Numba's cache), instead of
-    compiling them again (issue 12, item 7)."""
+    compiling them again (issue 12, item 7): the matrix kind's fused pass and the linear
+    kind's sweep."""
     env = _env(NUMBA_CACHE_DIR=str(tmp_path))
     runs = []
     for _ in range(2):
@@ -182,10 +191,12 @@ def test_second_process_reuses_the_compiled_kernels(tmp_path):
         assert proc.returncode == 0, proc.stderr[-4000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     first, second = runs
-    assert Path(first["file"]).parent == tmp_path / "lorakern", first["file"]
-    assert first["stats"]["fused"][1] >= 1, f"the first process did not compile? {first}"
-    hits, misses = second["stats"]["fused"]
-    assert hits >= 1 and misses == 0, f"the second process compiled the kernel again: {second}"
+    for file in (first["file"], first["sweep file"]):
+        assert Path(file).parent == tmp_path / "lorakern", file
+    for kernel in ("fused", "sweep"):
+        assert first["stats"][kernel][1] >= 1, f"the first process did not compile? {first}"
+        hits, misses = second["stats"][kernel]
+        assert hits >= 1 and misses == 0, f"the second process compiled the {kernel} again: {second}"
     print(f"first step of a process: {first['seconds']:.2f} s compiling, "
           f"{second['seconds']:.2f} s from the cache")
 
@@ -229,12 +240,12 @@ def test_concurrent_calls_on_one_problem(small_tiles):
 FORK_SCRIPT = r"""
 import os, signal, sys
 import numpy as np
-from lorakern._cpu import matrix
+from lorakern._cpu import matrix, workers
 from lorakern._dispatch import bind
 from helpers import make_case
 
 matrix.MAX_UNIT_ROWS, matrix.MAX_UNIT_COLS = 24, 48   # many units
-matrix._workers = lambda: 3                          # and a pool of 2 threads
+workers.count = lambda: 3                           # and a pool of 2 threads
 problem, B, A = make_case((150, 130, 6), np.dtype("float32"), seed=7)
 before = bind(problem, "cpu").fused_pass(B, A)
 pid = os.fork()

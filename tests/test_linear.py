@@ -376,18 +376,26 @@ def test_fit_follows_the_reference(device, small_parts):
     assert_close(host(got.B), want.B, np.float64, "B_T", 100)
 
 
-def test_results_do_not_depend_on_the_thread_count(small_parts, cpu_threads):
-    """The parts, not the threads, fix the order of every sum: 1 thread and 2 give the same bits."""
-    if cpu_threads < 2:
-        pytest.skip("one Numba thread only")
-    problem, B, A = make_linear((97, 23, 19, 5), np.float32, "huber", seed=14)
-    passes = []
-    for threads in (1, cpu_threads):
+@pytest.mark.parametrize("loss", ["huber", "cross_entropy"])
+def test_results_do_not_depend_on_the_thread_count(loss, small_parts, cpu_threads, monkeypatch):
+    """The parts, not the threads, fix the order of every sum: 1 Numba thread and 2, and 1,
+    4 and 7 workers taking the parts, give the same bits."""
+    from lorakern._cpu import workers
+
+    problem, B, A = make_linear((97, 23, 19, 5), np.float32, loss, seed=14)
+    passes = {}
+    for threads in sorted({1, cpu_threads}):
         numba.set_num_threads(threads)
-        passes.append(linear_pass(problem, "cpu", B, A)[1])
+        passes[f"threads {threads}"] = linear_pass(problem, "cpu", B, A)[1]
     numba.set_num_threads(cpu_threads)
-    for name in ("grad_B", "grad_A", "loss", "g_sq", "grad_sq", "v_sq"):
-        assert_bitwise(np.asarray(getattr(passes[0], name)), np.asarray(getattr(passes[1], name)), name)
+    for count in (1, 4, 7):
+        monkeypatch.setattr(workers, "count", lambda: count)
+        passes[f"workers {count}"] = linear_pass(problem, "cpu", B, A)[1]
+    first = passes.pop("threads 1")
+    for label, p in passes.items():
+        for name in ("grad_B", "grad_A", "loss", "g_sq", "grad_sq", "v_sq"):
+            assert_bitwise(np.asarray(getattr(p, name)), np.asarray(getattr(first, name)),
+                           f"{name}, {label}")
 
 
 def test_inputs_are_never_modified(small_parts):

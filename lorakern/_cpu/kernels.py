@@ -369,17 +369,15 @@ def cache_dir() -> Path | None:
     return None
 
 
-def kernel_source(loss, labels: bool, masked: bool, use_simd: bool) -> str:
-    """The source of the fused kernel for one loss and layout: _fused.py with its generated
-    block replaced by the layout constants and the loss's scalar function."""
-    template = _TEMPLATE.read_text()
-    head, rest = template.split(_BEGIN, 1)
+def generated_source(template: Path, loss, constants: dict, label: str | None = None) -> str:
+    """``template`` (a kernel module such as _fused.py) with its generated block replaced by
+    the ``constants`` and the loss's scalar function ``pointwise``."""
+    text = template.read_text()
+    head, rest = text.split(_BEGIN, 1)
     _, tail = rest.split(_END, 1)
     block = "\n".join([
-        _BEGIN + f" (loss {loss.name!r}, from lorakern/_cpu/kernels.py)",
-        f"LABELS = {bool(labels)}",
-        f"MASKED = {bool(masked)}",
-        f"USE_SIMD = {bool(use_simd)}",
+        _BEGIN + f" (loss {label or loss.name!r}, from lorakern/_cpu/kernels.py)",
+        *(f"{name} = {value!r}" for name, value in constants.items()),
         "",
         "",
         "@numba.njit(inline='always', fastmath=FASTMATH)",
@@ -391,12 +389,20 @@ def kernel_source(loss, labels: bool, masked: bool, use_simd: bool) -> str:
     return head + block + tail
 
 
-def _fingerprint(source: str) -> str:
-    """Changes when the generated source, the helpers it inlines or Numba change (Numba's
-    cache checks only the kernel's own file, not the functions it calls)."""
+def kernel_source(loss, labels: bool, masked: bool, use_simd: bool) -> str:
+    """The source of the fused kernel for one loss and layout: _fused.py with its generated
+    block replaced by the layout constants and the loss's scalar function."""
+    return generated_source(_TEMPLATE, loss, {"LABELS": bool(labels), "MASKED": bool(masked),
+                                              "USE_SIMD": bool(use_simd)})
+
+
+def fingerprint(source: str, depends=()) -> str:
+    """Changes when the generated source, the helpers it inlines (kernels.py, simd.py and the
+    files in ``depends``) or Numba change (Numba's cache checks only the kernel's own file,
+    not the functions it calls)."""
     h = hashlib.sha256(source.encode())
-    for path in (Path(__file__), Path(simd.__file__)):
-        h.update(path.read_bytes())
+    for path in (Path(__file__), Path(simd.__file__), *depends):
+        h.update(Path(path).read_bytes())
     h.update(f"{numba.__version__} {sys.version}".encode())
     return h.hexdigest()[:16]
 
@@ -436,7 +442,14 @@ def fused_kernel(loss, labels: bool, masked: bool, use_simd: bool):
     source = kernel_source(loss, labels, masked, use_simd)
     slug = re.sub(r"\W", "_", loss.name)
     name = (f"lorakern_fused_{slug}_{'labels' if labels else 'residual'}_"
-            f"{'masked' if masked else 'dense'}_{'simd' if use_simd else 'portable'}_{_fingerprint(source)}")
+            f"{'masked' if masked else 'dense'}_{'simd' if use_simd else 'portable'}_{fingerprint(source)}")
+    return load_generated(name, source)
+
+
+def load_generated(name: str, source: str):
+    """The ``work`` function of the generated module ``name``: imported from the cache
+    folder (Numba then finds its compiled code on disk), or compiled in memory where no
+    folder is writable."""
     with _lock:
         module = sys.modules.get(name) or _import_generated(name, source)
         if module is None:  # no writable folder: compile in memory, as before
@@ -445,4 +458,3 @@ def fused_kernel(loss, labels: bool, masked: bool, use_simd: bool):
             exec(compile(source, f"<{name}>", "exec"), namespace)
             return namespace["work"]
     return module.work
-

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numba
 import numpy as np
 
 from .._host import ordered_sum
 from ..results import PassResult
-from . import linear_kernels as lk
+from . import linear_kernels as lk, workers
 
 #: rows per part of the sweep, at least; at most MAX_PARTS parts. The parts, not the
 #: threads, fix the order of the sums, so the result does not depend on the thread count.
@@ -31,7 +30,7 @@ from . import linear_kernels as lk
 PART_ROWS = 64
 MAX_PARTS = 64
 #: below this many multiply-adds (a sweep's N r4 (3m + 2n), an exact norm's N m min(N, n))
-#: the work runs on one thread, without BLAS: waking threads costs more than such work (the
+#: the work runs on one thread (one worker), without BLAS: waking threads costs more than such work (the
 #: digits demo's sweep, 1078 x 65 x 10 at r = 2: 1.8 ms on one thread, 15 ms on two on this
 #: shared 2-core machine)
 SERIAL_WORK = 1 << 22
@@ -75,17 +74,11 @@ def _sweep(problem, data, B, A, with_grad: bool, store: bool):
         data.D = np.empty((N, m), dt)
     D = data.D if store else np.zeros((1, 1), dt)
     kernel = lk.sweep_kernel(problem.loss)
-    args = (data.X, data.Z0, data.Yl, data.cls, A4, Bt, problem.delta, dt.type(0), with_grad,
-            store, D, parts_B, parts_A, scalars)
-    if N * r4 * (3 * m + 2 * n) >= SERIAL_WORK:
-        kernel(*args)
-    else:  # one thread: the same parts, so the same bits
-        threads = numba.get_num_threads()
-        numba.set_num_threads(1)
-        try:
-            kernel(*args)
-        finally:
-            numba.set_num_threads(threads)
+    args = (np.zeros(1, np.int64), data.X, data.Z0, data.Yl, data.cls, A4, Bt, problem.delta,
+            dt.type(0), with_grad, store, D, parts_B, parts_A, scalars)
+    # small work on one worker (this thread): the same parts, so the same bits
+    big = N * r4 * (3 * m + 2 * n) >= SERIAL_WORK
+    workers.run(kernel, args, min(workers.count(), k) if big else 1)
     loss_sum, d_sq = ordered_sum(scalars[:k, 0].tolist()), ordered_sum(scalars[:k, 1].tolist())
     gBt = gA = None
     if with_grad:

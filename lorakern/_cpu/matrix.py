@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import math
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
 
 from .._host import ordered_sum
 from ..results import PassResult
-from . import kernels, threads
+from . import kernels, workers
 
 #: Rows of G computed, passed through the loss and used by phases 2 and 3 at a time
 #: (a multiple of kernels.BLOCK_MULTIPLE = 12).
@@ -31,64 +29,6 @@ PARTIAL_FRACTION = 0.25
 MAX_UNIT_ROWS = MAX_UNIT_COLS = None
 #: phase 1 prefetches R one block ahead (False: no prefetch)
 PREFETCH = True
-#: Workers of a pass: threads() of them, each a thread that takes units until none is left
-#: (so the count never changes the bits); WORKERS_PER_CORE per core when threads() is every
-#: core of the machine. More workers than cores get a larger share of a core that another
-#: process is using, as the OS shares a core per thread (one core busy: 11-22 % faster;
-#: against OpenBLAS's threads spinning after a NumPy product it does not help, see
-#: benchmarks/NOTES.md). A smaller threads() is a limit the caller set
-#: (numba.set_num_threads, a Dask worker's threads) and is kept.
-WORKERS_PER_CORE = 2
-
-_pool: tuple[ThreadPoolExecutor, int] | None = None  # (the pool, its threads)
-_pool_lock = threading.Lock()
-
-
-def _forget_pool_in_child():
-    """A forked child has none of the pool's threads: it makes its own on its first pass."""
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_forget_pool_in_child)
-
-
-def _workers() -> int:
-    count = threads()
-    return count * WORKERS_PER_CORE if count >= _cores() else count
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _run_workers(work, args, workers: int) -> None:
-    """``work(*args)`` on ``workers`` threads at once: this one and workers - 1 of a pool
-    kept between passes (its idle threads sleep; they never spin)."""
-    global _pool
-    futures = []
-    if workers > 1:
-        with _pool_lock:
-            if _pool is None or _pool[1] < workers - 1:
-                if _pool is not None:
-                    _pool[0].shutdown(wait=False)  # its threads end once idle
-                _pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="lorakern-cpu"), workers - 1
-            pool = _pool[0]
-        futures = [pool.submit(work, *args) for _ in range(workers - 1)]
-    try:
-        work(*args)
-    finally:
-        # every unit is taken now: a pool thread that has not started yet would find none,
-        # so it is not waited for (on a busy core its wake-up can take longer than the pass)
-        for future in futures:
-            if not future.cancel():
-                future.result()
-
-
 def _round_up(x: int, k: int) -> int:
     return -(-x // k) * k
 
@@ -173,10 +113,10 @@ def _run(problem, data, B, A, with_grad):
         grad_A = np.empty((r4, n) if with_grad else (1, 1), dtype)
         grad_B = np.empty((m, r4) if with_grad else (1, 1), dtype)
         norms = np.empty((ntiles + npanels, 2), np.float64)
-        _run_workers(kernel, (data.data, data.labels_y, data.mask, ws.Bp, ws.Ap, problem.delta,
-                              geo, geo[2] if PREFETCH else 0, with_grad, counters, ws.gB,
-                              ws.gA, scalars, grad_B, grad_A, norms),
-                     min(_workers(), npanels * ntiles))
+        workers.run(kernel, (data.data, data.labels_y, data.mask, ws.Bp, ws.Ap, problem.delta,
+                             geo, geo[2] if PREFETCH else 0, with_grad, counters, ws.gB,
+                             ws.gA, scalars, grad_B, grad_A, norms),
+                    min(workers.count(), npanels * ntiles))
     finally:
         if lock is not None:
             lock.release()
