@@ -72,10 +72,7 @@ def work(counter, X, Z0, Yl, cls, A, Bt, delta, zero, with_grad, store, D, parts
                     s1 += x1[j] * w
                     s2 += x2[j] * w
                     s3 += x3[j] * w
-                pk[0, k] = s0
-                pk[1, k] = s1
-                pk[2, k] = s2
-                pk[3, k] = s3
+                pk[0, k], pk[1, k], pk[2, k], pk[3, k] = s0, s1, s2, s3
             # ---- phase 1: z = Z0 + P Bt, 4 ranks at a time
             for ii in range(ROWS):
                 row = buf[ii]
@@ -144,10 +141,7 @@ def work(counter, X, Z0, Yl, cls, A, Bt, delta, zero, with_grad, store, D, parts
                     s2 += y2 * x
                     s3 += y3 * x
                     out[j] += q0 * y0 + q1 * y1 + q2 * y2 + q3 * y3
-                qk[0, k] = s0
-                qk[1, k] = s1
-                qk[2, k] = s2
-                qk[3, k] = s3
+                qk[0, k], qk[1, k], qk[2, k], qk[3, k] = s0, s1, s2, s3
             # ---- phase 4: gA += (Delta B)^T X for the 4 rows (rows past the part have
             # Delta = 0, so qk = 0 there)
             for k in range(r4):
