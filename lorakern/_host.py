@@ -47,6 +47,6 @@ def ordered_sum(values) -> float:
     order in which the devices add their pieces (units, parts, shards). Python's sum() is
     not that: since Python 3.12 it compensates the rounding of floats."""
     total = 0.0
-    for x in values:
-        total += float(x)
+    for x in np.asarray(values, dtype=np.float64).tolist():  # an array, a list of floats
+        total += x
     return total

@@ -87,14 +87,6 @@ def _scalar_source(loss, fname: str = "pointwise") -> str:
     return source
 
 
-def _compile_loss(loss):
-    """The loss's scalar (value, grad) function, compiled by Numba for inlining (not cached
-    on disk; the fused kernels get theirs from the generated module)."""
-    namespace = {"math": math, "_log1p": _log1p}
-    exec(_scalar_source(loss), namespace)
-    return numba.njit(inline="always", fastmath=FASTMATH)(namespace["pointwise"])
-
-
 # ---- phase 1: G[:, :w] = data[rows, j0:j0 + w] + Bp[b0:b0 + nb] @ Ap[:, j0:j0 + w] -----------
 # rows past m read row m - 1 (the pointwise step zeroes them); G[:, w:wpad] = 0
 

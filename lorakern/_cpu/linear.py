@@ -30,9 +30,9 @@ from . import linear_kernels as lk, workers
 PART_ROWS = 64
 MAX_PARTS = 64
 #: below this many multiply-adds (a sweep's N r4 (3m + 2n), an exact norm's N m min(N, n))
-#: the work runs on one thread (one worker), without BLAS: waking threads costs more than such work (the
-#: digits demo's sweep, 1078 x 65 x 10 at r = 2: 1.8 ms on one thread, 15 ms on two on this
-#: shared 2-core machine)
+#: the work runs on one thread (one worker), without BLAS: waking threads costs more than
+#: such work (the digits demo's sweep, 1078 x 65 x 10 at r = 2: 1.8 ms on one thread, 15 ms
+#: on two on this shared 2-core machine)
 SERIAL_WORK = 1 << 22
 #: columns of X per tile of Delta^T X in the "tiles" norm strategy (an m x NORM_TILE block)
 NORM_TILE = 512
@@ -79,7 +79,7 @@ def _sweep(problem, data, B, A, with_grad: bool, store: bool):
     # small work on one worker (this thread): the same parts, so the same bits
     big = N * r4 * (3 * m + 2 * n) >= SERIAL_WORK
     workers.run(kernel, args, min(workers.count(), k) if big else 1)
-    loss_sum, d_sq = ordered_sum(scalars[:k, 0].tolist()), ordered_sum(scalars[:k, 1].tolist())
+    loss_sum, d_sq = ordered_sum(scalars[:k, 0]), ordered_sum(scalars[:k, 1])
     gBt = gA = None
     if with_grad:
         gBt, gA = np.empty((r4, m), dt), np.empty((r4, n), dt)

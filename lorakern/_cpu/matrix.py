@@ -29,6 +29,8 @@ PARTIAL_FRACTION = 0.25
 MAX_UNIT_ROWS = MAX_UNIT_COLS = None
 #: phase 1 prefetches R one block ahead (False: no prefetch)
 PREFETCH = True
+
+
 def _round_up(x: int, k: int) -> int:
     return -(-x // k) * k
 
@@ -121,12 +123,11 @@ def _run(problem, data, B, A, with_grad):
         if lock is not None:
             lock.release()
     # the units' and the tiles' and panels' sums, each added in a fixed order
-    loss, g_sq = ordered_sum(scalars[:, 0].tolist()), ordered_sum(scalars[:, 1].tolist())
+    loss, g_sq = ordered_sum(scalars[:, 0]), ordered_sum(scalars[:, 1])
     if not with_grad:
         return loss, None
     return loss, PassResult(grad_B=grad_B[:, :r], grad_A=grad_A[:r], loss=loss, g_sq=g_sq,
-                            grad_sq=ordered_sum(norms[:, 0].tolist()),
-                            v_sq=ordered_sum(norms[:, 1].tolist()))
+                            grad_sq=ordered_sum(norms[:, 0]), v_sq=ordered_sum(norms[:, 1]))
 
 
 def fused_pass(problem, data, B, A, *, norm="exact"):
