@@ -27,7 +27,7 @@ phase1, phase2, phase3 = SIMD_PHASES if USE_SIMD else PORTABLE_PHASES
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True)
-def work(data, labels_y, mask, Bp, Ap, delta, geometry, prefetch_rows, with_grad,
+def work(data, labels_y, mask, Bp, Ap, Apk, delta, geometry, prefetch_rows, with_grad,
          counters, gB_parts, gA_parts, scalars, grad_B, grad_A, norms):
     """One worker of the fused pass: takes units from ``counters[0]`` until none is left.
 
@@ -38,7 +38,8 @@ def work(data, labels_y, mask, Bp, Ap, delta, geometry, prefetch_rows, with_grad
     major, u = q * npanels + p, so that the units two threads run at once are in different
     row panels and write different partials of grad_A (numbered row panel major, two
     threads wrote neighbouring columns of one partial, and two threads took 25 % more CPU
-    time than one). ``prefetch_rows`` > 0: phase 1 prefetches the data that many rows
+    time than one). ``Apk``: Ap packed for phase 1 (kernels.pack_groups), as a
+    (groups r4) x 3 L matrix. ``prefetch_rows`` > 0: phase 1 prefetches the data that many rows
     ahead (0: no prefetch). ``counters`` (int64[1 + ntiles + npanels], zeros): [0] hands
     out the units; [1 + q] and [1 + ntiles + p] count the finished units of tile q and
     panel p.
@@ -71,7 +72,7 @@ def work(data, labels_y, mask, Bp, Ap, delta, geometry, prefetch_rows, with_grad
                 w = min(chunk, j_end - j0)
                 # the SIMD phases 2 and 3 work on 3 vectors of columns at a time
                 wpad = -(-w // (3 * lanes(G))) * 3 * lanes(G) if USE_SIMD else w
-                phase1(G, data, Bp, Ap, b0, block_rows, j0, w, wpad, m, prefetch_rows)
+                phase1(G, data, Bp, Ap, Apk, b0, block_rows, j0, w, wpad, m, prefetch_rows)
                 # ---- pointwise: loss value and G = dL/dZ; G = 0 off the mask and past m
                 for ii in range(block_rows):
                     i = b0 + ii

@@ -88,7 +88,11 @@ def _scalar_source(loss, fname: str = "pointwise") -> str:
 
 
 # ---- phase 1: G[:, :w] = data[rows, j0:j0 + w] + Bp[b0:b0 + nb] @ Ap[:, j0:j0 + w] -----------
-# rows past m read row m - 1 (the pointwise step zeroes them); G[:, w:wpad] = 0
+# rows past m read row m - 1 (the pointwise step zeroes them); G[:, w:wpad] = 0.
+# Apk is Ap packed by groups of 3 vectors of columns (pack_groups): row g r4 + k holds
+# Ap[k, 3 L g:3 L (g + 1)], so the rank loop of one register block reads r4 x 3 L contiguous
+# values instead of r4 rows n apart (one page each: r = 64 ran at 61 % of the FMA peak
+# unpacked, at 95-100 % packed; benchmarks/NOTES.md, v15).
 
 @numba.njit(inline="always", fastmath=FASTMATH)
 def _phase1_tail(G, data, Bp, Ap, b0, nb, j0, jfirst, w, wpad, m):
@@ -110,12 +114,18 @@ def _phase1_tail(G, data, Bp, Ap, b0, nb, j0, jfirst, w, wpad, m):
             row[jj] = 0.0
 
 
+def pack_groups(Ap, Apk):
+    """Apk[g, k, :] = Ap[k, 3 L g:3 L (g + 1)] (Apk: groups x r4 x 3 L, L the lanes)."""
+    r4, ncols = Ap.shape
+    Apk[...] = Ap.reshape(r4, ncols // Apk.shape[2], Apk.shape[2]).transpose(1, 0, 2)
+
+
 @numba.njit(nogil=True)
-def _phase1_simd(G, data, Bp, Ap, b0, nb, j0, w, wpad, m, ahead):
+def _phase1_simd(G, data, Bp, Ap, Apk, b0, nb, j0, w, wpad, m, ahead):
     """4 rows x 3 vectors of accumulators (12 FMA chains: with 5 cycles of FMA latency and
     2 FMAs per cycle, 8 chains would cap at 80 %) held across the rank loop: per rank 3
-    loads of A, 4 broadcasts of B, 12 FMAs. ``ahead`` > 0: prefetch the rows ``ahead``
-    below, so the next block's R arrives while phases 2 and 3 run."""
+    loads of A (from the packed Apk), 4 broadcasts of B, 12 FMAs. ``ahead`` > 0: prefetch
+    the rows ``ahead`` below, so the next block's R arrives while phases 2 and 3 run."""
     L = lanes(G)
     r4 = Ap.shape[0]
     wfull = w // (3 * L) * (3 * L)
@@ -124,6 +134,7 @@ def _phase1_simd(G, data, Bp, Ap, b0, nb, j0, w, wpad, m, ahead):
         s0, s1, s2, s3 = min(i, m - 1), min(i + 1, m - 1), min(i + 2, m - 1), min(i + 3, m - 1)
         for jj in range(0, wfull, 3 * L):
             j = j0 + jj
+            g = j // (3 * L) * r4  # the group's first row in Apk (j0 is a multiple of 3 L)
             c00, c01, c02 = vload(data, s0, j), vload(data, s0, j + L), vload(data, s0, j + 2 * L)
             c10, c11, c12 = vload(data, s1, j), vload(data, s1, j + L), vload(data, s1, j + 2 * L)
             c20, c21, c22 = vload(data, s2, j), vload(data, s2, j + L), vload(data, s2, j + 2 * L)
@@ -134,7 +145,7 @@ def _phase1_simd(G, data, Bp, Ap, b0, nb, j0, w, wpad, m, ahead):
                     prefetch(data, row, j)
                     prefetch(data, row, j + 2 * L)
             for k in range(r4):
-                a0, a1, a2 = vload(Ap, k, j), vload(Ap, k, j + L), vload(Ap, k, j + 2 * L)
+                a0, a1, a2 = vload(Apk, g + k, 0), vload(Apk, g + k, L), vload(Apk, g + k, 2 * L)
                 b = vbroadcast_at(Bp, i, k)
                 c00, c01, c02 = vfma(b, a0, c00), vfma(b, a1, c01), vfma(b, a2, c02)
                 b = vbroadcast_at(Bp, i + 1, k)
@@ -159,7 +170,7 @@ def _phase1_simd(G, data, Bp, Ap, b0, nb, j0, w, wpad, m, ahead):
 
 
 @numba.njit(nogil=True, fastmath=FASTMATH)
-def _phase1_portable(G, data, Bp, Ap, b0, nb, j0, w, wpad, m, ahead):
+def _phase1_portable(G, data, Bp, Ap, Apk, b0, nb, j0, w, wpad, m, ahead):
     _phase1_tail(G, data, Bp, Ap, b0, nb, j0, 0, w, wpad, m)
 
 

@@ -78,7 +78,8 @@ def _sweep(problem, data, B, A, with_grad: bool, store: bool):
             dt.type(0), with_grad, store, D, parts_B, parts_A, scalars)
     # small work on one worker (this thread): the same parts, so the same bits
     big = N * r4 * (3 * m + 2 * n) >= SERIAL_WORK
-    workers.run(kernel, args, min(workers.count(), k) if big else 1)
+    workers.run(kernel, args, min(workers.count(), k) if big else 1,
+                flops=2.0 * N * r4 * (3 * m + 2 * n))
     loss_sum, d_sq = ordered_sum(scalars[:k, 0]), ordered_sum(scalars[:k, 1])
     gBt = gA = None
     if with_grad:

@@ -9,7 +9,7 @@ import numpy as np
 
 from .._host import ordered_sum
 from ..results import PassResult
-from . import kernels, workers
+from . import kernels, simd, workers
 
 #: Rows of G computed, passed through the loss and used by phases 2 and 3 at a time
 #: (a multiple of kernels.BLOCK_MULTIPLE = 12).
@@ -27,8 +27,8 @@ TARGET_UNITS = 64
 PARTIAL_FRACTION = 0.25
 #: caps on a unit's rows and columns (None: none); the tests set them small
 MAX_UNIT_ROWS = MAX_UNIT_COLS = None
-#: phase 1 prefetches R one block ahead (False: no prefetch)
-PREFETCH = True
+#: phase 1 prefetches R this many blocks ahead (0: no prefetch)
+PREFETCH_BLOCKS = 1
 
 
 def _round_up(x: int, k: int) -> int:
@@ -96,11 +96,15 @@ def _run(problem, data, B, A, with_grad):
     geo = unit_rows, unit_cols, _, _ = geometry(m, n, r4, dtype.itemsize)
     npanels, ntiles = -(-m // unit_rows), -(-n // unit_cols)
 
+    ncols = _round_up(n, kernels.COLUMN_MULTIPLE)
+    group = 3 * simd.VECTOR_BYTES // dtype.itemsize  # phase 1's 3 vectors of columns
+
     def make():
         return SimpleNamespace(
             Bp=np.zeros((npanels * unit_rows, r4), dtype),
-            Ap=np.zeros((r4, _round_up(n, kernels.COLUMN_MULTIPLE)), dtype),
-            gA=np.empty((npanels, r4, _round_up(n, kernels.COLUMN_MULTIPLE)), dtype),
+            Ap=np.zeros((r4, ncols), dtype),
+            Apk=np.empty((ncols // group, r4, group), dtype),
+            gA=np.empty((npanels, r4, ncols), dtype),
             gB=np.empty((ntiles, npanels * unit_rows, r4), dtype),
         )
 
@@ -108,6 +112,7 @@ def _run(problem, data, B, A, with_grad):
     try:
         ws.Bp[:m, :r] = B
         ws.Ap[:r, :n] = A
+        kernels.pack_groups(ws.Ap, ws.Apk)
         kernel = kernels.fused_kernel(problem.loss, problem.loss.labels, problem.mask is not None,
                                       kernels.SIMD)
         scalars = np.empty((npanels * ntiles, 2), np.float64)
@@ -115,10 +120,11 @@ def _run(problem, data, B, A, with_grad):
         grad_A = np.empty((r4, n) if with_grad else (1, 1), dtype)
         grad_B = np.empty((m, r4) if with_grad else (1, 1), dtype)
         norms = np.empty((ntiles + npanels, 2), np.float64)
-        workers.run(kernel, (data.data, data.labels_y, data.mask, ws.Bp, ws.Ap, problem.delta,
-                             geo, geo[2] if PREFETCH else 0, with_grad, counters, ws.gB,
+        workers.run(kernel, (data.data, data.labels_y, data.mask, ws.Bp, ws.Ap,
+                             ws.Apk.reshape(-1, group), problem.delta,
+                             geo, geo[2] * PREFETCH_BLOCKS, with_grad, counters, ws.gB,
                              ws.gA, scalars, grad_B, grad_A, norms),
-                    min(workers.count(), npanels * ntiles))
+                    min(workers.count(), npanels * ntiles), flops=6.0 * m * n * r)
     finally:
         if lock is not None:
             lock.release()

@@ -13,7 +13,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from . import threads
+from . import blas_threads, threads
 
 #: Workers of a pass: threads() of them, WORKERS_PER_CORE per core when threads() is every
 #: core of the machine. More workers than cores get a larger share of a core that another
@@ -50,10 +50,12 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def run(work, args, workers: int) -> None:
+def run(work, args, workers: int, flops: float = 0.0) -> None:
     """``work(*args)`` on ``workers`` threads at once: this one and workers - 1 of a pool
-    kept between passes (its idle threads sleep; they never spin)."""
+    kept between passes (its idle threads sleep; they never spin). A pass of ``flops``
+    first ends OpenBLAS's idle threads where that is safe and worth it (blas_threads.py)."""
     global _pool
+    blas_threads.quiet(flops)
     futures = []
     if workers > 1:
         with _pool_lock:
