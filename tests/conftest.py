@@ -23,6 +23,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(cpu, "MIN_TILE", 24)
     monkeypatch.setattr(cpu, "MAX_TILE", 24)
     monkeypatch.setattr(cpu, "BLOCK_ROWS", 12)
+    monkeypatch.setattr(cpu, "LARGE_RANK_BLOCK_ROWS", 12)
     monkeypatch.setattr(cpu, "MAX_UNIT_ROWS", 24)
     monkeypatch.setattr(cpu, "MAX_UNIT_COLS", 48)
     assert cpu.geometry(1000, 100, 64, 4) == (24, 48, 12, 24)

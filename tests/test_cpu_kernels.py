@@ -121,6 +121,7 @@ for path in sys.argv[1].split(","):
         if tiles == "small":
             matrix.MIN_TILE = matrix.MAX_TILE = 24
             matrix.BLOCK_ROWS, matrix.MAX_UNIT_ROWS, matrix.MAX_UNIT_COLS = 12, 24, 48
+            matrix.LARGE_RANK_BLOCK_ROWS = 12
         for shape, dtype, loss, masked in cases:
             problem, B, A = make_case(shape, np.dtype(dtype), loss=loss, masked=masked, seed=5, delta=0.5)
             engine = bind(problem, "cpu")

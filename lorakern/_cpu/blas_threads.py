@@ -4,7 +4,7 @@ After each threaded call, the worker threads of a pthreads OpenBLAS (NumPy's whe
 one) wait for the next call by spinning on their cores for 2^28 TSC cycles, about 0.1 s
 (OpenBLAS's ``YIELDING`` is a few ``nop`` on x86-64), and only then sleep. A pass started in
 that window, as in any program that calls NumPy between steps, shares its cores with them
-and loses up to half its speed (benchmarks/NOTES.md, v14). So before a large pass ``quiet``
+and loses up to half its speed (benchmarks/NOTES.md, v8). So before a large pass ``quiet``
 calls OpenBLAS's own ``blas_thread_shutdown_``, the function OpenBLAS itself runs before
 every ``fork()``: it ends the worker threads, and OpenBLAS starts them again, as many as
 before, on its next threaded call. What the user's NumPy code computes, and on how many

@@ -92,7 +92,7 @@ def _scalar_source(loss, fname: str = "pointwise") -> str:
 # Apk is Ap packed by groups of 3 vectors of columns (pack_groups): row g r4 + k holds
 # Ap[k, 3 L g:3 L (g + 1)], so the rank loop of one register block reads r4 x 3 L contiguous
 # values instead of r4 rows n apart (one page each: r = 64 ran at 61 % of the FMA peak
-# unpacked, at 95-100 % packed; benchmarks/NOTES.md, v15).
+# unpacked, at 95-100 % packed; benchmarks/NOTES.md, v9).
 
 @numba.njit(inline="always", fastmath=FASTMATH)
 def _phase1_tail(G, data, Bp, Ap, b0, nb, j0, jfirst, w, wpad, m):

@@ -14,9 +14,14 @@ from . import kernels, simd, workers
 #: Rows of G computed, passed through the loss and used by phases 2 and 3 at a time
 #: (a multiple of kernels.BLOCK_MULTIPLE = 12).
 BLOCK_ROWS = 12
+#: ... and from rank LARGE_RANK up (r rounded up to 4), LARGE_RANK_BLOCK_ROWS: phase 3 then
+#: loads and stores its accumulators once per 24 rows instead of 12 (r = 64: 6-8 % faster;
+#: r = 16: 2-10 % slower; benchmarks/NOTES.md, v9)
+LARGE_RANK, LARGE_RANK_BLOCK_ROWS = 32, 24
 #: The block of G (BLOCK_ROWS x chunk columns) should stay in L1 between the phases:
 #: chunk ~ G_BYTES / (BLOCK_ROWS itemsize), clamped to [MIN_TILE, MAX_TILE], a multiple of
-#: kernels.COLUMN_MULTIPLE = 24 (about 504 float32, 240 float64 columns).
+#: kernels.COLUMN_MULTIPLE = 24 (about 504 float32, 240 float64 columns; the same chunk for
+#: the larger blocks of a large rank, whose G then lives in L2).
 G_BYTES = 24 * 1024
 MIN_TILE, MAX_TILE = 24, 1024
 #: Work units: about TARGET_UNITS of them (64: 32 per thread on 2 cores, so a core that is
@@ -39,23 +44,24 @@ def geometry(m: int, n: int, r4: int, itemsize: int) -> tuple[int, int, int, int
     """(unit_rows, unit_cols, block_rows, chunk) for an m x n problem: a function of the
     shape, the rank and the dtype only, so the bits do not depend on the thread count."""
     align = kernels.COLUMN_MULTIPLE
+    block_rows = LARGE_RANK_BLOCK_ROWS if r4 >= LARGE_RANK else BLOCK_ROWS
     # P panels x Q tiles = units, P / Q = m / n, (P n + Q m) r4 = 2 sqrt(units m n) r4
     # at most PARTIAL_FRACTION m n
     units = min(TARGET_UNITS, int(PARTIAL_FRACTION ** 2 * m * n / (4 * r4 * r4)))
     units = max(units, 1)
-    panels = min(max(1, round(math.sqrt(units * m / n))), -(-m // BLOCK_ROWS))
+    panels = min(max(1, round(math.sqrt(units * m / n))), -(-m // block_rows))
     tiles = min(max(1, units // panels), -(-n // align))
-    unit_rows = _round_up(-(-m // panels), BLOCK_ROWS)
+    unit_rows = _round_up(-(-m // panels), block_rows)
     unit_cols = _round_up(-(-n // tiles), align)
     if MAX_UNIT_ROWS:
-        unit_rows = min(unit_rows, _round_up(MAX_UNIT_ROWS, BLOCK_ROWS))
+        unit_rows = min(unit_rows, _round_up(MAX_UNIT_ROWS, block_rows))
     if MAX_UNIT_COLS:
         unit_cols = min(unit_cols, _round_up(MAX_UNIT_COLS, align))
     # the unit's columns in equal chunks of about the target width (up to 25 % over it)
     target = min(max(G_BYTES // (BLOCK_ROWS * itemsize), MIN_TILE), MAX_TILE)
     chunks = -(-4 * unit_cols // (5 * target))
     chunk = _round_up(-(-unit_cols // chunks), align)
-    return unit_rows, unit_cols, BLOCK_ROWS, chunk
+    return unit_rows, unit_cols, block_rows, chunk
 
 
 def prepare(problem, device):
