@@ -1,6 +1,16 @@
-"""Checks shared by the problem kinds: each raises naming the argument and what it expected."""
+"""Checks shared by the problem kinds: each raises naming the argument and what it expected.
+
+Also the one place where arrays of other libraries come in and go back out (``as_array``,
+``returner``): any object with ``__dlpack__`` (a torch tensor, an ``nn.Parameter``, a JAX
+array) is read through DLPack, without a copy (NumPy and CuPy read any strides, so the
+layout never forces one here; the problem kinds and the driver then make their own copies,
+as they do of NumPy arrays, and never write to the caller's memory). Results go back as the
+kind of array the caller gave (``returner``). No library is imported to recognise its arrays:
+an array of it can only exist if it is in ``sys.modules`` (as array-api-compat does).
+"""
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 import sys
@@ -15,6 +25,151 @@ def array_namespace(x):
     if type(x).__module__.split(".")[0] == "cupy":
         return sys.modules["cupy"]
     return np
+
+
+#: DLPack device types (dlpack.h, DLDeviceType) lorakern reads: host memory, and NVIDIA GPUs
+KDL_CPU, KDL_CUDA, KDL_CUDA_HOST, KDL_CUDA_MANAGED = 1, 2, 3, 13
+
+#: array library -> "module:function" making an array of that library from a DLPack producer:
+#: how results go back to the kind of array the caller passed (torch in, torch out)
+RETURNERS: dict[str, str] = {
+    "torch": "torch.utils.dlpack:from_dlpack",
+    "jax": "jax.numpy:from_dlpack",
+    "jaxlib": "jax.numpy:from_dlpack",
+}
+
+#: libraries whose arrays lorakern reads natively (no DLPack)
+NATIVE = ("numpy", "cupy", "dask")
+
+
+def library(x) -> str:
+    """The top-level module of x's type: "numpy", "cupy", "torch", "jaxlib", ..."""
+    return type(x).__module__.split(".")[0]
+
+
+def as_array(name: str, x, *, hint: str = "dtype=np.float32"):
+    """x as a NumPy or CuPy array (or a dask array), reading DLPack producers without a copy.
+
+    NumPy, CuPy and dask arrays (and anything else without ``__dlpack__``) come back as
+    they are, for the checks that follow to judge. A torch tensor that requires grad (an
+    ``nn.Parameter``) is detached first (its data, not its graph: no copy). Host memory is read
+    by ``np.from_dlpack``, GPU memory by CuPy (``cuda_from_dlpack``: the stream handover).
+    The array returned is a read-only view of the caller's memory: nothing in lorakern can
+    write to it. Lists, tuples and pandas objects get a TypeError that says how to convert.
+    """
+    lib = library(x)
+    if isinstance(x, np.ndarray) or lib in NATIVE:
+        return x
+    if isinstance(x, (list, tuple)):
+        raise TypeError(f"{name} is a Python {type(x).__name__}; lorakern takes arrays: "
+                        f"convert it with np.asarray({name}, {hint})")
+    if lib == "pandas":
+        raise TypeError(f"{name} is a pandas {type(x).__name__}; lorakern takes arrays: "
+                        f"convert it with {name}.to_numpy({hint})")
+    if not hasattr(x, "__dlpack__"):
+        return x
+    if lib == "torch":
+        x = x.detach()  # an nn.Parameter / a tensor in a graph: its data, shared
+    try:
+        kind, ordinal = x.__dlpack_device__()
+    except Exception as exc:  # noqa: BLE001 - a producer's own error, re-raised named
+        raise TypeError(f"{name} ({type(x).__name__}) offers __dlpack__ but not "
+                        f"__dlpack_device__ ({exc})") from exc
+    if kind in (KDL_CUDA, KDL_CUDA_MANAGED):
+        return cuda_from_dlpack(name, x, int(ordinal))
+    if kind not in (KDL_CPU, KDL_CUDA_HOST):
+        raise TypeError(f"{name} ({type(x).__name__}) lives on DLPack device type {kind}, "
+                        f"which lorakern cannot read; move it to the CPU or an NVIDIA GPU")
+    try:
+        a = np.from_dlpack(x)
+    except (BufferError, TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} ({type(x).__name__}, dtype {getattr(x, 'dtype', '?')}) could "
+                        f"not be read through DLPack: {exc}; convert it to float32 or "
+                        f"float64 first") from exc
+    a = a.view()
+    a.flags.writeable = False
+    return a
+
+
+def dlpack_stream(ptr: int) -> int:
+    """The ``stream=`` a consumer passes to ``__dlpack__`` for its CUDA stream ``ptr``: the
+    pointer itself, except the legacy default stream (pointer 0), which DLPack spells 1
+    (0 is not a valid value for CUDA in the array API standard)."""
+    return 1 if ptr == 0 else int(ptr)
+
+
+class StreamHandover:
+    """A DLPack producer whose ``__dlpack__`` always names ``stream``, the consumer's stream.
+
+    By the DLPack protocol the producer (PyTorch) then makes that stream wait for the work
+    queued on its own current stream (an event recorded there, waited on by the consumer's
+    stream), so a kernel lorakern launches on CuPy's stream reads the tensor only after
+    PyTorch's pending writes to it. Spelled out here rather than left to a default.
+    """
+
+    def __init__(self, producer, stream: int):
+        self.producer, self.stream = producer, stream
+
+    def __dlpack__(self, stream=None, **kwargs):
+        try:
+            return self.producer.__dlpack__(stream=self.stream, **kwargs)
+        except TypeError:
+            if not kwargs:
+                raise
+            return self.producer.__dlpack__(stream=self.stream)  # a producer before DLPack 1.0
+
+    def __dlpack_device__(self):
+        return self.producer.__dlpack_device__()
+
+
+def cuda_from_dlpack(name: str, x, ordinal: int):
+    """A GPU DLPack producer as a CuPy array on GPU ``ordinal``, without a copy.
+
+    Streams: the handover is explicit (``StreamHandover``): CuPy's current stream on that
+    GPU, where lorakern launches its kernels, waits for PyTorch's current stream before
+    anything of lorakern's reads the tensor; results go back the other way in ``returner``.
+    """
+    try:
+        import cupy
+    except ImportError as exc:
+        from ._dispatch import DeviceUnavailableError
+
+        raise DeviceUnavailableError(
+            f"{name} is a GPU array ({type(x).__name__}); reading it needs CuPy: "
+            f'pip install "lorakern[cuda]"') from exc
+    with cupy.cuda.Device(ordinal):
+        stream = dlpack_stream(cupy.cuda.get_current_stream().ptr)
+        return cupy.from_dlpack(StreamHandover(x, stream))
+
+
+def returner(like):
+    """The function that turns a result array (NumPy or CuPy) into the kind of ``like``.
+
+    Identity unless ``like`` belongs to a library in RETURNERS (and then that library is
+    already imported: the caller made one of its arrays). A torch result is on ``like``'s
+    device: a NumPy result for a CUDA tensor (device="cpu" was asked) is moved there.
+    """
+    lib = library(like)
+    if lib not in RETURNERS or lib not in sys.modules:
+        return lambda a: a
+    module, _, attr = RETURNERS[lib].partition(":")
+    make = getattr(importlib.import_module(module), attr)
+    if lib != "torch":
+        return lambda a: None if a is None else make(a)
+    torch, target = sys.modules["torch"], like.device
+
+    def back(a):
+        if a is None:
+            return None
+        if library(a) == "cupy":
+            # the other half of the handover: PyTorch's current stream waits for CuPy's
+            stream = torch.cuda.current_stream(a.device.id).cuda_stream
+            t = make(a.__dlpack__(stream=dlpack_stream(stream)))
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(a))  # a fresh result: shared, no copy
+        return t if t.device == target else t.to(target)
+
+    return back
 
 
 def reject_masked(name: str, x, *, takes_mask: bool = False):
@@ -34,7 +189,8 @@ def check_matrix(name: str, x, dtype=None, *, takes_mask: bool = False):
     reject_masked(name, x, takes_mask=takes_mask)
     xp = array_namespace(x)
     if xp is np and not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a NumPy or CuPy array, or an array with __dlpack__ "
+                        f"(a torch tensor, a JAX array), got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
     if dtype is not None and x.dtype != dtype:

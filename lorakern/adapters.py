@@ -5,16 +5,19 @@ import math
 
 import numpy as np
 
-from ._validate import check_matrix, positive_float, positive_int
+from ._validate import as_array, check_matrix, positive_float, positive_int, returner
 
 
 def check_adapters(problem, B, A):
-    """TypeError/ValueError unless B is (m, r) and A is (r, n), finite, of the problem's dtype."""
+    """(B, A) as NumPy or CuPy arrays (DLPack producers such as torch tensors read without a
+    copy, ``_validate.as_array``); TypeError/ValueError unless B is (m, r) and A is (r, n),
+    finite, of the problem's dtype."""
     from .problems import ProblemKind
 
     if not isinstance(problem, ProblemKind):
         raise TypeError(f"problem must be a lorakern.Problem (or another problem kind), "
                         f"got {type(problem).__name__}")
+    B, A = as_array("B", B, hint="dtype=np.float32"), as_array("A", A, hint="dtype=np.float32")
     check_matrix("B", B, dtype=problem.dtype)
     check_matrix("A", A, dtype=problem.dtype)
     (m, n), (mb, rb), (ra, na) = problem.adapter_shape(), B.shape, A.shape
@@ -26,10 +29,11 @@ def check_adapters(problem, B, A):
         raise ValueError(f"B is {mb}x{rb} and A is {ra}x{na}: their ranks differ ({rb} != {ra})")
     if rb < 1:
         raise ValueError("the rank r must be at least 1")
+    return B, A
 
 
 def init_adapters(m: int, n: int, rank: int, *, dtype=np.float32, seed=None, init: str = "lora",
-                  scale: float | None = None):
+                  scale: float | None = None, like=None):
     """Adapters (B, A) of shapes (m, rank) and (rank, n).
 
     Parameters
@@ -40,6 +44,12 @@ def init_adapters(m: int, n: int, rank: int, *, dtype=np.float32, seed=None, ini
     init : "lora": B = 0 and A Gaussian with standard deviation ``scale`` (default
         1/sqrt(n)), as LoRA starts, so that BA = 0. "gaussian": both Gaussian with standard
         deviation ``scale`` (default 1/sqrt(max(m, n))).
+    like : None, or an array of another library (a torch tensor, a JAX array): B and A are
+        returned as arrays of that kind, on its device (drawn in NumPy, then handed over).
+
+    Returns
+    -------
+    (B, A) : NumPy arrays, or arrays of ``like``'s kind.
 
     Raises
     ------
@@ -61,11 +71,13 @@ def init_adapters(m: int, n: int, rank: int, *, dtype=np.float32, seed=None, ini
     if scale is not None:
         scale = positive_float("scale", scale)
     rng = np.random.default_rng(seed)
+    back = (lambda a: a) if like is None else returner(like)
     if init == "lora":
         scale = 1.0 / math.sqrt(n) if scale is None else scale
-        return np.zeros((m, rank), dtype), (scale * rng.standard_normal((rank, n))).astype(dtype)
+        return (back(np.zeros((m, rank), dtype)),
+                back((scale * rng.standard_normal((rank, n))).astype(dtype)))
     if init == "gaussian":
         scale = 1.0 / math.sqrt(max(m, n)) if scale is None else scale
-        return ((scale * rng.standard_normal((m, rank))).astype(dtype),
-                (scale * rng.standard_normal((rank, n))).astype(dtype))
+        return (back((scale * rng.standard_normal((m, rank))).astype(dtype)),
+                back((scale * rng.standard_normal((rank, n))).astype(dtype)))
     raise ValueError(f"unknown init {init!r}; use 'lora' or 'gaussian'")

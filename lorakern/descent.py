@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _dispatch
 from ._progress import Progress
-from ._validate import positive_int
+from ._validate import positive_int, returner
 from .adapters import check_adapters
 from .results import (HISTORY_FIELDS, FitResult, History, StepResult, history_from_columns)
 from .step_size import as_policy
@@ -27,7 +27,7 @@ DEVICE_LOOP = True
 
 
 def _start(problem, B, A, device, step_size):
-    check_adapters(problem, B, A)
+    B, A = check_adapters(problem, B, A)
     policy = as_policy(step_size)
     engine = _dispatch.bind(problem, device, B, A)
     return engine, policy, engine.asarray(B), engine.asarray(A)
@@ -39,24 +39,29 @@ def step(problem, B, A, *, device="auto", step_size="theorem") -> StepResult:
     Parameters
     ----------
     problem : a Problem (or another problem kind).
-    B, A : (m, r) and (r, n) adapters of the problem's dtype; never modified.
-    device : "cpu", "cuda", "reference", "auto" (where the arrays live) or a Device object.
+    B, A : (m, r) and (r, n) adapters of the problem's dtype; never modified. NumPy or CuPy
+        arrays, or any array with ``__dlpack__`` (torch tensors, ``nn.Parameter``, JAX
+        arrays), read without a copy (the step works on its own copy, as for NumPy arrays).
+    device : "cpu", "cuda", "cuda:<i>" (GPU i; "cuda" is "cuda:0"), "reference", "auto"
+        (where the arrays live) or a Device object.
     step_size : "theorem" (the paper's eta_t), "armijo", a positive float, or a policy object.
 
     Returns
     -------
-    StepResult with the new B and A (new arrays on the device) and Python floats.
+    StepResult with the new B and A (new arrays on the device; of B's kind when B is a torch
+    tensor or a JAX array: torch in, torch out, on B's device) and Python floats.
 
     Raises
     ------
     TypeError, ValueError : bad arrays or arguments (inputs are left untouched).
     DeviceUnavailableError : the device cannot be used here.
     """
+    back = returner(B)
     engine, policy, B, A = _start(problem, B, A, device, step_size)
     p = engine.fused_pass(B, A, norm=policy.norm)
     eta, trials = policy.choose(engine, B, A, p, {})
     B_next, A_next = engine.update(B, A, p.grad_B, p.grad_A, eta)
-    return StepResult(B=B_next, A=A_next, eta=float(eta), loss=float(p.loss),
+    return StepResult(B=back(B_next), A=back(A_next), eta=float(eta), loss=float(p.loss),
                       grad_sq=float(p.grad_sq), v_sq=float(p.v_sq),
                       g_norm=math.sqrt(float(p.g_sq)), trials=int(trials))
 
@@ -89,8 +94,9 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
 
     Returns
     -------
-    FitResult. If the loss stops being finite, at any step or at V_T, the loop stops, keeps
-    the last iterate with a finite loss, sets status "diverged" and warns.
+    FitResult (B and A of B's kind, as ``step`` returns them). If the loss stops being finite,
+    at any step or at V_T, the loop stops, keeps the last iterate with a finite loss, sets
+    status "diverged" and warns.
 
     Raises
     ------
@@ -98,6 +104,13 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
     DeviceUnavailableError : the device cannot be used here.
     """
     check_every = _check_fit_args(steps, tol, check_every)
+    back = returner(B)
+    result = _fit(problem, B, A, steps, device, step_size, tol, progress, check_every)
+    result.B, result.A = back(result.B), back(result.A)
+    return result
+
+
+def _fit(problem, B, A, steps, device, step_size, tol, progress, check_every) -> FitResult:
     engine, policy, B, A = _start(problem, B, A, device, step_size)
     loop_args = policy.device_loop(problem)
     if (DEVICE_LOOP and engine.run_steps is not None and tol is None and not progress
@@ -154,7 +167,7 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
                 B, A, final_loss = B_prev, A_prev, float(history.loss[steps_taken])
         if steps_taken < len(history) or status == "diverged":
             status, history = "diverged", history.truncated(steps_taken)
-            _warn_diverged(steps_taken, stacklevel=3)
+            _warn_diverged(steps_taken, stacklevel=4)
     if bar:
         bar.close(steps_taken, final_loss)
     return FitResult(B=B, A=A, final_loss=final_loss, steps=steps_taken, history=history,
@@ -178,7 +191,7 @@ def _fit_on_device(engine, policy, B, A, steps, loop_args) -> FitResult:
     status = "completed"
     if steps_taken < len(history):
         status, history = "diverged", history.truncated(steps_taken)
-        _warn_diverged(steps_taken, stacklevel=4)
+        _warn_diverged(steps_taken, stacklevel=5)
     return FitResult(B=B, A=A, final_loss=final_loss, steps=steps_taken, history=history,
                      status=status, seconds=time.perf_counter() - t0, step_size=policy)
 

@@ -21,7 +21,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .._validate import array_namespace, check_matrix, positive_float, reject_masked
+from .._validate import array_namespace, as_array, check_matrix, positive_float, reject_masked
 from ..losses import LINEAR_LOSSES
 from ._common import KindBase
 
@@ -50,7 +50,9 @@ class LinearProblem(KindBase):
 
     Parameters
     ----------
-    X : (N, n) float32 or float64 array, the inputs (one sample per row); NumPy or CuPy.
+    X : (N, n) float32 or float64 array, the inputs (one sample per row); NumPy or CuPy, or
+        any array with ``__dlpack__`` (a torch tensor on the CPU or a GPU, an ``nn.Parameter``,
+        a JAX array), read without a copy; the problem keeps its own copy, as of NumPy arrays.
     Y : the targets. (N, m) of X's dtype for "squared", "huber" and "logistic" (entries in
         {-1, +1}: one-vs-rest); an (N,) integer array of class indices in [0, m) for
         "cross_entropy".
@@ -117,6 +119,9 @@ class LinearProblem(KindBase):
         if not isinstance(loss, str) or loss not in LINEAR_LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known losses: {sorted(LINEAR_LOSSES)}")
         self.loss = LINEAR_LOSSES[loss]
+        X, W0 = as_array("X", X), as_array("W0", W0)
+        Y = as_array("Y", Y, hint="dtype=np.int64" if self.loss.labels == "class"
+                     else "dtype=X.dtype")
         check_matrix("X", X)
         check_matrix("W0", W0, dtype=X.dtype)
         xp = array_namespace(X)

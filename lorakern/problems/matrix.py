@@ -13,7 +13,7 @@ import numpy as np
 
 from .._dispatch import array_library
 from ..losses import LOSSES, Loss
-from .._validate import (array_namespace, check_delta, check_matrix, positive_float,
+from .._validate import (array_namespace, as_array, check_delta, check_matrix, positive_float,
                          reject_masked)
 from ._common import KindBase
 
@@ -25,7 +25,9 @@ class Problem(KindBase):
     ----------
     W0, Y : (m, n) float32 or float64 arrays, same dtype; NumPy, CuPy, or dask arrays (the
         problem is then sharded by rows and kept on the workers of a Dask cluster; see
-        lorakern._dask).
+        lorakern._dask), or any array with ``__dlpack__`` (torch tensors, ``nn.Parameter``,
+        JAX arrays), read without a copy (GPU ones as CuPy arrays); the problem keeps its own
+        copy of what it needs, as it does of NumPy arrays.
     loss : "squared" (the default, J = 1/2 ||W0 + BA - Y||_F^2), "huber" or "logistic".
     mask : optional (m, n) boolean array; entries where it is False add nothing.
     delta : the Huber threshold (> 0; default 1). Only "huber" takes it.
@@ -46,6 +48,9 @@ class Problem(KindBase):
                  lipschitz: float | None = None):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known losses: {sorted(LOSSES)}")
+        W0, Y = as_array("W0", W0), as_array("Y", Y)
+        if mask is not None:
+            mask = as_array("mask", mask, hint="dtype=bool")
         if _sharded(W0, Y, mask):  # dask arrays: checked and kept on the workers, by rows
             from .._dask.problem import init_sharded
 

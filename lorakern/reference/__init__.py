@@ -23,8 +23,17 @@ def _kind(problem):
 
 
 def gradient(problem, B, A):
-    """(G, loss) in float64: G = grad_W J at W0 + BA, the m x n matrix the kernels never form."""
-    return _kind(problem).gradient(problem, B, A)
+    """(G, loss) in float64: G = grad_W J at W0 + BA, the m x n matrix the kernels never form.
+
+    B, A: arrays, or DLPack producers such as torch tensors (then G comes back as one, on B's
+    device)."""
+    from ..adapters import check_adapters
+    from .._validate import returner
+
+    back = returner(B)
+    B, A = check_adapters(problem, B, A)
+    G, loss = _kind(problem).gradient(problem, B, A)
+    return back(G), loss
 
 
 def fused_pass(problem, data, B, A, *, norm="exact"):
@@ -34,7 +43,7 @@ def fused_pass(problem, data, B, A, *, norm="exact"):
 
 
 def loss_pass(problem, data, B, A):
-    return gradient(problem, B, A)[1]
+    return _kind(problem).gradient(problem, B, A)[1]
 
 
 def update(B, A, grad_B, grad_A, eta):
@@ -44,7 +53,7 @@ def update(B, A, grad_B, grad_A, eta):
 def v_form_gradient(problem, B, A):
     """grad J(V) = 2 Sym(E1^T G E2^T) V with V = [B; A^T] (paper, eq. 7). Small sizes only:
     it builds (m+n) x (m+n) matrices. Returns the (m+n) x r array [grad_B; grad_A^T]."""
-    (m, n), G = problem.shape, gradient(problem, B, A)[0]
+    (m, n), G = problem.shape, _kind(problem).gradient(problem, B, A)[0]
     E1 = np.hstack([np.eye(m), np.zeros((m, n))])          # m x (m+n): top m rows
     E2 = np.vstack([np.zeros((m, n)), np.eye(n)])          # (m+n) x n: right n columns
     V = np.vstack([B, A.T]).astype(np.float64)
@@ -62,11 +71,13 @@ def step(problem, B, A, *, step_size="theorem"):
     """
     from ..descent import step as generic_step
     from ..adapters import check_adapters
+    from .._validate import returner
 
-    check_adapters(problem, B, A)
+    if type(as_policy(step_size)) not in (Theorem, Constant, Armijo):
+        return generic_step(problem, B, A, device=DEVICE, step_size=step_size)
+    back = returner(B)
+    B, A = check_adapters(problem, B, A)
     policy = as_policy(step_size)
-    if type(policy) not in (Theorem, Constant, Armijo):
-        return generic_step(problem, B, A, device=DEVICE, step_size=policy)
     p = fused_pass(problem, None, B, A, norm=policy.norm)
     g_norm = math.sqrt(p.g_sq)  # ||G_t||_F, or its certified bound for Theorem(norm="bound")
     trials = 0
@@ -94,5 +105,5 @@ def step(problem, B, A, *, step_size="theorem"):
     B_next, A_next = update(B, A, p.grad_B, p.grad_A, eta)
     from ..results import StepResult
 
-    return StepResult(B=B_next, A=A_next, eta=float(eta), loss=p.loss, grad_sq=p.grad_sq,
+    return StepResult(B=back(B_next), A=back(A_next), eta=float(eta), loss=p.loss, grad_sq=p.grad_sq,
                       v_sq=p.v_sq, g_norm=g_norm, trials=trials)
