@@ -13,6 +13,7 @@ through ``KERNELS[(kind, device.kernels_name)]``.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from typing import Any, Protocol, runtime_checkable
@@ -42,7 +43,8 @@ WRAPPERS: dict[str, str] = {
     "dask": "lorakern._dask:wrap",
 }
 
-#: the device names a user can pass: the table's and "auto" (where the arrays live)
+#: the device names a user can pass: the table's and "auto" (where the arrays live); a
+#: device with several units also takes an index, "cuda:1" (PyTorch's spelling)
 DEVICE_NAMES = ("cpu", "cuda", "auto", "reference")
 
 
@@ -109,11 +111,38 @@ def _load(target: str):
     return _cache[target]
 
 
+def parse_device(name: str) -> tuple[str, int | None]:
+    """("cuda", 1) for "cuda:1", ("cpu", None) for "cpu": a table name and a unit index.
+
+    ValueError for a name not in DEVICES, or an index that is not a non-negative integer.
+    """
+    base, sep, index = name.partition(":")
+    if base not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; known devices: "
+                         f"{sorted(DEVICES) + ['auto']} (a GPU by index: 'cuda:0', 'cuda:1', ...)")
+    if not sep:
+        return base, None
+    if not (index.isascii() and index.isdigit()):
+        raise ValueError(f"device {name!r}: the index after {base + ':'!r} must be a "
+                         f"non-negative integer, such as {base + ':0'!r}")
+    return base, int(index)
+
+
 def device(name: str) -> Device:
-    """The registered Device for a name (not "auto"), checked to be usable here."""
-    if name not in DEVICES:
-        raise ValueError(f"unknown device {name!r}; known devices: {sorted(DEVICES) + ['auto']}")
-    dev = _load(DEVICES[name])
+    """The registered Device for a name (not "auto"), checked to be usable here.
+
+    "cuda:i" is the CUDA device on GPU i (its own instance, kept); a device without units
+    ("cpu") refuses an index.
+    """
+    base, index = parse_device(name)
+    dev = _load(DEVICES[base])
+    if index is not None:
+        if not hasattr(dev, "on"):
+            raise ValueError(f"device {base!r} has no units to pick by index; use {base!r}")
+        key = f"{DEVICES[base]}@{index}"
+        if key not in _cache:
+            _cache[key] = dev.on(index)
+        dev = _cache[key]
     dev.check_available()  # raises DeviceUnavailableError with what to install
     return dev
 
@@ -128,7 +157,8 @@ def resolve(spec, *arrays) -> Device:
         return _load(WRAPPERS[library])(spec, arrays)
     if isinstance(spec, str):
         if spec == "auto":
-            spec = "cuda" if any(_is_cupy(a) for a in arrays if a is not None) else "cpu"
+            gpu = [a for a in arrays if a is not None and _is_cupy(a)]
+            spec = f"cuda:{gpu[0].device.id}" if gpu else "cpu"  # the GPU the arrays are on
         return device(spec)
     if isinstance(spec, Device):
         spec.check_available()
@@ -188,12 +218,18 @@ class Engine:
     def __init__(self, problem, dev: Device):
         self.problem, self.device = problem, dev
         self.kernels = kernels(problem.kind, dev)
-        self.data = problem.data(dev, self.kernels)
+        with self.scope():
+            self.data = problem.data(dev, self.kernels)
         self.run_steps = getattr(self.kernels, "run_steps", None)
 
     @property
     def xp(self):
         return self.device.xp
+
+    def scope(self):
+        """The context the device's work runs in: its GPU made current for "cuda:i"."""
+        context = getattr(self.device, "context", None)
+        return context() if context is not None else contextlib.nullcontext()
 
     def asarray(self, x):
         return self.device.asarray(x, self.problem.dtype)

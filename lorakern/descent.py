@@ -30,7 +30,8 @@ def _start(problem, B, A, device, step_size):
     B, A = check_adapters(problem, B, A)
     policy = as_policy(step_size)
     engine = _dispatch.bind(problem, device, B, A)
-    return engine, policy, engine.asarray(B), engine.asarray(A)
+    with engine.scope():
+        return engine, policy, engine.asarray(B), engine.asarray(A)
 
 
 def step(problem, B, A, *, device="auto", step_size="theorem") -> StepResult:
@@ -58,9 +59,10 @@ def step(problem, B, A, *, device="auto", step_size="theorem") -> StepResult:
     """
     back = returner(B)
     engine, policy, B, A = _start(problem, B, A, device, step_size)
-    p = engine.fused_pass(B, A, norm=policy.norm)
-    eta, trials = policy.choose(engine, B, A, p, {})
-    B_next, A_next = engine.update(B, A, p.grad_B, p.grad_A, eta)
+    with engine.scope():  # "cuda:i": GPU i current while the step runs
+        p = engine.fused_pass(B, A, norm=policy.norm)
+        eta, trials = policy.choose(engine, B, A, p, {})
+        B_next, A_next = engine.update(B, A, p.grad_B, p.grad_A, eta)
     return StepResult(B=back(B_next), A=back(A_next), eta=float(eta), loss=float(p.loss),
                       grad_sq=float(p.grad_sq), v_sq=float(p.v_sq),
                       g_norm=math.sqrt(float(p.g_sq)), trials=int(trials))
@@ -112,6 +114,12 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
 
 def _fit(problem, B, A, steps, device, step_size, tol, progress, check_every) -> FitResult:
     engine, policy, B, A = _start(problem, B, A, device, step_size)
+    with engine.scope():  # "cuda:i": GPU i current while the fit runs
+        return _loop(engine, policy, B, A, steps, tol, progress, check_every)
+
+
+def _loop(engine, policy, B, A, steps, tol, progress, check_every) -> FitResult:
+    problem = engine.problem
     loop_args = policy.device_loop(problem)
     if (DEVICE_LOOP and engine.run_steps is not None and tol is None and not progress
             and check_every is None and loop_args is not None):
@@ -167,7 +175,7 @@ def _fit(problem, B, A, steps, device, step_size, tol, progress, check_every) ->
                 B, A, final_loss = B_prev, A_prev, float(history.loss[steps_taken])
         if steps_taken < len(history) or status == "diverged":
             status, history = "diverged", history.truncated(steps_taken)
-            _warn_diverged(steps_taken, stacklevel=4)
+            _warn_diverged(steps_taken, stacklevel=5)
     if bar:
         bar.close(steps_taken, final_loss)
     return FitResult(B=B, A=A, final_loss=final_loss, steps=steps_taken, history=history,
@@ -191,7 +199,7 @@ def _fit_on_device(engine, policy, B, A, steps, loop_args) -> FitResult:
     status = "completed"
     if steps_taken < len(history):
         status, history = "diverged", history.truncated(steps_taken)
-        _warn_diverged(steps_taken, stacklevel=5)
+        _warn_diverged(steps_taken, stacklevel=6)
     return FitResult(B=B, A=A, final_loss=final_loss, steps=steps_taken, history=history,
                      status=status, seconds=time.perf_counter() - t0, step_size=policy)
 

@@ -8,6 +8,7 @@ of the same kernels (``emulation.HostRuntime``), which the tests use as a device
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import importlib.util
@@ -77,22 +78,43 @@ def check_available():
         raise DeviceUnavailableError("device='cuda' is unavailable: CuPy sees no CUDA device")
 
 
+def gpu_count() -> int:
+    """The GPUs CuPy sees (after check_available passed)."""
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceCount())
+
+
 class CudaDevice:
     """A Device whose arrays live on a GPU (or in the host emulation of one: ``runtime``)."""
 
     kernels_name = "cuda"
     host_scalars = False  # scalars are 0-d device arrays; the driver looks only when asked
 
-    def __init__(self, name: str = "cuda", runtime=None):
-        self.name, self._runtime = name, runtime
+    def __init__(self, name: str = "cuda", runtime=None, ordinal: int | None = None):
+        self.name, self._runtime, self.ordinal = name, runtime, ordinal
 
     def __repr__(self):
         return f"CudaDevice({self.name!r})"
 
+    def on(self, ordinal: int) -> "CudaDevice":
+        """This device on GPU ``ordinal`` ("cuda:1"): its own runtime, made on first use."""
+        return CudaDevice(f"{self.name.partition(':')[0]}:{ordinal}", None, ordinal)
+
+    def context(self):
+        """GPU ``ordinal`` made CuPy's current device (a no-op for "cuda", the current one,
+        and for a host runtime)."""
+        if self.ordinal is None or getattr(self._runtime, "name", "cupy") != "cupy":
+            return contextlib.nullcontext()
+        import cupy
+
+        return cupy.cuda.Device(self.ordinal)
+
     @property
     def runtime(self):
         if self._runtime is None:
-            self._runtime = launch.CupyRuntime()
+            with self.context():  # CupyRuntime reads the current GPU's attributes
+                self._runtime = launch.CupyRuntime()
         return self._runtime
 
     @property
@@ -105,7 +127,20 @@ class CudaDevice:
 
     def check_available(self):
         if self._runtime is None:
-            check_available()
+            try:
+                check_available()
+            except DeviceUnavailableError as exc:
+                if self.ordinal is None:
+                    raise
+                raise DeviceUnavailableError(f"device={self.name!r} (GPU {self.ordinal}) is "
+                                             f"unavailable: {exc}") from None
+            if self.ordinal is not None:
+                count = gpu_count()
+                if self.ordinal >= count:
+                    raise DeviceUnavailableError(
+                        f"device={self.name!r} asks for GPU {self.ordinal}, but {count} "
+                        f"GPU{'s are' if count != 1 else ' is'} visible (indices 0 to "
+                        f"{count - 1}; CUDA_VISIBLE_DEVICES selects and renumbers them)")
         elif hasattr(self._runtime, "check_available"):
             self._runtime.check_available()
 
