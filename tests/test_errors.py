@@ -48,7 +48,7 @@ CASES = {
     "W0 int": (lambda d: P(_with(d, "v", d["W0"].astype(np.int64)), d["Y"]), TypeError, "W0 must be float32 or float64"),
     "W0 float16": (lambda d: P(_with(d, "v", d["W0"].astype(np.float16)), d["Y"]), TypeError, "W0 must be float32"),
     "W0 complex": (lambda d: P(_with(d, "v", d["W0"].astype(complex)), d["Y"]), TypeError, "W0 must be float32"),
-    "W0 list": (lambda d: P(d["W0"].tolist(), d["Y"]), TypeError, "W0 must be a NumPy"),
+    "W0 list": (lambda d: P(d["W0"].tolist(), d["Y"]), TypeError, r"W0 is a Python list; .*np\.asarray\(W0, dtype=np\.float32\)"),
     "mixed dtypes": (lambda d: P(d["W0"], _with(d, "v", d["Y"].astype(np.float32))), TypeError, "Y has dtype float32"),
     "W0 NaN": (lambda d: P(_with(d, "v", _nan_at(d["W0"])), d["Y"]), ValueError, "W0 contains NaN or inf"),
     "W0 inf": (lambda d: P(_with(d, "v", _nan_at(d["W0"], np.inf)), d["Y"]), ValueError, "W0 contains NaN or inf"),
@@ -71,7 +71,7 @@ CASES = {
     "mask transposed": (lambda d: P(d["W0"], d["Y"], mask=_with(d, "v", d["mask"].T.copy())), ValueError, "mask has shape"),
     "mask float": (lambda d: P(d["W0"], d["Y"], mask=_with(d, "v", d["mask"].astype(np.float64))), TypeError, "mask must be a boolean"),
     "mask int": (lambda d: P(d["W0"], d["Y"], mask=_with(d, "v", d["mask"].astype(np.int8))), TypeError, "mask must be a boolean"),
-    "mask list": (lambda d: P(d["W0"], d["Y"], mask=d["mask"].tolist()), TypeError, "mask must be a boolean"),
+    "mask list": (lambda d: P(d["W0"], d["Y"], mask=d["mask"].tolist()), TypeError, r"mask is a Python list; .*np\.asarray\(mask, dtype=bool\)"),
     # -- step / fit: adapters ----------------------------------------------------------------
     "B rows": (lambda d: step(P(d["W0"], d["Y"]), _with(d, "v", d["B"][:-1].copy()), d["A"]), ValueError, "B must have m = 7 rows"),
     "A cols": (lambda d: step(P(d["W0"], d["Y"]), d["B"], _with(d, "v", d["A"][:, :-1].copy())), ValueError, "A must have n = 13 columns"),

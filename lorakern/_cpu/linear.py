@@ -91,13 +91,24 @@ def _sweep(problem, data, B, A, with_grad: bool, store: bool):
 
 def exact_norm_sq(problem, data) -> float:
     """||Delta^T X||_F^2 of the Delta the last exact pass stored (see norm_strategy)."""
-    D, X = data.D, data.X
+    gram = problem.gram if problem.norm_strategy == "gram" else None
+    return delta_x_norm_sq(data.D, data.X, gram)
+
+
+def delta_x_norm_sq(D, X, K=None) -> float:
+    """||D^T X||_F^2 in float64 for NumPy D (N x m) and X (N x n): the exact norm's kernels.
+
+    K = X X^T (N x N, float64) selects the Gram identity <D D^T, K>; None the column tiles of
+    D^T X. Small work runs in serial Numba loops (no BLAS threads woken), larger work on BLAS
+    products with Numba's ordered sums. Used by the linear kind's pass and by
+    ``lorakern.torch`` (each LoRA layer's Delta and X, read from CPU tensors).
+    """
     N, m = D.shape
     small = N * m * min(N, X.shape[1]) < SERIAL_WORK  # serial loops, no BLAS threads
-    if problem.norm_strategy == "gram":
+    if K is not None:
         if small:
-            return lk.gram_norm_sq(D, problem.gram)
-        return lk.frob_dot(D @ D.T, problem.gram)  # <Delta Delta^T, X X^T>
+            return lk.gram_norm_sq(D, K)
+        return lk.frob_dot(D @ D.T, K)  # <Delta Delta^T, X X^T>
     if small:
         return lk.tiles_norm_sq(D, X, NORM_TILE)
     total = 0.0

@@ -82,7 +82,15 @@ def exact_norm_sq(problem, data):
         if data.K is None:  # X X^T in float64, formed on the device once
             X64 = X.astype(np.float64)
             data.K = X64 @ X64.T
-        return xp.sum((D @ D.T).astype(np.float64) * data.K)  # <Delta Delta^T, X X^T>
+    return delta_x_norm_sq(xp, D, X, data.K if problem.norm_strategy == "gram" else None)
+
+
+def delta_x_norm_sq(xp, D, X, K=None):
+    """||D^T X||_F^2 (0-d float64 of ``xp``) for D (N x m), X (N x n) of the device: the
+    Gram identity <D D^T, K> when K = X X^T (float64) is given, else column tiles of D^T X.
+    Used by the linear kind's pass and by ``lorakern.torch`` (CUDA tensors, as CuPy arrays)."""
+    if K is not None:
+        return xp.sum((D @ D.T).astype(np.float64) * K)  # <Delta Delta^T, X X^T>
     total = xp.zeros((), np.float64)
     for j0 in range(0, X.shape[1], NORM_TILE):
         total += xp.sum(xp.square((D.T @ X[:, j0:j0 + NORM_TILE]).astype(np.float64)))
