@@ -406,11 +406,11 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         old = [(B.detach().clone(), A.detach().clone()) for B, A, *_ in grads]
         eta, trials = eta_theorem, 0
         if closure is not None:
-            eta, trials = self._line_search(closure, float(loss), grads, old, grad_sq,
+            eta, trials = self._line_search(closure, _item(loss), grads, old, grad_sq,
                                             eta_theorem)
         self._update(grads, old, eta)
         self.last = StepInfo(eta=eta, eta_theorem=eta_theorem, g_norm=g_norm, v_sq=v_sq,
-                             grad_sq=grad_sq, loss=None if loss is None else float(loss),
+                             grad_sq=grad_sq, loss=None if loss is None else _item(loss),
                              trials=trials)
         self._clear()
         return loss
@@ -433,7 +433,7 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
                 trials += 1
                 self._update(grads, old, eta)
                 with torch.enable_grad():
-                    value = float(closure())
+                    value = _item(closure())
                 if value <= loss0 - a.c * eta * grad_sq:
                     accepted = eta
                     break
@@ -446,6 +446,10 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
             accepted = eta_theorem
         self._eta_prev = accepted  # as lorakern.Armijo keeps it
         return accepted, trials
+
+
+def _item(loss) -> float:
+    return float(loss.detach()) if torch.is_tensor(loss) else float(loss)
 
 
 def _grad(p):
