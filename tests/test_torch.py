@@ -291,3 +291,36 @@ def test_cuda_layers_use_the_cuda_norms():
     want = lorakern.step(lorakern.LinearProblem(X, Y, W0, lipschitz=1.0), B0, A0, device="cpu")
     assert_close(opt.last.g_norm, want.g_norm, np.float64, "||G||")
     assert_close(layer.lora_A.detach().cpu().numpy(), want.A, np.float64, "A")
+
+
+# ---- the example ----------------------------------------------------------------------------------
+def test_torch_digits_example_runs(tmp_path):
+    """examples/torch_digits.py with tiny settings: every method trains and lowers the loss."""
+    pytest.importorskip("sklearn", reason="the example reads scikit-learn's bundled digits")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "torch_digits.py"
+    spec = importlib.util.spec_from_file_location("torch_digits", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    argv = ["--steps", "4", "--pretrain-steps", "20", "--rank", "2",
+            "--sgd-rates", "0.3", "--adam-rates", "0.01"]
+    plot = None
+    try:
+        import matplotlib  # noqa: F401
+        plot = tmp_path / "curves.png"
+        argv += ["--plot", str(plot)]
+    except ImportError:
+        pass
+    threads = torch.get_num_threads()
+    try:
+        runs = example.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["method"] for r in runs] == ["lorakern", "lorakern+armijo", "sgd", "adam"]
+    for r in runs:
+        assert len(r["losses"]) == 4 and r["losses"][-1] < r["losses"][0], r["method"]
+        assert 0.0 <= r["accuracy"] <= 1.0
+    if plot is not None:
+        assert plot.stat().st_size > 1000
