@@ -72,8 +72,13 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch import nn
+
+try:
+    import torch
+    from torch import nn
+except ImportError as exc:  # pragma: no cover - the message is the point
+    raise ImportError('lorakern.torch needs PyTorch: pip install "lorakern[torch]" (from a '
+                      'clone: pip install ".[torch]"), which brings torch and peft') from exc
 
 from ._validate import as_array, positive_float
 from .step_size import THEOREM_CONSTANT, Armijo
