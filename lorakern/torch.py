@@ -34,7 +34,10 @@ hook on the layer's output keeps Delta_l. ``step()`` then computes
         <Delta Delta^T, X X^T> or tiles of Delta^T X, whichever costs fewer multiply-adds
     eta_t = min{1 / (5 sqrt(2) max(L, 1) (||V'||^2 + ||G||_F)), 1}       (eq. 8)
 
-and updates every A and B at once from the old iterate (eq. 3). A layer's adapters of
+and updates every A and B at once from the old iterate (eq. 3). Memory: the hooks keep
+X_l and Delta_l of every forward pass with gradients since the last ``step()`` or
+``zero_grad()`` (N_l (n_l + m_l) numbers per layer, references to tensors autograd keeps
+anyway for X_l, new ones for Delta_l); passes under ``torch.no_grad()`` keep nothing. A layer's adapters of
 several active PEFT adapters on one layer form one pair of rank r_1 + r_2 + ... (B' = [B'_1
 B'_2 ...], A' stacked), with one G_l. Gradient accumulation works: several forward/backward
 passes before ``step()`` sum both p.grad and Delta_l^T X_l (the captured rows are stacked).
