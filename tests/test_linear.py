@@ -422,3 +422,29 @@ def test_linear_rows_of_the_tables_conform():
     problem, _, _ = make_linear((4, 3, 2, 1), np.float64)
     assert isinstance(problem, ProblemKind) and problem.kind == "linear"
     assert problem.adapter_shape() == (2, 3) and problem.arrays()[0] is problem.X
+
+
+# ---- the exact norm's kernels on arrays not held by a problem (lorakern.torch uses them) ---------
+@pytest.mark.parametrize("dtype", (np.float32, np.float64))
+@pytest.mark.parametrize("serial", [True, False], ids=["serial", "blas"])
+def test_delta_x_norm_sq_both_devices(dtype, serial, monkeypatch):
+    """||D^T X||_F^2 by the Gram identity and by tiles, on the CPU (serial Numba loops and the
+    BLAS route) and in the CUDA module's array code (run on NumPy), against float64."""
+    from lorakern._cpu import linear as cpu_linear
+    from lorakern._cuda import linear as cuda_linear
+
+    if not serial:
+        monkeypatch.setattr(cpu_linear, "SERIAL_WORK", 0)
+    monkeypatch.setattr(cpu_linear, "NORM_TILE", 5)   # several column tiles, a partial one
+    monkeypatch.setattr(cuda_linear, "NORM_TILE", 5)
+    rng = np.random.default_rng(11)
+    D = rng.standard_normal((23, 6)).astype(dtype)
+    X = rng.standard_normal((23, 13)).astype(dtype)
+    want = float(np.sum((D.astype(np.float64).T @ X.astype(np.float64)) ** 2))
+    X64 = X.astype(np.float64)
+    K = X64 @ X64.T
+    for name, got in (("cpu gram", cpu_linear.delta_x_norm_sq(D, X, K)),
+                      ("cpu tiles", cpu_linear.delta_x_norm_sq(D, X)),
+                      ("cuda gram", float(cuda_linear.delta_x_norm_sq(np, D, X, K))),
+                      ("cuda tiles", float(cuda_linear.delta_x_norm_sq(np, D, X)))):
+        assert_close(got, want, dtype, name)
