@@ -163,9 +163,21 @@ class _Layer:
 def lora_layers(model: nn.Module, adapter: str | None = None) -> list[tuple[str, nn.Module, list]]:
     """The LoRA layers of ``model``: (name, module, [(B, A, scaling), ...]).
 
-    Finds lorakern's ``LoRALinear`` and PEFT's LoRA layers (``lora_A[adapter].weight`` r x n,
-    ``lora_B[adapter].weight`` m x r, ``scaling[adapter]``), the active adapters (or only
-    ``adapter``). ValueError for what the theory does not cover (module docstring).
+    Parameters
+    ----------
+    model : the module to search (``named_modules``).
+    adapter : a PEFT adapter name, or None for each layer's active adapters.
+
+    Returns
+    -------
+    One entry per adapted layer: lorakern's ``LoRALinear`` (its ``lora_B``, ``lora_A``,
+    ``scaling``) and PEFT's LoRA layers (``lora_B[adapter].weight`` m x r,
+    ``lora_A[adapter].weight`` r x n, ``scaling[adapter]``: alpha / r, or alpha / sqrt(r)
+    with rsLoRA). Several adapters on one layer are several pairs of one entry.
+
+    Raises
+    ------
+    ValueError : a layer the theory does not cover (module docstring).
     """
     found = []
     for name, module in model.named_modules():
@@ -395,9 +407,26 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """One step on all LoRA pairs; with ``closure`` (which zeroes the gradients, runs the
-        model, calls backward and returns the loss) the Armijo line search. Returns the
-        closure's loss at V_t (or None)."""
+        """One step on all LoRA pairs from the gradients and the kept X_l, Delta_l.
+
+        Parameters
+        ----------
+        closure : None, or a callable that zeroes the gradients, runs the model, calls
+            ``backward()`` and returns the loss (as for ``torch.optim.LBFGS``). Given, it is
+            called once at V_t and then once per trial of the Armijo line search (module
+            docstring); the step taken is at least eta_t.
+
+        Returns
+        -------
+        The closure's loss at V_t, or None. ``self.last`` holds the step's numbers
+        (``StepInfo``).
+
+        Raises
+        ------
+        RuntimeError : a layer has gradients but the hooks saw no forward pass or no backward
+            pass through it (the pass ran before the optimizer was made, or under no_grad).
+        DeviceUnavailableError : CUDA tensors without CuPy (``pip install "lorakern[cuda]"``).
+        """
         if not self._handles:
             raise RuntimeError("remove_hooks() was called: this optimizer cannot step")
         loss = None
