@@ -163,6 +163,9 @@ def test_torch_in_torch_out(dtype):
             assert isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)
             assert value.device.type == "cpu" and value.dtype == tB.dtype
             assert_bitwise(value.numpy(), getattr(want, name), name)
+    for t in (tX, tB, tA):  # read in place: the same memory, read-only, strides kept
+        view = _validate.as_array("t", t)
+        assert view.__array_interface__["data"][0] == t.data_ptr() and not view.flags.writeable
     G, J = reference.gradient(problem_t, tB, tA)
     assert isinstance(G, torch.Tensor)
     assert_close(G.numpy(), reference.gradient(problem_np, B, A)[0], np.float64, "G")
