@@ -7,11 +7,9 @@ array or None.
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
-from .._dispatch import array_library
+from .. import _dispatch
 from ..losses import LOSSES, Loss
 from .._validate import (array_namespace, check_delta, check_matrix, positive_float,
                          reject_masked)
@@ -46,11 +44,11 @@ class Problem(KindBase):
                  lipschitz: float | None = None):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known losses: {sorted(LOSSES)}")
-        if _sharded(W0, Y, mask):  # dask arrays: checked and kept on the workers, by rows
-            from .._dask.problem import init_sharded
-
+        # dask arrays: checked and kept on the workers, by rows (the dispatch table knows how)
+        fill = _dispatch.wrapped_problem(self.kind, W0, Y, mask)
+        if fill is not None:
             self._set_loss(loss, delta, lipschitz)
-            init_sharded(self, W0, Y, mask, self._shard_kwargs())
+            fill(self, W0, Y, mask, self._shard_kwargs())
             return
         check_matrix("W0", W0, takes_mask=True)
         check_matrix("Y", Y, dtype=W0.dtype, takes_mask=True)
@@ -130,12 +128,6 @@ class Problem(KindBase):
         m, n = self.shape
         mask = "" if self.mask is None else ", masked"
         return f"Problem({m}x{n} {self.dtype}, loss={self.loss.name!r}{mask}, L={self.lipschitz})"
-
-
-def _sharded(*arrays) -> bool:
-    """True if any input is a dask array (never imports dask: it is loaded if one exists)."""
-    return "dask" in sys.modules and any(
-        array_library(a) == "dask" for a in arrays if a is not None)
 
 
 def _check_mask(mask, shape, xp):
