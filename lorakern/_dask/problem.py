@@ -11,11 +11,12 @@ scheduler, so a shard lost with its worker is rebuilt from its source).
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from .._validate import FLOAT_DTYPES
+from .._validate import FLOAT_DTYPES, InputWarning
 from . import default_client, distributed, is_dask_array
 
 
@@ -46,7 +47,10 @@ def build_shard(W0, Y, mask, lo, hi, kwargs) -> Shard:
 
     if mask is not None:
         mask = np.asarray(mask) if type(mask).__module__.split(".")[0] != "cupy" else mask
-    return Shard(Problem(W0, Y, mask=mask, **kwargs), lo, hi)
+    with warnings.catch_warnings():
+        # one shard's rows all masked out is no fault of the whole problem's mask
+        warnings.simplefilter("ignore", InputWarning)
+        return Shard(Problem(W0, Y, mask=mask, **kwargs), lo, hi)
 
 
 @dataclass

@@ -7,12 +7,14 @@ array or None.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .. import _dispatch
 from ..losses import LOSSES, Loss
-from .._validate import (array_namespace, check_delta, check_matrix, positive_float,
-                         reject_masked)
+from .._validate import (InputWarning, array_namespace, check_delta, check_matrix,
+                         positive_float, reject_masked)
 from ._common import KindBase
 
 
@@ -25,7 +27,8 @@ class Problem(KindBase):
         problem is then sharded by rows and kept on the workers of a Dask cluster; see
         lorakern._dask).
     loss : "squared" (the default, J = 1/2 ||W0 + BA - Y||_F^2), "huber" or "logistic".
-    mask : optional (m, n) boolean array; entries where it is False add nothing.
+    mask : optional (m, n) boolean array; entries where it is False add nothing. A mask
+        that is False everywhere warns (InputWarning): nothing is observed, J = 0.
     delta : the Huber threshold (> 0; default 1). Only "huber" takes it.
     lipschitz : L of the loss's gradient; None takes the loss's own (1, 1, 1/4).
         The step size uses max(L, 1), as Assumption 1 of the paper needs L >= 1.
@@ -68,6 +71,10 @@ class Problem(KindBase):
             W0, Y = xp.ascontiguousarray(W0).copy(), xp.ascontiguousarray(Y).copy()
         self._set_layout(W0, Y, self._residual)
         self.mask = None if mask is None else _check_mask(mask, self.shape, xp)
+        if self.mask is not None and not bool(self.mask.any()):
+            warnings.warn("the mask is False everywhere: no entry is observed, so the loss is "
+                          "0 and its gradient 0 for any adapters (nothing to fit)",
+                          InputWarning, stacklevel=2)
         self._prepared: dict = {}  # device key -> that device's copy of the data
 
     def _set_layout(self, W0, Y, residual) -> None:
