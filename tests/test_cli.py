@@ -202,7 +202,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, tmp_pat
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     code, out, err = run_main(capsys, "demo", *SMALL, "--device", "reference",
                               "--plot", str(tmp_path / "x.png"))
-    assert code == 2 and 'pip install "lorakern[plot]"' in err
+    assert code == 2 and 'pip install ".[plot]" in a clone' in err
     assert out == ""  # it fails before any work
 
 

@@ -292,7 +292,7 @@ except lorakern.DeviceUnavailableError as exc:
 
 @pytest.mark.parametrize("script, says", [
     (SCRIPT_NO_CLIENT, "no Client is connected"),
-    (SCRIPT_NO_DISTRIBUTED, 'pip install "lorakern[dask]"'),
+    (SCRIPT_NO_DISTRIBUTED, 'pip install ".[dask]" in a clone'),
 ])
 def test_no_cluster_is_a_clear_error(script, says):
     root = str(Path(lorakern.__file__).resolve().parents[1])

@@ -27,7 +27,7 @@ from .. import _dispatch
 from .._dispatch import DeviceUnavailableError
 from .._host import HostDevice
 
-INSTALL = 'pip install "lorakern[dask]"'
+INSTALL = 'pip install ".[dask]" in a clone of lorakern'
 
 
 def distributed():
