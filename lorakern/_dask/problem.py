@@ -143,3 +143,15 @@ def init_sharded(problem, W0, Y, mask, kwargs) -> None:
             client.cancel(futures)
             raise exc
     problem.shards = Shards(client=client, futures=futures, bounds=bounds)
+    if mask is not None:
+        # each worker says whether its shards observe an entry: a few bytes come back
+        observed = client.gather([client.submit(_observes_any, f, pure=False) for f in futures])
+        if not any(observed):
+            from ..problems.matrix import warn_all_false_mask
+
+            warn_all_false_mask(stacklevel=4)  # warn_all_false_mask, here, Problem, its caller
+
+
+def _observes_any(shard: Shard) -> bool:
+    """True if the shard's mask has an entry that is True."""
+    return bool(shard.problem.mask.any())

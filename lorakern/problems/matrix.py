@@ -72,9 +72,7 @@ class Problem(KindBase):
         self._set_layout(W0, Y, self._residual)
         self.mask = None if mask is None else _check_mask(mask, self.shape, xp)
         if self.mask is not None and not bool(self.mask.any()):
-            warnings.warn("the mask is False everywhere: no entry is observed, so the loss is "
-                          "0 and its gradient 0 for any adapters (nothing to fit)",
-                          InputWarning, stacklevel=2)
+            warn_all_false_mask(stacklevel=3)
         self._prepared: dict = {}  # device key -> that device's copy of the data
 
     def _set_layout(self, W0, Y, residual) -> None:
@@ -135,6 +133,13 @@ class Problem(KindBase):
         m, n = self.shape
         mask = "" if self.mask is None else ", masked"
         return f"Problem({m}x{n} {self.dtype}, loss={self.loss.name!r}{mask}, L={self.lipschitz})"
+
+
+def warn_all_false_mask(stacklevel: int) -> None:
+    """InputWarning: no entry is observed (``stacklevel`` counts from here to the caller)."""
+    warnings.warn("the mask is False everywhere: no entry is observed, so the loss is 0 and "
+                  "its gradient 0 for any adapters (nothing to fit)", InputWarning,
+                  stacklevel=stacklevel)
 
 
 def _check_mask(mask, shape, xp):
