@@ -44,7 +44,8 @@ def test_merged_squared_loss_needs_w0(dtype):
 def test_merged_takes_the_problems_own_w0():
     """A LinearProblem and a logistic Problem keep W0: merged() needs no argument."""
     rng = np.random.default_rng(5)
-    X, Y, W0 = rng.standard_normal((50, 9)), rng.standard_normal((50, 6)), rng.standard_normal((6, 9))
+    X, Y = rng.standard_normal((50, 9)), rng.standard_normal((50, 6))
+    W0 = rng.standard_normal((6, 9))
     B, A = lorakern.init_adapters(6, 9, 2, dtype=np.float64, seed=rng, init="gaussian")
     result = lorakern.fit(lorakern.LinearProblem(X, Y, W0), B, A, steps=2, device="reference")
     assert_bitwise(result.merged(), W0 + result.B @ result.A, "linear merged")
@@ -54,7 +55,8 @@ def test_merged_takes_the_problems_own_w0():
 
 
 @pytest.mark.parametrize("call, error, match", [
-    (lambda W0, B, A: lorakern.merge(W0.astype(np.float32), B, A), TypeError, "B has dtype float64"),
+    (lambda W0, B, A: lorakern.merge(W0.astype(np.float32), B, A), TypeError,
+     "B has dtype float64"),
     (lambda W0, B, A: lorakern.merge(W0[:-1], B, A), ValueError, "W0 is 7x7, B is 8x2"),
     (lambda W0, B, A: lorakern.merge(W0, B, A[:1]), ValueError, "A is 1x7"),
     (lambda W0, B, A: lorakern.merge(W0.tolist(), B, A), TypeError, "W0 must be a NumPy"),
