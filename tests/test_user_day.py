@@ -102,6 +102,10 @@ def test_two_chained_fits_are_one_fit(device, dtype, step_size):
         fresh = lorakern.fit(problem, first.B, first.A, steps=15, device=device,
                              step_size=first.step_size)
         assert fresh.history.trials[0] > second.history.trials[0]
+        # and the state sets the step: a tiny last eta starts the search below eta_t
+        tiny = lorakern.fit(problem, first.B, first.A, steps=1, device=device,
+                            step_size=first.step_size, state={"eta": 1e-12})
+        assert tiny.history.eta[0] < second.history.eta[0] and tiny.history.trials[0] == 0
     else:
         assert first.state == {}
 
