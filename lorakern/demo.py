@@ -161,6 +161,15 @@ def numba_compiles():
     found.extend(e.data["dispatcher"] for _, e in recorder.buffer if e.is_start)
 
 
+def _kept_note(device: str) -> str:
+    """Where the compiled CPU kernels are kept, if on disk (the next run then loads them)."""
+    if device != "cpu":
+        return ""
+    from ._cpu.kernels import cache_dir
+
+    return " (kept on disk: the next run loads them)" if cache_dir() is not None else ""
+
+
 # -- what is printed -------------------------------------------------------------------------
 
 def describe_policy(policy, problem) -> str:
@@ -240,9 +249,9 @@ def run(args, device: str, out=print) -> int:
         out(f"          loading the {device} kernels ...", end=" ", flush=True)
         with numba_compiles() as compiled:
             compile_s = warm_up(demo.twin, rank, device, policy)
-        out(f"compiled in {compile_s:.1f} s (kept on disk: the next run loads them)"
-            if compiled else f"loaded from the cache in {compile_s:.1f} s" if device == "cpu"
-            else f"{compile_s:.1f} s")
+        out(f"compiled in {compile_s:.1f} s" + _kept_note(device) if compiled else
+            f"loaded from the cache in {compile_s:.1f} s" if device == "cpu" else
+            f"{compile_s:.1f} s")
     out(f"fit       {args.steps} steps", flush=True)
     result = fit(problem, demo.B, demo.A, steps=args.steps, device=device, step_size=policy,
                  progress=True)
