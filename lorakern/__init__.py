@@ -10,6 +10,7 @@ outputs X (W0 + BA)^T); ``step`` and ``fit`` take either kind (docs/linear.md).
 """
 from . import reference, theory
 from ._dispatch import DeviceUnavailableError, devices
+from ._interrupt import FitInterrupted
 from .adapters import init_adapters
 from .descent import fit, step
 from .losses import LOSSES
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Problem", "LinearProblem", "step", "fit", "init_adapters", "devices", "DeviceUnavailableError",
+    "FitInterrupted",
     "StepResult", "FitResult", "History", "Theorem", "Constant", "Armijo", "StepSize", "LOSSES",
     "reference", "theory", "__version__",
 ]

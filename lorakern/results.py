@@ -97,6 +97,8 @@ class FitResult:
     final_loss: float
     steps: int
     history: History
-    status: str = "completed"  # or "converged" (grad_sq <= tol) or "diverged" (loss not finite)
+    #: "completed", "converged" (grad_sq <= tol), "diverged" (loss not finite) or
+    #: "interrupted" (Ctrl-C: the steps taken before it, see fit)
+    status: str = "completed"
     seconds: float = 0.0
     step_size: object = field(default=None, repr=False)  # the policy object the run used
