@@ -154,6 +154,35 @@ def test_second_ctrl_c_raises_at_once(monkeypatch):
     assert_bitwise(B, B0, "caller's B")
     assert_bitwise(A, A0, "caller's A")
     # (the fixture checks that the default handler is back)
+    monkeypatch.undo()
+    # nothing half-written is left in the problem: it fits as a fresh one does
+    fresh, _, _ = matrix_case(np.float64)
+    assert_same_run(lorakern.fit(problem, B, A, steps=4, device="cpu"),
+                    lorakern.fit(fresh, B, A, steps=4, device="cpu"))
+
+
+def test_pool_threads_are_waited_for_through_ctrl_c():
+    """A KeyboardInterrupt while the CPU pass waits for its pool threads is raised only once
+    they are done (a thread left running would write into the problem's workspace)."""
+    from lorakern._cpu import workers
+
+    class Running:
+        def __init__(self):
+            self.waits = 0
+
+        def cancel(self):
+            return False
+
+        def result(self):
+            self.waits += 1
+            if self.waits == 1:
+                raise KeyboardInterrupt
+            return None
+
+    futures = [Running(), Running()]
+    with pytest.raises(KeyboardInterrupt):
+        workers._wait_all(futures)
+    assert [f.waits for f in futures] == [2, 2]
 
 
 def test_normal_fit_installs_and_restores(monkeypatch):
