@@ -7,7 +7,9 @@ completed iterate, the history so far) and a ``FitInterrupted`` warning saying h
 resume. A second SIGINT raises KeyboardInterrupt at once, as a second Ctrl-C does in most
 long-running tools (pip, Jupyter). This is what scikit-learn's MLP does with its
 ``except KeyboardInterrupt: warnings.warn("Training interrupted by user.")`` (it keeps the fit
-so far), done here at a step boundary so that the iterate returned is a whole step's.
+so far), done here at a step boundary so that the iterate returned is a whole step's. A
+request that comes after the last step has nothing left to stop: the fit is complete and is
+returned as "completed", without a warning.
 
 The handler is installed only where it is safe and the user has not chosen otherwise: on the
 main thread (only it may set signal handlers, and only it receives SIGINT in Python), and only
