@@ -10,6 +10,7 @@ outputs X (W0 + BA)^T); ``step`` and ``fit`` take either kind (docs/linear.md).
 """
 from . import reference, theory
 from ._dispatch import DeviceUnavailableError, devices
+from ._interrupt import FitInterrupted
 from ._validate import InputWarning
 from .adapters import init_adapters, merge
 from .descent import fit, step
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Problem", "LinearProblem", "step", "fit", "init_adapters", "merge", "devices",
-    "DeviceUnavailableError", "InputWarning",
+    "DeviceUnavailableError", "InputWarning", "FitInterrupted",
     "StepResult", "FitResult", "FitProgress", "History", "Theorem", "Constant", "Armijo",
     "StepSize", "LOSSES",
     "reference", "theory", "__version__",

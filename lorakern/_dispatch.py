@@ -91,8 +91,10 @@ class Device(Protocol):
 class Kernels(Protocol):
     """One problem kind's fused pass on one device.
 
-    Optional: ``run_steps(problem, data, B, A, steps, *, eta_scale=None, eta_fixed=None)
-    -> results.DeviceRun``, a whole fit on the device for policies that need no host.
+    Optional: ``run_steps(problem, data, B, A, steps, *, eta_scale=None, eta_fixed=None,
+    stop=None) -> results.DeviceRun``, a whole fit on the device for policies that need no
+    host; ``stop`` (a callable or None) is asked between chunks of steps and ends the run
+    early when it returns True (Ctrl-C, lorakern/_interrupt.py).
     """
 
     def prepare(self, problem, device) -> Any:

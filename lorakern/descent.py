@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 
 from . import _dispatch
+from ._interrupt import DeferredInterrupt, FitInterrupted
 from ._progress import Progress
 from ._validate import positive_int
 from .adapters import check_adapters
@@ -108,6 +109,17 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
     FitResult. If the loss stops being finite, at any step or at V_T, the loop stops, keeps
     the last iterate with a finite loss, sets status "diverged" and warns.
 
+    Ctrl-C (SIGINT) does not lose the steps taken: the loop stops at the end of the current
+    step and returns a FitResult with status "interrupted", the last completed iterate, its
+    loss and the history so far (``theory.check`` covers those steps), and warns
+    (``FitInterrupted``) with how to resume: ``fit(problem, result.B, result.A,
+    steps=<remaining>, ...)``, which for "theorem" or a constant step size continues the
+    same iterates bit for bit. A second Ctrl-C raises KeyboardInterrupt at once. The device
+    loop of a GPU (CUDA graphs) is asked between chunks of ``_cuda.matrix.STOP_EVERY`` steps,
+    so it stops within that many steps. This holds where fit runs on the main thread and
+    SIGINT has Python's default handler; elsewhere KeyboardInterrupt propagates as usual
+    (lorakern/_interrupt.py). The caller's arrays are never written, on any path.
+
     Raises
     ------
     TypeError, ValueError : bad arrays or arguments, named (inputs are left untouched).
@@ -133,11 +145,26 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
         raise TypeError(f"state must be None or a dict (a FitResult's state), got "
                         f"{type(state).__name__}")
     engine, policy, B, A = _start(problem, B, A, device, step_size)
-    state = dict(state or {})
+    with DeferredInterrupt() as stop:
+        result = _fit(engine, policy, B, A, steps, tol, progress, check_every, stop,
+                      dict(state or {}), callback, callback_every)
+    if result.status == "interrupted":
+        warnings.warn(f"fit was interrupted (Ctrl-C) after {result.steps} of {steps} steps and "
+                      f"returned the last completed iterate; to go on, call fit(problem, "
+                      f"result.B, result.A, steps={steps - result.steps}, "
+                      f"step_size=result.step_size, state=result.state)", FitInterrupted,
+                      stacklevel=2)
+    return result
+
+
+def _fit(engine, policy, B, A, steps, tol, progress, check_every, stop, state, callback,
+         callback_every) -> FitResult:
+    """fit()'s loops, with SIGINT deferred to a step boundary (``stop.requested``)."""
+    problem = engine.problem
     loop_args = policy.device_loop(problem)
     if (DEVICE_LOOP and engine.run_steps is not None and tol is None and not progress
             and check_every is None and loop_args is not None and callback is None):
-        return _fit_on_device(engine, policy, B, A, steps, loop_args, state)
+        return _fit_on_device(engine, policy, B, A, steps, loop_args, stop, state)
     xp, to_host = engine.xp, engine.device.to_host
     if check_every is None:
         check_every = 1 if engine.device.host_scalars else (50 if tol is not None or progress
@@ -149,6 +176,9 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
     B_kept, A_kept, finite = B, A, xp.asarray(True)
     last = None
     for t in range(steps):
+        if stop.requested:  # Ctrl-C: V_t, the last completed iterate, is the answer
+            status = "interrupted"
+            break
         p = engine.fused_pass(B, A, norm=policy.norm)
         finite = finite & xp.isfinite(xp.asarray(p.loss))
         B_kept, A_kept = xp.where(finite, B, B_kept), xp.where(finite, A, A_kept)
@@ -195,7 +225,7 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
                 B, A, final_loss = B_prev, A_prev, float(history.loss[steps_taken])
         if steps_taken < len(history) or status == "diverged":
             status, history = "diverged", history.truncated(steps_taken)
-            _warn_diverged(steps_taken, stacklevel=3)
+            _warn_diverged(steps_taken, stacklevel=4)
     if bar:
         bar.close(steps_taken, final_loss)
     return FitResult(B=B, A=A, final_loss=final_loss, steps=steps_taken, history=history,
@@ -214,10 +244,12 @@ def _call_back(callback, t, B, A, p, eta, t0) -> bool:
     return isinstance(answer, (bool, np.bool_)) and bool(answer)  # True only: not any truthy
 
 
-def _fit_on_device(engine, policy, B, A, steps, loop_args, state) -> FitResult:
-    """fit() as one device-side loop (Kernels.run_steps): no host round trip per step."""
+def _fit_on_device(engine, policy, B, A, steps, loop_args, stop, state) -> FitResult:
+    """fit() as one device-side loop (Kernels.run_steps): no host round trip per step (but
+    one per chunk of steps where a Ctrl-C can stop it: ``stop``)."""
     problem, t0 = engine.problem, time.perf_counter()
-    run = engine.run_steps(problem, engine.data, B, A, steps, **loop_args)
+    run = engine.run_steps(problem, engine.data, B, A, steps, **loop_args,
+                           stop=stop if stop.installed else None)
     history = history_from_columns(run.history, dtype=problem.dtype,
                                    lipschitz=problem.eta_lipschitz)
     B, A, steps_taken = run.B, run.A, len(history)
@@ -225,13 +257,13 @@ def _fit_on_device(engine, policy, B, A, steps, loop_args, state) -> FitResult:
         # as in the host loop: keep V_{t-1}, the last iterate whose loss was finite
         steps_taken = max(run.diverged_at - 1, 0)
     final_loss = float(engine.loss_pass(B, A))
-    if run.diverged_at is None and not math.isfinite(final_loss) and steps > 0:
-        steps_taken = steps - 1  # the last step blew up
+    if run.diverged_at is None and not math.isfinite(final_loss) and len(history) > 0:
+        steps_taken = len(history) - 1  # the last step blew up
         B, A, final_loss = run.B_prev, run.A_prev, float(history.loss[steps_taken])
-    status = "completed"
+    status = "completed" if len(history) == steps else "interrupted"  # stopped by Ctrl-C
     if steps_taken < len(history):
         status, history = "diverged", history.truncated(steps_taken)
-        _warn_diverged(steps_taken, stacklevel=4)
+        _warn_diverged(steps_taken, stacklevel=5)
     return FitResult(B=B, A=A, final_loss=final_loss, steps=steps_taken, history=history,
                      status=status, seconds=time.perf_counter() - t0, step_size=policy,
                      state=state, problem=problem)

@@ -143,8 +143,9 @@ class FitResult:
     final_loss: float
     steps: int
     history: History
-    status: str = "completed"  # or "converged" (grad_sq <= tol), "stopped" (the callback
-    #                            asked), "diverged" (loss not finite)
+    #: "completed", "converged" (grad_sq <= tol), "stopped" (the callback asked),
+    #: "diverged" (loss not finite) or "interrupted" (Ctrl-C: the steps taken before it)
+    status: str = "completed"
     seconds: float = 0.0
     step_size: object = None   # the policy object the run used
     state: dict = field(default_factory=dict)  # the policy's state at V_T (see above)

@@ -33,6 +33,15 @@ class Problem(KindBase):
     lipschitz : L of the loss's gradient; None takes the loss's own (1, 1, 1/4).
         The step size uses max(L, 1), as Assumption 1 of the paper needs L >= 1.
 
+    Notes
+    -----
+    A Problem pickles with its data and comes back working (``pickle``, ``multiprocessing``,
+    ``concurrent.futures``, joblib): the arrays it keeps travel (R = W0 - Y for a residual
+    loss, W0 and Y for a label loss, the mask as one byte per entry), so the pickle is about
+    their bytes; the copies and workspaces its devices prepared, and their locks, are
+    rebuilt on first use. A Problem on dask arrays does not pickle (TypeError): its data are
+    futures of one Dask client.
+
     Raises
     ------
     TypeError : non-float or mixed dtypes, a NumPy masked array (for W0 and Y: use ``mask=``).
@@ -128,6 +137,15 @@ class Problem(KindBase):
     def arrays(self) -> tuple:
         """The arrays whose home decides device="auto"."""
         return (self.base,)
+
+    def __getstate__(self) -> dict:
+        if "shards" in self.__dict__:
+            raise TypeError(
+                "a Problem on dask arrays does not pickle: its data are futures held by one "
+                "Dask client and its cluster's workers. Pickle the dask arrays (or the paths "
+                "they are read from) and build the Problem where it is used, or build a "
+                "NumPy Problem from W0.compute() and Y.compute()")
+        return super().__getstate__()
 
     def __repr__(self):
         m, n = self.shape
