@@ -97,7 +97,7 @@ def test_ctrl_c_returns_the_steps_taken(monkeypatch, capsys, kind, dtype):
     sigint_during_pass(monkeypatch, call=5, seen=seen)  # during step t = 4
     with pytest.warns(lorakern.FitInterrupted,
                       match=rf"after 5 of {STEPS} steps.*fit\(problem, result.B, result.A, "
-                            rf"steps={STEPS - 5}, \.\.\.\)"):
+                            rf"steps={STEPS - 5}, step_size=result.step_size, state=result.state\)"):
         got = lorakern.fit(problem, B, A, steps=STEPS, device="cpu")
     assert "stopping at the end of this step" in capsys.readouterr().err
     assert seen[0] is not signal.default_int_handler  # fit's handler was in place
