@@ -131,6 +131,14 @@ def test_ctrl_c_with_other_policies(monkeypatch, step_size):
     monkeypatch.undo()
     assert got.status == "interrupted" and got.steps == 3
     assert_same_run(got, lorakern.fit(problem, B, A, steps=3, device="cpu", step_size=step_size))
+    # resumed as the warning says (Armijo's last eta travels in result.state): the same bits
+    rest = lorakern.fit(problem, got.B, got.A, steps=STEPS - 3, device="cpu",
+                        step_size=got.step_size, state=got.state)
+    full = lorakern.fit(problem, B, A, steps=STEPS, device="cpu", step_size=step_size)
+    assert_bitwise(rest.B, full.B, "resumed B")
+    assert_bitwise(rest.A, full.A, "resumed A")
+    assert_bitwise(np.concatenate([got.history.trials, rest.history.trials]),
+                   full.history.trials, "trials")
 
 
 def test_ctrl_c_during_the_first_step(monkeypatch):
