@@ -73,11 +73,12 @@ def step(problem, B, A, *, step_size="theorem"):
     from ..adapters import check_adapters
     from .._validate import returner
 
-    if type(as_policy(step_size)) not in (Theorem, Constant, Armijo):
-        return generic_step(problem, B, A, device=DEVICE, step_size=step_size)
     back = returner(B)
-    B, A = check_adapters(problem, B, A)
+    B_in, A_in = B, A
+    B, A = check_adapters(problem, B, A, stacklevel=3)
     policy = as_policy(step_size)
+    if type(policy) not in (Theorem, Constant, Armijo):
+        return generic_step(problem, B_in, A_in, device=DEVICE, step_size=policy)
     p = fused_pass(problem, None, B, A, norm=policy.norm)
     g_norm = math.sqrt(p.g_sq)  # ||G_t||_F, or its certified bound for Theorem(norm="bound")
     trials = 0
