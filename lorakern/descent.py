@@ -16,7 +16,7 @@ import numpy as np
 from . import _dispatch
 from ._interrupt import DeferredInterrupt, FitInterrupted
 from ._progress import Progress
-from ._validate import positive_int, returner
+from ._validate import RETURNERS, library, positive_int, returner
 from .adapters import check_adapters
 from .results import (HISTORY_FIELDS, FitProgress, FitResult, History, StepResult,
                       history_from_columns)
@@ -102,7 +102,8 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
         resume a fit exactly (below). Copied: the dict passed is not changed.
     callback : called as ``callback(info)`` at t = k, 2k, ... < T (k = ``callback_every``),
         between steps, with a ``FitProgress``: ``t`` (steps done), ``B``, ``A`` (the
-        iterate V_t, arrays of the device: read them, do not write them), ``loss`` J(V_t),
+        iterate V_t, arrays of the device, or of B's kind when B is a torch tensor or a JAX
+        array: read them, do not write them), ``loss`` J(V_t),
         ``grad_sq``, ``eta`` (of the step that led to V_t) and ``seconds``. If it returns
         True (or raises StopIteration, as SciPy's ``minimize`` callbacks may) the fit stops
         there, before stepping, with status "stopped" and V_t as its result. The final
@@ -153,6 +154,8 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
         raise TypeError(f"state must be None or a dict (a FitResult's state), got "
                         f"{type(state).__name__}")
     back = returner(B)
+    if callback is not None and library(B) in RETURNERS:  # the callback sees B's kind too
+        callback = _converting(callback, back)
     engine, policy, B, A = _start(problem, B, A, device, step_size)
     with DeferredInterrupt() as stop, engine.scope():  # "cuda:i": GPU i current meanwhile
         result = _fit(engine, policy, B, A, steps, tol, progress, check_every, stop,
@@ -165,6 +168,16 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
                       f"step_size=result.step_size, state=result.state)", FitInterrupted,
                       stacklevel=2)
     return result
+
+
+def _converting(callback, back):
+    """``callback`` given FitProgress with B and A as the caller's kind of array (``back``:
+    a torch tensor sharing the device array's memory, no copy on the CPU)."""
+    def call(progress):
+        progress.B, progress.A = back(progress.B), back(progress.A)
+        return callback(progress)
+
+    return call
 
 
 def _fit(engine, policy, B, A, steps, tol, progress, check_every, stop, state, callback,

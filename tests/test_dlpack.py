@@ -214,3 +214,19 @@ def test_torch_cuda_in_cuda_out(dtype):
     assert_close(got.B.cpu().numpy(), want.B, dtype, "B")
     got = lorakern.step(lorakern.LinearProblem(*t[:3]), t[3], t[4], device="cpu")
     assert got.B.device == dev  # results go back to the input's device
+
+
+def test_torch_fit_callback_and_merge():
+    """fit's callback sees tensors when tensors came in; merge takes and gives tensors."""
+    torch = pytest.importorskip("torch")
+    X, Y, W0, B, A = _linear(np.float64, seed=7)
+    problem = lorakern.LinearProblem(X, Y, W0)
+    seen = []
+    result = lorakern.fit(problem, torch.from_numpy(B), torch.from_numpy(A), steps=4,
+                          device="cpu", callback=lambda info: seen.append(type(info.B)),
+                          callback_every=2)
+    assert seen and all(kind is torch.Tensor for kind in seen)
+    merged = lorakern.merge(torch.from_numpy(W0), result.B, result.A)
+    assert isinstance(merged, torch.Tensor)
+    assert_bitwise(merged.numpy(), W0 + result.B.numpy() @ result.A.numpy(), "merged")
+    assert isinstance(result.merged(), torch.Tensor)

@@ -59,7 +59,7 @@ def test_merged_takes_the_problems_own_w0():
      "B has dtype float64"),
     (lambda W0, B, A: lorakern.merge(W0[:-1], B, A), ValueError, "W0 is 7x7, B is 8x2"),
     (lambda W0, B, A: lorakern.merge(W0, B, A[:1]), ValueError, "A is 1x7"),
-    (lambda W0, B, A: lorakern.merge(W0.tolist(), B, A), TypeError, "W0 must be a NumPy"),
+    (lambda W0, B, A: lorakern.merge(W0.tolist(), B, A), TypeError, "W0 is a Python list; .*np.asarray"),
 ])
 def test_merge_bad_input(call, error, match):
     rng = np.random.default_rng(7)
