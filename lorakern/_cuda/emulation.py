@@ -55,6 +55,97 @@ def header() -> str:
     return resources.files(__package__).joinpath("emulation.h").read_text()
 
 
+# ---- the device's arrays --------------------------------------------------------------------
+#: CuPy's message when a host array is assigned into a device array (cupy/_core/core.pyx)
+HOST_INTO_DEVICE = "non-scalar numpy.ndarray cannot be used for fill"
+
+
+class DeviceArray(np.ndarray):
+    """An array "on the emulated device": a NumPy array that refuses, as a CuPy array does,
+    to be filled from a non-scalar host array (``d[...] = numpy_array`` raises CuPy's
+    ``ValueError: non-scalar numpy.ndarray cannot be used for fill``) and to be combined with
+    one in an elementwise operation (CuPy: ``TypeError: Unsupported type``). Host data reaches
+    the device through ``xp.asarray`` / ``xp.array`` (a copy), and leaves it through
+    ``HostRuntime.to_host``, as with CuPy."""
+
+    def get(self):
+        """A host (NumPy) copy, as cupy.ndarray.get()."""
+        return np.array(self, copy=True).view(np.ndarray)
+
+    def __setitem__(self, key, value):
+        if _is_host_array(value):
+            raise ValueError(HOST_INTO_DEVICE)
+        super().__setitem__(key, value)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        for x in (*inputs, *kwargs.get("out", ())):
+            if _is_host_array(x):
+                raise TypeError(f"Unsupported type {type(x)} (a host numpy.ndarray in the device "
+                                f"operation {ufunc.__name__}; copy it with xp.asarray first)")
+        inputs = tuple(x.view(np.ndarray) if isinstance(x, DeviceArray) else x for x in inputs)
+        if "out" in kwargs:
+            kwargs["out"] = tuple(x.view(np.ndarray) for x in kwargs["out"])
+        result = getattr(ufunc, method)(*inputs, **kwargs)
+        return _to_device(result)
+
+
+def _is_host_array(x) -> bool:
+    """A NumPy array that is not on the (emulated) device, and not 0-d (CuPy takes those as
+    scalars)."""
+    return isinstance(x, np.ndarray) and not isinstance(x, DeviceArray) and x.ndim > 0
+
+
+def _to_device(x):
+    if isinstance(x, tuple):
+        return tuple(_to_device(v) for v in x)
+    if type(x) is np.ndarray:
+        return x.view(DeviceArray)
+    return x
+
+
+class DeviceNumpy:
+    """The emulated device's array namespace (``HostRuntime.xp``): NumPy, whose functions
+    return DeviceArrays. ``asarray``/``array``/``ascontiguousarray`` of a host array copy it
+    (a new device array, as with CuPy), so that host and device never share memory."""
+
+    ndarray = DeviceArray
+
+    def __getattr__(self, name):
+        value = getattr(np, name)
+        if callable(value) and not isinstance(value, type):
+            def on_device(*args, **kwargs):
+                return _to_device(value(*args, **kwargs))
+            on_device.__name__ = name
+            return on_device
+        return value
+
+    @staticmethod
+    def array(x, dtype=None, copy=True, order="K", **kwargs):
+        return np.array(x, dtype=dtype, copy=True, order=order, **kwargs).view(DeviceArray)
+
+    @staticmethod
+    def asarray(x, dtype=None, order=None):
+        if isinstance(x, DeviceArray):
+            return np.asarray(x, dtype=dtype, order=order).view(DeviceArray)
+        return np.array(x, dtype=dtype, order=order or "K", copy=True).view(DeviceArray)
+
+    @staticmethod
+    def ascontiguousarray(x, dtype=None):
+        if isinstance(x, DeviceArray):
+            return np.ascontiguousarray(x, dtype=dtype).view(DeviceArray)
+        return np.array(x, dtype=dtype, order="C", copy=True).view(DeviceArray)
+
+    @staticmethod
+    def asnumpy(x):
+        return np.array(x, copy=True).view(np.ndarray)
+
+    def __repr__(self):
+        return "<the emulated device's array namespace (NumPy, DeviceArray results)>"
+
+
+XP = DeviceNumpy()
+
+
 class HostRuntime:
     """launch.py's runtime interface, with the kernels compiled by g++ for the host.
 
@@ -68,7 +159,7 @@ class HostRuntime:
 
     name = "host-emulation"
     supports_graphs = False
-    xp = np
+    xp = XP
     #: a small "GPU": 3 multiprocessors, one block each, so that default plans have a few blocks
     sm_count = 3
     max_smem_per_block = 227 * 1024
@@ -180,6 +271,8 @@ class HostRuntime:
         for i, (a, (kind, size)) in enumerate(zip(args, kernel.signature)):
             where = f"{kernel.name} argument {i}"
             if isinstance(a, np.ndarray):
+                if not isinstance(a, DeviceArray):  # CuPy: TypeError, Unsupported type
+                    raise TypeError(f"{where}: a host numpy.ndarray (kernels take device arrays)")
                 if kind != "p":
                     raise TypeError(f"{where}: an array for a {kind!r} parameter")
                 if not a.flags.c_contiguous:
@@ -203,7 +296,8 @@ class HostRuntime:
 
     @staticmethod
     def to_host(x):
-        return x
+        """A host copy of a device array (cupy.asnumpy); anything else unchanged."""
+        return XP.asnumpy(x) if isinstance(x, DeviceArray) else x
 
 
 def available() -> bool:
