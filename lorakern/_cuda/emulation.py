@@ -42,6 +42,10 @@ FLAGS = ("-std=c++17", "-O1", "-fPIC", "-shared", "-pthread", "-ffp-contract=off
 TIMEOUT = float(os.environ.get("LORAKERN_EMULATION_TIMEOUT", "5"))
 
 
+#: HostRuntime(mma_rounding=...): the emulated mma's rounding of its exact sum
+MMA_ROUNDING = {"rn": 0, "rz": 1}
+
+
 class EmulationError(RuntimeError):
     """An emulated kernel did something a GPU would hang on, trap on, or get wrong."""
 
@@ -155,6 +159,8 @@ class HostRuntime:
         ``["-O0", "-g"]`` to debug a kernel); also read from ``$LORAKERN_EMULATION_FLAGS``.
     timeout : seconds a CUDA thread may run without reaching a barrier before the launch fails.
     cache : where built modules are kept (keyed by a digest of source and flags).
+    mma_rounding : how an emulated mma (warp.cuh) rounds its exact sum of products: "rn" (to
+        nearest even) or "rz" (toward zero). The PTX ISA does not say; tests run under both.
     """
 
     name = "host-emulation"
@@ -164,13 +170,18 @@ class HostRuntime:
     sm_count = 3
     max_smem_per_block = 227 * 1024
 
-    def __init__(self, *, flags=(), timeout: float | None = None, cache: Path | None = None):
+    def __init__(self, *, flags=(), timeout: float | None = None, cache: Path | None = None,
+                 mma_rounding: str = "rn"):
         from_env = os.environ.get("LORAKERN_EMULATION_FLAGS", "").split()
+        if mma_rounding not in MMA_ROUNDING:
+            raise ValueError(f"mma_rounding must be one of {sorted(MMA_ROUNDING)}, got {mma_rounding!r}")
+        self.mma_rounding = mma_rounding
         self.flags = (*FLAGS, *flags, *from_env)
         self.timeout = TIMEOUT if timeout is None else float(timeout)
         self.cache = Path(cache or Path(tempfile.gettempdir()) / "lorakern-cuda-emulation")
         self._modules: dict = {}
         self._runtime_library: Path | None = None
+        self._dll = None
 
     def __repr__(self):
         return f"HostRuntime(flags={self.flags[len(FLAGS):]!r}, timeout={self.timeout})"
@@ -236,6 +247,13 @@ class HostRuntime:
             self._runtime_library = self._compile(source, FLAGS)
         return self._runtime_library
 
+    @property
+    def _runtime_dll(self):
+        """The runtime library as loaded (the modules link to it by path: the same copy)."""
+        if self._dll is None:
+            self._dll = ctypes.CDLL(str(self.runtime_library))
+        return self._dll
+
     def _build(self, code, names):
         runtime = self.runtime_library
         # linked by full path (DT_NEEDED names it), so the module finds this very runtime
@@ -291,6 +309,7 @@ class HostRuntime:
             keep.append(value)
             pointers.append(value.ctypes.data)
         argv = (ctypes.c_void_p * len(pointers))(*pointers)
+        self._runtime_dll.emu_set_mma_rounding(MMA_ROUNDING[self.mma_rounding])
         if kernel.call(int(grid), int(block), int(smem), argv, self.timeout) != 0:
             raise EmulationError(f"{kernel.name}: {kernel.error().decode()}")
 
@@ -298,6 +317,29 @@ class HostRuntime:
     def to_host(x):
         """A host copy of a device array (cupy.asnumpy); anything else unchanged."""
         return XP.asnumpy(x) if isinstance(x, DeviceArray) else x
+
+
+# ---- NumPy models of the warp-level conversions (warp.cuh), for tests and GPU probes -------------
+def tf32_rna_bits(x) -> np.ndarray:
+    """cvt.rna.tf32.f32 on float32 values, as uint32 bits (warp.cuh's tf32_rna_model): round to
+    nearest, ties away from zero, to 10 mantissa bits; inf kept, NaN -> 0x7fffffff."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    special = (bits & 0x7F800000) == 0x7F800000
+    rounded = ((bits.astype(np.uint64) + 0x1000) & 0xFFFFE000).astype(np.uint32)
+    nan = (bits & 0x007FFFFF) != 0
+    return np.where(special, np.where(nan, np.uint32(0x7FFFFFFF), bits), rounded).astype(np.uint32)
+
+
+def tf32_rna(x) -> np.ndarray:
+    """cvt.rna.tf32.f32 as float32 values."""
+    return tf32_rna_bits(x).view(np.float32)
+
+
+def split_tf32(x) -> tuple[np.ndarray, np.ndarray]:
+    """3xTF32's split (warp.cuh's split_tf32): big = tf32(x), small = tf32(x - big)."""
+    x = np.asarray(x, dtype=np.float32)
+    big = tf32_rna(x)
+    return big, tf32_rna(x - big)
 
 
 def available() -> bool:

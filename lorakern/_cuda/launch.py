@@ -292,6 +292,11 @@ def kernel_source() -> str:
     return _SOURCE
 
 
+def warp_source() -> str:
+    """warp.cuh: the TF32 conversion, the mma fragments and wrappers (a module's first text)."""
+    return resources.files(__package__).joinpath("warp.cuh").read_text()
+
+
 def module_source(loss) -> str:
     """The loss's device function, then the kernels (cupyx/ndimage prepends #defines alike)."""
     return f"// loss {loss.name!r}, from lorakern/losses.py\n{loss.cuda_source()}\n{kernel_source()}"
