@@ -147,9 +147,12 @@ class CupyRuntime:
             except Exception:  # noqa: BLE001 - a stale entry: compile again below
                 pass
         module = self.xp.RawModule(code=code, options=OPTIONS, name_expressions=names)
-        mapping = module.module.mapping  # compiles (NVRTC), and CuPy writes its cache entry
-        if path is not None:
+        try:  # compiles (NVRTC), and CuPy writes its cache entry
+            mapping = module.module.mapping
             mangled = {name: mapping[name] for name in names}
+        except (AttributeError, KeyError, TypeError):  # a CuPy without the mapping: no disk cache
+            mangled = None
+        if path is not None and mangled is not None:
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             try:
                 tmp.write_text(json.dumps(mangled, indent=0, sort_keys=True))
