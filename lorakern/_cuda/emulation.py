@@ -10,8 +10,16 @@ tests: not in the user-facing device table, and slow (a barrier switches 256 fib
 small shapes only.
 
 A kernel that misbehaves fails with ``EmulationError`` naming what went wrong (threads at
-different barriers, a thread that never reaches its barrier, a misaligned cp.async, __trap())
-instead of hanging. ``HostRuntime(flags=["-fsanitize=thread"])`` builds ThreadSanitizer
+different barriers, a thread that never reaches its barrier, a misaligned cp.async, __trap(),
+a warp collective called from a divergent warp or with a mask that leaves out a calling lane,
+a .tf32 mma operand that was never converted) instead of hanging.
+
+Its arrays are ``DeviceArray``s (``HostRuntime.xp``, a NumPy namespace whose results are
+DeviceArrays): like CuPy arrays they refuse to be filled from, or combined with, a host NumPy
+array, and kernels take only them, so host/device mix-ups fail here as they fail on a GPU.
+``HostRuntime(mma_rounding="rn" | "rz")`` picks how an emulated mma (warp.cuh) rounds its exact
+sum of products; the PTX ISA leaves it open, so tests run under both. ``tf32_rna`` and
+``split_tf32`` are NumPy models of warp.cuh's conversion and 3xTF32 split. ``HostRuntime(flags=["-fsanitize=thread"])`` builds ThreadSanitizer
 modules (load them into a process started with ``LD_PRELOAD=$(g++ -print-file-name=libtsan.so)``;
 ``ci/emulation_tsan.py`` does).
 """
