@@ -405,6 +405,10 @@ def test_device_array_refuses_host_arrays_in_operations_and_launches(rt, probes)
     with pytest.raises(TypeError, match="Unsupported type"):
         np.multiply(host_x, d)
     assert isinstance(d * 2.0, emulation.DeviceArray) and isinstance(dev.sqrt(d), emulation.DeviceArray)
+    e = d
+    e += d  # in place: the same array
+    assert e is d and d.get().tolist() == [2.0, 4.0, 6.0]
+    assert np.add(d, d, out=d) is d
     back = rt.to_host(d)
     assert type(back) is np.ndarray and not np.shares_memory(back, d)
     with pytest.raises(TypeError, match="argument 0: a host numpy.ndarray"):

@@ -95,9 +95,12 @@ class DeviceArray(np.ndarray):
                 raise TypeError(f"Unsupported type {type(x)} (a host numpy.ndarray in the device "
                                 f"operation {ufunc.__name__}; copy it with xp.asarray first)")
         inputs = tuple(x.view(np.ndarray) if isinstance(x, DeviceArray) else x for x in inputs)
-        if "out" in kwargs:
-            kwargs["out"] = tuple(x.view(np.ndarray) for x in kwargs["out"])
+        out = kwargs.get("out")
+        if out is not None:
+            kwargs["out"] = tuple(x.view(np.ndarray) for x in out)
         result = getattr(ufunc, method)(*inputs, **kwargs)
+        if out is not None:  # NumPy's convention: the out arrays themselves
+            return out[0] if len(out) == 1 else out
         return _to_device(result)
 
 
