@@ -212,7 +212,7 @@ def probe_mma(dev, tiles=8) -> dict:
 
 
 # ---- rates and bandwidth ---------------------------------------------------------------------
-def probe_rates(dev, iters=4096) -> dict:
+def probe_rates(dev, iters=1024) -> dict:
     xp, sms = dev.xp, sm_count(dev)
     out = {}
     for kind, flops_per_mma, otype in (("tf32", 2 * 16 * 8 * 8, np.float32), ("f64", 2 * 8 * 8 * 4, np.float64)):
@@ -299,7 +299,9 @@ print(json.dumps({"module_s": round(t2 - t1, 3), "compiles": rt.compiles, "cache
 
 
 def probe_kernel_cache(out_dir: Path) -> dict:
-    cache = out_dir / "cupy-cache"
+    import tempfile
+
+    cache = Path(tempfile.mkdtemp(prefix="lorakern-cupy-cache-"))  # empty; not under $OUT (cubins)
     env = {**os.environ, "CUPY_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT)}
     env.pop("CUPY_CACHE_IN_MEMORY", None)
     runs = []

@@ -16,7 +16,6 @@ import sys
 import types
 from pathlib import Path
 
-import pytest
 
 import lorakern
 from lorakern._cuda import launch
