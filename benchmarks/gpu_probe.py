@@ -321,28 +321,39 @@ def probe_kernel_cache(out_dir: Path) -> dict:
 _ENGINES: dict = {}
 
 
-def time_row(m, r, dtype) -> dict:
+def time_row(m, r, dtype, device="cuda", steps=STEPS) -> dict:
+    """ms per step of run_steps (``steps`` steps, CUDA graphs), median of 3 after a first run
+    (compile, capture). ``device``: "cuda", or the emulated device (the self-test)."""
     from lorakern._cuda import matrix
     from lorakern._dispatch import bind
     from lorakern.testing import make_case, random_adapters
 
     if (m, dtype) not in _ENGINES:  # one problem (its data on the GPU) per size and dtype
         _ENGINES.clear()
-        _ENGINES[m, dtype] = bind(make_case((m, m, 1), dtype, seed=0)[0], "cuda")
+        _ENGINES[m, dtype] = bind(make_case((m, m, 1), dtype, seed=0)[0], device)
     engine = _ENGINES[m, dtype]
     B, A = random_adapters(m, m, r, dtype, seed=1)
-    run = lambda: matrix.run_steps(engine.problem, engine.data, B, A, STEPS)  # noqa: E731
-    dev_xp = engine.xp
+    emulated = device != "cuda"
+
+    def run():
+        result = matrix.run_steps(engine.problem, engine.data, B, A, steps)
+        assert result.diverged_at is None, f"diverged at step {result.diverged_at}"
+
     run()  # compile, capture
-    dev_xp.cuda.Device().synchronize()
     times = []
     for _ in range(3):
-        start, stop = dev_xp.cuda.Event(), dev_xp.cuda.Event()
+        if emulated:
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1e3 / steps)
+            continue
+        cuda = engine.xp.cuda
+        start, stop = cuda.Event(), cuda.Event()
         start.record()
         run()
         stop.record()
         stop.synchronize()
-        times.append(dev_xp.cuda.get_elapsed_time(start, stop) / STEPS)
+        times.append(cuda.get_elapsed_time(start, stop) / steps)
     return {"ms_per_step": round(statistics.median(times), 4), "all": [round(t, 4) for t in times]}
 
 

@@ -67,3 +67,10 @@ def test_selftest_and_table(probe, tmp_path):
     floor = probe.floor_ms(8192, 16, "float32", calib)
     assert floor["memory_ms"] == pytest.approx((8192**2 + 6 * 8192 * 16) * 4 / 4e12 * 1e3, abs=1e-4)
     assert floor["compute_ms"] == pytest.approx(6 * 8192**2 * 16 / 100e12 * 1e3, abs=1e-4)
+
+
+def test_timing_path_on_the_emulated_device(probe):
+    """time_row's path (problem, binding, run_steps with NumPy adapters) on the emulated device."""
+    result = probe.time_row(37, 3, "float32", device=emulation.device(), steps=2)
+    assert result["ms_per_step"] > 0 and len(result["all"]) == 3
+    probe._ENGINES.clear()
