@@ -125,8 +125,10 @@ def run_steps(problem, data, B, A, steps: int, *, eta_scale: float | None = None
     rt = data.rt
     plan = launch.plan(problem, data, B.shape[1])
     ws = launch.workspace(rt, B.shape, A.shape, problem.dtype, steps)
-    ws.B[0][...] = B
-    ws.A[0][...] = A
+    # B, A may be host (NumPy) arrays: copied to the device first (CuPy refuses to fill a
+    # device array from a non-scalar NumPy array: "cannot be used for fill")
+    ws.B[0][...] = rt.xp.asarray(B)
+    ws.A[0][...] = rt.xp.asarray(A)
     eta_args = _eta_args(_default_scale(problem, eta_scale), eta_fixed)
 
     def one(src: int):
