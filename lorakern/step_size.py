@@ -299,15 +299,16 @@ def exact_step(loss, grad_sq, a2, a3, a4, lo, hi, c=LEMMA2_DECREASE) -> float:
     The minimum over that set lies at an end of [lo, hi], at a critical point of q, or at a
     root of h(eta) = q(eta) - loss + c eta grad_sq (an end of one of the set's intervals).
     """
-    q = np.polynomial.Polynomial([loss, -grad_sq, a2, a3, a4])
-    h = q - np.polynomial.Polynomial([loss, -c * grad_sq])
+    q = np.array([a4, a3, a2, -grad_sq, loss])          # highest power first (np.polyval)
+    h = q - np.array([0.0, 0.0, 0.0, -c * grad_sq, loss])
     candidates = [lo, hi]
-    for poly in (q.deriv(), h):
-        for root in poly.roots():
-            if abs(root.imag) <= 1e-12 * max(abs(root.real), 1e-300) and lo < root.real < hi:
+    for poly in (np.array([4 * a4, 3 * a3, 2 * a2, -grad_sq]), h[:-1]):
+        # q' and h / eta (h(0) = 0): their real roots inside (lo, hi)
+        for root in np.roots(np.trim_zeros(poly, "f")) if np.any(poly[:-1]) else ():
+            if abs(root.imag) <= 1e-9 * abs(root.real) and lo < root.real < hi:
                 candidates.append(float(root.real))
     candidates = np.array(candidates)
-    values, slack = q(candidates), h(candidates)
+    values, slack = np.polyval(q, candidates), np.polyval(h, candidates)
     # a root of h is feasible up to its rounding: allow it the size of q's terms' rounding
     tol = 64 * np.finfo(float).eps * (abs(loss) + grad_sq * candidates)
     feasible = slack <= tol

@@ -9,7 +9,7 @@ import numpy as np
 
 from .._host import ordered_sum
 from ..results import PassResult
-from . import kernels, simd, workers
+from . import kernels, quartic, simd, workers
 
 #: Rows of G computed, passed through the loss and used by phases 2 and 3 at a time
 #: (a multiple of kernels.BLOCK_MULTIPLE = 12).
@@ -153,28 +153,36 @@ def loss_pass(problem, data, B, A):
 
 
 
-#: rows of D, P and Q formed at a time by the masked quartic pass (256 x n values each, and
-#: their float64 copies: about 30 MB at n = 4096)
-QUARTIC_ROWS = 256
-
 
 def line_quartic(problem, data, B, A, grad_B, grad_A):
     """(a2, a3, a4) of J(B - eta grad_B, A - eta grad_A) = J - eta ||grad J||^2 + a2 eta^2
     + a3 eta^3 + a4 eta^4 for the squared loss: ``reference.matrix.line_quartic``'s
-    coefficients (float64), computed with BLAS in the data's dtype and summed in float64.
+    coefficients, summed in float64 (quartic.py's kernels on the workers' pool).
 
     Without a mask one term touches the data: with D = R + BA, P = gB A + B gA, Q = gB gA,
-    a2 = 1/2 ||P||^2 + <R, Q> + <BA, Q>, and <R, Q> = <R gA^T, gB> is one GEMM (2 m n r
-    flops, a third of the fused pass's 6 m n r, one read of R). Every other term is the
+    a2 = 1/2 ||P||^2 + <R, Q> + <BA, Q>, and <R, Q> = sum_ik gB[i, k] <R[i], gA[k]> is one
+    pass over R of 2 m n r flops (the fused pass does 6 m n r). Every other term is the
     trace of a product of r x r Gram matrices, O((m + n) r^2). With a mask the sums run over
-    the observed entries and do not factor: D, P and Q are formed QUARTIC_ROWS rows at a
-    time, 8 m n r flops and float64 copies (several fused passes' time; benchmarks/NOTES.md).
+    the observed entries and do not factor: d, p and q are formed row by row, 8 m n r flops.
     """
     from ..reference.matrix import check_quartic
 
     check_quartic(problem)
+    m = B.shape[0]
+    block_rows = quartic.QUARTIC_ROWS
+    nblocks = -(-m // block_rows)
+    counter = np.zeros(1, np.int64)
+    R, r, n = data.data, B.shape[1], A.shape[1]
+    workers_ = min(workers.count(), nblocks)
     if problem.mask is not None:
-        return _line_quartic_masked(data.data, data.mask, B, A, grad_B, grad_A)
+        partial = np.zeros((nblocks, 3))
+        workers.run(quartic.masked_work, (R, data.mask, B, A, grad_B, grad_A, block_rows,
+                                          counter, partial), workers_, flops=8.0 * m * n * r)
+        return np.array([ordered_sum(partial[:, 0]), -ordered_sum(partial[:, 1]),
+                         0.5 * ordered_sum(partial[:, 2])])
+    partial = np.zeros((nblocks, 1))
+    workers.run(quartic.rq_work, (R, grad_B, grad_A, block_rows, counter, partial), workers_,
+                flops=2.0 * m * n * r)
     f8 = np.float64
     B64, A64, gB64, gA64 = (x.astype(f8) for x in (B, A, grad_B, grad_A))
     # <X Y, U W> = tr(Y^T X^T U W) = tr((X^T U)(W Y^T)), X, U m x r and Y, W r x n
@@ -184,25 +192,8 @@ def line_quartic(problem, data, B, A, grad_B, grad_A):
     def inner(XtU, WYt):
         return float(np.sum(XtU * WYt.T))  # tr(XtU @ WYt)
 
-    RgA = (data.data @ grad_A.T).astype(f8)             # m x r: the pass over R
-    D_Q = float(np.sum(RgA * gB64)) + inner(BtgB, gAAt)  # <R, gB gA> + <B A, gB gA>
+    D_Q = ordered_sum(partial[:, 0]) + inner(BtgB, gAAt)  # <R, gB gA> + <B A, gB gA>
     P_P = inner(gBtgB, AAt) + 2.0 * inner(BtgB.T, gAAt) + inner(BtB, gAgAt)
-    P_Q = inner(gBtgB, gAAt) + inner(BtgB, gAgAt)        # <gB A, Q> + <B gA, Q>
+    P_Q = inner(gBtgB, gAAt) + inner(BtgB, gAgAt)         # <gB A, Q> + <B gA, Q>
     Q_Q = inner(gBtgB, gAgAt)
     return np.array([0.5 * P_P + D_Q, -P_Q, 0.5 * Q_Q])
-
-
-def _line_quartic_masked(R, mask, B, A, grad_B, grad_A):
-    m, n = R.shape
-    AgA = np.concatenate([A, grad_A], axis=1)           # r x 2n
-    sums = np.zeros(3)                                  # a2, a3, a4, added block by block
-    for i in range(0, m, QUARTIC_ROWS):
-        rows = slice(i, min(i + QUARTIC_ROWS, m))
-        b = rows.stop - i
-        X = np.concatenate([B[rows], grad_B[rows]]) @ AgA  # [B; gB] [A, gA]: 2b x 2n
-        observed = mask[rows].view(bool)
-        D = np.where(observed, R[rows] + X[:b, :n], 0).astype(np.float64)
-        P = np.where(observed, X[b:, :n] + X[:b, n:], 0).astype(np.float64)
-        Q = np.where(observed, X[b:, n:], 0).astype(np.float64)
-        sums += (np.sum(0.5 * P * P + D * Q), -np.sum(P * Q), 0.5 * np.sum(Q * Q))
-    return sums
