@@ -88,7 +88,7 @@ def test_demo_armijo(capsys, loss, extra):
                               "--step-size", "armijo", *extra)
     assert code == 0, out + err
     assert_demo_output(out)
-    assert "trials" in out and "Armijo loss passes" in out
+    assert "trials" in out and "line-search passes" in out
     assert "the Armijo c = 0.0001" in out and "(the Armijo condition): held at all 20 steps" in out
     assert "verdict   every guaranteed inequality held" in out
 
