@@ -300,6 +300,8 @@ def exact_step(loss, grad_sq, a2, a3, a4, lo, hi, c=LEMMA2_DECREASE) -> float:
     root of h(eta) = q(eta) - loss + c eta grad_sq (an end of one of the set's intervals).
     """
     q = np.array([a4, a3, a2, -grad_sq, loss])          # highest power first (np.polyval)
+    if not (np.isfinite(q).all() and math.isfinite(lo) and math.isfinite(hi)):
+        return float(lo)  # an overflowing iterate: the theorem's eta, and fit reports it
     h = q - np.array([0.0, 0.0, 0.0, -c * grad_sq, loss])
     candidates = [lo, hi]
     for poly in (np.array([4 * a4, 3 * a3, 2 * a2, -grad_sq]), h[:-1]):

@@ -223,7 +223,8 @@ def verdict(result) -> tuple[list[str], bool]:
         lemma = "J(V_t+1) <= J(V_t) - eta_t/5 ||grad J(V_t)||^2"
         bound = "5 (J(V_0) - 0) / sum_t eta_t"
         growth_term = "10 J(V_0)"
-        if not growth_guaranteed:  # a longer step than eta_t, with Lemma 2's decrease
+        if not growth_guaranteed and getattr(policy, "eta_floor", None) is not None:
+            # a longer step than eta_t (Certified), with Lemma 2's decrease
             lines[-1] += f", with the eta taken in place of eta_t ({label})"
             lemma = "J(V_t+1) <= J(V_t) - eta/5 ||grad J(V_t)||^2"
             bound = "5 (J(V_0) - 0) / sum_t eta"
