@@ -203,8 +203,9 @@ class Certified:
       pass per trial. Any loss, any device.
     * ``"auto"`` (the default): "exact" where the problem has the squared loss and its
       device has the quartic pass (reference, cpu), else "backtrack". Exact needed 25-48 %
-      fewer passes to 1 % above the optimum in benchmarks/NOTES.md, was 1.9x faster at
-      4096^2, r = 4, even at r = 16 (5 % slower at 4096^2, a tie at 2048^2 and on the demo).
+      fewer passes to 1 % above the optimum in benchmarks/NOTES.md; in seconds it was 1.9x
+      faster at 4096^2, r = 4, and about even at r = 16 (5 % slower at 4096^2, a tie at
+      2048^2 and on the demo).
 
     Why the paper's guarantees carry over (checked against Appendix A.4 of Mu & Klabjan,
     2025). Write Delta = J(V_0) - L*, c = 1/5, S_t = sum_{s<t} eta_s, g_s = grad J(V_s).
