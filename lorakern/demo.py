@@ -164,7 +164,7 @@ def gap_words(loss: float, optimum: float) -> str:
     """How far J is above the optimum J*: "within 0.01 % of it" or "43.9x it"."""
     if optimum > 0 and loss <= 2 * optimum:
         gap = (loss - optimum) / optimum
-        return f"J(V_T) is {gap:.2%} above it" + (" (within 1 %)" if gap <= 0.01 else "")
+        return f"J(V_T) is {100 * gap:.3g} % above it" + (" (within 1 %)" if gap <= 0.01 else "")
     return f"J(V_T) is {loss / optimum:.3g}x it" if optimum > 0 else f"J(V_T) - J* = {loss - optimum:.4g}"
 
 

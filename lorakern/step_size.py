@@ -288,10 +288,11 @@ class Certified:
         return None
 
     def describe(self, problem) -> str:
+        search = self.search
+        if search == "auto":  # what the loss allows (a device without the pass backtracks)
+            search = "exact" if getattr(problem.loss, "name", None) == "squared" else "backtrack"
         how = {"exact": "exact line search on the quartic J(V - eta grad J)",
-               "backtrack": "backtracking (halving) line search",
-               "auto": "exact line search on the quartic J(V - eta grad J) where the loss is "
-                       "squared, else backtracking"}[self.search]
+               "backtrack": "backtracking (halving) line search"}[search]
         return (f"certified: {how}, eta in [eta_t, {self.cap:g}] with J(V_t+1) <= J(V_t) - "
                 f"eta/5 ||grad J||^2 (Lemma 2's decrease, eta >= the theorem's eta_t)")
 
