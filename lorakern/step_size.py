@@ -201,8 +201,8 @@ class Certified:
     * ``"backtrack"``: ``Armijo(cap, c=1/5)``: halving from min(cap, 2 eta_(t-1)) until the
       decrease holds, stopping at eta_t (which Lemma 2 guarantees to pass): one loss-only
       pass per trial. Any loss, any device.
-    * ``"auto"`` (the default): "exact" where the problem has the squared loss and its
-      device has the quartic pass (reference, cpu), else "backtrack". Exact needed 25-48 %
+    * ``"auto"`` (the default): "exact" where the problem has the squared loss without a
+      mask and its device has the quartic pass (reference, cpu), else "backtrack". Exact needed 25-48 %
       fewer passes to 1 % above the optimum in benchmarks/NOTES.md; in seconds it was 1.9x
       faster at 4096^2, r = 4, and about even at r = 16 (5 % slower at 4096^2, a tie at
       2048^2 and on the demo).
@@ -270,7 +270,10 @@ class Certified:
             raise ValueError(f"the exact line search has no quartic pass for problem kind "
                              f"{problem.kind!r} on device {engine.device.name!r}; use "
                              f"step_size='certified' (it backtracks there)")
-        return squared and has_pass
+        # auto: not with a mask, whose quartic pass (8 m n r flops, no Gram shortcut) costs
+        # 4.3 loss-only passes on the CPU (2048^2, r = 16; benchmarks/NOTES.md)
+        masked = getattr(problem, "mask", None) is not None
+        return squared and has_pass and (self.search == "exact" or not masked)
 
     def choose(self, engine, B, A, p, state):
         if "exact" not in state:
@@ -290,7 +293,7 @@ class Certified:
     def describe(self, problem) -> str:
         search = self.search
         if search == "auto":  # what the loss allows (a device without the pass backtracks)
-            search = "exact" if getattr(problem.loss, "name", None) == "squared" else "backtrack"
+            search = "exact" if self.exact_for(problem) else "backtrack"
         how = {"exact": "exact line search on the quartic J(V - eta grad J)",
                "backtrack": "backtracking (halving) line search"}[search]
         return (f"certified: {how}, eta in [eta_t, {self.cap:g}] with J(V_t+1) <= J(V_t) - "

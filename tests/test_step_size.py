@@ -223,12 +223,17 @@ def test_certified_auto_takes_the_exact_search_where_it_can():
     exact = lorakern.fit(problem, B, A, steps=8, device="reference", step_size="exact")
     auto = lorakern.fit(problem, B, A, steps=8, device="reference", step_size="certified")
     assert_bitwise(auto.history.eta, exact.history.eta, "eta")
-    huber, B, A = make_case(SHAPE, np.float64, seed=61, loss="huber")
-    back = lorakern.fit(huber, B, A, steps=8, device="reference",
-                        step_size=Certified(search="backtrack"))
-    auto = lorakern.fit(huber, B, A, steps=8, device="reference", step_size="certified")
-    assert_bitwise(auto.history.eta, back.history.eta, "eta")
-    assert theory.check(auto).all_hold
+    # huber (no quartic) and a mask (a costly quartic pass): auto backtracks
+    for kwargs in (dict(loss="huber"), dict(masked=True)):
+        other, B, A = make_case(SHAPE, np.float64, seed=61, **kwargs)
+        back = lorakern.fit(other, B, A, steps=8, device="reference",
+                            step_size=Certified(search="backtrack"))
+        auto = lorakern.fit(other, B, A, steps=8, device="reference", step_size="certified")
+        assert_bitwise(auto.history.eta, back.history.eta, "eta")
+        assert theory.check(auto).all_hold
+        assert "backtracking" in Certified().describe(other)
+    assert "exact line search" in Certified().describe(problem)
+    assert (auto.history.trials != 1).any()  # backtracking, not one quartic pass a step
 
 
 @pytest.mark.parametrize("device", QUARTIC_DEVICES)
