@@ -83,6 +83,10 @@ def _cmd_demo(args, parser) -> int:
             parser.error(f"--plot: {why}")
     if args.step_size is None:
         args.step_size = "theorem" if args.problem == "digits" else "certified"
+    if args.step_size == "exact" and (args.loss != "squared" or args.problem == "digits"):
+        parser.error(f"--step-size exact needs the squared loss of the synthetic problem (then "
+                     f"J(V - eta grad J) is a quartic in eta); use --step-size certified, which "
+                     f"backtracks for {args.loss if args.problem != 'digits' else 'digits'}")
     if args.problem == "digits":  # a LinearProblem on scikit-learn's digits: lorakern/digits.py
         from .digits import run_demo
 

@@ -165,6 +165,7 @@ def test_demo_exits_1_when_a_guarantee_fails(capsys, monkeypatch):
     (["--step-size", "-1"], "--step-size: a constant step size must be positive"),
     (["--step-size", "newton"], "--step-size: expected 'certified', 'theorem', 'exact', 'armijo'"),
     (["--loss", "hinge"], "--loss: invalid choice"),
+    (["--step-size", "exact", "--loss", "huber"], "--step-size exact needs the squared loss"),
     (["--device", "tpu"], "--device: invalid choice"),
 ])
 def test_demo_bad_arguments_exit_2(capsys, argv, message):
