@@ -63,10 +63,10 @@ def child_race(which: str):
 
     rt = HostRuntime(flags=FLAGS, timeout=TIMEOUT)
     module = rt.module(RACY, ("neighbour", "global_sum"))
-    out = np.zeros(256, np.float32)
+    out = rt.xp.zeros(256, np.float32)
     if which == "clean":
         rt.launch(rt.kernel(module, "neighbour", 0), 2, (out, np.int32(1)), 4 * 256)
-        assert (out == (np.arange(256) + 1) % 256).all()
+        assert (out == (rt.xp.arange(256) + 1) % 256).all()
     elif which == "shared":
         rt.launch(rt.kernel(module, "neighbour", 0), 2, (out, np.int32(0)), 4 * 256)
     else:

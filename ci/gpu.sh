@@ -1,14 +1,28 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 3 in one call, on a machine with an NVIDIA GPU and CuPy:
-#   1. the CUDA tests (equivalence with the reference, bit-identical reruns, fit on the GPU
-#      against fit on the CPU, no per-step synchronisation) and the nvcc compile checks;
-#   2. the GPU benchmarks, timed, into benchmarks/results/gpu-<date>.json and a markdown table
-#      (GPU name, date, ratios, fraction of the floor) in benchmarks/results/gpu-<date>.md.
-# Fails at once if no GPU answers (the tests alone would skip).
-set -euo pipefail
+# The GPU session's one prepared script (at most ~7 minutes, the table printed last), on a
+# machine with an NVIDIA GPU and CuPy. Results go to $OUT (the device tool's folder) or to
+# benchmarks/results/gpu-<date>/:
+#   1. calibrate (~1-2 min): the tensor-core design's assumptions first (benchmarks/gpu_probe.py):
+#      CuPy's kernel cache across two processes, cvt.rna.tf32 on all 2^32 inputs against the
+#      emulation's model, mma layouts and their accumulation (RN or RZ), mma.sync TF32 and DMMA
+#      rates, read bandwidth in tile order against a CuPy copy;
+#   2. correctness (~2-3 min): tests/test_cuda.py (the GPU cases; the five that failed on the
+#      H200 before run_steps copied NumPy inputs to the device among them), tests/test_cuda_warp.py
+#      and tests/test_gpu_probe.py (host-only: the models the probes compare against);
+#   3. timing (~2 min): today's fused step, 200-step device loop, each row of the goals, with the
+#      floor from step 1's rates (GPU_FULL=1 adds benchmarks/bench_cuda.py's CuPy and PyTorch
+#      comparisons, several minutes more);
+#   4. the table.
+# Each step has its own time limit, so that one hang cannot eat the others' minutes; a step that
+# fails is reported and the next still runs. Fails at once if no GPU answers.
+set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+out="${OUT:-benchmarks/results/gpu-$(date -u +%Y-%m-%d)}"
+mkdir -p "$out"
+status=0
 
-python - <<'PY'
+python - <<'PY' || exit 1
 import sys
 try:
     import cupy
@@ -17,18 +31,29 @@ except Exception as exc:  # noqa: BLE001
     sys.exit(f"ci/gpu.sh needs CuPy and a CUDA device: {exc}")
 if count < 1:
     sys.exit("ci/gpu.sh: no CUDA device")
-props = cupy.cuda.runtime.getDeviceProperties(0)
-print("GPU:", props["name"].decode() if isinstance(props["name"], bytes) else props["name"])
 PY
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv || true
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv | tee "$out/nvidia-smi.txt"
 
-python -m pytest tests/test_cuda.py tests/test_cuda_compile.py -q -rs -p no:cacheprovider
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    echo "== $name (limit ${limit}s)"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.log" | tail -40
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+    [ "$rc" -eq 0 ] || status=1
+}
 
-stamp=$(date -u +%Y-%m-%d)
-out=benchmarks/results/gpu-$stamp
-mkdir -p benchmarks/results
-python -m pytest benchmarks/bench_cuda.py -q -p no:cacheprovider \
-    --benchmark-enable --benchmark-json="$out.json" --benchmark-columns=median,iqr,rounds
-python benchmarks/gpu_table.py "$out.json" > "$out.md"
-cat "$out.md"
-echo "wrote $out.json and $out.md"
+step calibrate 120 python benchmarks/gpu_probe.py calibrate --out "$out"
+step tests 180 python -m pytest tests/test_cuda.py tests/test_cuda_warp.py tests/test_gpu_probe.py \
+    -k "not emulated" -q -rs -p no:cacheprovider --junitxml="$out/tests.xml"
+step timing 110 python benchmarks/gpu_probe.py timing --out "$out"
+if [ "${GPU_FULL:-0}" = 1 ]; then  # the CuPy and PyTorch comparisons too (several more minutes)
+    step bench 600 python -m pytest benchmarks/bench_cuda.py -q -p no:cacheprovider \
+        --benchmark-enable --benchmark-json="$out/bench.json" --benchmark-columns=median,iqr,rounds
+    python benchmarks/gpu_table.py "$out/bench.json" > "$out/bench.md" || status=1
+fi
+echo
+python benchmarks/gpu_probe.py table --out "$out" || status=1
+exit $status

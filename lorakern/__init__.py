@@ -10,18 +10,22 @@ outputs X (W0 + BA)^T); ``step`` and ``fit`` take either kind (docs/linear.md).
 """
 from . import reference, theory
 from ._dispatch import DeviceUnavailableError, devices
-from .adapters import init_adapters
+from ._interrupt import FitInterrupted
+from ._validate import InputWarning
+from .adapters import init_adapters, merge
 from .descent import fit, step
 from .losses import LOSSES
 from .problems import LinearProblem, Problem
-from .results import FitResult, History, StepResult
+from .results import FitProgress, FitResult, History, StepResult
 from .step_size import Armijo, Certified, Constant, StepSize, Theorem
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Problem", "LinearProblem", "step", "fit", "init_adapters", "devices", "DeviceUnavailableError",
-    "StepResult", "FitResult", "History", "Theorem", "Certified", "Constant", "Armijo",
+    "Problem", "LinearProblem", "step", "fit", "init_adapters", "merge", "devices",
+    "DeviceUnavailableError", "InputWarning", "FitInterrupted",
+    "StepResult", "FitResult", "FitProgress", "History", "Theorem", "Certified", "Constant",
+    "Armijo",
     "StepSize", "LOSSES",
     "reference", "theory", "__version__",
 ]

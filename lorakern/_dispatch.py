@@ -42,6 +42,14 @@ WRAPPERS: dict[str, str] = {
     "dask": "lorakern._dask:wrap",
 }
 
+#: (problem kind, array library) -> "module:function" filling in a problem of that kind from
+#: arrays of that library: fill(problem, *arrays, kwargs), with the problem's loss already
+#: set. A problem kind asks this table (``wrapped_problem``) and never imports the wrapping
+#: device's modules itself, so no problem module depends on a device (no import circle).
+WRAPPED_PROBLEMS: dict[tuple[str, str], str] = {
+    ("matrix", "dask"): "lorakern._dask.problem:init_sharded",
+}
+
 #: the device names a user can pass: the table's and "auto" (where the arrays live)
 DEVICE_NAMES = ("cpu", "cuda", "auto", "reference")
 
@@ -83,8 +91,10 @@ class Device(Protocol):
 class Kernels(Protocol):
     """One problem kind's fused pass on one device.
 
-    Optional: ``run_steps(problem, data, B, A, steps, *, eta_scale=None, eta_fixed=None)
-    -> results.DeviceRun``, a whole fit on the device for policies that need no host;
+    Optional: ``run_steps(problem, data, B, A, steps, *, eta_scale=None, eta_fixed=None,
+    stop=None) -> results.DeviceRun``, a whole fit on the device for policies that need no
+    host; ``stop`` (a callable or None) is asked between chunks of steps and ends the run
+    early when it returns True (Ctrl-C, lorakern/_interrupt.py);
     ``line_quartic(problem, data, B, A, grad_B, grad_A) -> (a2, a3, a4)``, the coefficients
     of J(V - eta grad J) as a quartic in eta (squared loss; step_size.Certified's exact search).
     """
@@ -165,6 +175,19 @@ def devices() -> tuple[str, ...]:
 def array_library(x) -> str:
     """The top-level module of x's type: "numpy", "cupy", "dask", ..."""
     return type(x).__module__.split(".")[0]
+
+
+def wrapped_problem(kind: str, *arrays):
+    """The WRAPPED_PROBLEMS function for a problem of ``kind`` on ``arrays``, or None when no
+    array is of a wrapping library (dask); raises TypeError if the kind has no such entry."""
+    library = _wrapping_library(arrays)
+    if library is None:
+        return None
+    if (kind, library) not in WRAPPED_PROBLEMS:
+        have = sorted(k for k, lib in WRAPPED_PROBLEMS if lib == library)
+        raise TypeError(f"a {kind!r} problem cannot be built from {library} arrays; "
+                        f"{library} arrays make: {', '.join(have) or 'no problem kind'}")
+    return _load(WRAPPED_PROBLEMS[(kind, library)])
 
 
 def _wrapping_library(arrays) -> str | None:

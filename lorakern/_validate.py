@@ -10,6 +10,12 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+class InputWarning(UserWarning):
+    """Input that is valid but almost surely not what was meant (an all-False mask, a rank
+    above min(m, n)); ``warnings.simplefilter("error", lorakern.InputWarning)`` makes it an
+    error, ``"ignore"`` silences it."""
+
+
 def array_namespace(x):
     """numpy or cupy, by the array's type; never imports cupy (it is in sys.modules if x is one)."""
     if type(x).__module__.split(".")[0] == "cupy":

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
-from ._validate import check_matrix, positive_float, positive_int
+from ._validate import InputWarning, array_namespace, check_matrix, positive_float, positive_int
 
 
-def check_adapters(problem, B, A):
-    """TypeError/ValueError unless B is (m, r) and A is (r, n), finite, of the problem's dtype."""
+def check_adapters(problem, B, A, stacklevel: int = 4):
+    """TypeError/ValueError unless B is (m, r) and A is (r, n), finite, of the problem's dtype;
+    InputWarning (at the caller ``stacklevel`` frames up) if r > min(m, n)."""
     from .problems import ProblemKind
 
     if not isinstance(problem, ProblemKind):
@@ -26,6 +28,48 @@ def check_adapters(problem, B, A):
         raise ValueError(f"B is {mb}x{rb} and A is {ra}x{na}: their ranks differ ({rb} != {ra})")
     if rb < 1:
         raise ValueError("the rank r must be at least 1")
+    warn_rank(m, n, rb, stacklevel=stacklevel + 1)
+
+
+def warn_rank(m: int, n: int, rank: int, stacklevel: int) -> None:
+    """InputWarning if rank > min(m, n): BA has rank at most min(m, n) whatever r is, so the
+    extra columns of B and rows of A add cost and no expressiveness (and make BA's
+    factorisation rank-deficient by construction)."""
+    if rank > min(m, n):
+        warnings.warn(f"rank {rank} is above min(m, n) = {min(m, n)} (W0 is {m}x{n}): BA can "
+                      f"have rank at most {min(m, n)}, so the adapters are rank-deficient by "
+                      f"construction; rank {min(m, n)} fits the same weights for less",
+                      InputWarning, stacklevel=stacklevel)
+
+
+def merge(W0, B, A):
+    """The merged weight W0 + B A, as a new array where B lives (NumPy or CuPy).
+
+    Parameters
+    ----------
+    W0 : (m, n) float32 or float64 array, NumPy or CuPy (copied to B's device if it differs).
+    B, A : (m, r) and (r, n) adapters of W0's dtype, e.g. a FitResult's ``B`` and ``A``.
+
+    Returns
+    -------
+    W0 + B @ A, of W0's dtype (B @ A rounded to it, then added). No input is modified.
+
+    Raises
+    ------
+    TypeError, ValueError : arrays that are not finite 2-D float arrays of one dtype, or
+        shapes that do not fit, named.
+    """
+    check_matrix("W0", W0)
+    check_matrix("B", B, dtype=W0.dtype)
+    check_matrix("A", A, dtype=W0.dtype)
+    (m, n), (mb, rb), (ra, na) = W0.shape, B.shape, A.shape
+    if (mb, na) != (m, n) or rb != ra:
+        raise ValueError(f"W0 is {m}x{n}, B is {mb}x{rb} and A is {ra}x{na}: merging needs "
+                         f"B of shape (m, r) and A of shape (r, n) with (m, n) = W0's shape")
+    xp = array_namespace(B)
+    if array_namespace(A) is not xp:
+        raise TypeError("B and A must live on one device (both NumPy or both CuPy)")
+    return xp.asarray(W0) + B @ A
 
 
 def init_adapters(m: int, n: int, rank: int, *, dtype=np.float32, seed=None, init: str = "lora",
@@ -36,7 +80,9 @@ def init_adapters(m: int, n: int, rank: int, *, dtype=np.float32, seed=None, ini
     ----------
     m, n, rank : positive integers.
     dtype : float32 or float64.
-    seed : None, or a non-negative integer for numpy.random.default_rng.
+    seed : None, a non-negative integer for numpy.random.default_rng, or a
+        numpy.random.Generator, which is used as it is and so advanced: two calls with one
+        generator give different adapters (as two draws from it would).
     init : "lora": B = 0 and A Gaussian with standard deviation ``scale`` (default
         1/sqrt(n)), as LoRA starts, so that BA = 0. "gaussian": both Gaussian with standard
         deviation ``scale`` (default 1/sqrt(max(m, n))).
@@ -44,6 +90,10 @@ def init_adapters(m: int, n: int, rank: int, *, dtype=np.float32, seed=None, ini
     Raises
     ------
     TypeError, ValueError : an argument that is not what is listed above, named.
+
+    Warns
+    -----
+    InputWarning : rank > min(m, n) (BA cannot have rank above min(m, n)).
     """
     for name, value in (("m", m), ("n", n), ("rank", rank)):
         positive_int(name, value)
@@ -53,19 +103,22 @@ def init_adapters(m: int, n: int, rank: int, *, dtype=np.float32, seed=None, ini
         raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    if seed is not None:
+    if seed is not None and not isinstance(seed, np.random.Generator):
         if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-            raise TypeError(f"seed must be None or a non-negative integer, got {seed!r}")
+            raise TypeError(f"seed must be None or a non-negative integer (or a "
+                            f"numpy.random.Generator), got {seed!r}")
         if seed < 0:
             raise ValueError(f"seed must be None or a non-negative integer, got {seed}")
     if scale is not None:
         scale = positive_float("scale", scale)
+    if init not in ("lora", "gaussian"):
+        raise ValueError(f"unknown init {init!r}; use 'lora' or 'gaussian'")
+    warn_rank(int(m), int(n), int(rank), stacklevel=3)
+    # default_rng returns a Generator it is given unchanged: the caller's, advanced below
     rng = np.random.default_rng(seed)
     if init == "lora":
         scale = 1.0 / math.sqrt(n) if scale is None else scale
         return np.zeros((m, rank), dtype), (scale * rng.standard_normal((rank, n))).astype(dtype)
-    if init == "gaussian":
-        scale = 1.0 / math.sqrt(max(m, n)) if scale is None else scale
-        return ((scale * rng.standard_normal((m, rank))).astype(dtype),
-                (scale * rng.standard_normal((rank, n))).astype(dtype))
-    raise ValueError(f"unknown init {init!r}; use 'lora' or 'gaussian'")
+    scale = 1.0 / math.sqrt(max(m, n)) if scale is None else scale  # "gaussian"
+    return ((scale * rng.standard_normal((m, rank))).astype(dtype),
+            (scale * rng.standard_normal((rank, n))).astype(dtype))

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--problem", choices=sorted(PROBLEMS) + ["digits"], default="synthetic",
                       help="synthetic: the planted matrix problem below; digits: fine-tune a "
                            "classifier on scikit-learn's digits with cross-entropy "
-                           "(lorakern.LinearProblem; needs lorakern[digits]); --m, --n, --loss, "
+                           "(lorakern.LinearProblem; needs the digits extra); --m, --n, --loss, "
                            "--delta, --observed and --constant are for synthetic only")
     demo.add_argument("--device", choices=DEVICES, default="auto",
                       help="where to run; auto = cpu for this NumPy problem")

@@ -14,10 +14,12 @@ import warnings
 import numpy as np
 
 from . import _dispatch
+from ._interrupt import DeferredInterrupt, FitInterrupted
 from ._progress import Progress
 from ._validate import positive_int
 from .adapters import check_adapters
-from .results import (HISTORY_FIELDS, FitResult, History, StepResult, history_from_columns)
+from .results import (HISTORY_FIELDS, FitProgress, FitResult, History, StepResult,
+                      history_from_columns)
 from .step_size import as_policy
 
 #: let kernels with ``run_steps`` (CUDA) run a whole fit on the device, history included,
@@ -75,46 +77,108 @@ def _check_fit_args(steps, tol, check_every):
 
 
 def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
-        tol: float | None = None, progress: bool = False, check_every: int | None = None) -> FitResult:
+        tol: float | None = None, progress: bool = False, check_every: int | None = None,
+        state: dict | None = None, callback=None, callback_every: int = 1) -> FitResult:
     """Run ``steps`` steps of LoRA gradient descent from (B, A).
 
     Parameters
     ----------
     steps : the number of steps T (>= 0).
     tol : stop early, before stepping, once grad_sq <= tol at the current iterate.
-    progress : show a progress bar on stderr.
+    progress : show progress on stderr: a bar redrawn in place on a terminal; elsewhere (a
+        log file, a pipe, CI) a line at every tenth of the steps, and at least every 30 s,
+        with the rate and the time left.
     check_every : on a device whose scalars stay on it (CUDA), how often the host looks at
         the numbers (tol, progress, divergence); default: every step on the CPU, every 50 on
         a GPU when ``tol`` or ``progress`` asks for it, else only at the end.
+    state : the step-size policy's state to start from: a previous result's ``state``, to
+        resume a fit exactly (below). Copied: the dict passed is not changed.
+    callback : called as ``callback(info)`` at t = k, 2k, ... < T (k = ``callback_every``),
+        between steps, with a ``FitProgress``: ``t`` (steps done), ``B``, ``A`` (the
+        iterate V_t, arrays of the device: read them, do not write them), ``loss`` J(V_t),
+        ``grad_sq``, ``eta`` (of the step that led to V_t) and ``seconds``. If it returns
+        True (or raises StopIteration, as SciPy's ``minimize`` callbacks may) the fit stops
+        there, before stepping, with status "stopped" and V_t as its result. The final
+        iterate V_T is the returned result, not a callback. A callback needs the host
+        between steps, so a fit with one runs the step-by-step loop, never a device-side
+        loop (CUDA's ``run_steps``), and on a GPU waits for the host every k steps.
+    callback_every : k above, a positive integer.
 
     Returns
     -------
     FitResult. If the loss stops being finite, at any step or at V_T, the loop stops, keeps
     the last iterate with a finite loss, sets status "diverged" and warns.
 
+    Ctrl-C (SIGINT) does not lose the steps taken: the loop stops at the end of the current
+    step and returns a FitResult with status "interrupted", the last completed iterate, its
+    loss and the history so far (``theory.check`` covers those steps), and warns
+    (``FitInterrupted``) with how to resume: ``fit(problem, result.B, result.A,
+    steps=<remaining>, ...)``, which for "theorem" or a constant step size continues the
+    same iterates bit for bit. A second Ctrl-C raises KeyboardInterrupt at once. The device
+    loop of a GPU (CUDA graphs) is asked between chunks of ``_cuda.matrix.STOP_EVERY`` steps,
+    so it stops within that many steps. This holds where fit runs on the main thread and
+    SIGINT has Python's default handler; elsewhere KeyboardInterrupt propagates as usual
+    (lorakern/_interrupt.py). The caller's arrays are never written, on any path.
+
     Raises
     ------
     TypeError, ValueError : bad arrays or arguments, named (inputs are left untouched).
     DeviceUnavailableError : the device cannot be used here.
+
+    Notes
+    -----
+    **Resuming.** A fit continues from a result ``r`` with
+
+        more = fit(problem, r.B, r.A, steps=k, step_size=r.step_size, state=r.state)
+
+    and that is the same computation as one longer fit: on the same device, two fits of
+    150 steps chained this way end at the same iterate, bit for bit, as one fit of 300
+    steps. The theorem's eta_t and a constant depend on V_t alone; Armijo's search starts
+    from twice the last accepted eta, which ``state`` carries. ``more.history`` holds the
+    new steps only (t counts from 0 again).
     """
     check_every = _check_fit_args(steps, tol, check_every)
+    callback_every = positive_int("callback_every", callback_every)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    if state is not None and not isinstance(state, dict):
+        raise TypeError(f"state must be None or a dict (a FitResult's state), got "
+                        f"{type(state).__name__}")
     engine, policy, B, A = _start(problem, B, A, device, step_size)
+    with DeferredInterrupt() as stop:
+        result = _fit(engine, policy, B, A, steps, tol, progress, check_every, stop,
+                      dict(state or {}), callback, callback_every)
+    if result.status == "interrupted":
+        warnings.warn(f"fit was interrupted (Ctrl-C) after {result.steps} of {steps} steps and "
+                      f"returned the last completed iterate; to go on, call fit(problem, "
+                      f"result.B, result.A, steps={steps - result.steps}, "
+                      f"step_size=result.step_size, state=result.state)", FitInterrupted,
+                      stacklevel=2)
+    return result
+
+
+def _fit(engine, policy, B, A, steps, tol, progress, check_every, stop, state, callback,
+         callback_every) -> FitResult:
+    """fit()'s loops, with SIGINT deferred to a step boundary (``stop.requested``)."""
+    problem = engine.problem
     loop_args = policy.device_loop(problem)
     if (DEVICE_LOOP and engine.run_steps is not None and tol is None and not progress
-            and check_every is None and loop_args is not None):
-        return _fit_on_device(engine, policy, B, A, steps, loop_args)
+            and check_every is None and loop_args is not None and callback is None):
+        return _fit_on_device(engine, policy, B, A, steps, loop_args, stop, state)
     xp, to_host = engine.xp, engine.device.to_host
     if check_every is None:
         check_every = 1 if engine.device.host_scalars else (50 if tol is not None or progress
                                                             else steps + 1)
     bar = Progress(steps) if progress else None
     rows = {name: [] for name in HISTORY_FIELDS}
-    state: dict = {}
     status, t0 = "completed", time.perf_counter()
     # V_{t-1} while J(V_t) is checked; kept on the device so no step waits for the host
     B_kept, A_kept, finite = B, A, xp.asarray(True)
     last = None
     for t in range(steps):
+        if stop.requested:  # Ctrl-C: V_t, the last completed iterate, is the answer
+            status = "interrupted"
+            break
         p = engine.fused_pass(B, A, norm=policy.norm)
         finite = finite & xp.isfinite(xp.asarray(p.loss))
         B_kept, A_kept = xp.where(finite, B, B_kept), xp.where(finite, A, A_kept)
@@ -127,6 +191,13 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
                 break
             if bar:
                 bar.update(t + 1, float(p.loss))
+        if callback is not None and t > 0 and t % callback_every == 0:
+            if not bool(finite):
+                status = "diverged"
+                break
+            if _call_back(callback, t, B, A, p, rows["eta"][-1], t0):
+                status, last = "stopped", p
+                break
         eta, trials = policy.choose(engine, B, A, p, state)
         for name, value in (("loss", p.loss), ("eta", eta), ("grad_sq", p.grad_sq),
                             ("v_sq", p.v_sq), ("g_norm", xp.sqrt(xp.asarray(p.g_sq))),
@@ -135,7 +206,7 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
         B_prev, A_prev = B, A
         B, A = engine.update(B, A, p.grad_B, p.grad_A, eta)
     history = _history(rows, xp, to_host, problem)
-    if status == "converged":
+    if status in ("converged", "stopped"):
         # stopped before stepping at t: history holds steps 0..t-1, V_t is the answer
         # (tol checks run on the host, every step on the CPU, so nothing is recorded past t)
         steps_taken, final_loss = len(history), float(last.loss)
@@ -154,17 +225,31 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
                 B, A, final_loss = B_prev, A_prev, float(history.loss[steps_taken])
         if steps_taken < len(history) or status == "diverged":
             status, history = "diverged", history.truncated(steps_taken)
-            _warn_diverged(steps_taken, stacklevel=3)
+            _warn_diverged(steps_taken, stacklevel=4)
     if bar:
         bar.close(steps_taken, final_loss)
     return FitResult(B=B, A=A, final_loss=final_loss, steps=steps_taken, history=history,
-                     status=status, seconds=time.perf_counter() - t0, step_size=policy)
+                     status=status, seconds=time.perf_counter() - t0, step_size=policy,
+                     state=state, problem=problem)
 
 
-def _fit_on_device(engine, policy, B, A, steps, loop_args) -> FitResult:
-    """fit() as one device-side loop (Kernels.run_steps): no host round trip per step."""
+def _call_back(callback, t, B, A, p, eta, t0) -> bool:
+    """Call fit's callback at V_t; True if it asks the fit to stop."""
+    info = FitProgress(t=t, B=B, A=A, loss=float(p.loss), grad_sq=float(p.grad_sq),
+                       eta=float(eta), seconds=time.perf_counter() - t0)
+    try:
+        answer = callback(info)
+    except StopIteration:
+        return True
+    return isinstance(answer, (bool, np.bool_)) and bool(answer)  # True only: not any truthy
+
+
+def _fit_on_device(engine, policy, B, A, steps, loop_args, stop, state) -> FitResult:
+    """fit() as one device-side loop (Kernels.run_steps): no host round trip per step (but
+    one per chunk of steps where a Ctrl-C can stop it: ``stop``)."""
     problem, t0 = engine.problem, time.perf_counter()
-    run = engine.run_steps(problem, engine.data, B, A, steps, **loop_args)
+    run = engine.run_steps(problem, engine.data, B, A, steps, **loop_args,
+                           stop=stop if stop.installed else None)
     history = history_from_columns(run.history, dtype=problem.dtype,
                                    lipschitz=problem.eta_lipschitz)
     B, A, steps_taken = run.B, run.A, len(history)
@@ -172,15 +257,16 @@ def _fit_on_device(engine, policy, B, A, steps, loop_args) -> FitResult:
         # as in the host loop: keep V_{t-1}, the last iterate whose loss was finite
         steps_taken = max(run.diverged_at - 1, 0)
     final_loss = float(engine.loss_pass(B, A))
-    if run.diverged_at is None and not math.isfinite(final_loss) and steps > 0:
-        steps_taken = steps - 1  # the last step blew up
+    if run.diverged_at is None and not math.isfinite(final_loss) and len(history) > 0:
+        steps_taken = len(history) - 1  # the last step blew up
         B, A, final_loss = run.B_prev, run.A_prev, float(history.loss[steps_taken])
-    status = "completed"
+    status = "completed" if len(history) == steps else "interrupted"  # stopped by Ctrl-C
     if steps_taken < len(history):
         status, history = "diverged", history.truncated(steps_taken)
-        _warn_diverged(steps_taken, stacklevel=4)
+        _warn_diverged(steps_taken, stacklevel=5)
     return FitResult(B=B, A=A, final_loss=final_loss, steps=steps_taken, history=history,
-                     status=status, seconds=time.perf_counter() - t0, step_size=policy)
+                     status=status, seconds=time.perf_counter() - t0, step_size=policy,
+                     state=state, problem=problem)
 
 
 def _warn_diverged(steps_taken: int, stacklevel: int):

@@ -10,7 +10,7 @@ paper's step size fine-tunes W0 on the shifted training labels with the cross-en
 after, with the loss table and the Lemma 2 / Theorem 3 checks, for both ``norm`` modes of
 the theorem's step size.
 
-Needs scikit-learn (``pip install "lorakern[digits]"``); the rest of lorakern does not.
+Needs scikit-learn (``pip install ".[digits]"`` in a clone); the rest of lorakern does not.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ SOURCE_C = 0.05
 STEPS = 2000
 #: the held-out accuracy on the shifted task the demo reaches at its defaults (tested)
 EXPECTED_ACCURACY = 0.90
-HINT = ('pip install "lorakern[digits]" (from a clone: pip install ".[digits]"), for '
+HINT = ('pip install ".[digits]" in a clone of lorakern, for '
         'scikit-learn and its bundled digits data')
 
 

@@ -19,7 +19,7 @@ Adding a loss is adding one ``Loss(...)`` entry to ``LOSSES``; no kernel changes
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 
 import numpy as np
@@ -52,6 +52,9 @@ class Loss:
     lipschitz: float
     labels: bool
     body: str
+
+    def __reduce__(self):
+        return _reduce(self)
 
     @cached_property
     def _statements(self) -> list[ast.Assign]:
@@ -204,6 +207,9 @@ class RowLoss:
     labels = "class"     # Y is an (N,) integer array of class indices
     uses_delta = False
 
+    def __reduce__(self):
+        return _reduce(self)
+
     def rows(self, xp, Z, y):
         """(value per row (N,), grad (N, m)) of the softmax cross-entropy, in Z's dtype.
 
@@ -229,3 +235,19 @@ CROSS_ENTROPY = RowLoss("cross_entropy", lipschitz=0.5)
 
 #: the losses of the linear kind: the entrywise ones (over the N x m outputs) and the row-wise
 LINEAR_LOSSES: dict[str, object] = {**LOSSES, CROSS_ENTROPY.name: CROSS_ENTROPY}
+
+
+def _reduce(loss):
+    """How a loss pickles: a registered one as its name, coming back as the registered object
+    (a few bytes, without the parsed body it caches); any other by its fields."""
+    if LINEAR_LOSSES.get(loss.name) == loss:
+        return _registered, (loss.name,)
+    return _rebuild, (type(loss), {f.name: getattr(loss, f.name) for f in fields(loss)})
+
+
+def _registered(name: str):
+    return LINEAR_LOSSES[name]
+
+
+def _rebuild(cls, values: dict):
+    return cls(**values)

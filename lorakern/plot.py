@@ -19,7 +19,7 @@ from .step_size import THEOREM_CONSTANT
 #: 5 sqrt(2) / 2 ~ 3.5 times the theorem's first eta, stable on the demo problems
 CONSTANT_FACTOR = 0.5
 
-PLOT_HINT = 'pip install "lorakern[plot]" (from a clone: pip install ".[plot]")'
+PLOT_HINT = 'pip install ".[plot]" in a clone of lorakern'
 
 #: curve styles by policy name; other policies cycle through EXTRA_STYLES
 STYLES = {"theorem": ("C0", "-"), "constant": ("C1", "--"), "armijo": ("C2", "-."),

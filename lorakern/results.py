@@ -23,7 +23,15 @@ class PassResult:
     v_sq: object      # ||A_t||_F^2 + ||B_t||_F^2 = ||V_t||^2
 
 
-@dataclass
+def describe_array(x) -> str:
+    """An array in a few words for a repr: its type, shape and dtype (never its entries)."""
+    if x is None:
+        return "None"
+    shape = "x".join(str(int(s)) for s in getattr(x, "shape", ()))
+    return f"{type(x).__name__}({shape or 'scalar'}, {getattr(x, 'dtype', '?')})"
+
+
+@dataclass(repr=False)
 class StepResult:
     """One step from V_t: the new iterate and the step's numbers, all of the input iterate."""
 
@@ -36,8 +44,13 @@ class StepResult:
     g_norm: float     # ||G_t||_F
     trials: int = 0   # loss-only passes of a line search
 
+    def __repr__(self):
+        return (f"StepResult(loss={self.loss:.6g}, eta={self.eta:.4g}, grad_sq={self.grad_sq:.4g}, "
+                f"v_sq={self.v_sq:.4g}, g_norm={self.g_norm:.4g}, trials={self.trials}, "
+                f"B={describe_array(self.B)}, A={describe_array(self.A)})")
 
-@dataclass
+
+@dataclass(repr=False)
 class History:
     """One entry per step t = 0..T-1, values at V_t (float64 arrays; trials int64)."""
 
@@ -57,6 +70,15 @@ class History:
         """The first ``steps`` entries."""
         return History(**{name: getattr(self, name)[:steps] for name in HISTORY_FIELDS},
                        dtype=self.dtype, lipschitz=self.lipschitz)
+
+    def __repr__(self):
+        if len(self) == 0:
+            return f"History(0 steps, {self.dtype}, lipschitz={self.lipschitz:g})"
+        eta = (f"eta={self.eta[0]:.4g}" if np.all(self.eta == self.eta[0]) else
+               f"eta in [{np.min(self.eta):.4g}, {np.max(self.eta):.4g}]")
+        trials = f", {int(np.sum(self.trials))} trials" if np.any(self.trials) else ""
+        return (f"History({len(self)} steps, loss {self.loss[0]:.6g} -> {self.loss[-1]:.6g}, "
+                f"{eta}{trials}, {self.dtype}, lipschitz={self.lipschitz:g})")
 
 
 #: the per-step columns of a History
@@ -88,15 +110,75 @@ class DeviceRun:
     A_prev: object = None          # returns if J(V_T) itself is not finite
 
 
-@dataclass
+@dataclass(repr=False)
+class FitProgress:
+    """What fit's ``callback`` receives at V_t, between steps t - 1 and t."""
+
+    t: int            # steps done: this is V_t
+    B: object         # the iterate, arrays of the device (read them, do not write them)
+    A: object
+    loss: float       # J(V_t)
+    grad_sq: float    # ||grad J(V_t)||^2
+    eta: float        # eta_{t-1}, the step that led here
+    seconds: float    # since the fit began
+
+    def __repr__(self):
+        return (f"FitProgress(t={self.t}, loss={self.loss:.6g}, grad_sq={self.grad_sq:.4g}, "
+                f"eta={self.eta:.4g}, seconds={self.seconds:.3g}, B={describe_array(self.B)}, "
+                f"A={describe_array(self.A)})")
+
+
+@dataclass(repr=False)
 class FitResult:
-    """The iterate V_T after ``steps`` steps, J(V_T), the history, and why the loop ended."""
+    """The iterate V_T after ``steps`` steps, J(V_T), the history, and why the loop ended.
+
+    ``state`` is the step-size policy's state at V_T (Armijo: the last accepted eta, from
+    which its next search starts); ``fit(problem, r.B, r.A, steps=k, step_size=r.step_size,
+    state=r.state)`` continues the run exactly where it stopped. ``problem`` is the problem
+    the run fitted (``merged`` reads its W0).
+    """
 
     B: object
     A: object
     final_loss: float
     steps: int
     history: History
-    status: str = "completed"  # or "converged" (grad_sq <= tol) or "diverged" (loss not finite)
+    #: "completed", "converged" (grad_sq <= tol), "stopped" (the callback asked),
+    #: "diverged" (loss not finite) or "interrupted" (Ctrl-C: the steps taken before it)
+    status: str = "completed"
     seconds: float = 0.0
-    step_size: object = field(default=None, repr=False)  # the policy object the run used
+    step_size: object = None   # the policy object the run used
+    state: dict = field(default_factory=dict)  # the policy's state at V_T (see above)
+    problem: object = None     # the problem the run fitted
+
+    def merged(self, W0=None):
+        """The merged weight W0 + B A at the result's iterate, a new array where B lives.
+
+        Parameters
+        ----------
+        W0 : (m, n) array of the problem's dtype, or None to take the problem's own W0.
+            A matrix Problem with a residual loss ("squared", "huber") keeps only W0 - Y,
+            so it needs W0 passed; a LinearProblem, or a Problem with the logistic loss,
+            keeps W0.
+
+        Raises
+        ------
+        ValueError : W0 is None and the problem did not keep W0.
+        TypeError, ValueError : W0 of the wrong dtype or shape (as ``lorakern.merge``).
+        """
+        from .adapters import merge
+
+        if W0 is None:
+            W0 = getattr(self.problem, "W0", None)
+            if W0 is None:
+                raise ValueError(
+                    "this problem keeps only the residual W0 - Y (loss "
+                    f"{getattr(getattr(self.problem, 'loss', None), 'name', '?')!r}), not W0: "
+                    "pass it, result.merged(W0)")
+        return merge(W0, self.B, self.A)
+
+    def __repr__(self):
+        return (f"FitResult(status={self.status!r}, steps={self.steps}, "
+                f"final_loss={self.final_loss:.6g}, B={describe_array(self.B)}, "
+                f"A={describe_array(self.A)}, seconds={self.seconds:.3g}, "
+                f"step_size={self.step_size!r})")

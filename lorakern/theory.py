@@ -30,6 +30,8 @@ from .step_size import LEMMA2_DECREASE, THEOREM_CONSTANT
 
 #: slack allowed on each inequality, relative to the loss, by dtype of the data
 RTOL = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-12}
+#: what a check of a run with no step says (every inequality holds vacuously: all_hold)
+NOTHING_TO_CHECK = "nothing to check: the run took 0 steps (no inequality has a step to test)"
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Report:
                 and (self.eta_floor is None or bool(self.eta_floor.all())))
 
     def summary(self) -> str:
+        if len(self.lemma2) == 0:
+            return NOTHING_TO_CHECK
         bad = np.flatnonzero(~self.lemma2)
         lemma = ("Lemma 2 held at every step" if bad.size == 0 else
                  f"Lemma 2 failed at {bad.size} step(s), first t = {bad[0]}")
@@ -202,6 +206,11 @@ def verdict(result) -> tuple[list[str], bool]:
     steps = len(h)
     c = getattr(policy, "decrease", None)
     lines = []
+    if steps == 0:
+        lines.append(f"theory    {NOTHING_TO_CHECK}")
+        if result.status == "diverged":
+            lines.append("          the loss was not finite at V_0")
+        return lines, result.status != "diverged"
     if c is None:
         mono, first = monotone(result)
         ref = check(result, decrease=LEMMA2_DECREASE)

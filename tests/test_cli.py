@@ -57,10 +57,50 @@ def test_demo_cpu(capsys):
     code, out, err = run_main(capsys, "demo", *SMALL)
     assert code == 0, out + err
     assert_demo_output(out)
-    assert "device    cpu (Numba" in out and "compiling the cpu kernels" in out
+    assert "device    cpu (Numba" in out and "loading the cpu kernels ..." in out
+    assert "compiled in" in out or "loaded from the cache in" in out
     assert "Lemma 2   " in out and "held at all 20 steps" in out and "Theorem 3 " in out
     assert "verdict   every guaranteed inequality held" in out
     assert "20/20 steps" in err  # the progress bar
+
+
+def test_demo_says_whether_it_compiled(capsys, monkeypatch):
+    """Once the kernels are in memory (or on disk) the demo says it loaded them; when Numba
+    compiled something during the warm-up it says it compiled (issue 24)."""
+    code, out, _ = run_main(capsys, "demo", *SMALL)  # compiled or loaded by now
+    code, out, _ = run_main(capsys, "demo", *SMALL)
+    assert code == 0
+    assert "loaded from the cache in" in out and "compiled in" not in out
+    assert "s loading the kernels" in out and "one-time compile" not in out
+
+    import numba
+
+    warm_up = demo.warm_up
+
+    def warm_up_and_compile(*args):
+        seconds = warm_up(*args)
+        numba.njit(lambda x: x + 1)(1)  # a new function: Numba compiles it
+        return seconds
+
+    monkeypatch.setattr(demo, "warm_up", warm_up_and_compile)
+    code, out, _ = run_main(capsys, "demo", *SMALL)
+    assert code == 0
+    assert "compiled in" in out and "loaded from the cache" not in out
+    assert "one-time compile" in out
+
+
+def test_numba_compiles_records_compiles_only():
+    import numba
+
+    def add(x):
+        return x + 1
+
+    fn = numba.njit(add)
+    with demo.numba_compiles() as first:
+        fn(1)
+    with demo.numba_compiles() as second:
+        fn(2)
+    assert len(first) == 1 and first[0].py_func is add and not second
 
 
 @pytest.mark.parametrize("loss, extra", [
@@ -199,7 +239,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, tmp_pat
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     code, out, err = run_main(capsys, "demo", *SMALL, "--device", "reference",
                               "--plot", str(tmp_path / "x.png"))
-    assert code == 2 and 'pip install "lorakern[plot]"' in err
+    assert code == 2 and 'pip install ".[plot]" in a clone' in err
     assert out == ""  # it fails before any work
 
 

@@ -248,3 +248,59 @@ def test_nvrtc_compiles_every_module(arch):
                         assert lowered.value, name
                 finally:
                     NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_warp_instructions_and_gpu_probes_compile(arch, tmp_path, record_property):
+    """warp.cuh (the tensor-core groundwork) with benchmarks/gpu_probe.cu, as gpu_probe.py hands
+    them to NVRTC: compiled, no spill, and the mma instructions in the PTX (not the trap branch)."""
+    src = tmp_path / f"probe_{arch}.cu"
+    src.write_text(launch.warp_source() + (Path(__file__).resolve().parents[1] / "benchmarks" /
+                                           "gpu_probe.cu").read_text())
+    cmd = [NVCC, "-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v", "-Xptxas", "-warn-spills",
+           str(src), "-o", str(src.with_suffix(".cubin"))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = parse_ptxas(proc.stderr + proc.stdout)
+    assert set(report) >= {"cvt_exhaustive", "mma_tf32_tiles", "mma_f64_tiles", "mma_tf32_rate", "read_tiles"}
+    for name, info in report.items():
+        record_property(f"{arch} {name}", f"{info['registers']} registers, {info['spill_stores']} B spill")
+        assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (name, info)
+    ptx = subprocess.run([NVCC, "-ptx", f"-arch={arch}", "-std=c++17", str(src), "-o", "-"],
+                         capture_output=True, text=True, check=True).stdout
+    for instruction in ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+                        "mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64", "cvt.rna.tf32.f32"):
+        assert instruction in ptx, instruction
+    assert "trap;" not in ptx
+    print(f"\n{arch}: " + ", ".join(f"{n} {i['registers']} regs" for n, i in sorted(report.items())))
+
+
+@pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (set LORAKERN_NVRTC to its path)")
+def test_nvrtc_compiles_the_gpu_probes():
+    """gpu_probe.py's module as CupyRuntime.module hands it to NVRTC: no headers, launch.OPTIONS,
+    the extern "C" kernels as name expressions, each resolving to its own name."""
+    import ctypes
+
+    probe_cu = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_probe.cu"
+    source = launch.warp_source() + probe_cu.read_text()
+    names = re.findall(r'extern "C" __global__ void (\w+)\(', source)
+    assert len(names) == 7
+    prog = ctypes.c_void_p()
+    assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"gpu_probe.cu", 0, None, None) == 0
+    try:
+        for name in names:
+            assert NVRTC.nvrtcAddNameExpression(prog, name.encode()) == 0
+        opts = [o.encode() for o in launch.OPTIONS] + [b"-arch=sm_90"]
+        rc = NVRTC.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        if rc != 0:
+            size = ctypes.c_size_t()
+            NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            NVRTC.nvrtcGetProgramLog(prog, log)
+            raise AssertionError(log.value.decode())
+        for name in names:
+            lowered = ctypes.c_char_p()
+            assert NVRTC.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)) == 0
+            assert lowered.value.decode() == name
+    finally:
+        NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))

@@ -26,6 +26,8 @@ from helpers import assert_close, make_case
 pytestmark = pytest.mark.skipif(not emulation.available(), reason="g++ not found")
 
 NT = launch.NT
+#: the emulated device's array namespace: kernels take its arrays, not host NumPy arrays
+dev = emulation.XP
 
 # Small kernels on the emulation's own primitives and on fused.cu's copy helpers (the module
 # is the loss prelude + fused.cu, as the launcher builds it, then these).
@@ -164,8 +166,8 @@ def nan_bits(x):
 
 # ---- cp.async: deferred copies --------------------------------------------------------------------
 def test_copy_lands_at_the_wait(rt, probes):
-    g = np.arange(1, 4 * NT + 1, dtype=np.float32)
-    out = np.zeros(3 * NT, np.float32)
+    g = dev.arange(1, 4 * NT + 1, dtype=np.float32)
+    out = dev.zeros(3 * NT, np.float32)
     rt.launch(probes["copy_probe"], 1, (g, out), 8 * 4 * NT)
     assert nan_bits(out[:NT]).all(), "read before the wait must see the poison"
     np.testing.assert_array_equal(out[NT:2 * NT], g[::4])
@@ -173,8 +175,8 @@ def test_copy_lands_at_the_wait(rt, probes):
 
 
 def test_wait_group_lands_older_groups_only(rt, probes):
-    g = np.arange(1, 4 * NT + 1, dtype=np.float32)
-    out = np.zeros(3 * NT, np.float32)
+    g = dev.arange(1, 4 * NT + 1, dtype=np.float32)
+    out = dev.zeros(3 * NT, np.float32)
     rt.launch(probes["group_probe"], 1, (g, out), 8 * 4 * NT)
     np.testing.assert_array_equal(out[:NT], g[::4])
     assert nan_bits(out[NT:2 * NT]).all(), "the newest group must not have landed at wait_group(1)"
@@ -184,14 +186,14 @@ def test_wait_group_lands_older_groups_only(rt, probes):
 @pytest.mark.parametrize("offset, match", [(4, "misaligned destination"),
                                            (1024, "outside the block's dynamic shared memory")])
 def test_bad_copy_addresses(rt, probes, offset, match):
-    g = np.zeros(4, np.float32)
+    g = dev.zeros(4, np.float32)
     with pytest.raises(EmulationError, match=match):
         rt.launch(probes["bad_copy"], 1, (g, np.int32(offset)), 1024)
 
 
 def test_copies_never_waited_for(rt, probes):
     with pytest.raises(EmulationError, match="never waited for"):
-        rt.launch(probes["no_wait"], 1, (np.zeros(4, np.float32),), 16 * NT)
+        rt.launch(probes["no_wait"], 1, (dev.zeros(4, np.float32),), 16 * NT)
 
 
 WAIT = ("        copy_async_wait_all();\n"
@@ -250,7 +252,7 @@ def test_skipped_barrier_fails_at_once(rt, probes):
     with pytest.raises(EmulationError, match=rf"skip_barrier: threads of block 0 reached different barriers: "
                                              rf"thread\(s\) 0-127 wait at __syncthreads\(\) at module:{line}, "
                                              rf"thread\(s\) 128-255 reached the end of the kernel"):
-        rt.launch(probes["skip_barrier"], 2, (np.zeros(NT, np.float32),))
+        rt.launch(probes["skip_barrier"], 2, (dev.zeros(NT, np.float32),))
     assert time.perf_counter() - start < rt.timeout  # found by the check, not the timeout
 
 
@@ -259,13 +261,13 @@ def test_barriers_on_different_lines_fail(rt, probes):
     with pytest.raises(EmulationError, match=rf"thread\(s\) 0, 2, 4, .* \(128 threads\) wait at "
                                              rf"__syncthreads\(\) at module:{even}, thread\(s\) 1, 3, 5, .* "
                                              rf"\(128 threads\) wait at __syncthreads\(\) at module:{odd} "):
-        rt.launch(probes["split_barrier"], 1, (np.zeros(NT, np.float32),))
+        rt.launch(probes["split_barrier"], 1, (dev.zeros(NT, np.float32),))
 
 
 def test_barrier_times_out(rt, probes):
     """A thread that does not come to the barrier (here: 2 s late) fails the launch after the
     timeout (1 s), with a message naming it and the barrier the others wait at."""
-    out = np.zeros(NT, np.float32)
+    out = dev.zeros(NT, np.float32)
     rt.launch(probes["late_thread"], 1, (out, np.float64(0.2)))  # late, but within the timeout
     assert (out == 1).all()
     start = time.perf_counter()
@@ -288,7 +290,7 @@ def test_a_thread_that_never_comes_aborts_with_the_message(tmp_path):
         " '__global__ void stuck(float* out) { if (threadIdx.x == 3) while (!lk_never) {} "
         "__syncthreads(); out[threadIdx.x] = 1; }'\n"
         "k = rt.kernel(rt.module(src, ('stuck',)), 'stuck', 0)\n"
-        "rt.launch(k, 1, (np.zeros(256, np.float32),))\n")
+        "rt.launch(k, 1, (rt.xp.zeros(256, np.float32),))\n")
     root = str(Path(lorakern.__file__).resolve().parents[1])
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -302,7 +304,7 @@ def test_a_thread_that_never_comes_aborts_with_the_message(tmp_path):
 
 def test_trap_fails_with_where(rt, probes):
     with pytest.raises(EmulationError, match=r"__trap\(\) in thread 5 of block 1"):
-        rt.launch(probes["trap_in_block_1"], 3, (np.zeros(3 * NT, np.float32),))
+        rt.launch(probes["trap_in_block_1"], 3, (dev.zeros(3 * NT, np.float32),))
 
 
 def test_fused_pass_traps_on_too_little_shared_memory(monkeypatch):
@@ -316,7 +318,7 @@ def test_fused_pass_traps_on_too_little_shared_memory(monkeypatch):
 
 
 def test_shared_memory_starts_as_nan_in_every_block(rt, probes):
-    out = np.zeros(2 * NT, np.float32)
+    out = dev.zeros(2 * NT, np.float32)
     rt.launch(probes["unwritten_smem"], 2, (out,), 4 * NT)
     assert (out[:NT] == 1).all() and nan_bits(out[NT:]).all()
 
@@ -325,9 +327,9 @@ def test_missing_barrier_shows_in_the_results(rt, probes):
     """Without the barrier, a thread reads its neighbour's slot before the neighbour has run
     (threads of a phase run one after another): the poison, not the value. (ThreadSanitizer
     reports it as a race: ci/emulation_tsan.py.)"""
-    out = np.zeros(NT, np.float32)
+    out = dev.zeros(NT, np.float32)
     rt.launch(probes["neighbour"], 2, (out, np.int32(1)), 4 * NT)
-    np.testing.assert_array_equal(out, (np.arange(NT) + 1) % NT)
+    np.testing.assert_array_equal(out, (dev.arange(NT) + 1) % NT)
     rt.launch(probes["neighbour"], 2, (out, np.int32(0)), 4 * NT)
     assert nan_bits(out[:NT - 1]).all()
 
@@ -335,16 +337,16 @@ def test_missing_barrier_shows_in_the_results(rt, probes):
 def test_recovers_after_a_failure(rt, probes):
     """The launch after a failed one runs normally (the thread pool is left clean)."""
     with pytest.raises(EmulationError):
-        rt.launch(probes["skip_barrier"], 1, (np.zeros(NT, np.float32),))
-    out = np.zeros(3 * NT, np.float32)
-    g = np.arange(1, 4 * NT + 1, dtype=np.float32)
+        rt.launch(probes["skip_barrier"], 1, (dev.zeros(NT, np.float32),))
+    out = dev.zeros(3 * NT, np.float32)
+    g = dev.arange(1, 4 * NT + 1, dtype=np.float32)
     rt.launch(probes["copy_probe"], 1, (g, out), 8 * 4 * NT)
     np.testing.assert_array_equal(out[NT:2 * NT], g[::4])
 
 
 # ---- the launcher's argument checks -----------------------------------------------------------------
 def test_arguments_are_checked(rt, probes):
-    k, out = probes["typed"], np.zeros(1, np.float32)
+    k, out = probes["typed"], dev.zeros(1, np.float32)
     rt.launch(k, 1, (out, np.int32(1), np.int64(2), np.float64(0.5)))
     assert out[0] == 3.5
     with pytest.raises(TypeError, match="argument 2: int32 for a 8-byte integer"):
@@ -356,7 +358,7 @@ def test_arguments_are_checked(rt, probes):
     with pytest.raises(TypeError, match="argument 1: int"):
         rt.launch(k, 1, (out, 1, np.int64(2), np.float64(0.5)))
     with pytest.raises(ValueError, match="C-contiguous"):
-        rt.launch(k, 1, (np.zeros(4, np.float32)[::2], np.int32(1), np.int64(2), np.float64(0.5)))
+        rt.launch(k, 1, (dev.zeros(4, np.float32)[::2], np.int32(1), np.int64(2), np.float64(0.5)))
     with pytest.raises(TypeError, match="3 arguments for 4 parameters"):
         rt.launch(k, 1, (out, np.int32(1), np.int64(2)))
 
@@ -370,3 +372,61 @@ def test_emulated_device_is_for_tests_only():
     with pytest.raises(ValueError, match="unknown device 'cuda-emulated'"):
         lorakern.step(*make_case((3, 4, 1), np.float64), device="cuda-emulated")
     assert isinstance(device, lorakern._dispatch.Device)
+
+
+# ---- the device's arrays: what CuPy refuses, the emulation refuses -----------------------------
+def test_device_array_refuses_a_host_array_as_cupy_does():
+    """CuPy: ``device[...] = numpy_array`` raises ValueError("non-scalar numpy.ndarray cannot be
+    used for fill"); run_steps did that with NumPy B, A and failed on the GPU only (issue 22).
+    The emulated device's arrays refuse it the same way; scalars and device arrays go in."""
+    host_B = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    d = dev.empty((5, 3), np.float32)
+    assert isinstance(d, emulation.DeviceArray) and type(host_B) is np.ndarray
+    with pytest.raises(ValueError, match="^non-scalar numpy.ndarray cannot be used for fill$"):
+        d[...] = host_B
+    with pytest.raises(ValueError, match="cannot be used for fill"):
+        d[1:3] = host_B[1:3]
+    d[...] = dev.asarray(host_B)  # the fix: copy to the device first
+    np.testing.assert_array_equal(d.get(), host_B)
+    d[0, 0] = np.float32(2.5)  # a scalar, a 0-d array and a Python number are scalars
+    d[0, 1] = np.array(3.5, np.float32)
+    d[0, 2] = 4.5
+    assert d.get()[0].tolist() == [2.5, 3.5, 4.5]
+
+
+def test_device_array_refuses_host_arrays_in_operations_and_launches(rt, probes):
+    """Elementwise operations mixing device and host arrays fail (CuPy: TypeError, Unsupported
+    type), kernels take device arrays only, and host copies leave through to_host / get."""
+    host_x = np.arange(1.0, 4.0)
+    d = dev.asarray(host_x)
+    assert not np.shares_memory(d, host_x)  # a copy, as with CuPy
+    with pytest.raises(TypeError, match="Unsupported type"):
+        d + host_x
+    with pytest.raises(TypeError, match="Unsupported type"):
+        np.multiply(host_x, d)
+    assert isinstance(d * 2.0, emulation.DeviceArray) and isinstance(dev.sqrt(d), emulation.DeviceArray)
+    e = d
+    e += d  # in place: the same array
+    assert e is d and d.get().tolist() == [2.0, 4.0, 6.0]
+    assert np.add(d, d, out=d) is d
+    back = rt.to_host(d)
+    assert type(back) is np.ndarray and not np.shares_memory(back, d)
+    with pytest.raises(TypeError, match="argument 0: a host numpy.ndarray"):
+        rt.launch(probes["skip_barrier"], 1, (np.zeros(NT, np.float32),))
+
+
+def test_run_steps_takes_host_arrays():
+    """The GPU failure of issue 22, on the emulated device: run_steps with NumPy B and A."""
+    from lorakern._cuda import matrix
+
+    problem, B, A = make_case((9, 11, 2), np.float64, seed=4)
+    device = emulation.device()
+    data = matrix.prepare(problem, device)
+    run = matrix.run_steps(problem, data, B, A, 2, eta_fixed=0.01)
+    assert type(B) is np.ndarray and run.diverged_at is None
+    step = reference.fused_pass(problem, None, B, A)
+    assert_close(rt_host(run.B_prev), B - 0.01 * step.grad_B, np.float64, "B after one step")
+
+
+def rt_host(x):
+    return emulation.HostRuntime.to_host(x)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -292,7 +293,7 @@ except lorakern.DeviceUnavailableError as exc:
 
 @pytest.mark.parametrize("script, says", [
     (SCRIPT_NO_CLIENT, "no Client is connected"),
-    (SCRIPT_NO_DISTRIBUTED, 'pip install "lorakern[dask]"'),
+    (SCRIPT_NO_DISTRIBUTED, 'pip install ".[dask]" in a clone'),
 ])
 def test_no_cluster_is_a_clear_error(script, says):
     root = str(Path(lorakern.__file__).resolve().parents[1])
@@ -390,3 +391,17 @@ def test_worker_killed_mid_fit(client):
     assert_bitwise(got.A, undisturbed.A, "A")
     assert_bitwise(got.history.loss, undisturbed.history.loss, "history.loss")
     client.wait_for_workers(2, timeout=120)  # the nanny's new worker, for the tests after
+
+
+def test_all_false_mask_warns(client):
+    """As for NumPy arrays (issue 24): a dask mask False everywhere warns at the caller; one
+    whose False shards are only some of them does not."""
+    W0, Y, _ = random_data((M, N), np.float32, seed=31)
+    mask = np.zeros((M, N), bool)
+    with pytest.warns(lorakern.InputWarning, match="mask is False everywhere") as record:
+        lorakern.Problem(_dask(W0), _dask(Y), mask=_dask(mask))
+    assert record[0].filename == __file__
+    mask[-1, 0] = True  # observed in the last shard only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lorakern.InputWarning)
+        lorakern.Problem(_dask(W0), _dask(Y), mask=_dask(mask))

@@ -82,7 +82,7 @@ def test_cli_digits_without_scikit_learn_says_how_to_get_it(capsys, monkeypatch)
     for name in ("sklearn", "sklearn.datasets", "sklearn.linear_model"):
         monkeypatch.setitem(sys.modules, name, None)  # makes `import sklearn...` fail
     code = cli.main(["demo", "--problem", "digits", "--steps", "2"])
-    assert code == 2 and 'pip install "lorakern[digits]"' in capsys.readouterr().err
+    assert code == 2 and 'pip install ".[digits]" in a clone' in capsys.readouterr().err
 
 
 def test_library_does_not_import_scikit_learn():

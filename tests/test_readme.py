@@ -69,6 +69,9 @@ def test_install_hints_agree_with_the_readme():
         assert in_readme, f"the README does not say how to install the {extra} extra"
         assert in_readme <= {f for f in forms if f in hint}, (
             f"the README installs {extra} with {sorted(in_readme)}, the error says: {hint}")
+        # lorakern is not published: only the clone form installs it (issue 24)
+        assert f'pip install ".[{extra}]"' in hint and f'"lorakern[{extra}]"' not in hint + text
+    assert "zarr" in " ".join(extras["dask"])  # the Dask recipe reads zarr stores
 
 
 def test_dask_settings_are_dask_settings_and_the_benchmarks():

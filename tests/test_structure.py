@@ -145,3 +145,22 @@ def test_the_conformance_check_can_fail():
     assert missing(object(), Device)
     half = types.SimpleNamespace(prepare=None, fused_pass=None)  # no loss_pass
     assert missing(half, Kernels) == ["loss_pass"]
+
+
+@pytest.mark.parametrize("pair", sorted(_dispatch.WRAPPED_PROBLEMS), ids=lambda p: "-".join(p))
+def test_every_wrapped_problem_entry_conforms(pair):
+    """A WRAPPED_PROBLEMS row: a callable, for a kind with kernels and a library in WRAPPERS."""
+    kind, library = pair
+    assert callable(_dispatch._load(_dispatch.WRAPPED_PROBLEMS[pair]))
+    assert library in _dispatch.WRAPPERS
+    assert any(k == kind for k, _ in KERNELS), f"{kind} has no kernels"
+
+
+def test_wrapped_problem_for_a_kind_without_a_row():
+    """A kind the table cannot build from dask arrays says which kinds it can."""
+    da = pytest.importorskip("dask.array")
+    x = da.ones((4, 3), chunks=2)
+    assert _dispatch.wrapped_problem("matrix", np.ones((4, 3))) is None
+    assert callable(_dispatch.wrapped_problem("matrix", x))
+    with pytest.raises(TypeError, match="'tensor' problem cannot be built from dask.*matrix"):
+        _dispatch.wrapped_problem("tensor", np.ones((4, 3)), x)

@@ -70,6 +70,22 @@ def run(work, args, workers: int, flops: float = 0.0) -> None:
     finally:
         # every unit is taken now: a pool thread that has not started yet would find none,
         # so it is not waited for (on a busy core its wake-up can take longer than the pass)
-        for future in futures:
-            if not future.cancel():
+        _wait_all(futures)
+
+
+def _wait_all(futures) -> None:
+    """Wait for the pool threads still in the pass, even through a KeyboardInterrupt (a
+    second Ctrl-C, see _interrupt.py), raised once they are done: a thread left running
+    would write into the workspace that the problem's next pass reuses."""
+    interrupted = None
+    for future in futures:
+        if future.cancel():
+            continue
+        while True:
+            try:
                 future.result()
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+    if interrupted is not None:
+        raise interrupted

@@ -16,7 +16,7 @@ import sys
 from .._dispatch import DeviceUnavailableError
 from . import launch
 
-_INSTALL = 'pip install "lorakern[cuda]" (from a clone: pip install ".[cuda]")'
+_INSTALL = 'pip install ".[cuda]" in a clone of lorakern'
 
 
 # ---- availability ---------------------------------------------------------------------------

@@ -27,8 +27,22 @@
 //                   __syncthreads orders: two threads touching the same memory between two
 //                   barriers, one of them writing, fail (ci/emulation_tsan.py).
 //
-// What it cannot check: timing, warp-synchronous code (there are no warps here), memory order
-// between blocks (they run one after another), the PTX paths (the asm is not compiled).
+//   warps         a warp collective (__shfl*_sync, __syncwarp, the mma wrappers of warp.cuh) is a
+//                   rendezvous of the lanes its mask names: each lane deposits its registers and
+//                   yields; when every lane of the mask waits at the same call site with the same
+//                   mask the runtime executes the instruction. A calling lane left out of its own
+//                   mask, a lane of the mask that waits elsewhere (another collective, a
+//                   __syncthreads) or has ended (a divergent warp), and an .aligned instruction
+//                   (mma) called by less than the whole warp fail the launch at once.
+//   mma           warp.cuh's models gather the 32 lanes' fragments through the PTX ISA's
+//                   coordinate functions, reject .tf32 operands whose 13 low bits are not zero
+//                   (a missing cvt.rna.tf32), form every product exactly and round the sum once,
+//                   by the policy HostRuntime(mma_rounding="rn" | "rz") sets: the PTX ISA does
+//                   not specify the accumulation's rounding, so tests run under both.
+//
+// What it cannot check: timing, memory order between blocks (they run one after another),
+// the PTX paths (the asm is not compiled), lanes of a warp running in lockstep (they run one
+// after another, and meet only at the collectives).
 //
 // Two parts. The declarations below are all a module sees: they parse fast, so that each of
 // the many template instances the tests ask for compiles in a second or so. The runtime
@@ -39,6 +53,9 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 
@@ -74,6 +91,19 @@ void copy_async(void* dst, const void* src, int bytes, int src_bytes);
 void copy_async_commit();
 void copy_async_wait_group(int n);
 void copy_async_wait_all();
+
+// ---- warp collectives: the lanes of `mask` meet at one call site; `combine` (null: none) then
+// reads every lane's `in` and writes every lane's `out` (the arrays are indexed by lane, null
+// for lanes outside the mask) and returns null, or a message that fails the launch.
+using Combine = const char* (*)(void* const* in, void* const* out, unsigned mask);
+void warp_collective(const char* what, const char* file, int line, unsigned mask, bool aligned, bool orders_memory,
+                     void* in, void* out, Combine combine);
+// the rounding of an mma's sum (HostRuntime(mma_rounding=...)): 0 to nearest even, 1 toward zero
+int mma_rounding();
+// terms[0] + ... + terms[n-1], exactly, rounded once to a binary floating-point number of
+// `precision` bits (24: float, 53: double) to nearest even, or toward zero; every term finite
+// (else the plain double sum: NaN and inf propagate)
+double exact_sum(const double* terms, int n, int precision, bool toward_zero);
 
 using Thunk = void (*)(void* kernel, void** args);
 int launch(Thunk thunk, void* kernel, unsigned grid, unsigned block, unsigned smem, void** args, double timeout);
@@ -118,6 +148,71 @@ inline void __syncthreads(const char* file = __builtin_FILE(), int line = __buil
     lk_emu::barrier_at(file, line);
 }
 [[noreturn]] inline void __trap() { lk_emu::trap(); }
+// warp collectives on the lanes of `mask` (CUDA's semantics; see lk_emu::warp_collective)
+namespace lk_emu {
+struct Shfl {
+    unsigned long long value;
+    int lane;   // the source lane, the xor mask or the delta
+    int width;
+    int kind;   // 0 idx, 1 xor, 2 down, 3 up
+};
+const char* shfl_combine(void* const* in, void* const* out, unsigned mask);
+template <typename T>
+T shfl(const char* what, unsigned mask, T var, int lane, int width, int kind, const char* file, int line)
+{
+    static_assert(sizeof(T) <= 8, "a shuffle moves at most 8 bytes");
+    Shfl in{0, lane, width, kind};
+    std::memcpy(&in.value, &var, sizeof(T));
+    unsigned long long out = 0;
+    warp_collective(what, file, line, mask, false, false, &in, &out, &shfl_combine);
+    T result;
+    std::memcpy(&result, &out, sizeof(T));
+    return result;
+}
+}  // namespace lk_emu
+template <typename T>
+T __shfl_sync(unsigned mask, T var, int src, int width = 32, const char* file = __builtin_FILE(),
+              int line = __builtin_LINE())
+{
+    return lk_emu::shfl("__shfl_sync", mask, var, src, width, 0, file, line);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32, const char* file = __builtin_FILE(),
+                  int line = __builtin_LINE())
+{
+    return lk_emu::shfl("__shfl_xor_sync", mask, var, lane_mask, width, 1, file, line);
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32, const char* file = __builtin_FILE(),
+                   int line = __builtin_LINE())
+{
+    return lk_emu::shfl("__shfl_down_sync", mask, var, (int)delta, width, 2, file, line);
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32, const char* file = __builtin_FILE(),
+                 int line = __builtin_LINE())
+{
+    return lk_emu::shfl("__shfl_up_sync", mask, var, (int)delta, width, 3, file, line);
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin_FILE(), int line = __builtin_LINE())
+{
+    lk_emu::warp_collective("__syncwarp()", file, line, mask, false, true, nullptr, nullptr, nullptr);
+}
+
+inline unsigned __float_as_uint(float x)
+{
+    unsigned u;
+    std::memcpy(&u, &x, 4);
+    return u;
+}
+inline float __uint_as_float(unsigned u)
+{
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
 inline float __fmul_rn(float a, float b) { return a * b; }
@@ -204,7 +299,7 @@ struct Copy {  // one cp.async: `bytes` to dst, the first `src_bytes` of them fr
 constexpr std::size_t STACK_BYTES = 512 * 1024;  // per CUDA thread (TSan frames are large)
 constexpr unsigned TSAN_NO_SYNC = 1;              // __tsan_switch_to_fiber_no_sync
 
-enum class State { ready, waiting, done };
+enum class State { ready, waiting, collective, done };
 
 struct Fiber {
     ucontext_t ctx;
@@ -216,6 +311,13 @@ struct Fiber {
     unsigned phase = 0;               // barriers passed in this block
     std::vector<Copy> pending;        // issued cp.async copies that have not landed
     std::vector<std::size_t> groups;  // pending.size() at each commit, oldest first
+    // the warp collective it waits at (State::collective; site above)
+    unsigned mask = 0;
+    bool aligned = false, orders_memory = false;
+    void* in = nullptr;
+    void* out = nullptr;
+    Combine combine = nullptr;
+    unsigned warp_phase = 0;          // __syncwarp()s passed (TSan)
 };
 
 struct Launch {
@@ -228,6 +330,7 @@ struct Launch {
     unsigned smem_bytes = 0;
     std::atomic<bool> failed{false};
     char sync[2];          // TSan synchronisation objects of even and odd barrier phases
+    char warp_sync[32][2]; // the same for each warp's __syncwarp()
 
     // shared with the launcher's watchdog: counters it reads, the rest under mu
     std::atomic<unsigned long long> switches{0};  // fiber switches so far
@@ -375,6 +478,210 @@ static void barrier(const Site& site)
 
 void barrier_at(const char* file, int line) { barrier(Site{file, line, "__syncthreads()"}); }
 
+// ---- warp collectives -----------------------------------------------------------------------
+void warp_collective(const char* what, const char* file, int line, unsigned mask, bool aligned, bool orders_memory,
+                     void* in, void* out, Combine combine)
+{
+    Fiber& f = *running;
+    Launch& L = *current;
+    if (L.failed.load()) throw Failure{};
+    f.state = State::collective;
+    f.site = Site{file, line, what};
+    f.mask = mask;
+    f.aligned = aligned;
+    f.orders_memory = orders_memory;
+    f.in = in;
+    f.out = out;
+    f.combine = combine;
+    char* sync = L.warp_sync[(f.tid / 32) % 32];
+    if (orders_memory) {
+        ++f.warp_phase;
+        if (tsan()) __tsan_release(&sync[f.warp_phase % 2]);
+    }
+    to_scheduler();
+    if (orders_memory && tsan()) __tsan_acquire(&sync[f.warp_phase % 2]);
+    if (L.failed.load()) throw Failure{};
+}
+
+static int rounding_policy = 0;
+int mma_rounding() { return rounding_policy; }
+
+static std::string hex(unsigned x)
+{
+    char text[16];
+    std::snprintf(text, sizeof text, "0x%08x", x);
+    return text;
+}
+
+// where a lane is, for a message
+static std::string whereabouts(const Fiber& f)
+{
+    if (f.state == State::done) return "has reached the end of the kernel";
+    if (f.state == State::collective) return "waits at " + f.site.str() + " with mask " + hex(f.mask);
+    return "waits at " + f.site.str();
+}
+
+// After a round: the warps' collectives whose lanes have all come run, and those lanes go on
+// (`ran`: whether any did). False, the launch failed, for a collective that cannot complete:
+// a calling lane outside its mask, a lane of the mask elsewhere or ended, an .aligned
+// instruction without the whole warp, or an error of the instruction's model.
+static bool run_collectives(Launch& L, unsigned block, bool& ran)
+{
+    ran = false;
+    for (unsigned first = 0; first < L.nthreads; first += 32) {
+        const unsigned count = std::min(32u, L.nthreads - first);
+        const unsigned present = count == 32 ? 0xffffffffu : (1u << count) - 1;
+        unsigned pending = 0;
+        for (unsigned l = 0; l < count; ++l)
+            if (fibers[first + l]->state == State::collective) pending |= 1u << l;
+        while (pending) {
+            const unsigned l0 = (unsigned)__builtin_ctz(pending);
+            const Fiber& lead = *fibers[first + l0];
+            const unsigned mask = lead.mask;
+            const std::string who = "lane " + std::to_string(l0) + " (thread " + std::to_string(first + l0) +
+                                    ") of block " + std::to_string(block) + " at " + lead.site.str();
+            std::string problem;
+            if (!(mask >> l0 & 1u))
+                problem = who + " calls it with mask " + hex(mask) + ", which leaves out the calling lane";
+            else if (mask & ~present)
+                problem = who + ": mask " + hex(mask) + " names lanes the block does not have";
+            else if (lead.aligned && mask != 0xffffffffu)
+                problem = who + ": an .aligned instruction needs the whole warp (mask " + hex(mask) + ")";
+            else
+                for (unsigned k = 0; k < 32 && problem.empty(); ++k) {
+                    if (!(mask >> k & 1u)) continue;
+                    const Fiber& o = *fibers[first + k];
+                    if (o.state != State::collective || !(o.site == lead.site) || o.mask != mask)
+                        problem = "divergent warp: " + who + " with mask " + hex(mask) + " waits for lane " +
+                                  std::to_string(k) + ", which " + whereabouts(o);
+                }
+            if (problem.empty() && lead.combine != nullptr) {
+                void* in[32] = {};
+                void* out[32] = {};
+                for (unsigned k = 0; k < 32; ++k)
+                    if (mask >> k & 1u) {
+                        in[k] = fibers[first + k]->in;
+                        out[k] = fibers[first + k]->out;
+                    }
+                if (const char* error = lead.combine(in, out, mask))
+                    problem = lead.site.str() + " in warp " + std::to_string(first / 32) + " of block " +
+                              std::to_string(block) + ": " + error;
+            }
+            if (!problem.empty()) {
+                record_failure(L, problem);
+                return false;
+            }
+            for (unsigned k = 0; k < 32; ++k)
+                if (mask >> k & 1u) fibers[first + k]->state = State::ready;
+            pending &= ~mask;
+            ran = true;
+        }
+    }
+    return true;
+}
+
+// CUDA's shuffles: a source lane outside the mask gives an undefined value (here all 0xff bytes:
+// NaN); a source outside the lane's segment of `width` lanes, the lane's own value (down, up, xor)
+const char* shfl_combine(void* const* in, void* const* out, unsigned mask)
+{
+    for (unsigned lane = 0; lane < 32; ++lane) {
+        if (!(mask >> lane & 1u)) continue;
+        const Shfl& s = *static_cast<const Shfl*>(in[lane]);
+        const int width = s.width;
+        if (width < 1 || width > 32 || (width & (width - 1)) != 0) return "width must be a power of 2 in [1, 32]";
+        const int start = (int)lane / width * width;
+        int src = (int)lane;
+        if (s.kind == 0) src = start + (s.lane & (width - 1));
+        else if (s.kind == 1) src = (int)lane ^ s.lane;
+        else if (s.kind == 2) src = (int)lane + s.lane;
+        else src = (int)lane - s.lane;
+        if (s.kind != 0 && (src < start || src >= start + width)) src = (int)lane;
+        unsigned long long& result = *static_cast<unsigned long long*>(out[lane]);
+        result = (mask >> src & 1u) ? static_cast<const Shfl*>(in[src])->value : ~0ull;
+    }
+    return nullptr;
+}
+
+// ---- an exact sum, rounded once ----------------------------------------------------------------
+// A fixed-point accumulator wide enough for every double: bit p has weight 2^(p - 1074), in
+// 32-bit limbs (held in 64-bit integers, so that a few terms add without carrying).
+struct ExactSum {
+    static constexpr int LIMBS = 70;  // 2240 bits > 1074 + 1024 + carries
+    std::int64_t limb[LIMBS] = {};
+
+    void add(double x)
+    {
+        if (x == 0) return;
+        int e;
+        const double m = std::frexp(std::fabs(x), &e);  // |x| = m 2^e, 0.5 <= m < 1
+        auto mag = (std::uint64_t)std::ldexp(m, 53);     // |x| = mag 2^(e - 53)
+        int pos = e - 53 + 1074;
+        if (pos < 0) {  // a subnormal: the bits shifted out are zero
+            mag >>= -pos;
+            pos = 0;
+        }
+        const unsigned __int128 v = (unsigned __int128)mag << (pos % 32);
+        const std::int64_t sign = x < 0 ? -1 : 1;
+        for (int i = 0; i < 3; ++i) limb[pos / 32 + i] += sign * (std::int64_t)((v >> (32 * i)) & 0xffffffffu);
+    }
+
+    // carries propagated, the magnitude left in the limbs; returns the sign of the sum
+    int normalize()
+    {
+        for (int pass = 0; pass < 2; ++pass) {
+            for (int i = 0; i + 1 < LIMBS; ++i) {
+                const std::int64_t carry = limb[i] >> 32;  // floor division
+                limb[i] -= carry * (std::int64_t(1) << 32);
+                limb[i + 1] += carry;
+            }
+            if (limb[LIMBS - 1] >= 0) return pass == 0 ? 1 : -1;
+            for (auto& l : limb) l = -l;
+        }
+        return -1;
+    }
+
+    bool bit(int p) const { return p >= 0 && (limb[p / 32] >> (p % 32) & 1); }
+    bool any_below(int p) const  // a bit set below position p
+    {
+        if (p <= 0) return false;
+        for (int i = 0; i < p / 32; ++i)
+            if (limb[i] != 0) return true;
+        const int r = p % 32;
+        return r != 0 && (limb[p / 32] & ((std::int64_t(1) << r) - 1)) != 0;
+    }
+};
+
+double exact_sum(const double* terms, int n, int precision, bool toward_zero)
+{
+    bool finite = true, all_zero = true;
+    double plain = 0;
+    for (int i = 0; i < n; ++i) {
+        finite &= std::isfinite(terms[i]);
+        all_zero &= terms[i] == 0;
+        plain += terms[i];
+    }
+    if (!finite || all_zero) return plain;  // NaN, inf; a sum of zeros keeps IEEE's sign of zero
+    ExactSum acc;
+    for (int i = 0; i < n; ++i) acc.add(terms[i]);
+    const int sign = acc.normalize();
+    int high = -1;
+    for (int i = ExactSum::LIMBS - 1; i >= 0 && high < 0; --i)
+        if (acc.limb[i] != 0) high = 32 * i + 63 - __builtin_clzll((unsigned long long)acc.limb[i]);
+    if (high < 0) return 0.0;  // an exact zero: +0 (to nearest and toward zero alike)
+    // the format's smallest ulp (subnormals) and largest exponent, as bit positions
+    const int min_ulp = precision == 24 ? 1074 - 149 : 0;
+    const int max_high = precision == 24 ? 1074 + 127 : 1074 + 1023;
+    const double largest = precision == 24 ? 3.4028234663852886e38 : 1.7976931348623157e308;
+    if (high > max_high) return sign * (toward_zero ? largest : INFINITY);
+    const int ulp = std::max(high - (precision - 1), min_ulp);
+    std::uint64_t q = 0;
+    for (int p = high; p >= ulp; --p) q = q << 1 | (std::uint64_t)acc.bit(p);
+    if (!toward_zero && acc.bit(ulp - 1) && (acc.any_below(ulp - 1) || (q & 1))) ++q;
+    const double value = std::ldexp((double)q, ulp - 1074);
+    if (value > largest) return sign * (toward_zero ? largest : INFINITY);
+    return sign * value;
+}
+
 void trap() { fail("__trap() in " + where_am_i()); }
 
 unsigned char* dynamic_smem() { return current->smem; }
@@ -482,13 +789,15 @@ static void run_block(Launch& L, unsigned b)
         bool all_done = true;
         for (unsigned t = 0; t < L.nthreads; ++t) all_done &= fibers[t]->state == State::done;
         if (all_done) break;
+        bool ran = false;
+        if (!L.failed.load() && run_collectives(L, b, ran) && ran) continue;  // those lanes go on
         if (!L.failed.load() && check_round(L, b)) {
             for (unsigned t = 0; t < L.nthreads; ++t) fibers[t]->state = State::ready;
             continue;
         }
         // failed: resume the waiting threads once more, so that they unwind (Failure)
         for (unsigned t = 0; t < L.nthreads; ++t)
-            if (fibers[t]->state == State::waiting) {
+            if (fibers[t]->state == State::waiting || fibers[t]->state == State::collective) {
                 fibers[t]->state = State::ready;
                 resume(L, *fibers[t]);
             }
@@ -614,5 +923,7 @@ int launch(Thunk thunk, void* kernel, unsigned grid, unsigned block, unsigned sm
 const char* last_error() { return error_text.c_str(); }
 
 }  // namespace lk_emu
+
+extern "C" void emu_set_mma_rounding(int policy) { lk_emu::rounding_policy = policy; }
 
 #endif  // LORAKERN_EMULATION_RUNTIME

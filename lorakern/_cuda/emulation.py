@@ -10,8 +10,16 @@ tests: not in the user-facing device table, and slow (a barrier switches 256 fib
 small shapes only.
 
 A kernel that misbehaves fails with ``EmulationError`` naming what went wrong (threads at
-different barriers, a thread that never reaches its barrier, a misaligned cp.async, __trap())
-instead of hanging. ``HostRuntime(flags=["-fsanitize=thread"])`` builds ThreadSanitizer
+different barriers, a thread that never reaches its barrier, a misaligned cp.async, __trap(),
+a warp collective called from a divergent warp or with a mask that leaves out a calling lane,
+a .tf32 mma operand that was never converted) instead of hanging.
+
+Its arrays are ``DeviceArray``s (``HostRuntime.xp``, a NumPy namespace whose results are
+DeviceArrays): like CuPy arrays they refuse to be filled from, or combined with, a host NumPy
+array, and kernels take only them, so host/device mix-ups fail here as they fail on a GPU.
+``HostRuntime(mma_rounding="rn" | "rz")`` picks how an emulated mma (warp.cuh) rounds its exact
+sum of products; the PTX ISA leaves it open, so tests run under both. ``tf32_rna`` and
+``split_tf32`` are NumPy models of warp.cuh's conversion and 3xTF32 split. ``HostRuntime(flags=["-fsanitize=thread"])`` builds ThreadSanitizer
 modules (load them into a process started with ``LD_PRELOAD=$(g++ -print-file-name=libtsan.so)``;
 ``ci/emulation_tsan.py`` does).
 """
@@ -42,6 +50,10 @@ FLAGS = ("-std=c++17", "-O1", "-fPIC", "-shared", "-pthread", "-ffp-contract=off
 TIMEOUT = float(os.environ.get("LORAKERN_EMULATION_TIMEOUT", "5"))
 
 
+#: HostRuntime(mma_rounding=...): the emulated mma's rounding of its exact sum
+MMA_ROUNDING = {"rn": 0, "rz": 1}
+
+
 class EmulationError(RuntimeError):
     """An emulated kernel did something a GPU would hang on, trap on, or get wrong."""
 
@@ -55,6 +67,100 @@ def header() -> str:
     return resources.files(__package__).joinpath("emulation.h").read_text()
 
 
+# ---- the device's arrays --------------------------------------------------------------------
+#: CuPy's message when a host array is assigned into a device array (cupy/_core/core.pyx)
+HOST_INTO_DEVICE = "non-scalar numpy.ndarray cannot be used for fill"
+
+
+class DeviceArray(np.ndarray):
+    """An array "on the emulated device": a NumPy array that refuses, as a CuPy array does,
+    to be filled from a non-scalar host array (``d[...] = numpy_array`` raises CuPy's
+    ``ValueError: non-scalar numpy.ndarray cannot be used for fill``) and to be combined with
+    one in an elementwise operation (CuPy: ``TypeError: Unsupported type``). Host data reaches
+    the device through ``xp.asarray`` / ``xp.array`` (a copy), and leaves it through
+    ``HostRuntime.to_host``, as with CuPy."""
+
+    def get(self):
+        """A host (NumPy) copy, as cupy.ndarray.get()."""
+        return np.array(self, copy=True).view(np.ndarray)
+
+    def __setitem__(self, key, value):
+        if _is_host_array(value):
+            raise ValueError(HOST_INTO_DEVICE)
+        super().__setitem__(key, value)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        for x in (*inputs, *kwargs.get("out", ())):
+            if _is_host_array(x):
+                raise TypeError(f"Unsupported type {type(x)} (a host numpy.ndarray in the device "
+                                f"operation {ufunc.__name__}; copy it with xp.asarray first)")
+        inputs = tuple(x.view(np.ndarray) if isinstance(x, DeviceArray) else x for x in inputs)
+        out = kwargs.get("out")
+        if out is not None:
+            kwargs["out"] = tuple(x.view(np.ndarray) for x in out)
+        result = getattr(ufunc, method)(*inputs, **kwargs)
+        if out is not None:  # NumPy's convention: the out arrays themselves
+            return out[0] if len(out) == 1 else out
+        return _to_device(result)
+
+
+def _is_host_array(x) -> bool:
+    """A NumPy array that is not on the (emulated) device, and not 0-d (CuPy takes those as
+    scalars)."""
+    return isinstance(x, np.ndarray) and not isinstance(x, DeviceArray) and x.ndim > 0
+
+
+def _to_device(x):
+    if isinstance(x, tuple):
+        return tuple(_to_device(v) for v in x)
+    if type(x) is np.ndarray:
+        return x.view(DeviceArray)
+    return x
+
+
+class DeviceNumpy:
+    """The emulated device's array namespace (``HostRuntime.xp``): NumPy, whose functions
+    return DeviceArrays. ``asarray``/``array``/``ascontiguousarray`` of a host array copy it
+    (a new device array, as with CuPy), so that host and device never share memory."""
+
+    ndarray = DeviceArray
+
+    def __getattr__(self, name):
+        value = getattr(np, name)
+        if callable(value) and not isinstance(value, type):
+            def on_device(*args, **kwargs):
+                return _to_device(value(*args, **kwargs))
+            on_device.__name__ = name
+            return on_device
+        return value
+
+    @staticmethod
+    def array(x, dtype=None, copy=True, order="K", **kwargs):
+        return np.array(x, dtype=dtype, copy=True, order=order, **kwargs).view(DeviceArray)
+
+    @staticmethod
+    def asarray(x, dtype=None, order=None):
+        if isinstance(x, DeviceArray):
+            return np.asarray(x, dtype=dtype, order=order).view(DeviceArray)
+        return np.array(x, dtype=dtype, order=order or "K", copy=True).view(DeviceArray)
+
+    @staticmethod
+    def ascontiguousarray(x, dtype=None):
+        if isinstance(x, DeviceArray):
+            return np.ascontiguousarray(x, dtype=dtype).view(DeviceArray)
+        return np.array(x, dtype=dtype, order="C", copy=True).view(DeviceArray)
+
+    @staticmethod
+    def asnumpy(x):
+        return np.array(x, copy=True).view(np.ndarray)
+
+    def __repr__(self):
+        return "<the emulated device's array namespace (NumPy, DeviceArray results)>"
+
+
+XP = DeviceNumpy()
+
+
 class HostRuntime:
     """launch.py's runtime interface, with the kernels compiled by g++ for the host.
 
@@ -64,22 +170,29 @@ class HostRuntime:
         ``["-O0", "-g"]`` to debug a kernel); also read from ``$LORAKERN_EMULATION_FLAGS``.
     timeout : seconds a CUDA thread may run without reaching a barrier before the launch fails.
     cache : where built modules are kept (keyed by a digest of source and flags).
+    mma_rounding : how an emulated mma (warp.cuh) rounds its exact sum of products: "rn" (to
+        nearest even) or "rz" (toward zero). The PTX ISA does not say; tests run under both.
     """
 
     name = "host-emulation"
     supports_graphs = False
-    xp = np
+    xp = XP
     #: a small "GPU": 3 multiprocessors, one block each, so that default plans have a few blocks
     sm_count = 3
     max_smem_per_block = 227 * 1024
 
-    def __init__(self, *, flags=(), timeout: float | None = None, cache: Path | None = None):
+    def __init__(self, *, flags=(), timeout: float | None = None, cache: Path | None = None,
+                 mma_rounding: str = "rn"):
         from_env = os.environ.get("LORAKERN_EMULATION_FLAGS", "").split()
+        if mma_rounding not in MMA_ROUNDING:
+            raise ValueError(f"mma_rounding must be one of {sorted(MMA_ROUNDING)}, got {mma_rounding!r}")
+        self.mma_rounding = mma_rounding
         self.flags = (*FLAGS, *flags, *from_env)
         self.timeout = TIMEOUT if timeout is None else float(timeout)
         self.cache = Path(cache or Path(tempfile.gettempdir()) / "lorakern-cuda-emulation")
         self._modules: dict = {}
         self._runtime_library: Path | None = None
+        self._dll = None
 
     def __repr__(self):
         return f"HostRuntime(flags={self.flags[len(FLAGS):]!r}, timeout={self.timeout})"
@@ -145,6 +258,13 @@ class HostRuntime:
             self._runtime_library = self._compile(source, FLAGS)
         return self._runtime_library
 
+    @property
+    def _runtime_dll(self):
+        """The runtime library as loaded (the modules link to it by path: the same copy)."""
+        if self._dll is None:
+            self._dll = ctypes.CDLL(str(self.runtime_library))
+        return self._dll
+
     def _build(self, code, names):
         runtime = self.runtime_library
         # linked by full path (DT_NEEDED names it), so the module finds this very runtime
@@ -180,6 +300,8 @@ class HostRuntime:
         for i, (a, (kind, size)) in enumerate(zip(args, kernel.signature)):
             where = f"{kernel.name} argument {i}"
             if isinstance(a, np.ndarray):
+                if not isinstance(a, DeviceArray):  # CuPy: TypeError, Unsupported type
+                    raise TypeError(f"{where}: a host numpy.ndarray (kernels take device arrays)")
                 if kind != "p":
                     raise TypeError(f"{where}: an array for a {kind!r} parameter")
                 if not a.flags.c_contiguous:
@@ -198,12 +320,37 @@ class HostRuntime:
             keep.append(value)
             pointers.append(value.ctypes.data)
         argv = (ctypes.c_void_p * len(pointers))(*pointers)
+        self._runtime_dll.emu_set_mma_rounding(MMA_ROUNDING[self.mma_rounding])
         if kernel.call(int(grid), int(block), int(smem), argv, self.timeout) != 0:
             raise EmulationError(f"{kernel.name}: {kernel.error().decode()}")
 
     @staticmethod
     def to_host(x):
-        return x
+        """A host copy of a device array (cupy.asnumpy); anything else unchanged."""
+        return XP.asnumpy(x) if isinstance(x, DeviceArray) else x
+
+
+# ---- NumPy models of the warp-level conversions (warp.cuh), for tests and GPU probes -------------
+def tf32_rna_bits(x) -> np.ndarray:
+    """cvt.rna.tf32.f32 on float32 values, as uint32 bits (warp.cuh's tf32_rna_model): round to
+    nearest, ties away from zero, to 10 mantissa bits; inf kept, NaN -> 0x7fffffff."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    special = (bits & 0x7F800000) == 0x7F800000
+    rounded = ((bits.astype(np.uint64) + 0x1000) & 0xFFFFE000).astype(np.uint32)
+    nan = (bits & 0x007FFFFF) != 0
+    return np.where(special, np.where(nan, np.uint32(0x7FFFFFFF), bits), rounded).astype(np.uint32)
+
+
+def tf32_rna(x) -> np.ndarray:
+    """cvt.rna.tf32.f32 as float32 values."""
+    return tf32_rna_bits(x).view(np.float32)
+
+
+def split_tf32(x) -> tuple[np.ndarray, np.ndarray]:
+    """3xTF32's split (warp.cuh's split_tf32): big = tf32(x), small = tf32(x - big)."""
+    x = np.asarray(x, dtype=np.float32)
+    big = tf32_rna(x)
+    return big, tf32_rna(x - big)
 
 
 def available() -> bool:

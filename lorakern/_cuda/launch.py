@@ -21,9 +21,13 @@ The tuning constants below are chosen on paper and by the compiler's register co
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from functools import cached_property
 from importlib import resources
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -47,6 +51,45 @@ MAX_SMALL_GRID = 1024
 #: NVRTC options; name_expressions needs a C++ standard
 OPTIONS = ("-std=c++17",)
 
+# ---- compiled once per machine: CuPy's disk cache -----------------------------------------
+# NVRTC takes 1.5-2 s per module (one per dtype, loss, mask, rank bound and tile), so a module
+# must be compiled once per machine, not once per process. CuPy keeps each compiled module in
+# its kernel cache (``$CUPY_CACHE_DIR``, default ``~/.cupy/kernel_cache``; none when
+# ``CUPY_CACHE_IN_MEMORY=1``) under a hash of the source, the options, the architecture and
+# the NVRTC version. But CuPy *reads* that cache only for modules made without
+# ``name_expressions`` (cupy/cuda/compiler.py, _compile_with_cache_cuda: "We force recompiling
+# to retrieve C++ mangled names"), and our kernels are templates, named by name expressions.
+# So the first process compiles with the name expressions (CuPy writes the cubin to its cache)
+# and records their mangled names next to it (``lorakern-<digest>.names.json``); every later
+# process loads the module *without* name expressions (a cache hit: same source, same
+# options) and looks the kernels up by their mangled names. A stale or missing cache entry
+# (a kernel not found) falls back to compiling with the name expressions.
+#
+# A hit needs the very same bytes in every process: module_source() and kernel_names() depend
+# only on fused.cu, the loss's body and the arguments (no dict order, id(), path, time or
+# float repr that could change), and OPTIONS is a constant; tests/test_cuda_compile.py checks
+# it in two processes with different hash seeds and working directories.
+
+
+def module_digest(code: str, names) -> str:
+    """A digest of everything NVRTC is given for one module (source, OPTIONS, names)."""
+    h = hashlib.sha256()
+    for part in (code, "\0".join(OPTIONS), "\0".join(names)):
+        h.update(part.encode("utf-8"))
+        h.update(b"\1")
+    return h.hexdigest()
+
+
+class CachedModule:
+    """A cupy.RawModule made without name expressions, with their mangled names beside it
+    (the interface launch.py uses: get_function by name expression)."""
+
+    def __init__(self, raw, mangled: dict):
+        self.raw, self.mangled = raw, mangled
+
+    def get_function(self, name: str):
+        return self.raw.get_function(self.mangled[name])
+
 class CupyRuntime:
     """Kernels compiled by NVRTC through cupy.RawModule, launched on CuPy's current stream."""
 
@@ -58,6 +101,8 @@ class CupyRuntime:
 
         self.xp = cupy
         self._modules: dict = {}
+        #: modules loaded from CuPy's disk cache / compiled by NVRTC in this process
+        self.cache_hits = self.compiles = 0
         self._stream = None
 
     @cached_property
@@ -75,8 +120,47 @@ class CupyRuntime:
     def module(self, code: str, names: tuple[str, ...]):
         key = (code, names, self.xp.cuda.Device().id)
         if key not in self._modules:
-            self._modules[key] = self.xp.RawModule(code=code, options=OPTIONS, name_expressions=names)
+            self._modules[key] = self._load(code, tuple(names))
         return self._modules[key]
+
+    def names_file(self, code: str, names) -> Path | None:
+        """Where the mangled names of this module are kept (CuPy's cache directory), or None
+        when CuPy keeps no disk cache."""
+        if os.environ.get("CUPY_CACHE_IN_MEMORY", "0") not in ("", "0"):
+            return None
+        from cupy.cuda import compiler
+
+        return Path(compiler.get_cache_dir()) / f"lorakern-{module_digest(code, names)[:32]}.names.json"
+
+    def _load(self, code: str, names: tuple[str, ...]):
+        """The module from CuPy's disk cache where this machine compiled it before (see
+        "compiled once per machine" above), else compiled with the name expressions."""
+        path = self.names_file(code, names)
+        if path is not None and path.exists():
+            try:
+                mangled = json.loads(path.read_text())
+                module = CachedModule(self.xp.RawModule(code=code, options=OPTIONS), mangled)
+                for name in names:  # loads the cached cubin; a kernel missing from it raises
+                    module.get_function(name)
+                self.cache_hits += 1
+                return module
+            except Exception:  # noqa: BLE001 - a stale entry: compile again below
+                pass
+        module = self.xp.RawModule(code=code, options=OPTIONS, name_expressions=names)
+        try:  # compiles (NVRTC), and CuPy writes its cache entry
+            mapping = module.module.mapping
+            mangled = {name: mapping[name] for name in names}
+        except (AttributeError, KeyError, TypeError):  # a CuPy without the mapping: no disk cache
+            mangled = None
+        if path is not None and mangled is not None:
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            try:
+                tmp.write_text(json.dumps(mangled, indent=0, sort_keys=True))
+                tmp.replace(path)
+            except OSError:  # a read-only cache: compile in every process, as before
+                pass
+        self.compiles += 1
+        return module
 
     def kernel(self, module, name: str, smem: int):
         kernel = module.get_function(name)
@@ -211,9 +295,32 @@ def kernel_source() -> str:
     return _SOURCE
 
 
+def warp_source() -> str:
+    """warp.cuh: the TF32 conversion, the mma fragments and wrappers (a module's first text)."""
+    return resources.files(__package__).joinpath("warp.cuh").read_text()
+
+
 def module_source(loss) -> str:
     """The loss's device function, then the kernels (cupyx/ndimage prepends #defines alike)."""
     return f"// loss {loss.name!r}, from lorakern/losses.py\n{loss.cuda_source()}\n{kernel_source()}"
+
+
+def all_modules():
+    """(label, code, names) of every module the launcher can ask NVRTC for: each dtype, loss,
+    mask, rank bound and tile of a Plan, and update_kernel's (for the cache checks)."""
+    from ..losses import LOSSES
+
+    for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+        for loss in LOSSES.values():
+            code = module_source(loss)
+            for masked in (False, True):
+                for rk in RANK_BOUNDS:
+                    for bm, bn in TILES:
+                        names = tuple(kernel_names(dtype, rk, bm, bn, loss.labels, masked).values())
+                        yield (f"{dtype} {loss.name} masked={masked} rk={rk} tile={bm}x{bn}", code,
+                               names)
+        yield (f"{dtype} update", module_source(LOSSES["squared"]),
+               (f"lorakern::update<{_ctype(dtype)}>",))
 
 
 # ---- one problem and rank -----------------------------------------------------------------

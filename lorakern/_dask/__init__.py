@@ -14,7 +14,8 @@ its rows of B and all of A as arguments, and a worker that dies takes nothing wi
 the next step needs (Dask recomputes a lost shard from its source and reruns its task).
 
 Nothing here imports dask until a dask-backed problem or a DaskDevice is made; the rule
-that picks this device is ``_dispatch.WRAPPERS`` (arrays of the library "dask").
+that picks this device is ``_dispatch.WRAPPERS`` (arrays of the library "dask"), and a
+Problem on dask arrays is filled in by ``_dispatch.WRAPPED_PROBLEMS`` (problem.py).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .. import _dispatch
 from .._dispatch import DeviceUnavailableError
 from .._host import HostDevice
 
-INSTALL = 'pip install "lorakern[dask]"'
+INSTALL = 'pip install ".[dask]" in a clone of lorakern'
 
 
 def distributed():

@@ -11,11 +11,12 @@ scheduler, so a shard lost with its worker is rebuilt from its source).
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from .._validate import FLOAT_DTYPES
+from .._validate import FLOAT_DTYPES, InputWarning
 from . import default_client, distributed, is_dask_array
 
 
@@ -46,7 +47,10 @@ def build_shard(W0, Y, mask, lo, hi, kwargs) -> Shard:
 
     if mask is not None:
         mask = np.asarray(mask) if type(mask).__module__.split(".")[0] != "cupy" else mask
-    return Shard(Problem(W0, Y, mask=mask, **kwargs), lo, hi)
+    with warnings.catch_warnings():
+        # one shard's rows all masked out is no fault of the whole problem's mask
+        warnings.simplefilter("ignore", InputWarning)
+        return Shard(Problem(W0, Y, mask=mask, **kwargs), lo, hi)
 
 
 @dataclass
@@ -139,3 +143,15 @@ def init_sharded(problem, W0, Y, mask, kwargs) -> None:
             client.cancel(futures)
             raise exc
     problem.shards = Shards(client=client, futures=futures, bounds=bounds)
+    if mask is not None:
+        # each worker says whether its shards observe an entry: a few bytes come back
+        observed = client.gather([client.submit(_observes_any, f, pure=False) for f in futures])
+        if not any(observed):
+            from ..problems.matrix import warn_all_false_mask
+
+            warn_all_false_mask(stacklevel=4)  # warn_all_false_mask, here, Problem, its caller
+
+
+def _observes_any(shard: Shard) -> bool:
+    """True if the shard's mask has an entry that is True."""
+    return bool(shard.problem.mask.any())

@@ -101,6 +101,11 @@ class LinearProblem(KindBase):
     smaller eta_t keeps. The certified L is used in the bound even when ``lipschitz`` is
     given, so the bound never rests on a user's constant.
 
+    **Pickling.** A LinearProblem pickles with X, W0 and Y (its own copies) and the
+    certified ``sigma_sq_bound`` once computed: about X.nbytes + W0.nbytes + Y.nbytes. The
+    Gram X X^T (up to GRAM_MAX_BYTES) and the devices' prepared data stay behind and are
+    made again on first use (``KindBase``).
+
     Raises
     ------
     TypeError : non-float or mixed dtypes, non-array inputs, a non-integer Y for
@@ -111,6 +116,8 @@ class LinearProblem(KindBase):
     """
 
     kind = "linear"
+    #: the Gram is N x N float64, up to 4x X's bytes: remade where the problem is unpickled
+    _CACHES = KindBase._CACHES + ("gram",)
 
     def __init__(self, X, Y, W0, *, loss: str = "squared", delta: float = 1.0,
                  lipschitz: float | None = None):

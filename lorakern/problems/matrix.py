@@ -7,14 +7,14 @@ array or None.
 """
 from __future__ import annotations
 
-import sys
+import warnings
 
 import numpy as np
 
-from .._dispatch import array_library
+from .. import _dispatch
 from ..losses import LOSSES, Loss
-from .._validate import (array_namespace, check_delta, check_matrix, positive_float,
-                         reject_masked)
+from .._validate import (InputWarning, array_namespace, check_delta, check_matrix,
+                         positive_float, reject_masked)
 from ._common import KindBase
 
 
@@ -27,10 +27,20 @@ class Problem(KindBase):
         problem is then sharded by rows and kept on the workers of a Dask cluster; see
         lorakern._dask).
     loss : "squared" (the default, J = 1/2 ||W0 + BA - Y||_F^2), "huber" or "logistic".
-    mask : optional (m, n) boolean array; entries where it is False add nothing.
+    mask : optional (m, n) boolean array; entries where it is False add nothing. A mask
+        that is False everywhere warns (InputWarning): nothing is observed, J = 0.
     delta : the Huber threshold (> 0; default 1). Only "huber" takes it.
     lipschitz : L of the loss's gradient; None takes the loss's own (1, 1, 1/4).
         The step size uses max(L, 1), as Assumption 1 of the paper needs L >= 1.
+
+    Notes
+    -----
+    A Problem pickles with its data and comes back working (``pickle``, ``multiprocessing``,
+    ``concurrent.futures``, joblib): the arrays it keeps travel (R = W0 - Y for a residual
+    loss, W0 and Y for a label loss, the mask as one byte per entry), so the pickle is about
+    their bytes; the copies and workspaces its devices prepared, and their locks, are
+    rebuilt on first use. A Problem on dask arrays does not pickle (TypeError): its data are
+    futures of one Dask client.
 
     Raises
     ------
@@ -46,11 +56,11 @@ class Problem(KindBase):
                  lipschitz: float | None = None):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known losses: {sorted(LOSSES)}")
-        if _sharded(W0, Y, mask):  # dask arrays: checked and kept on the workers, by rows
-            from .._dask.problem import init_sharded
-
+        # dask arrays: checked and kept on the workers, by rows (the dispatch table knows how)
+        fill = _dispatch.wrapped_problem(self.kind, W0, Y, mask)
+        if fill is not None:
             self._set_loss(loss, delta, lipschitz)
-            init_sharded(self, W0, Y, mask, self._shard_kwargs())
+            fill(self, W0, Y, mask, self._shard_kwargs())
             return
         check_matrix("W0", W0, takes_mask=True)
         check_matrix("Y", Y, dtype=W0.dtype, takes_mask=True)
@@ -70,6 +80,8 @@ class Problem(KindBase):
             W0, Y = xp.ascontiguousarray(W0).copy(), xp.ascontiguousarray(Y).copy()
         self._set_layout(W0, Y, self._residual)
         self.mask = None if mask is None else _check_mask(mask, self.shape, xp)
+        if self.mask is not None and not bool(self.mask.any()):
+            warn_all_false_mask(stacklevel=3)
         self._prepared: dict = {}  # device key -> that device's copy of the data
 
     def _set_layout(self, W0, Y, residual) -> None:
@@ -126,16 +138,26 @@ class Problem(KindBase):
         """The arrays whose home decides device="auto"."""
         return (self.base,)
 
+    def __getstate__(self) -> dict:
+        if "shards" in self.__dict__:
+            raise TypeError(
+                "a Problem on dask arrays does not pickle: its data are futures held by one "
+                "Dask client and its cluster's workers. Pickle the dask arrays (or the paths "
+                "they are read from) and build the Problem where it is used, or build a "
+                "NumPy Problem from W0.compute() and Y.compute()")
+        return super().__getstate__()
+
     def __repr__(self):
         m, n = self.shape
         mask = "" if self.mask is None else ", masked"
         return f"Problem({m}x{n} {self.dtype}, loss={self.loss.name!r}{mask}, L={self.lipschitz})"
 
 
-def _sharded(*arrays) -> bool:
-    """True if any input is a dask array (never imports dask: it is loaded if one exists)."""
-    return "dask" in sys.modules and any(
-        array_library(a) == "dask" for a in arrays if a is not None)
+def warn_all_false_mask(stacklevel: int) -> None:
+    """InputWarning: no entry is observed (``stacklevel`` counts from here to the caller)."""
+    warnings.warn("the mask is False everywhere: no entry is observed, so the loss is 0 and "
+                  "its gradient 0 for any adapters (nothing to fit)", InputWarning,
+                  stacklevel=stacklevel)
 
 
 def _check_mask(mask, shape, xp):

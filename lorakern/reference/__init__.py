@@ -63,7 +63,7 @@ def step(problem, B, A, *, step_size="theorem"):
     from ..descent import step as generic_step
     from ..adapters import check_adapters
 
-    check_adapters(problem, B, A)
+    check_adapters(problem, B, A, stacklevel=3)
     policy = as_policy(step_size)
     if type(policy) not in (Theorem, Constant, Armijo):
         return generic_step(problem, B, A, device=DEVICE, step_size=policy)

@@ -1,0 +1,472 @@
+"""The next GPU session's measurements, in the order the design needs them (ci/gpu.sh runs it).
+
+    python benchmarks/gpu_probe.py calibrate --out DIR   # assumptions of the tensor-core design
+    python benchmarks/gpu_probe.py timing --out DIR      # today's fused step, per row of the goals
+    python benchmarks/gpu_probe.py table --out DIR       # the table, printed last
+    python benchmarks/gpu_probe.py selftest              # the probes' logic on the host emulation
+
+calibrate (about a minute) measures, each section on its own (an error is recorded, the rest
+goes on), written to DIR/calibrate.json after every section:
+
+* ``device``: GPU, SMs, clocks, versions.
+* ``kernel_cache``: two fresh processes build the same lorakern module against an empty
+  CUPY_CACHE_DIR; the second must load it from the cache (no NVRTC: CupyRuntime.compiles == 0)
+  and take well under the first's time.
+* ``cvt``: cvt.rna.tf32.f32 on every one of the 2^32 bit patterns against warp.cuh's model
+  (the host emulation's), bit for bit; NaN inputs must give a NaN; the hand cases of
+  tests/test_cuda_warp.py and what the hardware does with NaN payloads.
+* ``mma``: m16n8k8 TF32 and m8n8k4 f64 through warp.cuh's fragments: integer tiles must equal
+  NumPy exactly (the layouts), and random tiles are compared with the exact sum rounded to
+  nearest even and truncated: which accumulation the hardware has (the emulation's "rn"/"rz").
+* ``rates``: mma.sync TF32 and DMMA throughput (TFLOP/s) against warps per SM.
+* ``bandwidth``: reading an m x n array in tile order (64x64 and 128x64 fp32, 64x64 fp64
+  tiles; several blocks per SM) and in whole rows, against a CuPy device-to-device copy.
+
+timing (2-3 minutes) times lorakern's 200-step device loop (run_steps, CUDA graphs) at the
+rows of the issue's goals with CUDA events, and the floor of each row from calibrate's rates:
+max(bytes of R / best read bandwidth, 6 m n r / best accurate rate).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lorakern._cuda import emulation, launch  # noqa: E402
+
+PROBE_SOURCE = (ROOT / "benchmarks" / "gpu_probe.cu").read_text()
+NAMES = ("cvt_exhaustive", "cvt_list", "mma_tf32_tiles", "mma_f64_tiles", "mma_tf32_rate", "mma_f64_rate",
+         "read_tiles")
+#: the issue's rows: (m = n, r, dtype)
+ROWS = [(8192, 4, "float32"), (8192, 16, "float32"), (8192, 64, "float32"), (16384, 4, "float32"),
+        (16384, 16, "float32"), (16384, 64, "float32"), (8192, 4, "float64"), (8192, 16, "float64"),
+        (8192, 64, "float64"), (4096, 16, "float32"), (2048, 16, "float32")]
+STEPS = 200
+
+
+# ---- where the kernels run: a GPU (CuPy) or the host emulation ----------------------------------------
+class Device:
+    def __init__(self, emulated: bool, mma_rounding: str = "rn"):
+        self.emulated = emulated
+        if emulated:
+            self.rt = emulation.HostRuntime(timeout=30.0, mma_rounding=mma_rounding)
+        else:
+            self.rt = launch.CupyRuntime()
+        self.xp = self.rt.xp
+        module = self.rt.module(launch.warp_source() + PROBE_SOURCE, NAMES)
+        self.k = {name: self.rt.kernel(module, name, 0) for name in NAMES}
+
+    def launch(self, name, grid, block, args):
+        if self.emulated:
+            self.rt.launch(self.k[name], grid, args, 0, block=block)
+        else:
+            self.k[name]((grid,), (block,), tuple(args))
+
+    def host(self, x):
+        return self.rt.to_host(x) if not self.emulated else np.asarray(x.get())
+
+    def sync(self):
+        if not self.emulated:
+            self.xp.cuda.Device().synchronize()
+
+    def time_ms(self, fn, reps=10, warmup=2):
+        """Median milliseconds of fn() by CUDA events (the host clock in the emulation)."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(reps):
+            if self.emulated:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+                continue
+            start, stop = self.xp.cuda.Event(), self.xp.cuda.Event()
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(self.xp.cuda.get_elapsed_time(start, stop))
+        return statistics.median(times)
+
+
+def sm_count(dev) -> int:
+    return dev.rt.sm_count
+
+
+# ---- cvt.rna.tf32 ---------------------------------------------------------------------------
+#: (input, cvt.rna.tf32 by hand) as in tests/test_cuda_warp.py
+HAND = [(0x3F800000, 0x3F800000), (0x3F800FFF, 0x3F800000), (0x3F801000, 0x3F802000),
+        (0xBF801000, 0xBF802000), (0x3F803000, 0x3F804000), (0x3F801001, 0x3F802000),
+        (0x3FFFFFFF, 0x40000000), (0x7F7FEFFF, 0x7F7FE000), (0x7F7FFFFF, 0x7F800000),
+        (0xFF7FFFFF, 0xFF800000), (0x00001000, 0x00002000), (0x00000FFF, 0x00000000),
+        (0x80000FFF, 0x80000000), (0x807FFFFF, 0x80800000), (0x7F800000, 0x7F800000),
+        (0xFF800000, 0xFF800000)]
+NANS = [0x7FC00000, 0x7F800001, 0xFF801FFF, 0x7FFFE000, 0x7FBFFFFF]
+
+
+def probe_cvt(dev, count=2**32, start=0) -> dict:
+    xp = dev.xp
+    grid, block = (sm_count(dev) * 8, 256) if not dev.emulated else (2, 64)
+    n = grid * block
+    mism, nanb = xp.zeros(n, np.uint64), xp.zeros(n, np.uint64)
+    first = xp.zeros(n, np.uint32)
+    t0 = time.perf_counter()
+    dev.launch("cvt_exhaustive", grid, block, (np.uint64(start), np.uint64(count), mism, nanb, first))
+    dev.sync()
+    seconds = time.perf_counter() - t0
+    mism, nanb, first = dev.host(mism), dev.host(nanb), dev.host(first)
+    firsts = sorted({int(f) for f, m in zip(first, mism) if m})[:8]
+    inputs = np.array([i for i, _ in HAND] + NANS, np.uint32)
+    out = xp.zeros(inputs.size, np.uint32)
+    dev.launch("cvt_list", 1, 32, (xp.asarray(inputs), out, np.int32(inputs.size)))
+    got = dev.host(out)
+    hand_bad = [f"0x{i:08x} -> 0x{g:08x} (expected 0x{e:08x})"
+                for (i, e), g in zip(HAND, got[:len(HAND)]) if g != e]
+    return {"inputs": count, "mismatches": int(mism.sum()), "nan_not_nan": int(nanb.sum()),
+            "first_mismatches": [f"0x{f:08x}" for f in firsts], "hand_cases_wrong": hand_bad,
+            "nan_results": {f"0x{i:08x}": f"0x{int(g):08x}" for i, g in zip(NANS, got[len(HAND):])},
+            "seconds": round(seconds, 3),
+            "verdict": "bit-exact" if not mism.sum() and not nanb.sum() and not hand_bad else "DIFFERS"}
+
+
+# ---- mma: layouts and accumulation -----------------------------------------------------------
+def exact_round(terms, bits: int, mode: str) -> float:
+    """sum(terms) exactly, rounded once to a float of `bits` significand bits (24, 53), to
+    nearest even ("rn") or toward zero ("rz"); normal range only (the probe's data)."""
+    s = sum((Fraction(t) for t in terms), Fraction(0))  # floats and Fractions, exactly
+    if s == 0:
+        return 0.0
+    sign, s = (-1 if s < 0 else 1), abs(s)
+    e = math.floor(math.log2(s.numerator) - math.log2(s.denominator))
+    while Fraction(2) ** e > s:
+        e -= 1
+    while Fraction(2) ** (e + 1) <= s:
+        e += 1
+    ulp = Fraction(2) ** (e - bits + 1)
+    q, rest = divmod(s, ulp)
+    if mode == "rn" and (rest > ulp / 2 or (rest == ulp / 2 and q % 2 == 1)):
+        q += 1
+    return sign * float(q * ulp)
+
+
+def mma_models(A, B, C, bits):
+    """(RN, RZ) of each output: C + sum_k A B, exact products, one rounding."""
+    m, n = C.shape
+    rn, rz = np.empty((m, n)), np.empty((m, n))
+    for i in range(m):
+        for j in range(n):
+            terms = [Fraction(float(C[i, j]))] + [Fraction(float(A[i, k])) * Fraction(float(B[k, j]))
+                                                 for k in range(A.shape[1])]
+            rn[i, j] = exact_round(terms, bits, "rn")
+            rz[i, j] = exact_round(terms, bits, "rz")
+    return rn, rz
+
+
+def probe_mma(dev, tiles=8) -> dict:
+    xp, rng = dev.xp, np.random.default_rng(22)
+    out = {}
+    for kind, (m, n, k), dtype, bits in (("tf32", (16, 8, 8), np.float32, 24), ("f64", (8, 8, 4), np.float64, 53)):
+        def run(A, B, C):
+            D = xp.zeros(C.shape, dtype)
+            dev.launch(f"mma_{kind}_tiles", 1, 32 * A.shape[0], (xp.asarray(A), xp.asarray(B), xp.asarray(C), D))
+            dev.sync()
+            return dev.host(D)
+
+        A = rng.integers(-8, 9, (tiles, m, k)).astype(dtype)
+        B = rng.integers(-8, 9, (tiles, k, n)).astype(dtype)
+        C = rng.integers(-64, 65, (tiles, m, n)).astype(dtype)
+        layout_ok = bool(np.array_equal(run(A, B, C), A @ B + C))
+        # random data with wide exponents, operands TF32 for the tf32 kind
+        A = rng.standard_normal((tiles, m, k)) * 2.0 ** rng.integers(-8, 9, (tiles, m, k))
+        B = rng.standard_normal((tiles, k, n))
+        C = rng.standard_normal((tiles, m, n)) * 4
+        A, B, C = A.astype(dtype), B.astype(dtype), C.astype(dtype)
+        if kind == "tf32":
+            A, B = emulation.tf32_rna(A), emulation.tf32_rna(B)
+        D = run(A, B, C)
+        same = {"rn": 0, "rz": 0}
+        for t in range(tiles):
+            rn, rz = mma_models(A[t], B[t], C[t], bits)
+            same["rn"] += int((D[t] == rn.astype(dtype)).sum())
+            same["rz"] += int((D[t] == rz.astype(dtype)).sum())
+        total = D.size
+        policy = [p for p in ("rn", "rz") if same[p] == total]
+        out[kind] = {"layout_on_integers": "exact" if layout_ok else "WRONG",
+                     "random_outputs": total, "equal_to_rn": same["rn"], "equal_to_rz": same["rz"],
+                     "accumulation": policy[0] if len(policy) == 1 else ("rn = rz here" if policy else "neither")}
+    return out
+
+
+# ---- rates and bandwidth ---------------------------------------------------------------------
+def probe_rates(dev, iters=1024) -> dict:
+    xp, sms = dev.xp, sm_count(dev)
+    out = {}
+    for kind, flops_per_mma, otype in (("tf32", 2 * 16 * 8 * 8, np.float32), ("f64", 2 * 8 * 8 * 4, np.float64)):
+        best, by_warps = 0.0, {}
+        for warps_per_sm in ((4, 8, 16, 32) if not dev.emulated else (1,)):
+            block = 128 if not dev.emulated else 32
+            grid = sms * warps_per_sm * 32 // block if not dev.emulated else 1
+            n_iters = iters if not dev.emulated else 2
+            sink = xp.zeros(grid * block, otype)
+            ms = dev.time_ms(lambda: dev.launch(f"mma_{kind}_rate", grid, block, (np.int32(n_iters), sink)),
+                             reps=5, warmup=1)
+            flops = grid * block // 32 * n_iters * 8 * flops_per_mma
+            tflops = flops / (ms * 1e-3) / 1e12
+            by_warps[warps_per_sm] = round(tflops, 1)
+            best = max(best, tflops)
+        out[kind] = {"tflops_by_warps_per_sm": by_warps, "best_tflops": round(best, 1)}
+    return out
+
+
+def probe_bandwidth(dev) -> dict:
+    xp, sms = dev.xp, sm_count(dev)
+    size = 8192 if not dev.emulated else 128
+    out = {}
+    cases = [("fp32 64x64", 4, 64, 64), ("fp32 128x64", 4, 128, 64), ("fp64 64x64", 8, 64, 64),
+             ("fp32 rows", 4, 1, size)]
+    arrays = {}
+    for label, itemsize, tr, tc in cases:
+        if itemsize not in arrays:
+            arrays[itemsize] = xp.ones((size, size * itemsize // 16, 4), np.uint32)
+        x = arrays[itemsize]
+        row_vecs, tile_vecs = size * itemsize // 16, tc * itemsize // 16
+        best = {}
+        for blocks_per_sm in ((2, 4, 8) if not dev.emulated else (1,)):
+            grid = sms * blocks_per_sm if not dev.emulated else 2
+            block = 256 if not dev.emulated else 64
+            sink = xp.zeros(grid * block, np.uint32)
+            ms = dev.time_ms(lambda: dev.launch("read_tiles", grid, block, (x, np.int32(size), np.int32(row_vecs),
+                                                                             np.int32(tr), np.int32(tile_vecs), sink)))
+            best[blocks_per_sm] = round(size * size * itemsize / (ms * 1e-3) / 1e12, 3)
+        out[label] = {"tb_per_s_by_blocks_per_sm": best, "best_tb_per_s": max(best.values())}
+    src = arrays[4]
+    dst = xp.empty_like(src)
+    if not dev.emulated:
+        ms = dev.time_ms(lambda: dst.__setitem__(Ellipsis, src))
+        out["cupy copy (read + write)"] = {"best_tb_per_s": round(2 * src.nbytes / (ms * 1e-3) / 1e12, 3)}
+    return out
+
+
+# ---- the device, and the kernel cache --------------------------------------------------------
+def probe_device(dev) -> dict:
+    if dev.emulated:
+        return {"gpu": "host emulation"}
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    info = {"gpu": name, "sm_count": props["multiProcessorCount"], "cupy": cupy.__version__,
+            "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
+            "cuda_driver": cupy.cuda.runtime.driverGetVersion()}
+    try:
+        info["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as exc:  # noqa: BLE001
+        info["nvidia_smi"] = repr(exc)
+    return info
+
+
+CACHE_CHILD = r"""
+import json, time
+t0 = time.perf_counter()
+from lorakern._cuda import launch
+from lorakern import LOSSES
+import numpy as np
+rt = launch.CupyRuntime()
+names = tuple(launch.kernel_names(np.float32, 16, 64, 64, False, False).values())
+t1 = time.perf_counter()
+module = rt.module(launch.module_source(LOSSES["squared"]), names)
+for name in names:
+    rt.kernel(module, name, 0).num_regs
+t2 = time.perf_counter()
+print(json.dumps({"module_s": round(t2 - t1, 3), "compiles": rt.compiles, "cache_hits": rt.cache_hits}))
+"""
+
+
+def probe_kernel_cache(out_dir: Path) -> dict:
+    import tempfile
+
+    cache = Path(tempfile.mkdtemp(prefix="lorakern-cupy-cache-"))  # empty; not under $OUT (cubins)
+    env = {**os.environ, "CUPY_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT)}
+    env.pop("CUPY_CACHE_IN_MEMORY", None)
+    runs = []
+    for seed in ("1", "2"):
+        proc = subprocess.run([sys.executable, "-c", CACHE_CHILD], env={**env, "PYTHONHASHSEED": seed},
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            return {"error": proc.stderr[-2000:]}
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    ok = second["compiles"] == 0 and second["cache_hits"] == 1
+    return {"first_process": first, "second_process": second,
+            "verdict": "cache hit in the second process" if ok else "NO CACHE HIT"}
+
+
+# ---- timing of today's kernel ---------------------------------------------------------------
+_ENGINES: dict = {}
+
+
+def time_row(m, r, dtype, device="cuda", steps=STEPS) -> dict:
+    """ms per step of run_steps (``steps`` steps, CUDA graphs), median of 3 after a first run
+    (compile, capture). ``device``: "cuda", or the emulated device (the self-test)."""
+    from lorakern._cuda import matrix
+    from lorakern._dispatch import bind
+    from lorakern.testing import make_case, random_adapters
+
+    if (m, dtype) not in _ENGINES:  # one problem (its data on the GPU) per size and dtype
+        _ENGINES.clear()
+        _ENGINES[m, dtype] = bind(make_case((m, m, 1), dtype, seed=0)[0], device)
+    engine = _ENGINES[m, dtype]
+    B, A = random_adapters(m, m, r, dtype, seed=1)
+    emulated = device != "cuda"
+
+    def run():
+        result = matrix.run_steps(engine.problem, engine.data, B, A, steps)
+        assert result.diverged_at is None, f"diverged at step {result.diverged_at}"
+
+    run()  # compile, capture
+    times = []
+    for _ in range(3):
+        if emulated:
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1e3 / steps)
+            continue
+        cuda = engine.xp.cuda
+        start, stop = cuda.Event(), cuda.Event()
+        start.record()
+        run()
+        stop.record()
+        stop.synchronize()
+        times.append(cuda.get_elapsed_time(start, stop) / steps)
+    return {"ms_per_step": round(statistics.median(times), 4), "all": [round(t, 4) for t in times]}
+
+
+def floor_ms(m, r, dtype, calib) -> dict | None:
+    try:
+        bw = max(v["best_tb_per_s"] for k, v in calib["bandwidth"].items() if "copy" not in k) * 1e12
+        rates = calib["rates"]
+        rate = (rates["tf32"]["best_tflops"] / 3 if dtype == "float32" else rates["f64"]["best_tflops"]) * 1e12
+    except (KeyError, TypeError, ValueError):
+        return None
+    itemsize = 4 if dtype == "float32" else 8
+    memory = (m * m + 3 * 2 * m * r) * itemsize / bw * 1e3
+    compute = 6 * m * m * r / rate * 1e3
+    return {"memory_ms": round(memory, 4), "compute_ms": round(compute, 4), "floor_ms": round(max(memory, compute), 4)}
+
+
+# ---- the commands ----------------------------------------------------------------------------
+def save(path: Path, data: dict):
+    path.write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+def section(results: dict, name: str, fn, path: Path | None):
+    t0 = time.perf_counter()
+    try:
+        results[name] = fn()
+    except Exception:  # noqa: BLE001 - record and go on: one failed probe must not cost the others
+        results[name] = {"error": traceback.format_exc()[-3000:]}
+    results.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 2)
+    print(f"[{name}] {json.dumps(results[name])[:400]}", flush=True)
+    if path is not None:
+        save(path, results)
+
+
+def calibrate(out_dir: Path, emulated=False):
+    dev = Device(emulated)
+    path = out_dir / "calibrate.json"
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    section(results, "device", lambda: probe_device(dev), path)
+    if not emulated:
+        section(results, "kernel_cache", lambda: probe_kernel_cache(out_dir), path)
+    section(results, "cvt", lambda: probe_cvt(dev, count=2**32 if not emulated else 2**14,
+                                              start=0 if not emulated else 0x3F7FE000), path)
+    section(results, "mma", lambda: probe_mma(dev, tiles=8 if not emulated else 2), path)
+    section(results, "rates", lambda: probe_rates(dev), path)
+    section(results, "bandwidth", lambda: probe_bandwidth(dev), path)
+    return results
+
+
+def timing(out_dir: Path):
+    path = out_dir / "timing.json"
+    calib = json.loads((out_dir / "calibrate.json").read_text()) if (out_dir / "calibrate.json").exists() else {}
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "steps": STEPS, "rows": {}}
+    for m, r, dtype in ROWS:
+        key = f"{m} r{r} {dtype}"
+        section(results["rows"], key, lambda: {**time_row(m, r, dtype), "floor": floor_ms(m, r, dtype, calib)}, None)
+        save(path, results)
+    return results
+
+
+def table(out_dir: Path) -> str:
+    calib = json.loads((out_dir / "calibrate.json").read_text()) if (out_dir / "calibrate.json").exists() else {}
+    timing_ = json.loads((out_dir / "timing.json").read_text()) if (out_dir / "timing.json").exists() else {}
+    lines = [f"# GPU probe, {calib.get('date', '?')}: {calib.get('device', {}).get('gpu', '?')}", ""]
+    cvt, mma = calib.get("cvt", {}), calib.get("mma", {})
+    lines += [f"- kernel cache: {calib.get('kernel_cache', {}).get('verdict', calib.get('kernel_cache'))}",
+              f"- cvt.rna.tf32 over {cvt.get('inputs', '?')} inputs: {cvt.get('verdict', cvt.get('error', '?'))} "
+              f"(mismatches {cvt.get('mismatches')}, NaN not NaN {cvt.get('nan_not_nan')}, "
+              f"NaN results {cvt.get('nan_results')})"]
+    for kind in ("tf32", "f64"):
+        v = mma.get(kind, {})
+        lines.append(f"- mma {kind}: layout {v.get('layout_on_integers')}, accumulation {v.get('accumulation')} "
+                     f"(= RN {v.get('equal_to_rn')}, = RZ {v.get('equal_to_rz')} of {v.get('random_outputs')})")
+    for kind, v in calib.get("rates", {}).items():
+        if isinstance(v, dict) and "best_tflops" in v:
+            lines.append(f"- mma {kind} rate: {v['best_tflops']} TFLOP/s (by warps per SM {v['tflops_by_warps_per_sm']})")
+    for label, v in calib.get("bandwidth", {}).items():
+        if isinstance(v, dict) and "best_tb_per_s" in v:
+            lines.append(f"- read {label}: {v['best_tb_per_s']} TB/s {v.get('tb_per_s_by_blocks_per_sm', '')}")
+    lines += ["", f"Per step of the {timing_.get('steps', STEPS)}-step device loop (run_steps, CUDA events, "
+                  "median of 3), today's kernel:", "",
+              "| m = n | r | dtype | ms / step | floor ms (memory / compute) | of floor |", "|---|---|---|---|---|---|"]
+    for key, v in timing_.get("rows", {}).items():
+        m, r, dtype = key.split()
+        if "ms_per_step" not in v:
+            lines.append(f"| {m} | {r[1:]} | {dtype} | error | | |")
+            continue
+        f = v.get("floor") or {}
+        frac = f"{100 * f['floor_ms'] / v['ms_per_step']:.0f} %" if f else "?"
+        lines.append(f"| {m} | {r[1:]} | {dtype} | {v['ms_per_step']:.3f} | "
+                     f"{f.get('floor_ms', '?')} ({f.get('memory_ms', '?')} / {f.get('compute_ms', '?')}) | {frac} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("calibrate", "timing", "table", "selftest"))
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results/gpu-probe")))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.command == "calibrate":
+        calibrate(args.out)
+    elif args.command == "timing":
+        timing(args.out)
+    elif args.command == "table":
+        text = table(args.out)
+        (args.out / "table.md").write_text(text + "\n")
+        print(text)
+    else:
+        results = calibrate(args.out, emulated=True)
+        bad = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
+        print(table(args.out))
+        sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""benchmarks/gpu_probe.py, the next GPU session's script, run on the host emulation: its
+kernels (warp.cuh + gpu_probe.cu) and its verdicts, so that the GPU's minutes are not spent on
+a bug of the script. Its exact-rounding model (Python fractions) and the emulation's (emulation.h's
+fixed-point sum) are two implementations of one definition; they must agree under both policies.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorakern._cuda import emulation
+
+pytestmark = pytest.mark.skipif(not emulation.available(), reason="g++ not found")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def probe():
+    spec = importlib.util.spec_from_file_location("gpu_probe", ROOT / "benchmarks" / "gpu_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_probe"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("policy", ["rn", "rz"])
+def test_probe_finds_the_emulations_accumulation(probe, policy):
+    dev = probe.Device(True, mma_rounding=policy)
+    result = probe.probe_mma(dev, tiles=2)
+    for kind in ("tf32", "f64"):
+        assert result[kind]["layout_on_integers"] == "exact"
+        assert result[kind]["accumulation"] == policy, result
+
+
+def test_probe_cvt_on_the_emulation(probe):
+    result = probe.probe_cvt(probe.Device(True), count=2**13, start=0x7F7FF000)  # up to the NaNs
+    assert result["verdict"] == "bit-exact" and result["mismatches"] == 0, result
+
+
+def test_exact_round(probe):
+    from fractions import Fraction
+
+    assert probe.exact_round([1.0, 2.0**-24], 24, "rn") == 1.0  # a tie: to even
+    assert probe.exact_round([1.0, 2.0**-24, 2.0**-40], 24, "rn") == 1 + 2.0**-23
+    assert probe.exact_round([1.0, 2.0**-24, 2.0**-40], 24, "rz") == 1.0
+    assert probe.exact_round([-1.0, -(2.0**-24), -(2.0**-40)], 24, "rz") == -1.0
+    assert probe.exact_round([Fraction(1, 3)], 53, "rn") == 1 / 3
+
+
+def test_selftest_and_table(probe, tmp_path):
+    """The whole calibrate path on the emulation, and the table of a made-up timing."""
+    results = probe.calibrate(tmp_path, emulated=True)
+    assert not [k for k, v in results.items() if isinstance(v, dict) and "error" in v], results
+    (tmp_path / "timing.json").write_text(json.dumps(
+        {"steps": 200, "rows": {"8192 r16 float32": {"ms_per_step": 0.46, "floor": {
+            "floor_ms": 0.065, "memory_ms": 0.065, "compute_ms": 0.059}}}}))
+    text = probe.table(tmp_path)
+    assert "| 8192 | 16 | float32 | 0.460 | 0.065 (0.065 / 0.059) | 14 % |" in text
+    assert "cvt.rna.tf32 over 16384 inputs: bit-exact" in text
+    calib = {"bandwidth": {"a": {"best_tb_per_s": 4.0}, "copy": {"best_tb_per_s": 9.0}},
+             "rates": {"tf32": {"best_tflops": 300.0}, "f64": {"best_tflops": 60.0}}}
+    floor = probe.floor_ms(8192, 16, "float32", calib)
+    assert floor["memory_ms"] == pytest.approx((8192**2 + 6 * 8192 * 16) * 4 / 4e12 * 1e3, abs=1e-4)
+    assert floor["compute_ms"] == pytest.approx(6 * 8192**2 * 16 / 100e12 * 1e3, abs=1e-4)
+
+
+def test_timing_path_on_the_emulated_device(probe):
+    """time_row's path (problem, binding, run_steps with NumPy adapters) on the emulated device."""
+    result = probe.time_row(37, 3, "float32", device=emulation.device(), steps=2)
+    assert result["ms_per_step"] > 0 and len(result["all"]) == 3
+    probe._ENGINES.clear()
