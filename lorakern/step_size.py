@@ -276,9 +276,9 @@ class Certified:
         return squared and has_pass and (self.search == "exact" or not masked)
 
     def choose(self, engine, B, A, p, state):
-        if "exact" not in state:
-            state["exact"] = self.exact_for(engine.problem, engine)
-        if not state["exact"]:
+        # decided at each step, not kept in ``state``: a fit resumed from that state may run
+        # on another device (the exact search needs nothing carried over)
+        if not self.exact_for(engine.problem, engine):
             return self.backtracking.choose(engine, B, A, p, state)
         eta_theorem = float(THEOREM.choose(engine, B, A, p, state)[0])
         a2, a3, a4 = (float(a) for a in engine.line_quartic(B, A, p.grad_B, p.grad_A))

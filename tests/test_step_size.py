@@ -343,3 +343,17 @@ def test_exact_step_polynomial_cases():
     assert value <= vals[ok].min() + 1e-9
     # nothing feasible above lo (q rises at once): lo
     assert exact_step(1.0, 1e-9, 100.0, 0.0, 0.0, 0.01, 1.0) == 0.01
+
+
+@pytest.mark.parametrize("search", ["exact", "backtrack"])
+def test_certified_fit_resumed_from_its_state(search):
+    """Two fits of 6 steps, the second from the first's iterate and state, end at the bits of
+    one fit of 12 (the backtracking's first trial comes from the state)."""
+    problem, B, A = make_case(SHAPE, np.float64, seed=67)
+    policy = Certified(search=search)
+    whole = lorakern.fit(problem, B, A, steps=12, device="cpu", step_size=policy)
+    half = lorakern.fit(problem, B, A, steps=6, device="cpu", step_size=policy)
+    rest = lorakern.fit(problem, half.B, half.A, steps=6, device="cpu", step_size=policy,
+                        state=half.state)
+    assert_bitwise(np.append(half.history.eta, rest.history.eta), whole.history.eta, "eta")
+    assert_bitwise(rest.B, whole.B, "B")
