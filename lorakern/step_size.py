@@ -2,10 +2,10 @@
 line search (``Certified``: Lemma 2's decrease with an eta never below the paper's).
 
 A policy is any object with what ``StepSize`` lists; the strings "theorem", "certified",
-"exact" and "armijo" and a positive number are shortcuts for the built-in ones. ``choose`` works on any device: the
-pass's norms arrive as that device keeps them (Python floats on the host, 0-d float64 arrays
-on a GPU) and eta stays there, so a GPU step needs no host round trip for "theorem" or a
-constant.
+"exact" and "armijo" and a positive number are shortcuts for the built-in ones. ``choose``
+works on any device: the pass's norms arrive as that device keeps them (Python floats on the
+host, 0-d float64 arrays on a GPU) and eta stays there, so a GPU step needs no host round
+trip for "theorem" or a constant.
 """
 from __future__ import annotations
 
@@ -193,9 +193,9 @@ class Certified:
     * ``"exact"``: for the squared loss J(V - eta grad J) is a quartic in eta (R + BA moves
       quadratically: (B - eta gB)(A - eta gA) = BA - eta (gB A + B gA) + eta^2 gB gA). One
       more pass gives its coefficients (``Kernels.line_quartic``; on the CPU without a mask
-      2 m n r flops over R, as a loss-only pass), and eta minimises the quartic over those eta in [eta_t, cap] that
-      satisfy the decrease with c = 1/5 (eta_t does, by Lemma 2, so the set is never empty;
-      the minimum is among the interval's ends, the critical points of the quartic and the
+      2 m n r flops over R, as a loss-only pass), and eta minimises the quartic over those
+      eta in [eta_t, cap] that satisfy the decrease with c = 1/5 (eta_t does, by Lemma 2,
+      so the set is never empty; the minimum is among the interval's ends, the critical points of the quartic and the
       roots of the decrease condition, all found from the coefficients, no further pass).
       Only the squared loss: another loss raises ValueError.
     * ``"backtrack"``: ``Armijo(cap, c=1/5)``: halving from min(cap, 2 eta_(t-1)) until the
@@ -219,7 +219,8 @@ class Certified:
        whose proof uses eta <= 1 and eta ||V_t||^2 <= 1/(5 sqrt(2) L) (both follow from
        eta <= eta_t). A longer step breaks that proof, so the bound is not guaranteed here
        (theory.check reports whether it held, and does not count it). The rate survives by
-       another route, which needs only the decrease: ||V_{t+1}|| <= ||V_t|| + eta_t ||g_t|| and Cauchy-Schwarz give
+       another route, which needs only the decrease: ||V_{t+1}|| <= ||V_t|| + eta_t ||g_t||
+       and Cauchy-Schwarz give
            ||V_t|| <= ||V_0|| + sqrt(S_t Delta / c)                                   (G)
        (theory.check checks (G) at every step). With L-smoothness, ||grad L(W_t)|| <=
        sqrt(2 L Delta) (J decreases), so eta_s >= eta_t(V_s) >= min{1, 1/(a + b S_s)} with

@@ -152,8 +152,6 @@ def loss_pass(problem, data, B, A):
     return _run(problem, data, B, A, False)[0]
 
 
-
-
 def line_quartic(problem, data, B, A, grad_B, grad_A):
     """(a2, a3, a4) of J(B - eta grad_B, A - eta grad_A) = J - eta ||grad J||^2 + a2 eta^2
     + a3 eta^3 + a4 eta^4 for the squared loss: ``reference.matrix.line_quartic``'s
