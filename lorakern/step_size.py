@@ -195,15 +195,17 @@ class Certified:
       more pass gives its coefficients (``Kernels.line_quartic``; on the CPU without a mask
       2 m n r flops over R, as a loss-only pass), and eta minimises the quartic over those
       eta in [eta_t, cap] that satisfy the decrease with c = 1/5 (eta_t does, by Lemma 2,
-      so the set is never empty; the minimum is among the interval's ends, the critical points of the quartic and the
-      roots of the decrease condition, all found from the coefficients, no further pass).
+      so the set is never empty; the minimum is among the interval's ends, the critical
+      points of the quartic and the roots of the decrease condition, all found from the
+      coefficients, no further pass).
       Only the squared loss: another loss raises ValueError.
     * ``"backtrack"``: ``Armijo(cap, c=1/5)``: halving from min(cap, 2 eta_(t-1)) until the
       decrease holds, stopping at eta_t (which Lemma 2 guarantees to pass): one loss-only
       pass per trial. Any loss, any device.
     * ``"auto"`` (the default): "exact" where the problem has the squared loss without a
-      mask and its device has the quartic pass (reference, cpu), else "backtrack". Exact needed 25-48 %
-      fewer passes to 1 % above the optimum in benchmarks/NOTES.md; in seconds it was 1.9x
+      mask and its device has the quartic pass (reference, cpu), else "backtrack". Exact
+      needed 25-48 % fewer passes to 1 % above the optimum in benchmarks/NOTES.md; in
+      seconds it was 1.9x
       faster at 4096^2, r = 4, and about even at r = 16 (5 % slower at 4096^2, a tie at
       2048^2 and on the demo).
 
