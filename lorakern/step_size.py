@@ -204,7 +204,7 @@ class Certified:
       pass per trial. Any loss, any device.
     * ``"auto"`` (the default): "exact" where the problem has the squared loss without a
       mask and its device has the quartic pass (reference, cpu), else "backtrack". Exact
-      needed 25-48 % fewer passes to 1 % above the optimum in benchmarks/NOTES.md; in
+      needed 21-48 % fewer passes to 1 % above the optimum in benchmarks/NOTES.md; in
       seconds it was 1.9x
       faster at 4096^2, r = 4, and about even at r = 16 (5 % slower at 4096^2, a tie at
       2048^2 and on the demo).
