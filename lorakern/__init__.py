@@ -17,14 +17,15 @@ from .descent import fit, step
 from .losses import LOSSES
 from .problems import LinearProblem, Problem
 from .results import FitProgress, FitResult, History, StepResult
-from .step_size import Armijo, Constant, StepSize, Theorem
+from .step_size import Armijo, Certified, Constant, StepSize, Theorem
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Problem", "LinearProblem", "step", "fit", "init_adapters", "merge", "devices",
     "DeviceUnavailableError", "InputWarning", "FitInterrupted",
-    "StepResult", "FitResult", "FitProgress", "History", "Theorem", "Constant", "Armijo",
+    "StepResult", "FitResult", "FitProgress", "History", "Theorem", "Certified", "Constant",
+    "Armijo",
     "StepSize", "LOSSES",
     "reference", "theory", "__version__",
 ]

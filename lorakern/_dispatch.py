@@ -96,7 +96,9 @@ class Kernels(Protocol):
     Optional: ``run_steps(problem, data, B, A, steps, *, eta_scale=None, eta_fixed=None,
     stop=None) -> results.DeviceRun``, a whole fit on the device for policies that need no
     host; ``stop`` (a callable or None) is asked between chunks of steps and ends the run
-    early when it returns True (Ctrl-C, lorakern/_interrupt.py).
+    early when it returns True (Ctrl-C, lorakern/_interrupt.py);
+    ``line_quartic(problem, data, B, A, grad_B, grad_A) -> (a2, a3, a4)``, the coefficients
+    of J(V - eta grad J) as a quartic in eta (squared loss; step_size.Certified's exact search).
     """
 
     def prepare(self, problem, device) -> Any:
@@ -244,6 +246,8 @@ class Engine:
         with self.scope():
             self.data = problem.data(dev, self.kernels)
         self.run_steps = getattr(self.kernels, "run_steps", None)
+        #: the exact line search's pass, or None where the kernels have none
+        self.has_line_quartic = getattr(self.kernels, "line_quartic", None) is not None
 
     @property
     def xp(self):
@@ -265,6 +269,10 @@ class Engine:
 
     def update(self, B, A, grad_B, grad_A, eta):
         return self.device.update(B, A, grad_B, grad_A, eta)
+
+    def line_quartic(self, B, A, grad_B, grad_A):
+        """(a2, a3, a4): J(V - eta grad J) = J - eta ||grad J||^2 + a2 eta^2 + a3 eta^3 + a4 eta^4."""
+        return self.kernels.line_quartic(self.problem, self.data, B, A, grad_B, grad_A)
 
 
 def bind(problem, spec="auto", *arrays) -> Engine:

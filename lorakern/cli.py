@@ -19,13 +19,14 @@ from .plot import CONSTANT_FACTOR, PLOT_HINT
 # -- argument types ------------------------------------------------------------------------
 
 def _step_size(text: str):
-    if text in ("theorem", "armijo"):
+    if text in ("theorem", "certified", "exact", "armijo"):
         return text
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected 'theorem', 'armijo' or a positive number, got {text!r}") from None
+            f"expected 'certified', 'theorem', 'exact', 'armijo' or a positive number, "
+            f"got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"a constant step size must be positive and finite, got {text}")
     return value
@@ -80,6 +81,12 @@ def _cmd_demo(args, parser) -> int:
         why = check_format(args.plot)
         if why is not None:
             parser.error(f"--plot: {why}")
+    if args.step_size is None:
+        args.step_size = "theorem" if args.problem == "digits" else "certified"
+    if args.step_size == "exact" and (args.loss != "squared" or args.problem == "digits"):
+        parser.error(f"--step-size exact needs the squared loss of the synthetic problem (then "
+                     f"J(V - eta grad J) is a quartic in eta); use --step-size certified, which "
+                     f"backtracks for {args.loss if args.problem != 'digits' else 'digits'}")
     if args.problem == "digits":  # a LinearProblem on scikit-learn's digits: lorakern/digits.py
         from .digits import run_demo
 
@@ -173,10 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="FRACTION",
                       help="observe only a random FRACTION of the entries (matrix completion); "
                            "default: all")
-    demo.add_argument("--step-size", type=_step_size, default="theorem", metavar="{theorem,armijo,ETA}",
-                      help="the paper's eta_t, Armijo backtracking, or a constant ETA")
+    demo.add_argument("--step-size", type=_step_size, default=None,
+                      metavar="{certified,theorem,exact,armijo,ETA}",
+                      help="certified: the fastest step with the paper's guarantees (a line "
+                           "search taking Lemma 2's decrease with eta >= eta_t; the default, "
+                           "'theorem' for digits); theorem: the paper's eta_t; exact: the "
+                           "certified exact line search (squared loss only); Armijo "
+                           "backtracking; or a constant ETA")
     demo.add_argument("--plot", metavar="FILE.png", default=None,
-                      help="also run the theorem, constant and armijo steps and plot their losses "
+                      help="also run the theorem, constant, armijo and certified steps and plot their losses "
                            f"against steps and seconds (needs matplotlib: {PLOT_HINT})")
     demo.add_argument("--constant", type=_positive_float, default=None, metavar="ETA",
                       help="the constant step of the --plot comparison (needs --plot); default "

@@ -39,6 +39,9 @@ class Demo:
     description: list            # lines printed before the fit
     twin: object = None          # a tiny problem that compiles the same kernels (see warm_up)
     planted_label: str = "J at the planted shift BA = S"
+    #: the least J over adapters of this rank where it is known (the squared loss without a
+    #: mask: the best rank-r fit of Y - W0, Eckart-Young), else None
+    optimum: float | None = None
     title: str = ""              # the plot's title
     what: str = "a synthetic fine-tuning problem"   # the headline: "LoRA gradient descent on ..."
 
@@ -80,6 +83,7 @@ def synthetic_problem(m: int = 512, n: int = 384, rank: int = 8, *, dtype="float
     # J at the planted shift, through the reference (NumPy, no compile)
     root = np.sqrt(s)
     planted = _reference_loss(problem, (U * root).astype(dtype), (root[:, None] * V.T).astype(dtype))
+    optimum = rank_optimum(problem, rank)
 
     target = ("Y = sign(W0 + S) in {-1, +1}" if loss == "logistic" else
               f"Y = W0 + S + noise, noise ~ N(0, {NOISE * SHIFT_RMS:g}^2)")
@@ -94,9 +98,23 @@ def synthetic_problem(m: int = 512, n: int = 384, rank: int = 8, *, dtype="float
         f"          J at the planted shift BA = S: {planted:.6g}"
         + (" (not the minimum: larger margins lower it)" if loss == "logistic" else ""),
     ]
+    if optimum is not None:
+        description.append(f"          the optimum at rank {rank}: J* = {optimum:.6g} (the best rank-{rank} "
+                           f"fit of Y - W0 by SVD; the noise keeps it above 0)")
     title = (f"{m}x{n} {dtype}, {loss} loss"
              + ("" if observed is None else f", {observed:.0%} observed") + f", rank {rank}")
-    return Demo(problem, B, A, planted, description, twin=_tiny_twin(problem), title=title)
+    return Demo(problem, B, A, planted, description, twin=_tiny_twin(problem), title=title,
+                optimum=optimum)
+
+
+def rank_optimum(problem, rank: int) -> float | None:
+    """min J over B (m x rank), A (rank x n) for the squared loss without a mask: J* =
+    1/2 sum_{i > rank} sigma_i(R)^2, R = W0 - Y (the best rank-``rank`` approximation of -R,
+    Eckart-Young); None for another loss or a mask (no closed form)."""
+    if problem.loss.name != "squared" or problem.mask is not None:
+        return None
+    sigma = np.linalg.svd(np.asarray(problem.R, dtype=np.float64), compute_uv=False)
+    return 0.5 * float(np.sum(sigma[rank:] ** 2))
 
 
 def _synthetic(args) -> Demo:
@@ -171,6 +189,26 @@ def _kept_note(device: str) -> str:
 
 
 # -- what is printed -------------------------------------------------------------------------
+
+def gap_words(loss: float, optimum: float) -> str:
+    """How far J is above the optimum J*: "within 0.01 % of it" or "43.9x it"."""
+    if optimum > 0 and loss <= 2 * optimum:
+        gap = (loss - optimum) / optimum
+        return f"J(V_T) is {100 * gap:.3g} % above it" + (" (within 1 %)" if gap <= 0.01 else "")
+    return f"J(V_T) is {loss / optimum:.3g}x it" if optimum > 0 else f"J(V_T) - J* = {loss - optimum:.4g}"
+
+
+def compare_with(policy):
+    """The policy the demo runs beside the chosen one: the theorem's eta_t beside a certified
+    line search, the certified search beside the theorem's step; None beside anything else."""
+    from .step_size import THEOREM, Certified, Theorem
+
+    if isinstance(policy, Certified):
+        return THEOREM
+    if isinstance(policy, Theorem):
+        return Certified()
+    return None
+
 
 def describe_policy(policy, problem) -> str:
     """One line on the step size, from what the policy declares.
@@ -261,15 +299,25 @@ def run(args, device: str, out=print) -> int:
     share = f" ({result.final_loss / j0:.3g} of J(V_0))" if j0 > 0 else ""
     planted = "" if demo.planted_loss is None else f"; {demo.planted_label}: {demo.planted_loss:.6g}"
     out(f"final     J(V_{result.steps}) = {result.final_loss:.6g}{share}{planted}")
+    if demo.optimum is not None:
+        out(f"optimum   J* = {demo.optimum:.6g} at rank {rank}: {gap_words(result.final_loss, demo.optimum)}")
     per_step = result.seconds / max(result.steps, 1) * 1e3
-    trials = (f", {int(h.trials.sum())} {type(policy).__name__} loss passes"
-              if counts_trials(result) else "")
+    trials = (f", {int(h.trials.sum())} line-search passes" if counts_trials(result) else "")
     out(f"time      fit {result.seconds:.2f} s ({result.steps} steps, {per_step:.2f} ms/step{trials})"
         + (f" + {compile_s:.1f} s one-time compile" if compiled else
            f" + {compile_s:.1f} s loading the kernels" if compile_s else ""))
     lines, ok = verdict(result)
     for line in lines:
         out(line)
+    other = compare_with(policy)
+    if other is not None and args.plot is None:
+        if device != "reference":
+            warm_up(demo.twin, rank, device, other)
+        beside = fit(problem, demo.B, demo.A, steps=args.steps, device=device, step_size=other)
+        gap = ("" if demo.optimum is None else
+               f", {gap_words(beside.final_loss, demo.optimum)}")
+        out(f"beside    the {policy_name(other)} step from the same start: J(V_{beside.steps}) = "
+            f"{beside.final_loss:.6g}{gap}, {beside.seconds:.2f} s")
     if args.plot is not None:
         from . import plot
 

@@ -22,8 +22,9 @@ CONSTANT_FACTOR = 0.5
 PLOT_HINT = 'pip install ".[plot]" in a clone of lorakern'
 
 #: curve styles by policy name; other policies cycle through EXTRA_STYLES
-STYLES = {"theorem": ("C0", "-"), "constant": ("C1", "--"), "armijo": ("C2", "-.")}
-EXTRA_STYLES = (("C3", ":"), ("C4", (0, (3, 1, 1, 1))), ("C5", (0, (5, 2))))
+STYLES = {"theorem": ("C0", "-"), "constant": ("C1", "--"), "armijo": ("C2", "-."),
+          "certified": ("C3", ":")}
+EXTRA_STYLES = (("C6", ":"), ("C4", (0, (3, 1, 1, 1))), ("C5", (0, (5, 2))))
 
 
 def check_path(path) -> str | None:
@@ -79,15 +80,15 @@ def constant_note(constant: float, source: str | None = None) -> str:
 
 def comparison_runs(demo, steps: int, device: str, main_result, *, constant: float | None = None,
                     warm_up=None) -> tuple[dict, float]:
-    """The theorem, constant and armijo fits of ``demo`` from the same start, and the seconds
+    """The theorem, constant, armijo and certified fits of ``demo`` from the same start, and the seconds
     spent compiling for them. A run whose policy equals the demo's reuses its result; a demo
     policy that is none of the three is added as its own curve."""
     from .descent import fit
-    from .step_size import Armijo, Constant, Theorem
+    from .step_size import Armijo, Certified, Constant, Theorem
     from .theory import policy_name
 
     policies = {"theorem": Theorem(), "constant": Constant(constant_for(main_result, constant)),
-                "armijo": Armijo()}
+                "armijo": Armijo(), "certified": Certified()}
     main = main_result.step_size
     compile_s = 0.0
     runs = {}

@@ -1,10 +1,11 @@
-"""Step-size policies: the paper's eta_t, a constant, and Armijo backtracking.
+"""Step-size policies: the paper's eta_t, a constant, Armijo backtracking, and the certified
+line search (``Certified``: Lemma 2's decrease with an eta never below the paper's).
 
-A policy is any object with what ``StepSize`` lists; the strings "theorem" and "armijo" and a
-positive number are shortcuts for the built-in ones. ``choose`` works on any device: the
-pass's norms arrive as that device keeps them (Python floats on the host, 0-d float64 arrays
-on a GPU) and eta stays there, so a GPU step needs no host round trip for "theorem" or a
-constant.
+A policy is any object with what ``StepSize`` lists; the strings "theorem", "certified",
+"exact" and "armijo" and a positive number are shortcuts for the built-in ones. ``choose``
+works on any device: the pass's norms arrive as that device keeps them (Python floats on the
+host, 0-d float64 arrays on a GPU) and eta stays there, so a GPU step needs no host round
+trip for "theorem" or a constant.
 """
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ class StepSize(Protocol):
     def device_loop(self, problem) -> dict | None:
         """Arguments of Kernels.run_steps ({"eta_scale": c} or {"eta_fixed": eta}), or None."""
 
+    # Optional: ``eta_floor``, the constant of eq. (8) whose eta_t the policy's eta is never
+    # below (theory.check then checks eta >= eta_t at every step); ``constant``, the same
+    # for a policy whose eta never exceeds that eta_t (the paper's ||V_t||^2 growth bound).
+
 
 @dataclass(frozen=True)
 class Theorem:
@@ -62,6 +67,10 @@ class Theorem:
 
     decrease = LEMMA2_DECREASE
     host_loop = False
+
+    @property
+    def eta_floor(self) -> float:
+        return self.constant
 
     def __post_init__(self):
         object.__setattr__(self, "constant", positive_float("Theorem constant", self.constant))
@@ -121,6 +130,9 @@ class Armijo:
     the condition for any c <= 1/5, so no trial is spent on it. This bounds the trials by
     log2(cap / eta_t) and ends the search in floating point too (near a minimum float32
     rounding can hide any decrease). ``max_trials`` caps the trials further.
+
+    So eta >= eta_t at every step (``eta_floor``). With c = 1/5 this is
+    ``Certified(search="backtrack")``, whose docstring gives what that certifies.
     """
 
     cap: float = 1.0
@@ -129,6 +141,7 @@ class Armijo:
 
     host_loop = True
     norm = "exact"
+    eta_floor = THEOREM_CONSTANT
 
     def __post_init__(self):
         object.__setattr__(self, "cap", positive_float("Armijo cap", self.cap))
@@ -161,18 +174,181 @@ class Armijo:
         return None
 
 
+#: Certified's searches: "exact" (the quartic, squared loss), "backtrack" (Armijo, c = 1/5),
+#: "auto" (exact where the problem and device have the quartic pass, else backtrack)
+SEARCHES = ("auto", "exact", "backtrack")
+
+
+@dataclass(frozen=True)
+class Certified:
+    """A line search with the paper's guarantees (``step_size="certified"``): at every step
+
+        J(V_{t+1}) <= J(V_t) - eta/5 ||grad J(V_t)||^2   and   eta >= eta_t of eq. (8),
+
+    so Lemma 2's inequality (9) holds with the eta actually taken, and eq. (10) of Theorem 3,
+    min_t ||grad J(V_t)||^2 <= 5 (J(V_0) - L*) / sum_t eta_t, holds with the larger sum.
+
+    Searches (``search``):
+
+    * ``"exact"``: for the squared loss J(V - eta grad J) is a quartic in eta (R + BA moves
+      quadratically: (B - eta gB)(A - eta gA) = BA - eta (gB A + B gA) + eta^2 gB gA). One
+      more pass gives its coefficients (``Kernels.line_quartic``; on the CPU without a mask
+      2 m n r flops over R, as a loss-only pass), and eta minimises the quartic over those
+      eta in [eta_t, cap] that satisfy the decrease with c = 1/5 (eta_t does, by Lemma 2,
+      so the set is never empty; the minimum is among the interval's ends, the critical
+      points of the quartic and the roots of the decrease condition, all found from the
+      coefficients, no further pass).
+      Only the squared loss: another loss raises ValueError.
+    * ``"backtrack"``: ``Armijo(cap, c=1/5)``: halving from min(cap, 2 eta_(t-1)) until the
+      decrease holds, stopping at eta_t (which Lemma 2 guarantees to pass): one loss-only
+      pass per trial. Any loss, any device.
+    * ``"auto"`` (the default): "exact" where the problem has the squared loss without a
+      mask and its device has the quartic pass (reference, cpu), else "backtrack". Exact
+      needed 21-48 % fewer passes to 1 % above the optimum in benchmarks/NOTES.md; in
+      seconds it was 1.9x
+      faster at 4096^2, r = 4, and about even at r = 16 (5 % slower at 4096^2, a tie at
+      2048^2 and on the demo).
+
+    Why the paper's guarantees carry over (checked against Appendix A.4 of Mu & Klabjan,
+    2025). Write Delta = J(V_0) - L*, c = 1/5, S_t = sum_{s<t} eta_s, g_s = grad J(V_s).
+
+    1. Eq. (10). Summing the decrease, c sum_{s<T} eta_s ||g_s||^2 <= J(V_0) - J(V_T) <=
+       Delta, so min_t ||g_t||^2 <= Delta / (c S_T) = 5 Delta / S_T. The proof of (10)
+       uses nothing else about eta: it holds for any eta with the decrease, and since
+       eta >= eta_t at every step, with a sum at least the theorem's at the same iterates.
+    2. The rate. Theorem 3's O(1/log T) needs sum_t eta_t to grow like log T, and the paper
+       gets it from its growth bound ||V_t||^2 <= ||V_0||^2 + t/(5 sqrt(2) L) + 10 Delta,
+       whose proof uses eta <= 1 and eta ||V_t||^2 <= 1/(5 sqrt(2) L) (both follow from
+       eta <= eta_t). A longer step breaks that proof, so the bound is not guaranteed here
+       (theory.check reports whether it held, and does not count it). The rate survives by
+       another route, which needs only the decrease: ||V_{t+1}|| <= ||V_t|| + eta_t ||g_t||
+       and Cauchy-Schwarz give
+           ||V_t|| <= ||V_0|| + sqrt(S_t Delta / c)                                   (G)
+       (theory.check checks (G) at every step). With L-smoothness, ||grad L(W_t)|| <=
+       sqrt(2 L Delta) (J decreases), so eta_s >= eta_t(V_s) >= min{1, 1/(a + b S_s)} with
+       a = K (2 ||V_0||^2 + sqrt(2 L Delta)), b = 2 K Delta / c, K = 5 sqrt(2) max(L, 1).
+       Then phi(S) = a S + b S^2 / 2 rises by at least k = min{1, a + b/2} per step, so
+       S_T >= (sqrt(a^2 + 2 b k T) - a) / b, which grows like sqrt(T): min_t ||g_t||^2 =
+       O(1/sqrt(T)), within Theorem 3's O(1/log T). (The argument applies to eta_t itself
+       too; the paper's linear growth bound is the looser one.)
+
+    ``decrease`` is 1/5 and ``eta_floor`` eq. (8)'s constant: theory.check certifies both
+    at every step of a run. ``cap`` bounds eta from above (the paper's eta_t <= 1 too);
+    ``max_trials`` bounds the backtracking's trials (then eta_t is taken). The name says
+    what ``theory.check`` does with a run of it; ``Armijo(c=0.2)`` is the same backtracking,
+    kept for its other c.
+    """
+
+    search: str = "auto"
+    cap: float = 1.0
+    max_trials: int = 60
+
+    decrease = LEMMA2_DECREASE
+    eta_floor = THEOREM_CONSTANT
+    host_loop = True
+    norm = "exact"
+
+    def __post_init__(self):
+        if self.search not in SEARCHES:
+            raise ValueError(f"Certified search must be one of {SEARCHES}, got {self.search!r}")
+        object.__setattr__(self, "cap", positive_float("Certified cap", self.cap))
+        object.__setattr__(self, "max_trials",
+                           positive_int("Certified max_trials", self.max_trials))
+
+    @property
+    def backtracking(self) -> Armijo:
+        return Armijo(cap=self.cap, c=LEMMA2_DECREASE, max_trials=self.max_trials)
+
+    def exact_for(self, problem, engine=None) -> bool:
+        """Whether this run uses the exact search (raises ValueError where "exact" cannot)."""
+        if self.search == "backtrack":
+            return False
+        squared = getattr(getattr(problem, "loss", None), "name", None) == "squared"
+        has_pass = engine is None or engine.has_line_quartic
+        if self.search == "exact" and not squared:
+            from .reference.matrix import check_quartic  # its message
+
+            check_quartic(problem)
+        if self.search == "exact" and not has_pass:
+            raise ValueError(f"the exact line search has no quartic pass for problem kind "
+                             f"{problem.kind!r} on device {engine.device.name!r}; use "
+                             f"step_size='certified' (it backtracks there)")
+        # auto: not with a mask, whose quartic pass (8 m n r flops, no Gram shortcut) costs
+        # 4.3 loss-only passes on the CPU (2048^2, r = 16; benchmarks/NOTES.md)
+        masked = getattr(problem, "mask", None) is not None
+        return squared and has_pass and (self.search == "exact" or not masked)
+
+    def choose(self, engine, B, A, p, state):
+        # decided at each step, not kept in ``state``: a fit resumed from that state may run
+        # on another device (the exact search needs nothing carried over)
+        if not self.exact_for(engine.problem, engine):
+            return self.backtracking.choose(engine, B, A, p, state)
+        eta_theorem = float(THEOREM.choose(engine, B, A, p, state)[0])
+        a2, a3, a4 = (float(a) for a in engine.line_quartic(B, A, p.grad_B, p.grad_A))
+        eta = exact_step(float(p.loss), float(p.grad_sq), a2, a3, a4, eta_theorem,
+                         max(self.cap, eta_theorem))
+        return engine.xp.asarray(eta), 1
+
+    def device_loop(self, problem):
+        self.exact_for(problem)  # a loss the exact search cannot take fails before the fit
+        return None
+
+    def describe(self, problem) -> str:
+        search = self.search
+        if search == "auto":  # what the loss allows (a device without the pass backtracks)
+            search = "exact" if self.exact_for(problem) else "backtrack"
+        how = {"exact": "exact line search on the quartic J(V - eta grad J)",
+               "backtrack": "backtracking (halving) line search"}[search]
+        return (f"certified: {how}, eta in [eta_t, {self.cap:g}] with J(V_t+1) <= J(V_t) - "
+                f"eta/5 ||grad J||^2 (Lemma 2's decrease, eta >= the theorem's eta_t)")
+
+
+def exact_step(loss, grad_sq, a2, a3, a4, lo, hi, c=LEMMA2_DECREASE) -> float:
+    """The eta in [lo, hi] that minimises q(eta) = loss - grad_sq eta + a2 eta^2 + a3 eta^3 +
+    a4 eta^4 among those with q(eta) <= loss - c eta grad_sq; ``lo`` if none does (Lemma 2
+    puts eta_t in that set when lo = eta_t; in floating point it may be missed by rounding).
+
+    The minimum over that set lies at an end of [lo, hi], at a critical point of q, or at a
+    root of h(eta) = q(eta) - loss + c eta grad_sq (an end of one of the set's intervals).
+    """
+    q = np.array([a4, a3, a2, -grad_sq, loss])          # highest power first (np.polyval)
+    if not (np.isfinite(q).all() and math.isfinite(lo) and math.isfinite(hi)):
+        return float(lo)  # an overflowing iterate: the theorem's eta, and fit reports it
+    h = q - np.array([0.0, 0.0, 0.0, -c * grad_sq, loss])
+    candidates = [lo, hi]
+    for poly in (np.array([4 * a4, 3 * a3, 2 * a2, -grad_sq]), h[:-1]):
+        # q' and h / eta (h(0) = 0): their real roots inside (lo, hi)
+        for root in np.roots(np.trim_zeros(poly, "f")) if np.any(poly[:-1]) else ():
+            if abs(root.imag) <= 1e-9 * abs(root.real) and lo < root.real < hi:
+                candidates.append(float(root.real))
+    candidates = np.array(candidates)
+    values, slack = np.polyval(q, candidates), np.polyval(h, candidates)
+    # a root of h is feasible up to its rounding: allow it the size of q's terms' rounding
+    tol = 64 * np.finfo(float).eps * (abs(loss) + grad_sq * candidates)
+    feasible = slack <= tol
+    if not feasible.any():
+        return float(lo)
+    best = np.argmin(np.where(feasible, values, np.inf))
+    return float(candidates[best])
+
+
 THEOREM = Theorem()
 
 
 def as_policy(step_size) -> StepSize:
-    """'theorem' | 'armijo' | positive number | a policy object (StepSize) -> a policy object."""
+    """'theorem' | 'certified' | 'exact' | 'armijo' | positive number | a policy object (StepSize)
+    -> a policy object."""
     if isinstance(step_size, str):
         if step_size == "theorem":
             return THEOREM
+        if step_size == "certified":
+            return Certified()
+        if step_size == "exact":
+            return Certified(search="exact")
         if step_size == "armijo":
             return Armijo()
-        raise ValueError(f"unknown step_size {step_size!r}; use 'theorem', 'armijo', a positive "
-                         f"float or a policy object")
+        raise ValueError(f"unknown step_size {step_size!r}; use 'theorem', 'certified', "
+                         f"'exact', 'armijo', a positive float or a policy object")
     if isinstance(step_size, StepSize):
         return step_size
     return Constant(step_size)

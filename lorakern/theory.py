@@ -5,7 +5,16 @@ With eta_t from eq. (8) and V_{t+1} = V_t - eta_t grad J(V_t):
 * Lemma 2 (eq. 9):   J(V_{t+1}) <= J(V_t) - eta_t / 5 * ||grad J(V_t)||^2 at every step;
 * Theorem 3 (eq. 10): min_t ||grad J(V_t)||^2 <= 5 (J(V_0) - L*) / sum_t eta_t;
 * proof of Theorem 3: ||V_t||^2 <= ||V_0||^2 + t / (5 sqrt(2) L) + 10 (J(V_0) - L*),
-  the at-most-linear growth that makes sum_t eta_t diverge like log T.
+  the at-most-linear growth that makes sum_t eta_t diverge like log T (its proof needs
+  eta <= eta_t: guaranteed for the theorem's step only).
+
+For a policy that takes longer steps (``Certified``, ``Armijo``) two more checks:
+
+* eta >= eta_t of eq. (8) at every step (policies declaring ``eta_floor``), recomputed from
+  the history's ||V_t||^2, ||G_t||_F and max(L, 1);
+* ||V_t|| <= ||V_0|| + sqrt(sum_{s<t} eta_s (J(V_0) - L*) / c), which follows from the
+  decrease alone (triangle inequality and Cauchy-Schwarz; step_size.Certified's docstring)
+  and with eta >= eta_t keeps sum_t eta_t growing like sqrt(T): Theorem 3's rate.
 
 The losses are computed in floating point, so each inequality is allowed a slack of
 ``rtol * |J|`` (``RTOL`` by dtype, a few hundred ulps of the accumulated loss).
@@ -36,10 +45,22 @@ class Report:
     theorem3: bool
     v_growth: bool              # ||V_t||^2 <= ||V_0||^2 + t/(5 sqrt(2) L) + 10 (J_0 - L*)
     tolerance: float
+    #: bool per step: eta >= eta_t of eq. (8) (None: the policy declares no floor)
+    eta_floor: np.ndarray | None = None
+    #: eta_t of eq. (8) at each step, recomputed from the history (None with eta_floor)
+    eta_theorem: np.ndarray | None = None
+    #: ||V_t|| <= ||V_0|| + sqrt(sum_{s<t} eta_s (J_0 - L*) / c) at every step
+    norm_growth: bool = True
+    #: whether the paper's v_growth bound is guaranteed (eta <= eta_t); all_hold ignores
+    #: v_growth where it is not
+    growth_guaranteed: bool = True
 
     @property
     def all_hold(self) -> bool:
-        return bool(self.lemma2.all()) and self.theorem3 and self.v_growth
+        """Every inequality the run's policy guarantees held."""
+        return (bool(self.lemma2.all()) and self.theorem3 and self.norm_growth
+                and (self.v_growth or not self.growth_guaranteed)
+                and (self.eta_floor is None or bool(self.eta_floor.all())))
 
     def summary(self) -> str:
         if len(self.lemma2) == 0:
@@ -48,9 +69,15 @@ class Report:
         lemma = ("Lemma 2 held at every step" if bad.size == 0 else
                  f"Lemma 2 failed at {bad.size} step(s), first t = {bad[0]}")
         verdict = "held" if self.theorem3 else "FAILED"
+        growth = ("held" if self.v_growth else "FAILED" if self.growth_guaranteed
+                  else "did not hold (not guaranteed)")
+        floor = "" if self.eta_floor is None else (
+            "; eta >= eta_t at every step" if self.eta_floor.all() else
+            f"; eta < eta_t at {int((~self.eta_floor).sum())} step(s), FAILED")
         return (f"{lemma} ({len(self.lemma2)} steps); Theorem 3 {verdict}: "
                 f"min ||grad J||^2 = {self.theorem3_lhs:.4g} <= {self.theorem3_bound:.4g}; "
-                f"||V_t||^2 growth bound {'held' if self.v_growth else 'FAILED'}")
+                f"||V_t||^2 growth bound {growth}; ||V_t|| growth bound "
+                f"{'held' if self.norm_growth else 'FAILED'}{floor}")
 
 
 def check(result, *, l_star: float = 0.0, decrease: float | None = None,
@@ -67,6 +94,13 @@ def check(result, *, l_star: float = 0.0, decrease: float | None = None,
     constant : the step-size constant of eq. (8); default: the policy's ``constant`` if it
         has one, else 5 sqrt(2). Only the ||V_t||^2 growth bound depends on it.
     rtol : the slack, relative to |J|; default ``RTOL`` for the data's dtype.
+
+    Returns
+    -------
+    Report. For a policy with ``eta_floor`` (Theorem, Armijo, Certified) ``eta_floor``
+    says per step whether eta >= eta_t (eq. 8 with that constant, recomputed from the
+    history); the paper's ||V_t||^2 growth bound counts in ``all_hold`` only for a policy
+    with ``constant`` (its eta never exceeds eta_t).
     """
     policy = getattr(result, "step_size", None)
     if decrease is None:
@@ -79,16 +113,36 @@ def check(result, *, l_star: float = 0.0, decrease: float | None = None,
     loss_next = np.append(h.loss[1:], result.final_loss)
     return check_arrays(h.loss, loss_next, h.eta, h.grad_sq, h.v_sq, l_star=l_star,
                         decrease=decrease, constant=constant, lipschitz=h.lipschitz,
-                        rtol=RTOL[np.dtype(h.dtype)] if rtol is None else rtol)
+                        rtol=RTOL[np.dtype(h.dtype)] if rtol is None else rtol,
+                        g_norm=h.g_norm, eta_floor=getattr(policy, "eta_floor", None),
+                        growth_guaranteed=policy is None or
+                        getattr(policy, "constant", None) is not None)
+
+
+#: eta >= eta_t is checked up to this relative slack: eta_t recomputed from the history may
+#: differ from the policy's in the last bits (a device computes it in its own order)
+ETA_RTOL = 1e-9
+
+
+def theorem_eta(v_sq, g_norm, lipschitz=1.0, constant=THEOREM_CONSTANT):
+    """eta_t of eq. (8) from ||V_t||^2, ||G_t||_F and max(L, 1), as step_size.Theorem.eta."""
+    scale = constant * lipschitz * (np.asarray(v_sq, float) + np.asarray(g_norm, float))
+    return 1.0 / np.maximum(scale, 1.0)
 
 
 def check_arrays(loss, loss_next, eta, grad_sq, v_sq, *, l_star=0.0, decrease=0.2,
-                 constant=THEOREM_CONSTANT, lipschitz=1.0, rtol=1e-12) -> Report:
-    """The checks of ``check`` on plain arrays: values at V_t and J(V_{t+1})."""
+                 constant=THEOREM_CONSTANT, lipschitz=1.0, rtol=1e-12, g_norm=None,
+                 eta_floor=None, growth_guaranteed=True) -> Report:
+    """The checks of ``check`` on plain arrays: values at V_t and J(V_{t+1}); with
+    ``g_norm`` (||G_t||_F per step) and ``eta_floor`` (eq. 8's constant) also eta >= eta_t."""
     loss, loss_next = np.asarray(loss, float), np.asarray(loss_next, float)
     eta, grad_sq, v_sq = np.asarray(eta, float), np.asarray(grad_sq, float), np.asarray(v_sq, float)
+    floor = eta_floor is not None and g_norm is not None
     if loss.size == 0:
-        return Report(np.ones(0, bool), np.zeros(0), math.nan, math.inf, True, True, 0.0)
+        return Report(np.ones(0, bool), np.zeros(0), math.nan, math.inf, True, True, 0.0,
+                      eta_floor=np.ones(0, bool) if floor else None,
+                      eta_theorem=np.zeros(0) if floor else None,
+                      growth_guaranteed=growth_guaranteed)
     tol = rtol * max(float(np.max(np.abs(loss))), float(np.max(np.abs(loss_next))), 1e-300)
     # Lemma 2, eq. (9): J(V_{t+1}) <= J(V_t) - (eta_t / 5) ||grad J(V_t)||^2
     slack = loss - decrease * eta * grad_sq - loss_next
@@ -101,8 +155,19 @@ def check_arrays(loss, loss_next, eta, grad_sq, v_sq, *, l_star=0.0, decrease=0.
     # (sum_t 2 eta_t ||grad J||^2 <= 2 (J_0 - L*) / c, which is 10 (J_0 - L*) for c = 1/5)
     growth = v_sq[0] + t / (constant * lipschitz) + 2.0 / decrease * (loss[0] - l_star + tol)
     v_growth = bool(np.all(v_sq <= growth * (1 + rtol)))
+    # ||V_t|| <= ||V_0|| + sum_{s<t} eta_s ||g_s|| <= ||V_0|| + sqrt(S_t sum_{s<t} eta_s ||g_s||^2)
+    #         <= ||V_0|| + sqrt(S_t (J_0 - L*) / c)          (Certified's docstring, (G))
+    S = np.concatenate([[0.0], np.cumsum(eta)[:-1]])
+    norm_bound = math.sqrt(v_sq[0]) + np.sqrt(S * max(loss[0] - l_star + tol, 0.0) / decrease)
+    norm_growth = bool(np.all(np.sqrt(v_sq) <= norm_bound * (1 + rtol)))
+    eta_theorem = floor_ok = None
+    if floor:
+        eta_theorem = theorem_eta(v_sq, g_norm, lipschitz, eta_floor)
+        floor_ok = eta >= eta_theorem * (1 - ETA_RTOL)
     return Report(lemma2=lemma2, lemma2_slack=slack, theorem3_lhs=lhs, theorem3_bound=float(bound),
-                  theorem3=lhs <= bound, v_growth=v_growth, tolerance=tol)
+                  theorem3=lhs <= bound, v_growth=v_growth, tolerance=tol, eta_floor=floor_ok,
+                  eta_theorem=eta_theorem, norm_growth=norm_growth,
+                  growth_guaranteed=growth_guaranteed)
 
 
 # -- a run's verdict, in words (lorakern demo prints it) --------------------------------------
@@ -167,6 +232,11 @@ def verdict(result) -> tuple[list[str], bool]:
         lemma = "J(V_t+1) <= J(V_t) - eta_t/5 ||grad J(V_t)||^2"
         bound = "5 (J(V_0) - 0) / sum_t eta_t"
         growth_term = "10 J(V_0)"
+        if not growth_guaranteed and getattr(policy, "eta_floor", None) is not None:
+            # a longer step than eta_t (Certified), with Lemma 2's decrease
+            lines[-1] += f", with the eta taken in place of eta_t ({label})"
+            lemma = "J(V_t+1) <= J(V_t) - eta/5 ||grad J(V_t)||^2"
+            bound = "5 (J(V_0) - 0) / sum_t eta"
     else:
         lines.append(f"theory    Lemma 2 and Theorem 3 checked with Lemma 2's constant 1/5 replaced by "
                      f"the {label} c = {c:g}")
@@ -187,9 +257,24 @@ def verdict(result) -> tuple[list[str], bool]:
     lines.append(f"growth    ||V_t||^2 <= ||V_0||^2 + t/({k} L) + {growth_term} "
                  f"(proof of Theorem 3): {growth}"
                  + ("" if growth_guaranteed else f" (not guaranteed for {name})"))
+    if not growth_guaranteed:
+        coef = "5" if paper else "1/c"
+        lines.append(f"growth    ||V_t|| <= ||V_0|| + sqrt({coef} (J(V_0) - 0) sum_(s<t) eta_s) "
+                     f"(needs only the decrease; keeps Theorem 3's rate): "
+                     + ("held" if report.norm_growth else "FAILED"))
+    if report.eta_floor is not None and not growth_guaranteed and steps:
+        below = np.flatnonzero(~report.eta_floor)
+        ratio = h.eta / report.eta_theorem
+        lines.append("eta       eta >= eta_t of eq. (8) (the theorem's step at V_t): " + (
+            f"held at all {steps} steps (eta / eta_t: median {np.median(ratio):.3g}, "
+            f"max {np.max(ratio):.3g}; sum eta = {np.sum(h.eta):.4g} against sum eta_t = "
+            f"{np.sum(report.eta_theorem):.4g})" if below.size == 0 else
+            f"FAILED at {below.size}/{steps} steps, first t = {below[0]}"))
     lines.append(f"          slack allowed for {h.dtype} rounding: {report.tolerance:.3g} "
                  f"({RTOL[np.dtype(h.dtype)]:g} x max |J|)")
-    ok = bool(report.lemma2.all()) and report.theorem3
+    ok = bool(report.lemma2.all()) and report.theorem3 and report.norm_growth
+    if report.eta_floor is not None:
+        ok = ok and bool(report.eta_floor.all())
     if growth_guaranteed:
         ok = ok and report.v_growth
     if result.status == "diverged":

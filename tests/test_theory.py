@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorakern
-from lorakern import Armijo, theory
+from lorakern import Armijo, Certified, theory
 
 from helpers import DEVICES, LOSS_NAMES, make_case
 
@@ -149,3 +149,60 @@ def test_checker_slack_is_by_dtype(fitted):
     assert not theory.check(bad).all_hold
     bad.history.dtype = np.dtype(np.float32)
     assert theory.check(bad).lemma2[5]
+
+
+# -- the certified step (issue 24): eta >= eta_t and the ||V_t|| growth bound -----------------
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(case=cases, search=st.sampled_from(["auto", "backtrack"]))
+def test_certified_histories_satisfy_the_paper(case, search):
+    """Certified on random problems, every loss: Lemma 2's decrease with the eta taken,
+    eta >= eta_t, Theorem 3's bound and the ||V_t|| growth bound; all_hold."""
+    result = _fit(case, "reference", Certified(search=search))
+    report = theory.check(result)
+    assert report.eta_floor is not None and not report.growth_guaranteed
+    assert report.all_hold, report.summary()
+
+
+@pytest.fixture(scope="module")
+def certified():
+    problem, B, A = make_case((9, 11, 3), np.float64, seed=52)
+    result = lorakern.fit(problem, B, A, steps=20, device="reference", step_size="certified")
+    report = theory.check(result)
+    assert report.all_hold and (result.history.eta > 2 * report.eta_theorem).any()
+    return result
+
+
+def test_checker_reports_an_eta_below_eta_t(certified):
+    """A step shorter than eta_t (doctored): eta_floor fails at that step, all_hold too."""
+    eta_t = theory.check(certified).eta_theorem
+    bad = _doctored(certified, eta=(7, 0.5 * eta_t[7]))
+    report = theory.check(bad)
+    assert list(np.flatnonzero(~report.eta_floor)) == [7] and not report.all_hold
+    assert "eta < eta_t at 1 step(s), FAILED" in report.summary()
+    lines, ok = theory.verdict(bad)
+    assert not ok and any("FAILED at 1/20 steps, first t = 7" in line for line in lines)
+
+
+def test_checker_reports_a_norm_growth_failure(certified):
+    """||V_t|| beyond ||V_0|| + sqrt(sum_{s<t} eta_s (J_0 - L*) / c): norm_growth fails."""
+    h = certified.history
+    S = np.sum(h.eta[:10])
+    too_far = (math.sqrt(h.v_sq[0]) + math.sqrt(S * h.loss[0] / 0.2)) ** 2 * 1.01
+    report = theory.check(_doctored(certified, v_sq=(10, too_far)))
+    assert not report.norm_growth and not report.all_hold
+    assert "||V_t|| growth bound FAILED" in report.summary()
+
+
+def test_paper_growth_bound_is_not_required_of_a_longer_step(certified):
+    """The paper's ||V_t||^2 bound assumes eta <= eta_t: for Certified a miss is reported
+    but is not a failure; for the theorem's step it is."""
+    h = certified.history
+    # at t = 10 this run's ||V|| bound allows 932.8, the paper's ||V||^2 bound 922.6
+    v = h.v_sq[0] + 10 / (5 * math.sqrt(2)) + 10 * h.loss[0]
+    report = theory.check(_doctored(certified, v_sq=(10, v * 1.001)))
+    assert report.norm_growth and not report.v_growth and report.all_hold, report.summary()
+    assert "did not hold (not guaranteed)" in report.summary()
+    report = theory.check_arrays([1.0, 0.9], [0.9, 0.8], eta=[0.1, 0.1], grad_sq=[1.0, 1.0],
+                                 v_sq=[1.0, 1.0 + 1 / (5 * math.sqrt(2)) + 10.0 + 1e-3])
+    assert not report.v_growth and not report.all_hold

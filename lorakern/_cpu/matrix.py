@@ -9,7 +9,7 @@ import numpy as np
 
 from .._host import ordered_sum
 from ..results import PassResult
-from . import kernels, simd, workers
+from . import kernels, quartic, simd, workers
 
 #: Rows of G computed, passed through the loss and used by phases 2 and 3 at a time
 #: (a multiple of kernels.BLOCK_MULTIPLE = 12).
@@ -150,3 +150,48 @@ def fused_pass(problem, data, B, A, *, norm="exact"):
 def loss_pass(problem, data, B, A):
     """J(B, A) alone: one read of the data, no gradient work (the same sum as fused_pass's)."""
     return _run(problem, data, B, A, False)[0]
+
+
+def line_quartic(problem, data, B, A, grad_B, grad_A):
+    """(a2, a3, a4) of J(B - eta grad_B, A - eta grad_A) = J - eta ||grad J||^2 + a2 eta^2
+    + a3 eta^3 + a4 eta^4 for the squared loss: ``reference.matrix.line_quartic``'s
+    coefficients, summed in float64 (quartic.py's kernels on the workers' pool).
+
+    Without a mask one term touches the data: with D = R + BA, P = gB A + B gA, Q = gB gA,
+    a2 = 1/2 ||P||^2 + <R, Q> + <BA, Q>, and <R, Q> = sum_ik gB[i, k] <R[i], gA[k]> is one
+    pass over R of 2 m n r flops (the fused pass does 6 m n r). Every other term is the
+    trace of a product of r x r Gram matrices, O((m + n) r^2). With a mask the sums run over
+    the observed entries and do not factor: d, p and q are formed row by row, 8 m n r flops.
+    """
+    from ..reference.matrix import check_quartic
+
+    check_quartic(problem)
+    m = B.shape[0]
+    block_rows = quartic.QUARTIC_ROWS
+    nblocks = -(-m // block_rows)
+    counter = np.zeros(1, np.int64)
+    R, r, n = data.data, B.shape[1], A.shape[1]
+    workers_ = min(workers.count(), nblocks)
+    if problem.mask is not None:
+        partial = np.zeros((nblocks, 3))
+        workers.run(quartic.masked_work, (R, data.mask, B, A, grad_B, grad_A, block_rows,
+                                          counter, partial), workers_, flops=8.0 * m * n * r)
+        return np.array([ordered_sum(partial[:, 0]), -ordered_sum(partial[:, 1]),
+                         0.5 * ordered_sum(partial[:, 2])])
+    partial = np.zeros((nblocks, 1))
+    workers.run(quartic.rq_work, (R, grad_B, grad_A, block_rows, counter, partial), workers_,
+                flops=2.0 * m * n * r)
+    f8 = np.float64
+    B64, A64, gB64, gA64 = (x.astype(f8) for x in (B, A, grad_B, grad_A))
+    # <X Y, U W> = tr(Y^T X^T U W) = tr((X^T U)(W Y^T)), X, U m x r and Y, W r x n
+    BtB, BtgB, gBtgB = B64.T @ B64, B64.T @ gB64, gB64.T @ gB64
+    AAt, gAAt, gAgAt = A64 @ A64.T, gA64 @ A64.T, gA64 @ gA64.T
+
+    def inner(XtU, WYt):
+        return float(np.sum(XtU * WYt.T))  # tr(XtU @ WYt)
+
+    D_Q = ordered_sum(partial[:, 0]) + inner(BtgB, gAAt)  # <R, gB gA> + <B A, gB gA>
+    P_P = inner(gBtgB, AAt) + 2.0 * inner(BtgB.T, gAAt) + inner(BtB, gAgAt)
+    P_Q = inner(gBtgB, gAAt) + inner(BtgB, gAgAt)         # <gB A, Q> + <B gA, Q>
+    Q_Q = inner(gBtgB, gAgAt)
+    return np.array([0.5 * P_P + D_Q, -P_Q, 0.5 * Q_Q])
