@@ -9,6 +9,7 @@
 #   2. correctness (~2-3 min): tests/test_cuda.py (the GPU cases; the five that failed on the
 #      H200 before run_steps copied NumPy inputs to the device among them), tests/test_cuda_warp.py
 #      and tests/test_gpu_probe.py (host-only: the models the probes compare against);
+#   2b. the torch CUDA-tensor tests (~1 min): tests/test_dlpack.py, tests/test_torch.py -k cuda;
 #   3. timing (~2 min): today's fused step, 200-step device loop, each row of the goals, with the
 #      floor from step 1's rates (GPU_FULL=1 adds benchmarks/bench_cuda.py's CuPy and PyTorch
 #      comparisons, several minutes more);
@@ -48,6 +49,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 step calibrate 120 python benchmarks/gpu_probe.py calibrate --out "$out"
 step tests 180 python -m pytest tests/test_cuda.py tests/test_cuda_warp.py tests/test_gpu_probe.py \
     -k "not emulated" -q -rs -p no:cacheprovider --junitxml="$out/tests.xml"
+# CUDA tensors through lorakern (DLPack intake, the stream handovers, cuda:<i>, the optimizer's
+# CuPy norms): written without a GPU, never run on one before (issue 23)
+step torch 60 python -m pytest tests/test_dlpack.py tests/test_torch.py -k "cuda" -q -rs \
+    -p no:cacheprovider --junitxml="$out/torch.xml"
 step timing 110 python benchmarks/gpu_probe.py timing --out "$out"
 if [ "${GPU_FULL:-0}" = 1 ]; then  # the CuPy and PyTorch comparisons too (several more minutes)
     step bench 600 python -m pytest benchmarks/bench_cuda.py -q -p no:cacheprovider \
