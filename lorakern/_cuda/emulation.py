@@ -211,13 +211,9 @@ class HostRuntime:
     def source(self, code: str, names: tuple[str, ...]) -> str:
         """The translation unit of a module: emulation.h's declarations, the code (fused.cu's
         lines named as such in messages), and a launch and a signature function per name."""
-        kernels = launch.kernel_source()
-        at = code.find(kernels)
-        if at >= 0:  # compiler messages and barrier sites in fused.cu's own line numbers
-            end = at + len(kernels)
-            after = code[:end].count("\n") + 1  # "module:N" is line N of `code`
-            code = (f'{code[:at]}\n#line 1 "fused.cu"\n{kernels}\n#line {after} "module"\n'
-                    f'{code[end:]}')
+        # compiler messages, barrier and mma sites in the kernel files' own line numbers
+        code = _with_line_markers(code, (("fused.cu", launch.kernel_source()),
+                                         ("fused_mma.cu", launch.mma_kernel_source())))
         wrappers = "\n".join(
             f'extern "C" int emu_kernel_{i}(unsigned g, unsigned b, unsigned s, void** a, double t) '
             f"{{ return lk_emu::launch_kernel(&{name}, g, b, s, a, t); }}\n"
@@ -328,6 +324,22 @@ class HostRuntime:
     def to_host(x):
         """A host copy of a device array (cupy.asnumpy); anything else unchanged."""
         return XP.asnumpy(x) if isinstance(x, DeviceArray) else x
+
+
+def _with_line_markers(code: str, files) -> str:
+    """`code` with #line markers around each (name, text) of `files` found in it: their lines
+    named "name:N", the rest "module:N" (line N of `code`)."""
+    found = sorted((code.find(text), name, text) for name, text in files if code.find(text) >= 0)
+    out, prev = [], 0
+    for at, name, text in found:
+        if at < prev:  # overlapping (one file's text inside another's): leave it unmarked
+            continue
+        end = at + len(text)
+        after = code[:end].count("\n") + 1  # the line of `code` that goes on after the file
+        out += [code[prev:at], f'\n#line 1 "{name}"\n', text, f'\n#line {after} "module"\n']
+        prev = end
+    out.append(code[prev:])
+    return "".join(out)
 
 
 # ---- NumPy models of the warp-level conversions (warp.cuh), for tests and GPU probes -------------

@@ -50,6 +50,14 @@ COLS_PER_BLOCK: int | None = None
 MAX_SMALL_GRID = 1024
 #: NVRTC options; name_expressions needs a C++ standard
 OPTIONS = ("-std=c++17",)
+#: the fused pass's kernel: "simt" (fused.cu's fused_pass, FMA on CUDA cores: the default) or
+#: "mma" (fused_mma.cu's fused_pass_mma: tensor cores, 3xTF32 for fp32 and DMMA for fp64; correct
+#: in the emulation, not yet timed on a GPU). Both fill the same partials, so the tail kernels and
+#: matrix.py are shared. A Plan reads it when it is made (the plan cache key has it).
+KERNELS = ("simt", "mma")
+KERNEL = os.environ.get("LORAKERN_CUDA_KERNEL", "simt")
+#: rank bounds of the mma kernel: its products take ranks 8 at a time
+MMA_RANK_BOUNDS = (8, 16, 32, 64, 128)
 
 # ---- compiled once per machine: CuPy's disk cache -----------------------------------------
 # NVRTC takes 1.5-2 s per module (one per dtype, loss, mask, rank bound and tile), so a module
@@ -213,8 +221,15 @@ def ptr(array):
 
 
 # ---- configuration ------------------------------------------------------------------------
-def rank_bound(r: int) -> int:
-    for bound in RANK_BOUNDS:
+def check_kernel(kernel: str) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"the CUDA fused kernel is one of {KERNELS} (launch.KERNEL, "
+                         f"$LORAKERN_CUDA_KERNEL), got {kernel!r}")
+    return kernel
+
+
+def rank_bound(r: int, kernel: str = "simt") -> int:
+    for bound in (MMA_RANK_BOUNDS if check_kernel(kernel) == "mma" else RANK_BOUNDS):
         if r <= bound:
             return bound
     raise ValueError(f"device='cuda' supports ranks up to {RANK_BOUNDS[-1]}, got r = {r}")
@@ -247,9 +262,34 @@ def smem_bytes(itemsize: int, rk: int, bm: int, bn: int, grad: bool, labels: boo
     return a_bytes + b_bytes + x_bytes * (2 if labels else 1) + _round128(work)
 
 
-def choose_tile(itemsize: int, rk: int, labels: bool, limit: int) -> tuple[int, int]:
+def smem_bytes_mma(itemsize: int, rk: int, bm: int, bn: int, grad: bool, labels: bool = False) -> int:
+    """Dynamic shared memory of fused_pass_mma; mirrors FusedMma<...>::SMEM_BYTES in
+    fused_mma.cu (the kernel traps if it gets less than it computes)."""
+    mm = 16 if itemsize == 4 else 8  # the mma's M
+    wc = (NT // 32) // (bm // mm)
+    nb3 = (bn // mm) * (rk // 8)
+    s3 = 1 if nb3 >= NT // 32 else (NT // 32) // nb3
+    a_bytes = _round128(2 * rk * (bn + 8) * itemsize)
+    b_bytes = _round128((2 if itemsize * rk <= 256 else 1) * bm * (rk + 4) * itemsize)
+    x_bytes = _round128(2 * bm * (bn + 4) * itemsize)
+    red = 2 * NT * 8
+    if grad:
+        g_bytes = _round128(bm * (bn + 8) * itemsize)
+        work = max(g_bytes + s3 * rk * bn * itemsize, wc * bm * rk * itemsize, red)
+    else:
+        work = red
+    return a_bytes + b_bytes + x_bytes * (2 if labels else 1) + _round128(work)
+
+
+def kernel_smem(kernel: str, itemsize: int, rk: int, bm: int, bn: int, grad: bool,
+                labels: bool = False) -> int:
+    f = smem_bytes_mma if check_kernel(kernel) == "mma" else smem_bytes
+    return f(itemsize, rk, bm, bn, grad, labels)
+
+
+def choose_tile(itemsize: int, rk: int, labels: bool, limit: int, kernel: str = "simt") -> tuple[int, int]:
     for bm, bn in TILES:
-        if smem_bytes(itemsize, rk, bm, bn, True, labels) <= limit:
+        if kernel_smem(kernel, itemsize, rk, bm, bn, True, labels) <= limit:
             return bm, bn
     raise ValueError(f"no tile in {TILES} fits {limit} bytes of shared memory at rank bound {rk}")
 
@@ -272,10 +312,12 @@ def _flag(b: bool) -> str:
     return "true" if b else "false"
 
 
-def kernel_names(dtype, rk: int, bm: int, bn: int, labels: bool, masked: bool) -> dict:
+def kernel_names(dtype, rk: int, bm: int, bn: int, labels: bool, masked: bool,
+                 kernel: str = "simt") -> dict:
     """The name expressions of one module: both fused passes and the small kernels."""
     t = _ctype(dtype)
-    fused = f"lorakern::fused_pass<{t}, {rk}, {bm}, {bn}, {_flag(labels)}, {_flag(masked)}, "
+    name = "fused_pass_mma" if check_kernel(kernel) == "mma" else "fused_pass"
+    fused = f"lorakern::{name}<{t}, {rk}, {bm}, {bn}, {_flag(labels)}, {_flag(masked)}, "
     return {
         "grad": fused + "true>",
         "loss": fused + "false>",
@@ -295,14 +337,24 @@ def kernel_source() -> str:
     return _SOURCE
 
 
+def mma_kernel_source() -> str:
+    """fused_mma.cu: the tensor-core fused pass (needs warp.cuh and fused.cu before it)."""
+    return resources.files(__package__).joinpath("fused_mma.cu").read_text()
+
+
 def warp_source() -> str:
     """warp.cuh: the TF32 conversion, the mma fragments and wrappers (a module's first text)."""
     return resources.files(__package__).joinpath("warp.cuh").read_text()
 
 
-def module_source(loss) -> str:
-    """The loss's device function, then the kernels (cupyx/ndimage prepends #defines alike)."""
-    return f"// loss {loss.name!r}, from lorakern/losses.py\n{loss.cuda_source()}\n{kernel_source()}"
+def module_source(loss, kernel: str = "simt") -> str:
+    """The loss's device function, then the kernels (cupyx/ndimage prepends #defines alike);
+    for the "mma" kernel warp.cuh first and fused_mma.cu after fused.cu (whose helpers and tail
+    kernels it uses)."""
+    head = f"// loss {loss.name!r}, from lorakern/losses.py\n{loss.cuda_source()}\n"
+    if check_kernel(kernel) == "mma":
+        return f"{head}{warp_source()}\n{kernel_source()}\n{mma_kernel_source()}"
+    return f"{head}{kernel_source()}"
 
 
 def all_modules():
@@ -312,13 +364,16 @@ def all_modules():
 
     for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
         for loss in LOSSES.values():
-            code = module_source(loss)
-            for masked in (False, True):
-                for rk in RANK_BOUNDS:
-                    for bm, bn in TILES:
-                        names = tuple(kernel_names(dtype, rk, bm, bn, loss.labels, masked).values())
-                        yield (f"{dtype} {loss.name} masked={masked} rk={rk} tile={bm}x{bn}", code,
-                               names)
+            for kernel in KERNELS:
+                code = module_source(loss, kernel)
+                tag = "" if kernel == "simt" else f" kernel={kernel}"
+                for masked in (False, True):
+                    for rk in (MMA_RANK_BOUNDS if kernel == "mma" else RANK_BOUNDS):
+                        for bm, bn in TILES:
+                            names = tuple(kernel_names(dtype, rk, bm, bn, loss.labels, masked,
+                                                       kernel).values())
+                            yield (f"{dtype} {loss.name} masked={masked} rk={rk} tile={bm}x{bn}{tag}",
+                                   code, names)
         yield (f"{dtype} update", module_source(LOSSES["squared"]),
                (f"lorakern::update<{_ctype(dtype)}>",))
 
@@ -327,18 +382,19 @@ def all_modules():
 class Plan:
     """Kernels, geometry and workspace for fused passes on one problem at rank r."""
 
-    def __init__(self, rt, problem, r: int):
+    def __init__(self, rt, problem, r: int, kernel: str | None = None):
         (m, n), dtype = problem.shape, problem.dtype
         self.rt, self.m, self.n, self.r, self.dtype = rt, m, n, r, dtype
-        self.rk = rank_bound(r)
+        self.kernel = check_kernel(KERNEL if kernel is None else kernel)
+        self.rk = rank_bound(r, self.kernel)
         limit = rt.max_smem_per_block if SMEM_BUDGET is None else min(SMEM_BUDGET, rt.max_smem_per_block)
         self.labels, self.masked = problem.loss.labels, problem.mask is not None
-        self.bm, self.bn = choose_tile(dtype.itemsize, self.rk, self.labels, limit)
-        self.smem_grad = smem_bytes(dtype.itemsize, self.rk, self.bm, self.bn, True, self.labels)
-        self.smem_loss = smem_bytes(dtype.itemsize, self.rk, self.bm, self.bn, False, self.labels)
+        self.bm, self.bn = choose_tile(dtype.itemsize, self.rk, self.labels, limit, self.kernel)
+        self.smem_grad = kernel_smem(self.kernel, dtype.itemsize, self.rk, self.bm, self.bn, True, self.labels)
+        self.smem_loss = kernel_smem(self.kernel, dtype.itemsize, self.rk, self.bm, self.bn, False, self.labels)
         self.delta = float(problem.delta)
-        self.names = kernel_names(dtype, self.rk, self.bm, self.bn, self.labels, self.masked)
-        module = rt.module(module_source(problem.loss), tuple(self.names.values()))
+        self.names = kernel_names(dtype, self.rk, self.bm, self.bn, self.labels, self.masked, self.kernel)
+        module = rt.module(module_source(problem.loss, self.kernel), tuple(self.names.values()))
         smem = {"grad": self.smem_grad, "loss": self.smem_loss}
         self.kernels = {key: rt.kernel(module, name, smem.get(key, 0)) for key, name in self.names.items()}
 
@@ -361,7 +417,7 @@ class Plan:
         return max(1, per_sm) * self.rt.sm_count
 
     def describe(self) -> dict:
-        return {k: getattr(self, k) for k in ("rk", "bm", "bn", "rpb", "cpb", "nrs", "ncs", "grid")}
+        return {k: getattr(self, k) for k in ("kernel", "rk", "bm", "bn", "rpb", "cpb", "nrs", "ncs", "grid")}
 
     # ---- launches (no allocation: usable inside a CUDA graph capture)
     def fused(self, data, B, A, grad: bool = True):
@@ -405,7 +461,7 @@ def plan(problem, data, r: int) -> Plan:
 
     The plan's geometry reads the module-level tuning constants when it is made; tests
     that patch them small get a fresh key, so a plan never outlives its constants."""
-    key = (r, TILES, ROWS_PER_BLOCK, COLS_PER_BLOCK, SMEM_BUDGET)
+    key = (r, TILES, ROWS_PER_BLOCK, COLS_PER_BLOCK, SMEM_BUDGET, KERNEL)
     if key not in data.plans:
         data.plans[key] = Plan(data.rt, problem, r)
     return data.plans[key]
