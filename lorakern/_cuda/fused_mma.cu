@@ -236,7 +236,7 @@ __device__ __forceinline__ void mma_phase2(T (&accB)[C::KB][C::Op::C_REGS], cons
             Op::c_as_a(g[nb], j, a);
             ga[nb][j] = Op::split_a(a);
         }
-#pragma unroll 1
+#pragma unroll  // accB indexed by constants: registers, not a stack frame
     for (int kb = 0; kb < C::KB; ++kb) {
         T acc[Op::C_REGS];
 #pragma unroll
