@@ -1,8 +1,9 @@
 """The CUDA sources compile for sm_80 and sm_90, with their register and spill counts shown.
 
-No GPU needed: nvcc compiles to cubin only (-cubin), one translation unit per loss and
-architecture, made of the loss's device function, fused.cu (as launch.py assembles them) and
-the template instances the launcher asks NVRTC for. Each instance is pinned by taking its
+No GPU needed: nvcc compiles to cubin only (-cubin), one translation unit per loss,
+architecture and fused kernel (launch.KERNELS: "simt", fused.cu; "mma", warp.cuh + fused.cu +
+fused_mma.cu), made as launch.py assembles them, with the template instances the launcher asks
+NVRTC for. Each instance is pinned by taking its
 address in a __device__ variable, as NVRTC's name expressions do. Skipped only without nvcc.
 Run with -s to see the table of registers and spills (also attached as user properties).
 """
@@ -37,37 +38,42 @@ MAX_SPILL_BYTES = 64
 SMEM_LIMIT = {"sm_80": 166912, "sm_90": 232448}
 
 
-def default_tile(arch, dtype, rk, labels=False):
-    return launch.choose_tile(np.dtype(dtype).itemsize, rk, labels, SMEM_LIMIT[arch])
+#: the fused kernels (launch.KERNELS): fused.cu's "simt" and fused_mma.cu's "mma"
+KERNELS = launch.KERNELS
 
 
-def instances(loss, arch: str) -> list[str]:
+def default_tile(arch, dtype, rk, labels=False, kernel="simt"):
+    return launch.choose_tile(np.dtype(dtype).itemsize, rk, labels, SMEM_LIMIT[arch], kernel)
+
+
+def instances(loss, arch: str, kernel: str = "simt") -> list[str]:
     """The name expressions the launcher can request for this loss (see launch.kernel_names):
     every loss x dtype x mask x pass kind at rank bound 16; for the squared loss every rank
-    bound, and the 32 x 32 tile the tests patch in."""
+    bound of the kernel, and the 32 x 32 tile the tests patch in."""
     names: list[str] = []
-    configs = [(dtype, 16, *default_tile(arch, dtype, 16, loss.labels)) for dtype in DTYPES]
+    bounds = launch.MMA_RANK_BOUNDS if kernel == "mma" else launch.RANK_BOUNDS
+    configs = [(dtype, 16, *default_tile(arch, dtype, 16, loss.labels, kernel)) for dtype in DTYPES]
     if loss.name == "squared":
-        configs += [(dtype, rk, *default_tile(arch, dtype, rk)) for dtype in DTYPES
-                    for rk in launch.RANK_BOUNDS]
+        configs += [(dtype, rk, *default_tile(arch, dtype, rk, kernel=kernel)) for dtype in DTYPES
+                    for rk in bounds]
         configs += [(dtype, 16, 32, 32) for dtype in DTYPES]
     for dtype, rk, bm, bn in dict.fromkeys(configs):
         for masked in (False, True):
             if masked and rk != 16:
                 continue
-            names.extend(launch.kernel_names(dtype, rk, bm, bn, loss.labels, masked).values())
+            names.extend(launch.kernel_names(dtype, rk, bm, bn, loss.labels, masked, kernel).values())
     return list(dict.fromkeys(names))
 
 
-def translation_unit(loss, arch: str) -> str:
+def translation_unit(loss, arch: str, kernel: str = "simt") -> str:
     keep = "\n".join(f"__device__ void* lorakern_keep_{i} = (void*)&{name};"
-                     for i, name in enumerate(instances(loss, arch)))
-    return f"{launch.module_source(loss)}\n// instances the launcher requests\n{keep}\n"
+                     for i, name in enumerate(instances(loss, arch, kernel)))
+    return f"{launch.module_source(loss, kernel)}\n// instances the launcher requests\n{keep}\n"
 
 
-def compile_unit(loss, arch: str, workdir: Path):
-    src = workdir / f"{loss.name}_{arch}.cu"
-    src.write_text(translation_unit(loss, arch))
+def compile_unit(loss, arch: str, workdir: Path, kernel: str = "simt"):
+    src = workdir / f"{loss.name}_{arch}_{kernel}.cu"
+    src.write_text(translation_unit(loss, arch, kernel))
     cmd = [NVCC, "-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v", "-Xptxas", "-warn-spills",
            str(src), "-o", str(src.with_suffix(".cubin"))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -113,17 +119,18 @@ def short(demangled: str) -> str:
 def builds():
     """Compile every loss for every architecture once (in parallel)."""
     workdir = Path(tempfile.mkdtemp(prefix="lorakern-nvcc-"))
-    jobs = [(loss, arch) for loss in LOSSES.values() for arch in ARCHS]
+    jobs = [(loss, arch, kernel) for loss in LOSSES.values() for arch in ARCHS for kernel in KERNELS]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        results = list(pool.map(lambda job: compile_unit(*job, workdir), jobs))
-    yield {(loss.name, arch): result for (loss, arch), result in zip(jobs, results)}
+        results = list(pool.map(lambda job: compile_unit(job[0], job[1], workdir, job[2]), jobs))
+    yield {(loss.name, arch, kernel): result for (loss, arch, kernel), result in zip(jobs, results)}
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("loss", sorted(LOSSES))
-def test_nvcc_compiles(builds, loss, arch, record_property):
-    cmd, proc = builds[(loss, arch)]
+def test_nvcc_compiles(builds, loss, arch, kernel, record_property):
+    cmd, proc = builds[(loss, arch, kernel)]
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{log}"
     warnings = [line for line in log.splitlines()
@@ -132,12 +139,12 @@ def test_nvcc_compiles(builds, loss, arch, record_property):
 
     table = parse_ptxas(log)
     names = demangle(list(table))
-    expected = {short(n) for n in instances(LOSSES[loss], arch)}
+    expected = {short(n) for n in instances(LOSSES[loss], arch, kernel)}
     compiled = {short(names[k]) for k in table}
     missing = {e.replace(" ", "") for e in expected} - {c.replace(" ", "") for c in compiled}
     assert not missing, f"instances not compiled: {sorted(missing)}"
 
-    lines = [f"nvcc -arch={arch}, loss {loss!r}: registers and spills per thread"]
+    lines = [f"nvcc -arch={arch}, loss {loss!r}, kernel {kernel!r}: registers and spills per thread"]
     spilling = []
     for mangled, info in sorted(table.items(), key=lambda kv: short(names[kv[0]])):
         spills = info.get("spill_stores", 0) + info.get("spill_loads", 0)
@@ -187,6 +194,52 @@ def test_shared_memory_sizes_agree_with_the_launcher(tmp_path):
     assert not mismatched, f"(config, kernel, launcher): {mismatched}"
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+def test_mma_shared_memory_sizes_agree_with_the_launcher(tmp_path):
+    """launch.smem_bytes_mma mirrors FusedMma<...>::SMEM_BYTES (fused_mma.cu) likewise."""
+    from lorakern._cuda import emulation
+
+    cases = [(dtype, rk, bm, bn, grad, labels) for dtype in DTYPES for rk in launch.MMA_RANK_BOUNDS
+             for bm, bn in launch.TILES for grad in (True, False) for labels in (True, False)]
+    prints = []
+    for dtype, rk, bm, bn, grad, labels in cases:
+        t = "float" if dtype is np.float32 else "double"
+        prints.append(f'    std::printf("%lld\\n", lorakern::FusedMma<{t}, {rk}, {bm}, {bn}, '
+                      f'{str(labels).lower()}, {str(grad).lower()}>::SMEM_BYTES);')
+    source = ("#define LORAKERN_EMULATION_RUNTIME 1\n" + emulation.header()
+              + launch.module_source(LOSSES["squared"], "mma") + SMEM_PROBE % "\n".join(prints))
+    (tmp_path / "probe.cpp").write_text(source)
+    subprocess.run(["g++", "-std=c++17", "-pthread", "-w", str(tmp_path / "probe.cpp"), "-o",
+                    str(tmp_path / "probe")], check=True)
+    got = [int(v) for v in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True,
+                                          check=True).stdout.split()]
+    want = [launch.smem_bytes_mma(np.dtype(d).itemsize, rk, bm, bn, grad, labels)
+            for d, rk, bm, bn, grad, labels in cases]
+    mismatched = [(c, g, w) for c, g, w in zip(cases, got, want) if g != w]
+    assert not mismatched, f"(config, kernel, launcher): {mismatched}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mma_kernel_ptx_has_the_tensor_core_instructions(arch, tmp_path):
+    """fused_mma.cu's PTX takes the asm branches of warp.cuh (not the trap): mma.sync TF32 and
+    f64, cvt.rna.tf32.f32, and no trap in the fused passes."""
+    loss = LOSSES["squared"]
+    src = tmp_path / f"mma_{arch}.cu"
+    src.write_text(translation_unit(loss, arch, "mma"))
+    ptx = src.with_suffix(".ptx")
+    proc = subprocess.run([NVCC, "-ptx", f"-arch={arch}", "-std=c++17", str(src), "-o", str(ptx)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = ptx.read_text()
+    for instruction in ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+                        "mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64", "cvt.rna.tf32.f32"):
+        assert instruction in text, f"{instruction} not in the PTX of fused_mma.cu for {arch}"
+    # the only traps: the shared-memory check at the top of each fused pass
+    entries = text.count(".entry _ZN8lorakern14fused_pass_mma")
+    assert entries == len([n for n in instances(loss, arch, "mma") if "fused_pass_mma" in n])
+    assert text.count("trap;") <= entries, "a trap branch of warp.cuh was compiled in"
+
+
 # ---- NVRTC, as cupy.RawModule compiles at run time (only where libnvrtc can be found) ------------
 def _find_nvrtc():
     """libnvrtc: $LORAKERN_NVRTC, the pip package nvidia-cuda-nvrtc-cu12, or the loader's path."""
@@ -230,18 +283,18 @@ def test_nvrtc_compiles_every_module(arch):
 
     for loss in LOSSES.values():
         for dtype in DTYPES:
-            bm, bn = default_tile(arch, dtype, 16, loss.labels)
-            for masked in (False, True):
-                names = list(launch.kernel_names(dtype, 16, bm, bn, loss.labels, masked).values())
+            for masked, kernel in ((False, "simt"), (True, "simt"), (False, "mma"), (True, "mma")):
+                bm, bn = default_tile(arch, dtype, 16, loss.labels, kernel)
+                names = list(launch.kernel_names(dtype, 16, bm, bn, loss.labels, masked, kernel).values())
                 prog = ctypes.c_void_p()
-                check(NVRTC.nvrtcCreateProgram(ctypes.byref(prog), launch.module_source(loss).encode(),
+                check(NVRTC.nvrtcCreateProgram(ctypes.byref(prog), launch.module_source(loss, kernel).encode(),
                                                b"fused.cu", 0, None, None), "nvrtcCreateProgram")
                 try:
                     for name in names:
                         check(NVRTC.nvrtcAddNameExpression(prog, name.encode()), "nvrtcAddNameExpression")
                     opts = [o.encode() for o in launch.OPTIONS] + [f"-arch={arch}".encode()]
                     check(NVRTC.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)),
-                          f"compiling {loss.name} {np.dtype(dtype)} masked={masked}", prog)
+                          f"compiling {loss.name} {np.dtype(dtype)} masked={masked} {kernel}", prog)
                     for name in names:
                         lowered = ctypes.c_char_p()
                         check(NVRTC.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)), name)

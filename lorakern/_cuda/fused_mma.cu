@@ -131,11 +131,6 @@ struct MmaOp<double> {
     __host__ __device__ static constexpr int slot_col(int slot, int chunk) { return 2 * slot + chunk; }
 };
 
-__host__ __device__ constexpr long long cmax3(long long a, long long b, long long c)
-{
-    return a > b ? (a > c ? a : c) : (b > c ? b : c);
-}
-
 // ---- configuration: everything derived from (T, RK, BM, BN); launch.py mirrors SMEM_BYTES --------
 template <typename T, int RK, int BM, int BN, bool LABELS, bool GRAD>
 struct FusedMma {
@@ -159,9 +154,11 @@ struct FusedMma {
 
     // shared memory. Pitches: A rows BN + 8 (phase 1's B fragment, (k, n) = (t + 4i, g), hits 32
     // banks); B rows RK + 4 (phase 1's A fragment); data rows BN + 4 (16-byte copies); G rows
-    // BN + 8 (phase 3's A fragment, (col, row) = (g, t)). The work area W holds the G tile and
-    // phase 3's split sums, aliased (after a barrier) by the grad_B flush and the block's last
-    // reduction.
+    // BN + 8 (phase 3's A fragment, (col, row) = (g, t)). The work area W holds the G tile and,
+    // where phase 3 splits the rows (S3 > 1, small ranks), its split sums; the block's last
+    // reduction aliases it. Once phase 2 is done the tile's own A buffer is free until the copies
+    // of tile it + 2 (issued after the next tile's first barrier): phase 3's sums (S3 == 1,
+    // [RK][BN]) and the grad_B flush ([BM][RK]) use it, so that rank 128 fits an A100's 163 KB.
     static constexpr int LDA = BN + 8, LDB = RK + 4, LDX = BN + 4, LDG = BN + 8;
     static constexpr int B_BUF = sizeof(T) * RK <= 256 ? 2 : 1;
     static constexpr long long A_BYTES = round128(2LL * RK * LDA * sizeof(T));
@@ -169,11 +166,9 @@ struct FusedMma {
     static constexpr long long X_BYTES = round128(2LL * BM * LDX * sizeof(T));
     static constexpr long long Y_BYTES = LABELS ? X_BYTES : 0;
     static constexpr long long G_BYTES = round128((long long)BM * LDG * sizeof(T));
-    static constexpr long long S3_BYTES = (long long)S3 * RK * BN * sizeof(T);
-    static constexpr long long S2_BYTES = (long long)WC * BM * RK * sizeof(T);
+    static constexpr long long S3_BYTES = S3 > 1 ? (long long)S3 * RK * BN * sizeof(T) : 0;  // else in A
     static constexpr long long RED_BYTES = 2LL * NT * sizeof(double);
-    static constexpr long long W_BYTES =
-        round128(GRAD ? cmax3(G_BYTES + S3_BYTES, S2_BYTES, RED_BYTES) : RED_BYTES);
+    static constexpr long long W_BYTES = round128(GRAD && G_BYTES + S3_BYTES > RED_BYTES ? G_BYTES + S3_BYTES : RED_BYTES);
     static constexpr long long SMEM_BYTES = A_BYTES + B_BYTES + X_BYTES + Y_BYTES + W_BYTES;
 
     static_assert(RK % 8 == 0, "the mma kernel's rank bound is a multiple of 8 (launch.rank_bound)");
@@ -183,6 +178,7 @@ struct FusedMma {
     static_assert(NB3 >= NWARP ? NB3 % NWARP == 0 : NWARP % NB3 == 0, "phase 3: blocks and warps");
     static_assert(BM % S3 == 0 && RS3 % Op::K == 0, "phase 3: whole K steps of rows per split");
     static_assert(BN % 4 == 0 && RK % 4 == 0, "16-byte packs in the flushes");
+    static_assert(BM <= LDA && (S3 > 1 || BN <= LDA), "the flushes fit in a tile's A buffer");
 };
 
 // ---- phases ---------------------------------------------------------------------------------------
@@ -315,8 +311,6 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
     T* Y_s = reinterpret_cast<T*>(smem + C::A_BYTES + C::B_BYTES + C::X_BYTES);
     unsigned char* W = smem + C::A_BYTES + C::B_BYTES + C::X_BYTES + C::Y_BYTES;
     T* G_s = reinterpret_cast<T*>(W);
-    T* S3_s = reinterpret_cast<T*>(W + C::G_BYTES);  // phase 3's split sums [S3][RK][BN]
-    T* S2_s = reinterpret_cast<T*>(W);                // the grad_B flush [WC][BM][RK] (row ends)
     double* red = reinterpret_cast<double*>(W);
 
     const int tid = threadIdx.x, warp_id = tid / 32;
@@ -387,7 +381,8 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
             __syncthreads();
         }
         if (it + 1 < ntiles) issue(it + 1);  // into the buffers the previous tile used
-        const T* As = A_s + (it & 1) * RK * C::LDA;
+        T* const A_free = A_s + (it & 1) * RK * C::LDA;  // free once phase 2 is done (see FusedMma)
+        const T* As = A_free;
         const T* Bs = B_s + (q % C::B_BUF) * BM * C::LDB;
         const T* Xs = X_s + (it & 1) * BM * C::LDX;
         const T* Ys = Y_s + (it & 1) * BM * C::LDX;
@@ -424,7 +419,8 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
             mma_phase2<C>(accB, g, As, pcol, lane);
             __syncthreads();  // the G tile is complete
 
-            // ---- phase 3: grad_A^T blocks -> split sums in shared memory
+            // ---- phase 3: grad_A^T blocks -> split sums [S3][RK][BN] in shared memory
+            T* S3_s = C::S3 > 1 ? reinterpret_cast<T*>(W + C::G_BYTES) : A_free;
             mma_phase3<C>(S3_s, G_s, Bs, warp_id, lane);
             __syncthreads();
             // splits summed in split order, added to the block's own slice of gA_part
@@ -448,26 +444,28 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
                 st4(dst, sum);
             }
 
-            if (row_end) {  // this row tile is done: the WC warps of each row group, in wc order
-                __syncthreads();  // S2 aliases G and phase 3's split sums
+            if (row_end) {  // this row tile is done: the WC warps of each row group summed in wc
+                            // order into S2 [BM][RK] (the A buffer), then written to gB_part[cs]
+                T* S2_s = A_free;
+#pragma unroll 1
+                for (int w = 0; w < C::WC; ++w) {
+                    __syncthreads();  // w = 0: phase 3's sums read; else: warp column w - 1 added
+                    if (wc == w) {
 #pragma unroll
-                for (int kb = 0; kb < C::KB; ++kb)
+                        for (int kb = 0; kb < C::KB; ++kb)
 #pragma unroll
-                    for (int i = 0; i < Op::C_REGS; ++i) {
-                        const warp::RowCol rc = F::c(lane, i);  // (row, rank)
-                        S2_s[((long long)wc * BM + prow + rc.row) * RK + 8 * kb + rc.col] = accB[kb][i];
-                        accB[kb][i] = T(0);
+                            for (int i = 0; i < Op::C_REGS; ++i) {
+                                const warp::RowCol rc = F::c(lane, i);  // (row, rank)
+                                T& dst = S2_s[(prow + rc.row) * RK + 8 * kb + rc.col];
+                                dst = w == 0 ? accB[kb][i] : dst + accB[kb][i];
+                                accB[kb][i] = T(0);
+                            }
                     }
+                }
                 __syncthreads();
                 for (int e = tid; e < BM * RK / 4; e += NT) {
                     const int row = e / (RK / 4), k = (e % (RK / 4)) * 4;
-                    Pack4<T> sum = ld4(S2_s + row * RK + k);
-                    for (int w = 1; w < C::WC; ++w) {
-                        const Pack4<T> v = ld4(S2_s + ((long long)w * BM + row) * RK + k);
-#pragma unroll
-                        for (int j = 0; j < 4; ++j) sum.v[j] += v.v[j];
-                    }
-                    st4(gB_part + ((long long)cs * m_ld + row0 + row) * RK + k, sum);
+                    st4(gB_part + ((long long)cs * m_ld + row0 + row) * RK + k, ld4(S2_s + row * RK + k));
                 }
             }
         }

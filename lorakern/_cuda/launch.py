@@ -266,16 +266,15 @@ def smem_bytes_mma(itemsize: int, rk: int, bm: int, bn: int, grad: bool, labels:
     """Dynamic shared memory of fused_pass_mma; mirrors FusedMma<...>::SMEM_BYTES in
     fused_mma.cu (the kernel traps if it gets less than it computes)."""
     mm = 16 if itemsize == 4 else 8  # the mma's M
-    wc = (NT // 32) // (bm // mm)
     nb3 = (bn // mm) * (rk // 8)
     s3 = 1 if nb3 >= NT // 32 else (NT // 32) // nb3
     a_bytes = _round128(2 * rk * (bn + 8) * itemsize)
     b_bytes = _round128((2 if itemsize * rk <= 256 else 1) * bm * (rk + 4) * itemsize)
     x_bytes = _round128(2 * bm * (bn + 4) * itemsize)
     red = 2 * NT * 8
-    if grad:
+    if grad:  # the G tile, phase 3's split sums where S3 > 1 (else they go to the A buffer)
         g_bytes = _round128(bm * (bn + 8) * itemsize)
-        work = max(g_bytes + s3 * rk * bn * itemsize, wc * bm * rk * itemsize, red)
+        work = max(g_bytes + (s3 * rk * bn * itemsize if s3 > 1 else 0), red)
     else:
         work = red
     return a_bytes + b_bytes + x_bytes * (2 if labels else 1) + _round128(work)
