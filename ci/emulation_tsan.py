@@ -12,7 +12,9 @@ one of them writing. This script, run by .ci/run after the test suite:
   2. runs fused.cu through the launcher on a few small shapes (every code path: 16-byte and
      scalar copies, one and two B buffers, labels and a mask, several blocks and super-tiles,
      the loss-only pass, reduce, finalize, update and the on-device loop), each checked against
-     the NumPy reference, with TSan watching.
+     the NumPy reference, with TSan watching;
+  3. the same for the tensor-core pass (fused_mma.cu, launch.KERNEL = "mma"), after showing
+     that it too fails with one of its barriers removed.
 
 Each part runs in a child Python started with the TSan runtime preloaded
 (LD_PRELOAD=$(g++ -print-file-name=libtsan.so)) and, where ``setarch -R`` works, without
@@ -21,6 +23,7 @@ Exit status 0 when everything holds. A few minutes on 2 cores, most of it compil
 
     python ci/emulation_tsan.py            # all of it
     python ci/emulation_tsan.py races      # part 1 only
+    python ci/emulation_tsan.py mma        # part 3 only
 """
 from __future__ import annotations
 
@@ -87,7 +90,21 @@ def child_fused_without_barrier():
     child_fused(cases=1)
 
 
-def child_fused(cases=None):
+#: a barrier of fused_mma.cu the race check removes: without it the grad_B flush's writes into
+#: the tile's A buffer race with the reads of phase 3's split sums kept there
+MMA_BARRIER = "                    __syncthreads();  // w = 0: phase 3's sums read; else: warp column w - 1 added\n"
+
+
+def child_mma_without_barrier():
+    from lorakern._cuda import launch
+
+    source = launch.mma_kernel_source()
+    assert source.count(MMA_BARRIER) == 1, "fused_mma.cu changed: update MMA_BARRIER"
+    launch.mma_kernel_source = lambda: source.replace(MMA_BARRIER, "")
+    child_fused(cases=1, kernel="mma")
+
+
+def child_fused(cases=None, kernel=None):
     import numpy as np
 
     from lorakern.testing import assert_close, compare_pass, make_case
@@ -98,6 +115,8 @@ def child_fused(cases=None):
     from lorakern._cuda import matrix as kernels
     from lorakern._cuda.emulation import HostRuntime
 
+    if kernel is not None:
+        launch.KERNEL = kernel
     device = CudaDevice("cuda-emulated-tsan", runtime=HostRuntime(flags=FLAGS, timeout=TIMEOUT))
     #: (m, n, r), dtype, loss, masked, (tiles, rows per block, cols per block) or None (default)
     all_cases = [
@@ -123,7 +142,8 @@ def child_fused(cases=None):
             assert_close(device.to_host(fit.B), want.B, dtype, "B", 10)
         finally:
             launch.TILES, launch.ROWS_PER_BLOCK, launch.COLS_PER_BLOCK = saved
-        print(f"  {'x'.join(map(str, shape))} {np.dtype(dtype).name} {loss}{' masked' if masked else ''}: "
+        print(f"  {launch.KERNEL}: {'x'.join(map(str, shape))} {np.dtype(dtype).name} {loss}"
+              f"{' masked' if masked else ''}: "
               f"matches the reference, no race ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
@@ -183,13 +203,26 @@ def check_races(tsan: str) -> bool:
     return ok
 
 
-def check_fused(tsan: str) -> bool:
-    proc = run_child(["fused"], tsan)
+def check_fused(tsan: str, part: str = "fused") -> bool:
+    proc = run_child([part], tsan)
     print(proc.stdout, end="")
     if proc.returncode != 0:
-        print(f"FAIL: fused.cu under TSan (exit {proc.returncode}):\n{proc.stderr[-8000:]}")
+        print(f"FAIL: {part} under TSan (exit {proc.returncode}):\n{proc.stderr[-8000:]}")
         return False
     return True
+
+
+def check_mma(tsan: str) -> bool:
+    ok = True
+    proc = run_child(["mma-without-barrier"], tsan)
+    if proc.returncode != TSAN_EXIT or "ThreadSanitizer: data race" not in proc.stderr:
+        print(f"FAIL: fused_mma.cu without one of its barriers: the race was not caught (exit "
+              f"{proc.returncode}):\n{proc.stderr[-4000:]}")
+        ok = False
+    else:
+        where = [line.strip() for line in proc.stderr.splitlines() if "#0" in line][:2]
+        print(f"  fused_mma.cu without the barrier before the grad_B flush: caught by TSan ({'; '.join(where)})")
+    return check_fused(tsan, "fused-mma") and ok
 
 
 def main(argv):
@@ -198,10 +231,14 @@ def main(argv):
             child_fused()
         elif argv[1] == "fused-without-barrier":
             child_fused_without_barrier()
+        elif argv[1] == "fused-mma":
+            child_fused(kernel="mma")
+        elif argv[1] == "mma-without-barrier":
+            child_mma_without_barrier()
         else:
             child_race(argv[1])
         return 0
-    parts = argv or ["races", "fused"]
+    parts = argv or ["races", "fused", "mma"]
     tsan = tsan_library()
     start = time.perf_counter()
     ok = True
@@ -211,6 +248,9 @@ def main(argv):
     if "fused" in parts:
         print("fused.cu under ThreadSanitizer:", flush=True)
         ok &= check_fused(tsan)
+    if "mma" in parts:
+        print("fused_mma.cu (the tensor-core pass) under ThreadSanitizer:", flush=True)
+        ok &= check_mma(tsan)
     print(f"emulation_tsan: {'ok' if ok else 'FAILED'} ({time.perf_counter() - start:.0f} s)")
     return 0 if ok else 1
 

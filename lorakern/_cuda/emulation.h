@@ -264,6 +264,8 @@ void __tsan_switch_to_fiber(void* fiber, unsigned flags) __attribute__((weak));
 void __tsan_set_fiber_name(void* fiber, const char* name) __attribute__((weak));
 void __tsan_acquire(void* addr) __attribute__((weak));
 void __tsan_release(void* addr) __attribute__((weak));
+void __tsan_ignore_thread_begin() __attribute__((weak));
+void __tsan_ignore_thread_end() __attribute__((weak));
 }
 
 thread_local dim3 threadIdx, blockIdx;
@@ -563,7 +565,14 @@ static bool run_collectives(Launch& L, unsigned block, bool& ran)
                         in[k] = fibers[first + k]->in;
                         out[k] = fibers[first + k]->out;
                     }
-                if (const char* error = lead.combine(in, out, mask))
+                // the lanes' deposited registers (their own stacks) are read and written here by
+                // the scheduler: private copies, no memory the kernel shares. TSan is told to
+                // look away rather than to order the lanes (which would hide races between them:
+                // an mma orders no memory)
+                if (tsan() && __tsan_ignore_thread_begin) __tsan_ignore_thread_begin();
+                const char* error = lead.combine(in, out, mask);
+                if (tsan() && __tsan_ignore_thread_end) __tsan_ignore_thread_end();
+                if (error)
                     problem = lead.site.str() + " in warp " + std::to_string(first / 32) + " of block " +
                               std::to_string(block) + ": " + error;
             }
