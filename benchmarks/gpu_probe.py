@@ -1,7 +1,8 @@
 """The next GPU session's measurements, in the order the design needs them (ci/gpu.sh runs it).
 
     python benchmarks/gpu_probe.py calibrate --out DIR   # assumptions of the tensor-core design
-    python benchmarks/gpu_probe.py timing --out DIR      # today's fused step, per row of the goals
+    python benchmarks/gpu_probe.py timing --out DIR      # the fused step per row of the goals: today's
+                                                         # kernel ("simt") and v2 ("mma") beside it
     python benchmarks/gpu_probe.py table --out DIR       # the table, printed last
     python benchmarks/gpu_probe.py selftest              # the probes' logic on the host emulation
 
@@ -23,8 +24,10 @@ goes on), written to DIR/calibrate.json after every section:
   tiles; several blocks per SM) and in whole rows, against a CuPy device-to-device copy.
 
 timing (2-3 minutes) times lorakern's 200-step device loop (run_steps, CUDA graphs) at the
-rows of the issue's goals with CUDA events, and the floor of each row from calibrate's rates:
-max(bytes of R / best read bandwidth, 6 m n r / best accurate rate).
+rows of the issue's goals with CUDA events, for today's fused pass (launch.KERNEL = "simt") and
+the tensor-core pass beside it ("mma": fused_mma.cu, 3xTF32 / DMMA; never timed before), the
+last loss of each run (the two kernels must agree to fp32/fp64 rounding), and the floor of each
+row from calibrate's rates: max(bytes of R / best read bandwidth, 6 m n r / best accurate rate).
 """
 from __future__ import annotations
 
@@ -321,10 +324,12 @@ def probe_kernel_cache(out_dir: Path) -> dict:
 _ENGINES: dict = {}
 
 
-def time_row(m, r, dtype, device="cuda", steps=STEPS) -> dict:
+def time_row(m, r, dtype, device="cuda", steps=STEPS, kernel="simt") -> dict:
     """ms per step of run_steps (``steps`` steps, CUDA graphs), median of 3 after a first run
-    (compile, capture). ``device``: "cuda", or the emulated device (the self-test)."""
-    from lorakern._cuda import matrix
+    (compile, capture), with the fused kernel ``kernel`` (launch.KERNEL), and the run's last
+    loss. ``device``: "cuda", or the emulated device (the self-test)."""
+    from lorakern._cuda import launch, matrix
+    from lorakern.results import DEVICE_HISTORY_COLUMNS
     from lorakern._dispatch import bind
     from lorakern.testing import make_case, random_adapters
 
@@ -335,9 +340,16 @@ def time_row(m, r, dtype, device="cuda", steps=STEPS) -> dict:
     B, A = random_adapters(m, m, r, dtype, seed=1)
     emulated = device != "cuda"
 
+    last = {}
+
     def run():
-        result = matrix.run_steps(engine.problem, engine.data, B, A, steps)
+        saved, launch.KERNEL = launch.KERNEL, kernel
+        try:
+            result = matrix.run_steps(engine.problem, engine.data, B, A, steps)
+        finally:
+            launch.KERNEL = saved
         assert result.diverged_at is None, f"diverged at step {result.diverged_at}"
+        last["loss"] = float(result.history[-1, DEVICE_HISTORY_COLUMNS.index("loss")])
 
     run()  # compile, capture
     times = []
@@ -354,7 +366,18 @@ def time_row(m, r, dtype, device="cuda", steps=STEPS) -> dict:
         stop.record()
         stop.synchronize()
         times.append(cuda.get_elapsed_time(start, stop) / steps)
-    return {"ms_per_step": round(statistics.median(times), 4), "all": [round(t, 4) for t in times]}
+    return {"ms_per_step": round(statistics.median(times), 4), "all": [round(t, 4) for t in times],
+            "kernel": kernel, "loss_last": last["loss"]}
+
+
+def time_both(m, r, dtype, calib, device="cuda", steps=STEPS) -> dict:
+    """Today's kernel, the floor, and the mma kernel beside it (its failure recorded apart)."""
+    out = {**time_row(m, r, dtype, device, steps), "floor": floor_ms(m, r, dtype, calib)}
+    try:
+        out["mma"] = time_row(m, r, dtype, device, steps, kernel="mma")
+    except Exception:  # noqa: BLE001 - keep today's timing of the row
+        out["mma"] = {"error": traceback.format_exc()[-3000:]}
+    return out
 
 
 def floor_ms(m, r, dtype, calib) -> dict | None:
@@ -408,7 +431,7 @@ def timing(out_dir: Path):
     results = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "steps": STEPS, "rows": {}}
     for m, r, dtype in ROWS:
         key = f"{m} r{r} {dtype}"
-        section(results["rows"], key, lambda: {**time_row(m, r, dtype), "floor": floor_ms(m, r, dtype, calib)}, None)
+        section(results["rows"], key, lambda: time_both(m, r, dtype, calib), None)
         save(path, results)
     return results
 
@@ -433,17 +456,30 @@ def table(out_dir: Path) -> str:
         if isinstance(v, dict) and "best_tb_per_s" in v:
             lines.append(f"- read {label}: {v['best_tb_per_s']} TB/s {v.get('tb_per_s_by_blocks_per_sm', '')}")
     lines += ["", f"Per step of the {timing_.get('steps', STEPS)}-step device loop (run_steps, CUDA events, "
-                  "median of 3), today's kernel:", "",
-              "| m = n | r | dtype | ms / step | floor ms (memory / compute) | of floor |", "|---|---|---|---|---|---|"]
+                  "median of 3): today's kernel (simt) and the tensor-core kernel (mma, v2); "
+                  "'last loss' is the mma run's relative difference from the simt run's:", "",
+              "| m = n | r | dtype | simt ms | mma ms | floor ms (memory / compute) | simt of floor "
+              "| mma of floor | mma speed-up | last loss |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for key, v in timing_.get("rows", {}).items():
         m, r, dtype = key.split()
         if "ms_per_step" not in v:
-            lines.append(f"| {m} | {r[1:]} | {dtype} | error | | |")
+            lines.append(f"| {m} | {r[1:]} | {dtype} | error | | | | | | |")
             continue
         f = v.get("floor") or {}
         frac = f"{100 * f['floor_ms'] / v['ms_per_step']:.0f} %" if f else "?"
-        lines.append(f"| {m} | {r[1:]} | {dtype} | {v['ms_per_step']:.3f} | "
-                     f"{f.get('floor_ms', '?')} ({f.get('memory_ms', '?')} / {f.get('compute_ms', '?')}) | {frac} |")
+        mma = v.get("mma") or {}
+        if "ms_per_step" in mma:
+            mma_ms, mma_frac = f"{mma['ms_per_step']:.3f}", (f"{100 * f['floor_ms'] / mma['ms_per_step']:.0f} %"
+                                                             if f else "?")
+            speedup = f"{v['ms_per_step'] / mma['ms_per_step']:.2f}x"
+            a, b = v.get("loss_last"), mma.get("loss_last")
+            agree = f"{abs(b - a) / max(abs(a), 1e-300):.1e}" if a is not None and b is not None else "?"
+        else:
+            mma_ms, mma_frac, speedup, agree = ("error" if "error" in mma else "-"), "", "", ""
+        lines.append(f"| {m} | {r[1:]} | {dtype} | {v['ms_per_step']:.3f} | {mma_ms} | "
+                     f"{f.get('floor_ms', '?')} ({f.get('memory_ms', '?')} / {f.get('compute_ms', '?')}) | {frac} "
+                     f"| {mma_frac} | {speedup} | {agree} |")
     return "\n".join(lines)
 
 
