@@ -4,6 +4,8 @@
     python benchmarks/gpu_probe.py timing --out DIR      # the fused step per row of the goals: today's
                                                          # kernel ("simt") and v2 ("mma") beside it
     python benchmarks/gpu_probe.py table --out DIR       # the table, printed last
+    python benchmarks/gpu_probe.py sanitize              # small passes of both kernels, to run
+                                                         # under compute-sanitizer (GPU_SANITIZE=1)
     python benchmarks/gpu_probe.py selftest              # the probes' logic on the host emulation
 
 calibrate (about a minute) measures, each section on its own (an error is recorded, the rest
@@ -393,6 +395,33 @@ def floor_ms(m, r, dtype, calib) -> dict | None:
     return {"memory_ms": round(memory, 4), "compute_ms": round(compute, 4), "floor_ms": round(max(memory, compute), 4)}
 
 
+def sanitize(device="cuda"):
+    """A few small fused passes and steps of both kernels (every dtype, a mask, labels, odd
+    shapes, two rank bounds, several blocks), each checked against the reference: run under
+    compute-sanitizer --tool memcheck / racecheck (ci/gpu.sh with GPU_SANITIZE=1)."""
+    import lorakern
+    from lorakern._cuda import launch
+    from lorakern.testing import compare_pass, make_case
+
+    if device == "cuda":
+        import lorakern._cuda as cuda_backend
+        device = cuda_backend.DEVICE
+    cases = [((300, 260, 16), "float32", "squared", False), ((257, 263, 5), "float32", "huber", True),
+             ((130, 150, 33), "float64", "logistic", True), ((200, 190, 16), "float64", "squared", False)]
+    saved = launch.KERNEL
+    try:
+        for kernel in launch.KERNELS:
+            launch.KERNEL = kernel
+            for shape, dtype, loss, masked in cases:
+                problem, B, A = make_case(shape, np.dtype(dtype), loss=loss, masked=masked, seed=1, delta=0.5)
+                compare_pass(problem, B, A, device)
+                lorakern.fit(problem, B, A, steps=2, device=device)
+                print(f"sanitize: {kernel} {'x'.join(map(str, shape))} {dtype} {loss}"
+                      f"{' masked' if masked else ''}: ok", flush=True)
+    finally:
+        launch.KERNEL = saved
+
+
 # ---- the commands ----------------------------------------------------------------------------
 def save(path: Path, data: dict):
     path.write_text(json.dumps(data, indent=1, sort_keys=True))
@@ -485,7 +514,7 @@ def table(out_dir: Path) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("calibrate", "timing", "table", "selftest"))
+    parser.add_argument("command", choices=("calibrate", "timing", "table", "selftest", "sanitize"))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results/gpu-probe")))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -493,6 +522,8 @@ def main(argv=None):
         calibrate(args.out)
     elif args.command == "timing":
         timing(args.out)
+    elif args.command == "sanitize":
+        sanitize()
     elif args.command == "table":
         text = table(args.out)
         (args.out / "table.md").write_text(text + "\n")

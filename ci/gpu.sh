@@ -17,6 +17,8 @@
 #      (simt) and v2 (mma) beside it, with the floor from step 1's rates (GPU_FULL=1 adds
 #      benchmarks/bench_cuda.py's CuPy and PyTorch comparisons, several minutes more);
 #   4. the table.
+# GPU_SANITIZE=1 adds compute-sanitizer memcheck and racecheck over small passes of both kernels
+# (benchmarks/gpu_probe.py sanitize; several minutes: a run of its own).
 # Each step has its own time limit, so that one hang cannot eat the others' minutes; a step that
 # fails is reported and the next still runs. The limits add up to 7 minutes (420 s); the timing
 # saves each row as it goes, so a cut-off loses only the last rows. Fails at once if no GPU answers.
@@ -61,6 +63,12 @@ step mma-tests 80 python -m pytest tests/test_cuda_mma.py -k "gpu" -q -rs -p no:
 step torch 40 python -m pytest tests/test_dlpack.py tests/test_torch.py -k "cuda" -q -rs \
     -p no:cacheprovider --junitxml="$out/torch.xml"
 step timing 100 python benchmarks/gpu_probe.py timing --out "$out"
+if [ "${GPU_SANITIZE:-0}" = 1 ]; then  # compute-sanitizer over small passes of both kernels
+    for tool in memcheck racecheck; do
+        step "sanitize-$tool" 240 compute-sanitizer --tool "$tool" --error-exitcode 1 \
+            python benchmarks/gpu_probe.py sanitize
+    done
+fi
 if [ "${GPU_FULL:-0}" = 1 ]; then  # the CuPy and PyTorch comparisons too (several more minutes)
     step bench 600 python -m pytest benchmarks/bench_cuda.py -q -p no:cacheprovider \
         --benchmark-enable --benchmark-json="$out/bench.json" --benchmark-columns=median,iqr,rounds
