@@ -298,11 +298,17 @@ def test_fp32_accuracy_3xtf32(cuda_rounding, kind, loss):
     assert_accurate(accuracy(cuda_rounding, problem, B, A))
 
 
+@pytest.mark.filterwarnings("ignore:rank .* is above min")
 @pytest.mark.parametrize("kind", DATA)
-def test_fp32_accuracy_at_rank_64_with_a_mask(cuda_rounding, kind):
-    """The longest phase-1 chain the default tiles give (64 ranks: 8 K steps x 3 mma)."""
-    problem, B, A = accuracy_case(kind, "squared", shape=(70, 66, 64), seed=9)
-    problem = rebuild(problem, mask=np.random.default_rng(1).random(problem.shape) < 0.6)
+@pytest.mark.parametrize("case", ["r64-squared-masked", "r128-huber"])
+def test_fp32_accuracy_at_high_rank(cuda_rounding, kind, case):
+    """The longest chains: phase 1 over 64 ranks (8 K steps x 3 mma, default 64 x 64 tiles) with
+    a mask, and over 128 ranks (16 K steps; under RZ the closest to the bound: ~0.6 of it)."""
+    if case == "r64-squared-masked":
+        problem, B, A = accuracy_case(kind, "squared", shape=(70, 66, 64), seed=9)
+        problem = rebuild(problem, mask=np.random.default_rng(1).random(problem.shape) < 0.6)
+    else:
+        problem, B, A = accuracy_case(kind, "huber", shape=(70, 130, 128), seed=4)
     assert_accurate(accuracy(cuda_rounding, problem, B, A))
 
 
