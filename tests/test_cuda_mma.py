@@ -177,8 +177,12 @@ def test_every_loss_and_mask(cuda, monkeypatch, dtype, loss, masked):
     problem, B, A = make_case((37, 101, 5), dtype, loss=loss, masked=masked, seed=3, delta=0.8)
     got = run_pass(cuda, problem, B, A)
     check_against_reference(got, problem, B, A)
-    # the loss-only pass: the same phase 1 and pointwise, the same bits as the fused pass's loss
-    assert run_pass(cuda, problem, B, A, grad=False) == got.loss
+    # the loss-only pass: the same phase 1, pointwise and sums as the fused pass (bit for bit in
+    # the emulation; on a GPU the compiler may contract the two instances differently)
+    loss_only = run_pass(cuda, problem, B, A, grad=False)
+    if cuda.emulated:
+        assert loss_only == got.loss
+    assert_close(loss_only, got.loss, dtype, "loss-only pass", "same_kernel")
 
 
 @pytest.mark.filterwarnings("ignore:rank .* is above min")
