@@ -189,7 +189,7 @@ def test_every_loss_and_mask(cuda, monkeypatch, dtype, loss, masked):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_ranks_up_to_128(cuda, monkeypatch, dtype):
     """Every rank bound of the mma kernel (8 .. 128), ranks that are not multiples of 8."""
-    small_blocks(monkeypatch, rows=1, cols=2)
+    small_blocks(monkeypatch, rows=2, cols=2)  # two row tiles per block: grad_A read-add-write
     ranks = [1, 9, 33, 100, 128] if cuda.emulated else [1, 3, 9, 17, 31, 33, 64, 100, 128]
     for r in ranks:
         problem, B, A = make_case((35, 40, r), dtype, seed=r)

@@ -151,6 +151,9 @@ struct FusedMma {
     static constexpr int PW3 = NB3 >= NWARP ? NB3 / NWARP : 1;
     static constexpr int RS3 = BM / S3;
     static constexpr int OP3 = (RK * BN / 4 + NT - 1) / NT;  // packs of 4 per thread, grad_A flush
+    // the block's previous grad_A partial is fetched at the start of the tile (its L2 round trip
+    // hidden behind phases 1-3) where it takes few registers, as fused.cu does
+    static constexpr bool PREFETCH_GA = OP3 <= 2;
 
     // shared memory. Pitches: A rows BN + 8 (phase 1's B fragment, (k, n) = (t + 4i, g), hits 32
     // banks); B rows RK + 4 (phase 1's A fragment); data rows BN + 4 (16-byte copies); G rows
@@ -383,6 +386,15 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
         if (it + 1 < ntiles) issue(it + 1);  // into the buffers the previous tile used
         T* const A_free = A_s + (it & 1) * RK * C::LDA;  // free once phase 2 is done (see FusedMma)
         const T* As = A_free;
+        Pack4<T> gA_prev[C::PREFETCH_GA ? C::OP3 : 1];
+        if (GRAD && C::PREFETCH_GA && rt != rt0) {
+#pragma unroll
+            for (int p = 0; p < C::OP3; ++p) {
+                const int e = tid + p * NT;
+                if (e < RK * BN / 4)
+                    gA_prev[p] = ld4(gA_part + ((long long)rs * RK + e / (BN / 4)) * n_ld + col0 + (e % (BN / 4)) * 4);
+            }
+        }
         const T* Bs = B_s + (q % C::B_BUF) * BM * C::LDB;
         const T* Xs = X_s + (it & 1) * BM * C::LDX;
         const T* Ys = Y_s + (it & 1) * BM * C::LDX;
@@ -437,7 +449,7 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
                 }
                 T* dst = gA_part + ((long long)rs * RK + k) * n_ld + col0 + c;
                 if (rt != rt0) {  // earlier row tiles of this super-tile
-                    const Pack4<T> prev = ld4(dst);
+                    const Pack4<T> prev = C::PREFETCH_GA ? gA_prev[C::PREFETCH_GA ? p : 0] : ld4(dst);
 #pragma unroll
                     for (int j = 0; j < 4; ++j) sum.v[j] = prev.v[j] + sum.v[j];
                 }
