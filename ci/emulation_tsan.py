@@ -124,6 +124,7 @@ def child_fused(cases=None, kernel=None):
         ((40, 64, 8), np.float32, "huber", True, (((32, 32),), 2, 2)),      # 16-byte copies, mask
         ((33, 70, 16), np.float64, "logistic", True, None),                # labels, default tiles
         ((40, 36, 33), np.float64, "squared", False, (((32, 32),), 1, 2)),  # RK 64: one B buffer
+        ((100, 40, 5), np.float32, "squared", True, (((32, 32),), 3, 1)),   # rows one tile long
     ]
     for shape, dtype, loss, masked, tiles in all_cases[:cases]:
         start = time.perf_counter()

@@ -44,8 +44,9 @@ def test_every_module_is_the_same_bytes_in_every_process(tmp_path):
     first = digests_in_a_new_process(tmp_path / "a", "0")
     second = digests_in_a_new_process(tmp_path / "b" / "deeper", "4242")
     here = {label: launch.module_digest(code, names) for label, code, names in launch.all_modules()}
-    # per dtype: loss x mask x rank bound x tile, for each fused kernel (simt, mma), and update
-    ranks = len(launch.RANK_BOUNDS) + len(launch.MMA_RANK_BOUNDS)
+    # per dtype: loss x mask x rank bound x tile, for each fused kernel (simt; mma at each copy
+    # stage count), and update
+    ranks = len(launch.RANK_BOUNDS) + len(launch.MMA_RANK_BOUNDS) * len(launch.MMA_STAGES)
     expected = 2 * (len(lorakern.LOSSES) * 2 * ranks * len(launch.TILES) + 1)
     assert len(here) == expected and len(first) == expected
     assert first == second == here

@@ -196,6 +196,20 @@ def test_ranks_up_to_128(cuda, monkeypatch, dtype):
         check_against_reference(run_pass(cuda, problem, B, A), problem, B, A)
 
 
+@pytest.mark.parametrize("stages", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_copy_stages(cuda, monkeypatch, dtype, stages):
+    """Every pipeline depth, where rows of tiles are one tile long (a new B every tile: B's
+    ring of STAGES buffers) and where B has one buffer (rank 100: reloaded at each row)."""
+    small_blocks(monkeypatch, rows=3, cols=1)
+    monkeypatch.setattr(launch, "MMA_STAGES", (stages, 2))  # 2 where `stages` does not fit
+    for shape in [(100, 40, 5), (70, 45, 100)]:
+        problem, B, A = make_case(shape, dtype, seed=stages, masked=True)
+        check_against_reference(run_pass(cuda, problem, B, A), problem, B, A)
+        data = problem.data(cuda.device, cuda_kernels)
+        assert launch.plan(problem, data, shape[2]).describe()["stages"] in (stages, 2)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_default_tiles(cuda, dtype):
     """The launcher's own tile choice (64 x 64 where it fits) and super-tiles."""

@@ -358,6 +358,19 @@ def test_mma_tf32_on_integers_equals_numpy(runtimes, kernels, policy):
     np.testing.assert_array_equal(D.get(), A @ B)
 
 
+def test_converted_nan_and_inf_operands_propagate(runtimes, kernels):
+    """cvt.rna.tf32 of a NaN is 0x7fffffff (13 low bits set): a converted operand all the same,
+    so the mma takes it (NaN out, no error), as 3xTF32's small half of an inf (inf - inf) is."""
+    A, B, C = integer_case(np.random.default_rng(6), 16, 8, 8, np.float32)
+    A[3, 2], B[1, 5] = np.nan, np.inf
+    D = dev.zeros((16, 8), np.float32)
+    run(runtimes, kernels, "rn", "mma_tf32", tuple(map(dev.asarray, (A, B, C))) + (D, np.int32(1), np.int32(0)))
+    with np.errstate(invalid="ignore"):
+        want = A.astype(np.float64) @ B.astype(np.float64) + C
+    np.testing.assert_array_equal(np.isnan(D.get()), np.isnan(want))
+    np.testing.assert_array_equal(D.get()[~np.isnan(want)], want[~np.isnan(want)].astype(np.float32))
+
+
 def test_a_wrong_tf32_layout_fails(runtimes, kernels):
     A, B, C = integer_case(np.random.default_rng(2), 16, 8, 8, np.float32)
     D = dev.zeros((16, 8), np.float32)

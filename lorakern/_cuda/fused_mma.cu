@@ -19,8 +19,11 @@
 // what it contributes to with one rounded FADD in a fixed order.
 //
 // One block of NT = 256 threads (8 warps) per BM x BN tile at a time, rpb x cpb tiles per block
-// (a super-tile, row tiles outer), copies as in fused.cu (cp.async, double buffers, the mask to
-// registers one tile ahead). Per tile:
+// (a super-tile, row tiles outer). Copies by cp.async as in fused.cu, but STAGES deep (a
+// template parameter, launch.MMA_STAGES: 3 where shared memory allows, else 2 = fused.cu's
+// double buffer): the copies of tiles it + 1 .. it + STAGES - 1 are in flight while tile it is
+// worked on, one commit group per tile, cp.async.wait_group STAGES - 2; the mask to registers
+// one tile ahead. Per tile:
 //   phase 1   P = B[rows, :] A[:, cols] by mma (M = rows, N = cols, K = ranks). Warp (wr, wc)
 //             owns the panel of M rows x CW columns at (wr M, wc CW): NB1 blocks of M x 8.
 //             t = R + P (one FADD), or t = W0 + P for label losses.
@@ -41,9 +44,10 @@
 // configuration (per thread in loop order, warps in split order, blocks in slice order). The
 // same inputs give the same bits every run (tests/test_cuda_mma.py).
 //
-// Not (yet) here from shared/design/cuda-floor.md: persistent 132-block scheduling, 128 x 64
-// tiles with a 3-stage copy pipeline, conflict-free operand pitches everywhere, the ∇_A slice
-// kept in shared memory, the one-kernel tail. This is the simple, correct layout to time first.
+// Not (yet) here from shared/design/cuda-floor.md: a persistent tile scheduler (the super-tiles
+// are one wave of blocks, as fused.cu's), 128 x 64 tiles, conflict-free operand pitches
+// everywhere, the grad_A slice kept in shared memory, the one-kernel tail. This is the simple,
+// correct layout to time first.
 
 namespace lorakern {
 
@@ -51,6 +55,17 @@ namespace lorakern {
 #define LORAKERN_TF32_PASSES 3  // 3: 3xTF32; 1: plain TF32 (only to show that the tests can fail)
 #endif
 static_assert(LORAKERN_TF32_PASSES == 1 || LORAKERN_TF32_PASSES == 3, "LORAKERN_TF32_PASSES is 1 or 3");
+
+// cp.async.wait_group N: every committed copy group but the newest N has landed (for this thread)
+template <int N>
+__device__ __forceinline__ void copy_async_wait_group()
+{
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#elif defined(LORAKERN_HOST_EMULATION)
+    lk_emu::copy_async_wait_group(N);
+#endif
+}
 
 // ---- one mma step per element type: d += a b, operands given as T values in fragment order -----
 template <typename T>
@@ -132,7 +147,7 @@ struct MmaOp<double> {
 };
 
 // ---- configuration: everything derived from (T, RK, BM, BN); launch.py mirrors SMEM_BYTES --------
-template <typename T, int RK, int BM, int BN, bool LABELS, bool GRAD>
+template <typename T, int RK, int BM, int BN, int STAGES, bool LABELS, bool GRAD>
 struct FusedMma {
     typedef MmaOp<T> Op;
     static constexpr int RANK = RK, TILE_M = BM, TILE_N = BN;
@@ -160,13 +175,16 @@ struct FusedMma {
     // BN + 8 (phase 3's A fragment, (col, row) = (g, t)). The work area W holds the G tile and,
     // where phase 3 splits the rows (S3 > 1, small ranks), its split sums; the block's last
     // reduction aliases it. Once phase 2 is done the tile's own A buffer is free until the copies
-    // of tile it + 2 (issued after the next tile's first barrier): phase 3's sums (S3 == 1,
+    // of tile it + STAGES (issued after the next tile's first barrier): phase 3's sums (S3 == 1,
     // [RK][BN]) and the grad_B flush ([BM][RK]) use it, so that rank 128 fits an A100's 163 KB.
+    // STAGES buffers of A, R (W0, Y): the copies of STAGES - 1 tiles in flight while one is
+    // worked on. B: one buffer per stage where it is small (a row tile's B is issued up to
+    // STAGES - 1 tiles ahead, and rows may be one tile long), else one, reloaded at each row.
     static constexpr int LDA = BN + 8, LDB = RK + 4, LDX = BN + 4, LDG = BN + 8;
-    static constexpr int B_BUF = sizeof(T) * RK <= 256 ? 2 : 1;
-    static constexpr long long A_BYTES = round128(2LL * RK * LDA * sizeof(T));
+    static constexpr int B_BUF = sizeof(T) * RK <= 256 ? STAGES : 1;
+    static constexpr long long A_BYTES = round128((long long)STAGES * RK * LDA * sizeof(T));
     static constexpr long long B_BYTES = round128((long long)B_BUF * BM * LDB * sizeof(T));
-    static constexpr long long X_BYTES = round128(2LL * BM * LDX * sizeof(T));
+    static constexpr long long X_BYTES = round128((long long)STAGES * BM * LDX * sizeof(T));
     static constexpr long long Y_BYTES = LABELS ? X_BYTES : 0;
     static constexpr long long G_BYTES = round128((long long)BM * LDG * sizeof(T));
     static constexpr long long S3_BYTES = S3 > 1 ? (long long)S3 * RK * BN * sizeof(T) : 0;  // else in A
@@ -174,6 +192,7 @@ struct FusedMma {
     static constexpr long long W_BYTES = round128(GRAD && G_BYTES + S3_BYTES > RED_BYTES ? G_BYTES + S3_BYTES : RED_BYTES);
     static constexpr long long SMEM_BYTES = A_BYTES + B_BYTES + X_BYTES + Y_BYTES + W_BYTES;
 
+    static_assert(STAGES >= 2 && STAGES <= 4, "2 to 4 copy stages");
     static_assert(RK % 8 == 0, "the mma kernel's rank bound is a multiple of 8 (launch.rank_bound)");
     static_assert(BM % Op::M == 0 && WR <= NWARP && NWARP % WR == 0, "BM: M-row groups that divide the 8 warps");
     static_assert(BN % (8 * WC) == 0 && NB1 >= 1, "BN: whole blocks of 8 columns per warp");
@@ -296,14 +315,14 @@ __device__ __forceinline__ void mma_phase3(T* S3s, const T* Gs, const T* Bs, int
 
 // ---- the fused pass on tensor cores ---------------------------------------------------------------
 // Arguments as fused_pass's (fused.cu); rpb x cpb tiles per block. GRAD == false: the loss only.
-template <typename T, int RK, int BM, int BN, bool LABELS, bool MASKED, bool GRAD>
+template <typename T, int RK, int BM, int BN, int STAGES, bool LABELS, bool MASKED, bool GRAD>
 __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
     const T* __restrict__ X, const T* __restrict__ Y, const unsigned char* __restrict__ M,
     const T* __restrict__ B, const T* __restrict__ A, int m, int n, int r, double delta, int rpb, int cpb,
     T* __restrict__ gB_part, T* __restrict__ gA_part, long long m_ld, long long n_ld,
     double* __restrict__ scal_part)
 {
-    typedef FusedMma<T, RK, BM, BN, LABELS, GRAD> C;
+    typedef FusedMma<T, RK, BM, BN, STAGES, LABELS, GRAD> C;
     typedef typename C::Op Op;
     typedef typename Op::F F;
     unsigned char* smem = lk_dynamic_smem();
@@ -339,19 +358,25 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
 #pragma unroll
         for (int i = 0; i < Op::C_REGS; ++i) accB[kb][i] = T(0);
 
-    // tile `it`'s copies into buffer (it & 1), B at a new row tile; the mask bytes of this lane's
-    // C fragments to registers, one tile ahead
+    // tile j's copies into stage buffer j % STAGES (B at a new row tile), one commit group per
+    // tile (empty past the last tile, so that wait_group counts alike everywhere); the mask bytes
+    // of this lane's C fragments go to registers, one tile ahead
     unsigned char mk_next[C::NB1][Op::C_REGS];
     auto issue_b = [&](int q) {
         tile_async<T, BM, RK>(B_s + (q % C::B_BUF) * BM * C::LDB, C::LDB, B, r, (rt0 + q) * BM, 0, m, r, vec_b);
     };
-    auto issue = [&](int it) {
-        const int q = it / nct, row0 = (rt0 + q) * BM, col0 = (ct0 + it % nct) * BN, buf = it & 1;
-        if (it % nct == 0 && (C::B_BUF == 2 || it == 0)) issue_b(q);
-        tile_async<T, RK, BN>(A_s + buf * RK * C::LDA, C::LDA, A, n, 0, col0, r, n, vec_a);
-        tile_async<T, BM, BN>(X_s + buf * BM * C::LDX, C::LDX, X, n, row0, col0, m, n, vec_x);
-        if (LABELS) tile_async<T, BM, BN>(Y_s + buf * BM * C::LDX, C::LDX, Y, n, row0, col0, m, n, vec_x);
+    auto issue = [&](int j) {
+        if (j < ntiles) {
+            const int q = j / nct, row0 = (rt0 + q) * BM, col0 = (ct0 + j % nct) * BN, buf = j % STAGES;
+            if (j % nct == 0 && (C::B_BUF > 1 || j == 0)) issue_b(q);
+            tile_async<T, RK, BN>(A_s + buf * RK * C::LDA, C::LDA, A, n, 0, col0, r, n, vec_a);
+            tile_async<T, BM, BN>(X_s + buf * BM * C::LDX, C::LDX, X, n, row0, col0, m, n, vec_x);
+            if (LABELS) tile_async<T, BM, BN>(Y_s + buf * BM * C::LDX, C::LDX, Y, n, row0, col0, m, n, vec_x);
+        }
         copy_async_commit();
+    };
+    auto load_mask = [&](int j) {
+        const int row0 = (rt0 + j / nct) * BM, col0 = (ct0 + j % nct) * BN;
         if (MASKED) {
 #pragma unroll
             for (int nb = 0; nb < C::NB1; ++nb)
@@ -363,7 +388,9 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
                 }
         }
     };
-    issue(0);
+#pragma unroll
+    for (int j = 0; j < STAGES - 1; ++j) issue(j);
+    load_mask(0);
 
     for (int it = 0; it < ntiles; ++it) {
         const int q = it / nct, rt = rt0 + q, ct = ct0 + it % nct;
@@ -375,16 +402,16 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
 #pragma unroll
             for (int i = 0; i < Op::C_REGS; ++i) mk[nb][i] = MASKED ? mk_next[nb][i] : (unsigned char)1;
 
-        copy_async_wait_all();
+        copy_async_wait_group<STAGES - 2>();  // this tile's group has landed (newer ones may not)
         __syncthreads();  // this tile's copies visible; every thread is done with the previous tile
         if (C::B_BUF == 1 && it % nct == 0 && it > 0) {  // the one B buffer is free only now
             issue_b(q);
-            copy_async_commit();
-            copy_async_wait_all();
+            copy_async_wait_all();  // (the tiles in flight land too: once per row tile)
             __syncthreads();
         }
-        if (it + 1 < ntiles) issue(it + 1);  // into the buffers the previous tile used
-        T* const A_free = A_s + (it & 1) * RK * C::LDA;  // free once phase 2 is done (see FusedMma)
+        issue(it + STAGES - 1);  // into the buffers the previous tile used
+        if (it + 1 < ntiles) load_mask(it + 1);
+        T* const A_free = A_s + (it % STAGES) * RK * C::LDA;  // free once phase 2 is done (FusedMma)
         const T* As = A_free;
         Pack4<T> gA_prev[C::PREFETCH_GA ? C::OP3 : 1];
         if (GRAD && C::PREFETCH_GA && rt != rt0) {
@@ -396,8 +423,8 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
             }
         }
         const T* Bs = B_s + (q % C::B_BUF) * BM * C::LDB;
-        const T* Xs = X_s + (it & 1) * BM * C::LDX;
-        const T* Ys = Y_s + (it & 1) * BM * C::LDX;
+        const T* Xs = X_s + (it % STAGES) * BM * C::LDX;
+        const T* Ys = Y_s + (it % STAGES) * BM * C::LDX;
 
         // ---- phase 1 and the pointwise: g = dL/dt at t = X + B A, in the C fragments
         T g[C::NB1][Op::C_REGS];

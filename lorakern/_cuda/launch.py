@@ -58,6 +58,10 @@ KERNELS = ("simt", "mma")
 KERNEL = os.environ.get("LORAKERN_CUDA_KERNEL", "simt")
 #: rank bounds of the mma kernel: its products take ranks 8 at a time
 MMA_RANK_BOUNDS = (8, 16, 32, 64, 128)
+#: copy stages of the mma kernel (tiles whose cp.async copies are in flight + 1), in order of
+#: preference for each tile of TILES: 3 keeps two tiles' copies in flight per SM (the design's
+#: Little's-law argument, cuda-floor.md), 2 is fused.cu's double buffer. Not yet timed on a GPU.
+MMA_STAGES = (3, 2)
 
 # ---- compiled once per machine: CuPy's disk cache -----------------------------------------
 # NVRTC takes 1.5-2 s per module (one per dtype, loss, mask, rank bound and tile), so a module
@@ -262,15 +266,16 @@ def smem_bytes(itemsize: int, rk: int, bm: int, bn: int, grad: bool, labels: boo
     return a_bytes + b_bytes + x_bytes * (2 if labels else 1) + _round128(work)
 
 
-def smem_bytes_mma(itemsize: int, rk: int, bm: int, bn: int, grad: bool, labels: bool = False) -> int:
+def smem_bytes_mma(itemsize: int, rk: int, bm: int, bn: int, grad: bool, labels: bool = False,
+                   stages: int = 2) -> int:
     """Dynamic shared memory of fused_pass_mma; mirrors FusedMma<...>::SMEM_BYTES in
     fused_mma.cu (the kernel traps if it gets less than it computes)."""
     mm = 16 if itemsize == 4 else 8  # the mma's M
     nb3 = (bn // mm) * (rk // 8)
     s3 = 1 if nb3 >= NT // 32 else (NT // 32) // nb3
-    a_bytes = _round128(2 * rk * (bn + 8) * itemsize)
-    b_bytes = _round128((2 if itemsize * rk <= 256 else 1) * bm * (rk + 4) * itemsize)
-    x_bytes = _round128(2 * bm * (bn + 4) * itemsize)
+    a_bytes = _round128(stages * rk * (bn + 8) * itemsize)
+    b_bytes = _round128((stages if itemsize * rk <= 256 else 1) * bm * (rk + 4) * itemsize)
+    x_bytes = _round128(stages * bm * (bn + 4) * itemsize)
     red = 2 * NT * 8
     if grad:  # the G tile, phase 3's split sums where S3 > 1 (else they go to the A buffer)
         g_bytes = _round128(bm * (bn + 8) * itemsize)
@@ -281,14 +286,27 @@ def smem_bytes_mma(itemsize: int, rk: int, bm: int, bn: int, grad: bool, labels:
 
 
 def kernel_smem(kernel: str, itemsize: int, rk: int, bm: int, bn: int, grad: bool,
-                labels: bool = False) -> int:
-    f = smem_bytes_mma if check_kernel(kernel) == "mma" else smem_bytes
-    return f(itemsize, rk, bm, bn, grad, labels)
+                labels: bool = False, stages: int = 2) -> int:
+    if check_kernel(kernel) == "mma":
+        return smem_bytes_mma(itemsize, rk, bm, bn, grad, labels, stages)
+    return smem_bytes(itemsize, rk, bm, bn, grad, labels)
+
+
+def choose_config(itemsize: int, rk: int, labels: bool, limit: int,
+                  kernel: str = "simt") -> tuple[int, int, int]:
+    """(BM, BN, stages): the first tile of TILES, and for the mma kernel the first of
+    MMA_STAGES, whose shared memory fits ``limit`` (fused.cu's kernel: always 2 stages)."""
+    for bm, bn in TILES:
+        for stages in (MMA_STAGES if check_kernel(kernel) == "mma" else (2,)):
+            if kernel_smem(kernel, itemsize, rk, bm, bn, True, labels, stages) <= limit:
+                return bm, bn, stages
+    raise ValueError(f"no tile in {TILES} fits {limit} bytes of shared memory at rank bound {rk}")
 
 
 def choose_tile(itemsize: int, rk: int, labels: bool, limit: int, kernel: str = "simt") -> tuple[int, int]:
     for bm, bn in TILES:
-        if kernel_smem(kernel, itemsize, rk, bm, bn, True, labels) <= limit:
+        if any(kernel_smem(kernel, itemsize, rk, bm, bn, True, labels, st) <= limit
+               for st in (MMA_STAGES if kernel == "mma" else (2,))):
             return bm, bn
     raise ValueError(f"no tile in {TILES} fits {limit} bytes of shared memory at rank bound {rk}")
 
@@ -312,11 +330,14 @@ def _flag(b: bool) -> str:
 
 
 def kernel_names(dtype, rk: int, bm: int, bn: int, labels: bool, masked: bool,
-                 kernel: str = "simt") -> dict:
-    """The name expressions of one module: both fused passes and the small kernels."""
+                 kernel: str = "simt", stages: int = MMA_STAGES[0]) -> dict:
+    """The name expressions of one module: both fused passes and the small kernels
+    (``stages``: the mma kernel's copy stages)."""
     t = _ctype(dtype)
-    name = "fused_pass_mma" if check_kernel(kernel) == "mma" else "fused_pass"
-    fused = f"lorakern::{name}<{t}, {rk}, {bm}, {bn}, {_flag(labels)}, {_flag(masked)}, "
+    if check_kernel(kernel) == "mma":
+        fused = f"lorakern::fused_pass_mma<{t}, {rk}, {bm}, {bn}, {stages}, {_flag(labels)}, {_flag(masked)}, "
+    else:
+        fused = f"lorakern::fused_pass<{t}, {rk}, {bm}, {bn}, {_flag(labels)}, {_flag(masked)}, "
     return {
         "grad": fused + "true>",
         "loss": fused + "false>",
@@ -369,10 +390,12 @@ def all_modules():
                 for masked in (False, True):
                     for rk in (MMA_RANK_BOUNDS if kernel == "mma" else RANK_BOUNDS):
                         for bm, bn in TILES:
-                            names = tuple(kernel_names(dtype, rk, bm, bn, loss.labels, masked,
-                                                       kernel).values())
-                            yield (f"{dtype} {loss.name} masked={masked} rk={rk} tile={bm}x{bn}{tag}",
-                                   code, names)
+                            for stages in (MMA_STAGES if kernel == "mma" else (None,)):
+                                names = tuple(kernel_names(dtype, rk, bm, bn, loss.labels, masked,
+                                                           kernel, stages).values())
+                                st = "" if stages is None else f" stages={stages}"
+                                yield (f"{dtype} {loss.name} masked={masked} rk={rk} tile={bm}x{bn}{tag}{st}",
+                                       code, names)
         yield (f"{dtype} update", module_source(LOSSES["squared"]),
                (f"lorakern::update<{_ctype(dtype)}>",))
 
@@ -388,11 +411,13 @@ class Plan:
         self.rk = rank_bound(r, self.kernel)
         limit = rt.max_smem_per_block if SMEM_BUDGET is None else min(SMEM_BUDGET, rt.max_smem_per_block)
         self.labels, self.masked = problem.loss.labels, problem.mask is not None
-        self.bm, self.bn = choose_tile(dtype.itemsize, self.rk, self.labels, limit, self.kernel)
-        self.smem_grad = kernel_smem(self.kernel, dtype.itemsize, self.rk, self.bm, self.bn, True, self.labels)
-        self.smem_loss = kernel_smem(self.kernel, dtype.itemsize, self.rk, self.bm, self.bn, False, self.labels)
+        self.bm, self.bn, self.stages = choose_config(dtype.itemsize, self.rk, self.labels, limit, self.kernel)
+        shape = (dtype.itemsize, self.rk, self.bm, self.bn)
+        self.smem_grad = kernel_smem(self.kernel, *shape, True, self.labels, self.stages)
+        self.smem_loss = kernel_smem(self.kernel, *shape, False, self.labels, self.stages)
         self.delta = float(problem.delta)
-        self.names = kernel_names(dtype, self.rk, self.bm, self.bn, self.labels, self.masked, self.kernel)
+        self.names = kernel_names(dtype, self.rk, self.bm, self.bn, self.labels, self.masked, self.kernel,
+                                  self.stages)
         module = rt.module(module_source(problem.loss, self.kernel), tuple(self.names.values()))
         smem = {"grad": self.smem_grad, "loss": self.smem_loss}
         self.kernels = {key: rt.kernel(module, name, smem.get(key, 0)) for key, name in self.names.items()}
@@ -416,7 +441,8 @@ class Plan:
         return max(1, per_sm) * self.rt.sm_count
 
     def describe(self) -> dict:
-        return {k: getattr(self, k) for k in ("kernel", "rk", "bm", "bn", "rpb", "cpb", "nrs", "ncs", "grid")}
+        return {k: getattr(self, k) for k in ("kernel", "rk", "bm", "bn", "stages", "rpb", "cpb", "nrs", "ncs",
+                                              "grid")}
 
     # ---- launches (no allocation: usable inside a CUDA graph capture)
     def fused(self, data, B, A, grad: bool = True):
@@ -460,7 +486,7 @@ def plan(problem, data, r: int) -> Plan:
 
     The plan's geometry reads the module-level tuning constants when it is made; tests
     that patch them small get a fresh key, so a plan never outlives its constants."""
-    key = (r, TILES, ROWS_PER_BLOCK, COLS_PER_BLOCK, SMEM_BUDGET, KERNEL)
+    key = (r, TILES, ROWS_PER_BLOCK, COLS_PER_BLOCK, SMEM_BUDGET, KERNEL, MMA_STAGES)
     if key not in data.plans:
         data.plans[key] = Plan(data.rt, problem, r)
     return data.plans[key]

@@ -117,7 +117,8 @@ inline const char* mma_m16n8k8_tf32_model(void* const* in, void* const* out, uns
         const MmaM16N8K8Tf32Regs& r = *static_cast<const MmaM16N8K8Tf32Regs*>(in[lane]);
         for (int i = 0; i < F::A_REGS + F::B_REGS; ++i) {
             const u32 v = i < F::A_REGS ? r.a[i] : r.b[i - F::A_REGS];
-            if (v & 0x1fffu) {
+            const bool nan = (v & 0x7f800000u) == 0x7f800000u && (v & 0x007fffffu);  // cvt's NaN: 0x7fffffff
+            if ((v & 0x1fffu) && !nan) {
                 std::snprintf(message, sizeof message,
                               "lane %u's %c%d = 0x%08x is not a .tf32 value (13 low bits not zero: no cvt.rna.tf32)",
                               lane, i < F::A_REGS ? 'a' : 'b', i < F::A_REGS ? i : i - F::A_REGS, v);
