@@ -326,10 +326,11 @@ def probe_kernel_cache(out_dir: Path) -> dict:
 _ENGINES: dict = {}
 
 
-def time_row(m, r, dtype, device="cuda", steps=STEPS, kernel="simt") -> dict:
+def time_row(m, r, dtype, device="cuda", steps=STEPS, kernel="simt", stages=None) -> dict:
     """ms per step of run_steps (``steps`` steps, CUDA graphs), median of 3 after a first run
-    (compile, capture), with the fused kernel ``kernel`` (launch.KERNEL), and the run's last
-    loss. ``device``: "cuda", or the emulated device (the self-test)."""
+    (compile, capture), with the fused kernel ``kernel`` (launch.KERNEL; ``stages``: the mma
+    kernel's launch.MMA_STAGES, default the launcher's), and the run's last loss. ``device``:
+    "cuda", or the emulated device (the self-test)."""
     from lorakern._cuda import launch, matrix
     from lorakern.results import DEVICE_HISTORY_COLUMNS
     from lorakern._dispatch import bind
@@ -345,11 +346,14 @@ def time_row(m, r, dtype, device="cuda", steps=STEPS, kernel="simt") -> dict:
     last = {}
 
     def run():
-        saved, launch.KERNEL = launch.KERNEL, kernel
+        saved = launch.KERNEL, launch.MMA_STAGES
+        launch.KERNEL = kernel
+        launch.MMA_STAGES = launch.MMA_STAGES if stages is None else stages
         try:
             result = matrix.run_steps(engine.problem, engine.data, B, A, steps)
+            last["stages"] = launch.plan(engine.problem, engine.data, r).stages
         finally:
-            launch.KERNEL = saved
+            launch.KERNEL, launch.MMA_STAGES = saved
         assert result.diverged_at is None, f"diverged at step {result.diverged_at}"
         last["loss"] = float(result.history[-1, DEVICE_HISTORY_COLUMNS.index("loss")])
 
@@ -369,7 +373,12 @@ def time_row(m, r, dtype, device="cuda", steps=STEPS, kernel="simt") -> dict:
         stop.synchronize()
         times.append(cuda.get_elapsed_time(start, stop) / steps)
     return {"ms_per_step": round(statistics.median(times), 4), "all": [round(t, 4) for t in times],
-            "kernel": kernel, "loss_last": last["loss"]}
+            "kernel": kernel, "loss_last": last["loss"],
+            **({"stages": last["stages"]} if kernel == "mma" else {})}
+
+#: rows where the mma kernel is also timed with 2 copy stages (fused.cu's double buffer): the
+#: pipeline depth's knock-out
+KNOCKOUT_ROWS = [(8192, 16, "float32"), (8192, 16, "float64")]
 
 
 def time_both(m, r, dtype, calib, device="cuda", steps=STEPS) -> dict:
@@ -377,8 +386,10 @@ def time_both(m, r, dtype, calib, device="cuda", steps=STEPS) -> dict:
     out = {**time_row(m, r, dtype, device, steps), "floor": floor_ms(m, r, dtype, calib)}
     try:
         out["mma"] = time_row(m, r, dtype, device, steps, kernel="mma")
+        if (m, r, dtype) in KNOCKOUT_ROWS and out["mma"].get("stages") != 2:
+            out["mma_2_stages"] = time_row(m, r, dtype, device, steps, kernel="mma", stages=(2,))
     except Exception:  # noqa: BLE001 - keep today's timing of the row
-        out["mma"] = {"error": traceback.format_exc()[-3000:]}
+        out["mma"] = {**out.get("mma", {}), "error": traceback.format_exc()[-3000:]}
     return out
 
 
@@ -509,6 +520,13 @@ def table(out_dir: Path) -> str:
         lines.append(f"| {m} | {r[1:]} | {dtype} | {v['ms_per_step']:.3f} | {mma_ms} | "
                      f"{f.get('floor_ms', '?')} ({f.get('memory_ms', '?')} / {f.get('compute_ms', '?')}) | {frac} "
                      f"| {mma_frac} | {speedup} | {agree} |")
+    knockouts = [(key, v["mma"], v["mma_2_stages"]) for key, v in timing_.get("rows", {}).items()
+                 if "ms_per_step" in v.get("mma_2_stages", {}) and "ms_per_step" in v.get("mma", {})]
+    if knockouts:
+        lines += ["", "Copy stages of the mma kernel (launch.MMA_STAGES):", ""]
+        for key, deep, two in knockouts:
+            lines.append(f"- {key}: {deep.get('stages', '?')} stages {deep['ms_per_step']:.3f} ms, "
+                         f"2 stages {two['ms_per_step']:.3f} ms")
     return "\n".join(lines)
 
 

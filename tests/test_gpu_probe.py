@@ -60,13 +60,15 @@ def test_selftest_and_table(probe, tmp_path):
     (tmp_path / "timing.json").write_text(json.dumps(
         {"steps": 200, "rows": {
             "8192 r16 float32": {"ms_per_step": 0.46, "loss_last": 2.0, "floor": floor,
-                                 "mma": {"ms_per_step": 0.13, "loss_last": 2.0 + 2e-6}},
+                                 "mma": {"ms_per_step": 0.13, "loss_last": 2.0 + 2e-6, "stages": 3},
+                                 "mma_2_stages": {"ms_per_step": 0.15}},
             "8192 r64 float32": {"ms_per_step": 2.0, "floor": floor, "mma": {"error": "Traceback"}},
             "8192 r4 float32": {"ms_per_step": 0.3, "floor": floor}}}))
     text = probe.table(tmp_path)
     assert "| 8192 | 16 | float32 | 0.460 | 0.130 | 0.065 (0.065 / 0.059) | 14 % | 50 % | 3.54x | 1.0e-06 |" in text
     assert "| 8192 | 64 | float32 | 2.000 | error |" in text
     assert "| 8192 | 4 | float32 | 0.300 | - |" in text
+    assert "- 8192 r16 float32: 3 stages 0.130 ms, 2 stages 0.150 ms" in text
     assert "cvt.rna.tf32 over 16384 inputs: bit-exact" in text
     calib = {"bandwidth": {"a": {"best_tb_per_s": 4.0}, "copy": {"best_tb_per_s": 9.0}},
              "rates": {"tf32": {"best_tflops": 300.0}, "f64": {"best_tflops": 60.0}}}
@@ -82,4 +84,6 @@ def test_timing_path_on_the_emulated_device(probe):
     both = probe.time_both(37, 3, "float32", {}, device=emulation.device(), steps=2)
     assert both["kernel"] == "simt" and both["mma"]["kernel"] == "mma", both
     assert both["mma"]["loss_last"] == pytest.approx(both["loss_last"], rel=1e-5)
+    two = probe.time_row(37, 3, "float32", device=emulation.device(), steps=2, kernel="mma", stages=(2,))
+    assert two["stages"] == 2 and both["mma"]["stages"] == 3, (two, both)
     probe._ENGINES.clear()
