@@ -53,10 +53,16 @@ CASES = {"matrix": matrix_case, "linear": linear_case}
 
 @pytest.fixture(autouse=True)
 def default_sigint():
-    """Every test starts and must end with Python's own SIGINT handler in place."""
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    yield
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "a handler was left"
+    """Every test starts and must end with Python's own SIGINT handler in place. (A process
+    started in the background by a non-interactive shell, as a CI runner may start pytest,
+    inherits SIGINT ignored; Python then leaves it ignored, and so does fit: the tests set
+    Python's handler, as an interactive start has it, and put the inherited one back.)"""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "a handler was left"
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def sigint_during_pass(monkeypatch, call: int, times: int = 1, seen: list | None = None):
@@ -320,6 +326,8 @@ CHILD = textwrap.dedent("""
     import lorakern
     from lorakern import _dispatch
     from lorakern.testing import make_case
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # not the SIG_IGN a background parent passes on
 
     problem, B, A = make_case((160, 120, 8), np.float64, loss="squared", seed=7)
     B0, A0 = B.copy(), A.copy()
