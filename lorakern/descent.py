@@ -253,7 +253,7 @@ def _fit(engine, policy, B, A, steps, tol, progress, check_every, stop, state, c
         bar.close(steps_taken, final_loss)
     return FitResult(B=B, A=A, final_loss=final_loss, steps=steps_taken, history=history,
                      status=status, seconds=time.perf_counter() - t0, step_size=policy,
-                     state=state, problem=problem)
+                     state=state, W0=getattr(problem, "W0", None))
 
 
 def _call_back(callback, t, B, A, p, eta, t0) -> bool:
@@ -289,7 +289,7 @@ def _fit_on_device(engine, policy, B, A, steps, loop_args, stop, state) -> FitRe
         _warn_diverged(steps_taken, stacklevel=5)
     return FitResult(B=B, A=A, final_loss=final_loss, steps=steps_taken, history=history,
                      status=status, seconds=time.perf_counter() - t0, step_size=policy,
-                     state=state, problem=problem)
+                     state=state, W0=getattr(problem, "W0", None))
 
 
 def _warn_diverged(steps_taken: int, stacklevel: int):
