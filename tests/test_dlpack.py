@@ -200,6 +200,30 @@ def test_torch_cross_entropy_labels_and_errors():
                                torch.from_numpy(W0), loss="cross_entropy")
 
 
+def test_torch_dtype_errors_say_the_torch_conversion():
+    """A tensor of the wrong dtype is told how to convert it in torch (``.to``: a tensor has
+    no ``astype``), and nothing of the caller's is changed; a list is told the problem's
+    dtype."""
+    torch = pytest.importorskip("torch")
+    X, Y, W0, B, A = _linear(np.float64, seed=8)
+    problem = lorakern.LinearProblem(X, Y, W0)
+    tB, tA = torch.from_numpy(B).float(), torch.from_numpy(A)
+    before = tB.clone()
+    with pytest.raises(TypeError, match=r"B has dtype float32 .*B\.to\(torch\.float64\)"):
+        lorakern.fit(problem, tB, tA, steps=2, device="cpu")
+    assert torch.equal(tB, before)
+    with pytest.raises(TypeError, match=r"A\.to\(torch\.float64\)"):
+        lorakern.merge(torch.from_numpy(W0), torch.from_numpy(B), tA.float())
+    with pytest.raises(TypeError, match=r"Y\.to\(torch\.float64\)"):
+        lorakern.LinearProblem(torch.from_numpy(X), torch.from_numpy(Y).float(), W0)
+    with pytest.raises(TypeError, match=r"Y\.to\(torch\.float64\)"):
+        lorakern.Problem(torch.from_numpy(W0), torch.from_numpy(W0).float())
+    with pytest.raises(TypeError, match=r"np\.asarray\(B, dtype=np\.float64\)"):
+        lorakern.step(problem, B.tolist(), A, device="cpu")
+    with pytest.raises(TypeError, match=r"B\.astype\(np\.float64\)"):  # NumPy: astype
+        lorakern.step(problem, B.astype(np.float32), A, device="cpu")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_torch_cuda_in_cuda_out(dtype):
     torch = pytest.importorskip("torch")
