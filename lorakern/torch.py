@@ -83,7 +83,7 @@ except ImportError as exc:  # pragma: no cover - the message is the point
     raise ImportError('lorakern.torch needs PyTorch: pip install "lorakern[torch]" (from a '
                       'clone: pip install ".[torch]"), which brings torch and peft') from exc
 
-from ._validate import as_array, positive_float
+from ._validate import as_array, positive_float, positive_int
 from .step_size import THEOREM_CONSTANT, Armijo
 
 __all__ = ["LoRALinear", "LoRAStepOptimizer", "StepInfo", "lora_layers"]
@@ -110,15 +110,28 @@ class LoRALinear(nn.Module):
     lora_A : (r, n) Parameter, Gaussian with standard deviation 1/sqrt(n) (as
         ``lorakern.init_adapters``); lora_B : (m, r) Parameter, zeros: BA = 0 at the start.
     scaling : s.
+
+    Raises
+    ------
+    TypeError, ValueError : sizes that are not positive integers, a non-positive alpha, or
+        a weight whose shape is not (out_features, in_features), named.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, alpha=None,
                  bias: bool = True, weight=None, dtype=None, device=None):
+        in_features = positive_int("in_features", in_features)
+        out_features = positive_int("out_features", out_features)
+        rank = positive_int("rank", rank)
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device=device)
         if weight is not None:
+            weight = torch.as_tensor(weight)
+            if tuple(weight.shape) != (out_features, in_features):
+                raise ValueError(f"weight must be (out_features, in_features) = "
+                                 f"({out_features}, {in_features}), got shape "
+                                 f"{tuple(weight.shape)}")
             with torch.no_grad():
-                base.weight.copy_(torch.as_tensor(weight))
+                base.weight.copy_(weight)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
         self.bias = (nn.Parameter(base.bias.detach().clone(), requires_grad=False)
@@ -288,6 +301,9 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         self.norm = norm
         self.armijo = Armijo(cap=cap, c=c, max_trials=max_trials)  # validates them
         found = lora_layers(model, adapter)
+        if not found and adapter is not None and lora_layers(model):
+            raise ValueError(f"no LoRA layer of {type(model).__name__} has an active adapter "
+                             f"named {adapter!r}")
         if not found:
             raise ValueError(f"no LoRA layer found in {type(model).__name__}: wrap its linear "
                              f"layers with peft.get_peft_model(model, LoraConfig(...)) or "
