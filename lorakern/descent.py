@@ -20,7 +20,7 @@ from ._validate import RETURNERS, library, positive_int, returner
 from .adapters import check_adapters
 from .results import (HISTORY_FIELDS, FitProgress, FitResult, History, StepResult,
                       history_from_columns)
-from .step_size import as_policy
+from .step_size import as_policy, check_state
 
 #: let kernels with ``run_steps`` (CUDA) run a whole fit on the device, history included,
 #: when nothing needs the host between steps (no tol, no progress bar, a policy with a
@@ -99,7 +99,9 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
         the numbers (tol, progress, divergence); default: every step on the CPU, every 50 on
         a GPU when ``tol`` or ``progress`` asks for it, else only at the end.
     state : the step-size policy's state to start from: a previous result's ``state``, to
-        resume a fit exactly (below). Copied: the dict passed is not changed.
+        resume a fit exactly (below). Copied: the dict passed is not changed. A key the
+        policy does not keep (Armijo and Certified keep "eta", the others nothing) or a
+        value that is not a positive step size raises ValueError/TypeError.
     callback : called as ``callback(info)`` at t = k, 2k, ... < T (k = ``callback_every``),
         between steps, with a ``FitProgress``: ``t`` (steps done), ``B``, ``A`` (the
         iterate V_t, arrays of the device, or of B's kind when B is a torch tensor or a JAX
@@ -150,16 +152,14 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
     callback_every = positive_int("callback_every", callback_every)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-    if state is not None and not isinstance(state, dict):
-        raise TypeError(f"state must be None or a dict (a FitResult's state), got "
-                        f"{type(state).__name__}")
     back = returner(B)
     if callback is not None and library(B) in RETURNERS:  # the callback sees B's kind too
         callback = _converting(callback, back)
     engine, policy, B, A = _start(problem, B, A, device, step_size)
+    state = check_state(state, policy)  # a copy: the caller's dict is never changed
     with DeferredInterrupt() as stop, engine.scope():  # "cuda:i": GPU i current meanwhile
         result = _fit(engine, policy, B, A, steps, tol, progress, check_every, stop,
-                      dict(state or {}), callback, callback_every)
+                      state, callback, callback_every)
     result.B, result.A = back(result.B), back(result.A)  # torch in, torch out
     if result.status == "interrupted":
         warnings.warn(f"fit was interrupted (Ctrl-C) after {result.steps} of {steps} steps and "

@@ -45,7 +45,9 @@ class StepSize(Protocol):
 
     # Optional: ``eta_floor``, the constant of eq. (8) whose eta_t the policy's eta is never
     # below (theory.check then checks eta >= eta_t at every step); ``constant``, the same
-    # for a policy whose eta never exceeds that eta_t (the paper's ||V_t||^2 growth bound).
+    # for a policy whose eta never exceeds that eta_t (the paper's ||V_t||^2 growth bound);
+    # ``state_keys``, the keys choose() keeps in ``state`` (fit(state=) is checked against
+    # them; each a step size: a positive float, or None).
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Theorem:
 
     decrease = LEMMA2_DECREASE
     host_loop = False
+    state_keys = ()  # eta depends on V_t alone
 
     @property
     def eta_floor(self) -> float:
@@ -100,6 +103,7 @@ class Constant:
 
     decrease = None
     host_loop = False
+    state_keys = ()  # eta depends on V_t alone
     norm = "exact"
 
     def __post_init__(self):
@@ -142,6 +146,7 @@ class Armijo:
     host_loop = True
     norm = "exact"
     eta_floor = THEOREM_CONSTANT
+    state_keys = ("eta",)  # the last accepted eta: the next search starts at twice it
 
     def __post_init__(self):
         object.__setattr__(self, "cap", positive_float("Armijo cap", self.cap))
@@ -245,6 +250,7 @@ class Certified:
 
     decrease = LEMMA2_DECREASE
     eta_floor = THEOREM_CONSTANT
+    state_keys = ("eta",)  # the last accepted eta: the next search starts at twice it
     host_loop = True
     norm = "exact"
 
@@ -333,6 +339,30 @@ def exact_step(loss, grad_sq, a2, a3, a4, lo, hi, c=LEMMA2_DECREASE) -> float:
 
 
 THEOREM = Theorem()
+
+
+def check_state(state, policy) -> dict:
+    """fit's ``state=`` as a new dict: TypeError unless a dict, ValueError for a key the
+    policy does not keep (``state_keys``; not checked for a policy without it) or a value
+    that is not a positive finite step size. The caller's dict is not changed."""
+    if state is None:
+        return {}
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be None or a dict (a FitResult's state), got "
+                        f"{type(state).__name__}")
+    keys = getattr(policy, "state_keys", None)
+    unknown = [k for k in state if keys is not None and k not in keys]
+    if unknown:
+        kept = ", ".join(repr(k) for k in keys) or "nothing"
+        raise ValueError(f"state has {', '.join(repr(k) for k in unknown)} but "
+                         f"{type(policy).__name__} keeps {kept}: pass the state of a fit with "
+                         f"the same step size, fit(..., step_size=result.step_size, "
+                         f"state=result.state)")
+    out = dict(state)
+    for key in keys or ():
+        if out.get(key) is not None:
+            out[key] = positive_float(f"state[{key!r}]", out[key])
+    return out
 
 
 def as_policy(step_size) -> StepSize:

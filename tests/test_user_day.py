@@ -129,6 +129,32 @@ def test_state_must_be_a_dict():
         lorakern.fit(problem, B, A, steps=2, device="reference", state=0.5)
 
 
+@pytest.mark.parametrize("step_size, state, error, words", [
+    ("armijo", {"eta": -1.0}, ValueError, r"state\['eta'\] must be positive and finite"),
+    ("armijo", {"eta": float("nan")}, ValueError, r"state\['eta'\] must be positive"),
+    ("armijo", {"eta": "0.5"}, TypeError, r"state\['eta'\] must be a real number"),
+    ("armijo", {"eta": 0.5, "step": 3}, ValueError, "state has 'step' but Armijo keeps 'eta'"),
+    ("certified", {"etta": 0.5}, ValueError, "state has 'etta' but Certified keeps 'eta'"),
+    ("theorem", {"eta": 0.5}, ValueError, "state has 'eta' but Theorem keeps nothing: "
+                                          r"pass the state of a fit with the same step size"),
+])
+def test_bad_state_is_named_and_left_alone(step_size, state, error, words):
+    """A state that its policy does not keep, or a step size in it that is not one, is an
+    error naming the key; the caller's dict and arrays are not changed."""
+    problem, B, A = make_case((6, 5, 2), np.float64)
+    before, B0, A0 = dict(state), B.copy(), A.copy()
+    with pytest.raises(error, match=words):
+        lorakern.fit(problem, B, A, steps=2, device="reference", step_size=step_size,
+                     state=state)
+    assert state.keys() == before.keys() and all(
+        state[k] is before[k] for k in state)
+    assert_bitwise(B, B0, "B")
+    assert_bitwise(A, A0, "A")
+    kept = {"eta": None}  # None: no search yet (as a fresh fit)
+    lorakern.fit(problem, B, A, steps=2, device="reference", step_size="armijo", state=kept)
+    assert kept == {"eta": None}
+
+
 # -- the callback ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, **DT_IDS)
