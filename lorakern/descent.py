@@ -250,7 +250,7 @@ def _fit(engine, policy, B, A, steps, tol, progress, check_every, stop, state, c
             status, history = "diverged", history.truncated(steps_taken)
             _warn_diverged(steps_taken, stacklevel=4)
     if bar:
-        bar.close(steps_taken, final_loss)
+        bar.close(steps_taken, final_loss, status)
     return FitResult(B=B, A=A, final_loss=final_loss, steps=steps_taken, history=history,
                      status=status, seconds=time.perf_counter() - t0, step_size=policy,
                      state=state, W0=getattr(problem, "W0", None))

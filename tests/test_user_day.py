@@ -240,6 +240,17 @@ def test_progress_off_a_terminal_prints_lines_with_an_eta(capsys):
     assert lines[-1].startswith("fit done  20/20 steps")
 
 
+def test_progress_last_line_says_why_the_fit_ended(capsys):
+    """A fit that a callback stopped (or Ctrl-C interrupted, or tol converged) does not end
+    its log with "done"."""
+    problem, B, A = make_case(SHAPE, np.float64, seed=17)
+    capsys.readouterr()
+    result = lorakern.fit(problem, B, A, steps=20, device="cpu", progress=True,
+                          callback=lambda info: info.t == 5)
+    assert result.status == "stopped"
+    assert capsys.readouterr().err.splitlines()[-1].startswith("fit stopped  5/20 steps")
+
+
 def test_progress_lines_at_least_every_interval(monkeypatch):
     """A slow fit writes a line every LOG_INTERVAL seconds even between tenths."""
     from lorakern import _progress
