@@ -245,7 +245,9 @@ def history_table(result) -> str:
     """About TABLE_ROWS rows at log-spaced t (first and last included), then J(V_T)."""
     h, T = result.history, len(result.history)
     trials = counts_trials(result)
-    head = f"{'t':>6}  {'J(V_t)':>12}  {'eta_t':>10}  {'||grad J||^2':>12}  {'||V_t||^2':>10}"
+    # eta_t is eq. (8)'s step: only the theorem's policy (with its ``constant``) takes it
+    eta = "eta_t" if getattr(result.step_size, "constant", None) is not None else "eta"
+    head = f"{'t':>6}  {'J(V_t)':>12}  {eta:>10}  {'||grad J||^2':>12}  {'||V_t||^2':>10}"
     lines = [head + (f"  {'trials':>6}" if trials else ""), "-" * (len(head) + (8 if trials else 0))]
     rows = np.unique(np.round(np.geomspace(1, T, min(TABLE_ROWS, T))).astype(int)) - 1 if T else []
     for t in rows:
