@@ -138,11 +138,12 @@ def cuda_from_dlpack(name: str, x, ordinal: int):
     try:
         import cupy
     except ImportError as exc:
+        from ._cuda import _INSTALL
         from ._dispatch import DeviceUnavailableError
 
         raise DeviceUnavailableError(
             f"{name} is a GPU array ({type(x).__name__}); reading it needs CuPy: "
-            f'pip install "lorakern[cuda]"') from exc
+            f"{_INSTALL}") from exc
     with cupy.cuda.Device(ordinal):
         stream = dlpack_stream(cupy.cuda.get_current_stream().ptr)
         return cupy.from_dlpack(StreamHandover(x, stream))

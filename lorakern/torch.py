@@ -1,7 +1,8 @@
 """The paper's step for the LoRA layers of a PyTorch model: ``LoRAStepOptimizer``.
 
 Imported only by users who ask for it (``import lorakern.torch``); ``import lorakern`` never
-imports torch. Needs ``pip install "lorakern[torch]"`` (torch; peft for PEFT models).
+imports torch. Needs ``pip install ".[torch]"`` in a clone of lorakern (torch; peft for PEFT
+models).
 
     model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=[...]))
     opt = lorakern.torch.LoRAStepOptimizer(model)      # finds the LoRA layers, hooks them
@@ -80,8 +81,8 @@ try:
     import torch
     from torch import nn
 except ImportError as exc:  # pragma: no cover - the message is the point
-    raise ImportError('lorakern.torch needs PyTorch: pip install "lorakern[torch]" (from a '
-                      'clone: pip install ".[torch]"), which brings torch and peft') from exc
+    raise ImportError('lorakern.torch needs PyTorch: pip install ".[torch]" in a clone of '
+                      'lorakern, which brings torch and peft') from exc
 
 from ._validate import as_array, positive_float, positive_int
 from .step_size import THEOREM_CONSTANT, Armijo
@@ -441,7 +442,7 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         ------
         RuntimeError : a layer has gradients but the hooks saw no forward pass or no backward
             pass through it (the pass ran before the optimizer was made, or under no_grad).
-        DeviceUnavailableError : CUDA tensors without CuPy (``pip install "lorakern[cuda]"``).
+        DeviceUnavailableError : CUDA tensors without CuPy (``pip install ".[cuda]"``).
         """
         if not self._handles:
             raise RuntimeError("remove_hooks() was called: this optimizer cannot step")
