@@ -287,8 +287,10 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
 
     Raises
     ------
-    ValueError : no LoRA layer in ``model``, or one the theory does not cover (LoRA dropout,
-        DoRA, embeddings, convolutions, a LoRA bias, merged adapters); a bad argument.
+    TypeError : ``model`` is not an ``nn.Module``; an argument of the wrong type.
+    ValueError : no LoRA layer in ``model`` (or none with the ``adapter`` named), or one the
+        theory does not cover (LoRA dropout, DoRA, embeddings, convolutions, a LoRA bias,
+        merged adapters); a bad argument's value.
     """
 
     def __init__(self, model: nn.Module, *, lipschitz: float = 1.0, norm: str = "exact",
