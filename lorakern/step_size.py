@@ -50,6 +50,16 @@ class StepSize(Protocol):
     # them; each a step size: a positive float, or None).
 
 
+def theorem_eta(v_sq, g_norm, lipschitz, constant=THEOREM_CONSTANT, xp=np):
+    """eta_t = min{1 / (constant max(L, 1) (||V_t||^2 + ||G_t||_F)), 1} of eq. (8), from
+    ||V_t||^2, ||G_t||_F and ``lipschitz`` = max(L, 1), elementwise in ``xp``'s arithmetic:
+    the one place the formula is written (Theorem.eta, theory.check's eta >= eta_t and
+    lorakern.torch use it; reference.step writes it out literally, as the reference does)."""
+    scale = constant * lipschitz * (v_sq + g_norm)
+    # min{1/x, 1} written as 1/max{x, 1}: the same number, and no 1/0 when V = G = 0
+    return 1.0 / xp.maximum(scale, 1.0)
+
+
 @dataclass(frozen=True)
 class Theorem:
     """eta_t = min{1 / (constant * max(L, 1) * (||V_t||^2 + ||G_t||_F)), 1}  (Lemma 2, eq. 8).
@@ -83,10 +93,8 @@ class Theorem:
     def eta(self, v_sq, g_sq, lipschitz, xp=np):
         """eta_t of eq. (8) from ||V_t||^2, ||G_t||_F^2 and max(L, 1), in ``xp``'s arithmetic
         (NumPy on host floats, CuPy on 0-d device arrays, or any namespace with ``sqrt`` and
-        ``maximum``): the one place the formula is written."""
-        scale = self.constant * lipschitz * (v_sq + xp.sqrt(g_sq))
-        # min{1/x, 1} written as 1/max{x, 1}: the same number, and no 1/0 when V = G = 0
-        return 1.0 / xp.maximum(scale, 1.0)
+        ``maximum``), by ``theorem_eta``."""
+        return theorem_eta(v_sq, xp.sqrt(g_sq), lipschitz, self.constant, xp)
 
     def choose(self, engine, B, A, p, state):
         return self.eta(p.v_sq, p.g_sq, engine.problem.eta_lipschitz, engine.xp), 0

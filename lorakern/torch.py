@@ -85,7 +85,7 @@ except ImportError as exc:  # pragma: no cover - the message is the point
                       'lorakern, which brings torch and peft') from exc
 
 from ._validate import as_array, positive_float, positive_int
-from .step_size import THEOREM_CONSTANT, Armijo
+from .step_size import Armijo, theorem_eta
 
 __all__ = ["LoRALinear", "LoRAStepOptimizer", "StepInfo", "lora_layers"]
 
@@ -455,8 +455,7 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
                 loss = closure()
         g_norm = math.sqrt(self._g_sq())
         v_sq, grad_sq = self._norms()
-        scale = THEOREM_CONSTANT * max(self.lipschitz, 1.0) * (v_sq + g_norm)
-        eta_theorem = min(1.0 / scale, 1.0) if scale > 0 else 1.0  # eq. (8)
+        eta_theorem = float(theorem_eta(v_sq, g_norm, max(self.lipschitz, 1.0)))  # eq. (8)
         grads = [(B, A, s, _grad(B), _grad(A)) for layer in self.layers
                  for B, A, s in layer.pairs]
         old = [(B.detach().clone(), A.detach().clone()) for B, A, *_ in grads]
