@@ -46,8 +46,10 @@ def step(problem, B, A, *, device="auto", step_size="theorem") -> StepResult:
         arrays, or any array with ``__dlpack__`` (torch tensors, ``nn.Parameter``, JAX
         arrays), read without a copy (the step works on its own copy, as for NumPy arrays).
     device : "cpu", "cuda", "cuda:<i>" (GPU i; "cuda" is "cuda:0"), "reference", "auto"
-        (where the arrays live) or a Device object.
-    step_size : "theorem" (the paper's eta_t), "armijo", a positive float, or a policy object.
+        (where the arrays live), a ``torch.device`` (by its name), or a Device object.
+    step_size : "theorem" (the paper's eta_t), "certified" (a line search keeping Lemma 2's
+        decrease with eta >= eta_t; "exact" forces its quartic search), "armijo", a positive
+        float, or a policy object.
 
     Returns
     -------
@@ -90,6 +92,7 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
 
     Parameters
     ----------
+    problem, B, A, device, step_size : as for ``step``.
     steps : the number of steps T (>= 0).
     tol : stop early, before stepping, once grad_sq <= tol at the current iterate.
     progress : show progress on stderr: a bar redrawn in place on a terminal; elsewhere (a

@@ -200,6 +200,22 @@ def test_torch_cross_entropy_labels_and_errors():
                                torch.from_numpy(W0), loss="cross_entropy")
 
 
+def test_torch_device_objects_are_taken_by_name():
+    """device=tensor.device works as its name does: torch.device("cpu") is "cpu", a CUDA
+    one is "cuda:<i>" (unavailable here without CuPy, said so), another is unknown."""
+    torch = pytest.importorskip("torch")
+    X, Y, W0, B, A = _linear(np.float64, seed=9)
+    problem = lorakern.LinearProblem(X, Y, W0)
+    tB, tA = torch.from_numpy(B), torch.from_numpy(A)
+    got = lorakern.step(problem, tB, tA, device=tB.device)
+    assert_bitwise(got.B.numpy(), lorakern.step(problem, B, A, device="cpu").B, "B")
+    with pytest.raises(ValueError, match="unknown device 'meta'"):
+        lorakern.step(problem, tB, tA, device=torch.device("meta"))
+    if "cuda" not in lorakern.devices():
+        with pytest.raises(lorakern.DeviceUnavailableError, match=r"device='cuda:1' \(GPU 1\)"):
+            lorakern.step(problem, tB, tA, device=torch.device("cuda", 1))
+
+
 def test_torch_dtype_errors_say_the_torch_conversion():
     """A tensor of the wrong dtype is told how to convert it in torch (``.to``: a tensor has
     no ``astype``), and nothing of the caller's is changed; a list is told the problem's
