@@ -250,6 +250,18 @@ class Certified:
     ``max_trials`` bounds the backtracking's trials (then eta_t is taken). The name says
     what ``theory.check`` does with a run of it; ``Armijo(c=0.2)`` is the same backtracking,
     kept for its other c.
+
+    Parameters
+    ----------
+    search : "auto" (the default), "exact" or "backtrack", as above.
+    cap : the largest eta tried, > 0 (default 1, where eq. (8) caps eta_t too).
+    max_trials : the backtracking's trials per step, >= 1; after them eta_t is taken.
+
+    Raises
+    ------
+    ValueError : an unknown ``search``; a ``cap`` or ``max_trials`` that is not positive
+        (TypeError if not a number); "exact" on a loss other than squared (when a fit or
+        step starts).
     """
 
     search: str = "auto"
