@@ -200,6 +200,26 @@ def test_torch_cross_entropy_labels_and_errors():
                                torch.from_numpy(W0), loss="cross_entropy")
 
 
+def test_torch_certified_fit_stopped_by_its_callback():
+    """Tensors through the certified step, stopped by a callback: tensors out, the same bits
+    as the NumPy fit of as many steps, the caller's tensors untouched, the run certified."""
+    torch = pytest.importorskip("torch")
+    X, Y, W0, B, A = _linear(np.float64, seed=10)
+    problem = lorakern.LinearProblem(torch.from_numpy(X), torch.from_numpy(Y),
+                                     torch.from_numpy(W0))
+    tB, tA = torch.from_numpy(B.copy()), torch.from_numpy(A.copy())
+    got = lorakern.fit(problem, tB, tA, steps=20, device="cpu", step_size="certified",
+                       callback=lambda info: info.t == 4 and isinstance(info.B, torch.Tensor))
+    assert got.status == "stopped" and got.steps == 4
+    assert isinstance(got.B, torch.Tensor) and isinstance(got.A, torch.Tensor)
+    want = lorakern.fit(lorakern.LinearProblem(X, Y, W0), B, A, steps=4, device="cpu",
+                        step_size="certified")
+    assert_bitwise(got.B.numpy(), want.B, "B")
+    assert_bitwise(got.A.numpy(), want.A, "A")
+    assert torch.equal(tB, torch.from_numpy(B)) and torch.equal(tA, torch.from_numpy(A))
+    assert lorakern.theory.check(got).all_hold
+
+
 def test_torch_device_objects_are_taken_by_name():
     """device=tensor.device works as its name does: torch.device("cpu") is "cpu", a CUDA
     one is "cuda:<i>" (unavailable here without CuPy, said so), another is unknown."""
