@@ -131,6 +131,10 @@ def init_adapters(m: int, n: int, rank: int, *, dtype=np.float32, seed=None, ini
         scale = positive_float("scale", scale)
     if init not in ("lora", "gaussian"):
         raise ValueError(f"unknown init {init!r}; use 'lora' or 'gaussian'")
+    if like is not None and not (hasattr(like, "__dlpack__") or isinstance(like, np.ndarray)):
+        raise TypeError(f"like must be None or an array (a torch tensor, a JAX, NumPy or CuPy "
+                        f"array) whose kind and device B and A take, got "
+                        f"{type(like).__name__}")
     warn_rank(int(m), int(n), int(rank), stacklevel=3)
     # default_rng returns a Generator it is given unchanged: the caller's, advanced below
     rng = np.random.default_rng(seed)

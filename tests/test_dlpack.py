@@ -182,6 +182,9 @@ def test_torch_matrix_problem_and_init_adapters():
     tB, tA = lorakern.init_adapters(9, 8, 2, dtype=np.float64, seed=0, init="gaussian",
                                     like=torch.zeros(1))
     assert isinstance(tB, torch.Tensor) and np.array_equal(tB.numpy(), B)
+    for not_an_array in (torch.device("cpu"), torch.float64, 3):  # like= names an array
+        with pytest.raises(TypeError, match="like must be None or an array"):
+            lorakern.init_adapters(9, 8, 2, dtype=np.float64, like=not_an_array)
     want = lorakern.step(lorakern.Problem(W0, Y, mask=mask), B, A, device="cpu")
     got = lorakern.step(lorakern.Problem(torch.from_numpy(W0), torch.from_numpy(Y),
                                          mask=torch.from_numpy(mask)), tB, tA, device="cpu")
