@@ -159,16 +159,13 @@ def warm_up(twin, rank: int, device: str, step_size) -> float:
     return time.perf_counter() - t0
 
 
-class _Compiles(list):
-    """The functions Numba compiled in a ``numba_compiles`` block; true if there was one."""
-
-
 @contextmanager
 def numba_compiles():
-    """Record what Numba compiles inside the block. Numba announces a "numba:compile" event
-    only when it compiles: a kernel loaded from its on-disk cache (or already in memory)
-    announces none, so an empty record means the kernels were loaded, not compiled."""
-    found = _Compiles()
+    """Record what Numba compiles inside the block: a list of the dispatchers it compiled,
+    filled when the block ends. Numba announces a "numba:compile" event only when it
+    compiles: a kernel loaded from its on-disk cache (or already in memory) announces none,
+    so an empty list means the kernels were loaded, not compiled."""
+    found: list = []
     try:
         from numba.core import event
     except ImportError:  # no Numba: nothing it could compile
