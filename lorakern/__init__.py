@@ -25,7 +25,6 @@ __all__ = [
     "Problem", "LinearProblem", "step", "fit", "init_adapters", "merge", "devices",
     "DeviceUnavailableError", "InputWarning", "FitInterrupted",
     "StepResult", "FitResult", "FitProgress", "History", "Theorem", "Certified", "Constant",
-    "Armijo",
-    "StepSize", "LOSSES",
+    "Armijo", "StepSize", "LOSSES",
     "reference", "theory", "__version__",
 ]
