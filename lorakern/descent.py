@@ -108,7 +108,8 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
     callback : called as ``callback(info)`` at t = k, 2k, ... < T (k = ``callback_every``),
         between steps, with a ``FitProgress``: ``t`` (steps done), ``B``, ``A`` (the
         iterate V_t, arrays of the device, or of B's kind when B is a torch tensor or a JAX
-        array: read them, do not write them), ``loss`` J(V_t),
+        array: the fit's own iterate, to read, not write; NumPy arrays come as read-only
+        views), ``loss`` J(V_t),
         ``grad_sq``, ``eta`` (of the step that led to V_t) and ``seconds``. If it returns
         True (or raises StopIteration, as SciPy's ``minimize`` callbacks may) the fit stops
         there, before stepping, with status "stopped" and V_t as its result. The final
@@ -156,8 +157,8 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     back = returner(B)
-    if callback is not None and library(B) in RETURNERS:  # the callback sees B's kind too
-        callback = _converting(callback, back)
+    if callback is not None:  # it sees B's kind of array, NumPy's read-only
+        callback = _presenting(callback, back if library(B) in RETURNERS else _read_only)
     engine, policy, B, A = _start(problem, B, A, device, step_size)
     state = check_state(state, policy)  # a copy: the caller's dict is never changed
     with DeferredInterrupt() as stop, engine.scope():  # "cuda:i": GPU i current meanwhile
@@ -173,14 +174,24 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
     return result
 
 
-def _converting(callback, back):
-    """``callback`` given FitProgress with B and A as the caller's kind of array (``back``:
-    a torch tensor sharing the device array's memory, no copy on the CPU)."""
+def _presenting(callback, show):
+    """``callback`` given FitProgress with B and A passed through ``show``: the caller's kind
+    of array (``returner``: a torch tensor sharing the device array's memory, no copy on the
+    CPU), or ``_read_only``."""
     def call(progress):
-        progress.B, progress.A = back(progress.B), back(progress.A)
+        progress.B, progress.A = show(progress.B), show(progress.A)
         return callback(progress)
 
     return call
+
+
+def _read_only(a):
+    """A NumPy array as a read-only view: the fit's own iterate, which a callback writing
+    into it would change under the fit (CuPy arrays have no such flag: as they are)."""
+    if isinstance(a, np.ndarray):
+        a = a.view()
+        a.flags.writeable = False
+    return a
 
 
 def _fit(engine, policy, B, A, steps, tol, progress, check_every, stop, state, callback,

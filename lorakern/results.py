@@ -115,7 +115,7 @@ class FitProgress:
     """What fit's ``callback`` receives at V_t, between steps t - 1 and t."""
 
     t: int            # steps done: this is V_t
-    B: object         # the iterate, arrays of the device (read them, do not write them)
+    B: object         # the iterate, arrays of the device (read them; NumPy's are read-only)
     A: object
     loss: float       # J(V_t)
     grad_sq: float    # ||grad J(V_t)||^2

@@ -201,6 +201,28 @@ def test_callback_truthy_but_not_true_does_not_stop():
     assert result.status == "completed" and result.steps == 5
 
 
+@pytest.mark.parametrize("device", ["cpu", "reference"])
+def test_callback_cannot_write_into_the_fit(device):
+    """info.B and info.A are the fit's own iterate: NumPy gives them read-only, so a
+    callback that writes into them fails at once instead of changing the run under it; the
+    caller's arrays are untouched, and a callback that only reads changes nothing."""
+    problem, B, A = make_case(SHAPE, np.float64, seed=15)
+    B0, A0 = B.copy(), A.copy()
+
+    def scale_in_place(info):
+        info.B *= 0.5
+
+    with pytest.raises(ValueError, match="read-only"):
+        lorakern.fit(problem, B, A, steps=5, device=device, callback=scale_in_place)
+    assert_bitwise(B, B0, "caller's B")
+    assert_bitwise(A, A0, "caller's A")
+    seen = []
+    read = lorakern.fit(problem, B, A, steps=5, device=device,
+                        callback=lambda info: seen.append(float(info.B.sum())))
+    plain = lorakern.fit(problem, B, A, steps=5, device=device)
+    assert len(seen) == 4 and np.array_equal(read.B, plain.B) and np.array_equal(read.A, plain.A)
+
+
 @pytest.mark.skipif(EMULATED is None, reason="no g++ for the CUDA emulation")
 def test_callback_runs_the_host_loop_on_cuda():
     """A device-side loop cannot call back: with a callback the CUDA fit steps on the host."""
