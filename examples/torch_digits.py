@@ -1,6 +1,6 @@
 """LoRA fine-tuning of a small PyTorch MLP with lorakern's step, against SGD and Adam.
 
-    pip install ".[torch]" scikit-learn      # (".[test]" has both)
+    pip install ".[torch,digits]"             # in a clone (".[test]" has both)
     python examples/torch_digits.py [--plot curves.png]
 
 1. An MLP (64 -> 64 -> 10, tanh) is trained on scikit-learn's bundled digits (8 x 8 images,
@@ -38,8 +38,8 @@ def load_digits(seed: int):
     try:
         from sklearn.datasets import load_digits as sk_load
     except ImportError:
-        raise SystemExit('this example needs scikit-learn: pip install scikit-learn '
-                         '(or pip install ".[test]")') from None
+        raise SystemExit('this example needs scikit-learn: pip install ".[digits]" in a '
+                         'clone of lorakern (".[test]" has it too)') from None
     data = sk_load()
     X = (data.data / 16.0).astype(np.float32)
     y = data.target.astype(np.int64)

@@ -3,7 +3,12 @@
     >>> import lorakern
     >>> problem = lorakern.Problem(W0, Y)
     >>> B, A = lorakern.init_adapters(m, n, rank=16, dtype=W0.dtype, seed=0)
-    >>> result = lorakern.fit(problem, B, A, steps=100, device="cpu")
+    >>> result = lorakern.fit(problem, B, A, steps=100, device="cpu", step_size="certified")
+    >>> lorakern.theory.check(result).all_hold   # Lemma 2 and Theorem 3 on the run
+    True
+
+``step_size="certified"`` is the step to fit with (a line search keeping Lemma 2's
+decrease with eta >= eta_t); the default, "theorem", is the paper's eta_t itself.
 
 ``LinearProblem(X, Y, W0, loss=...)`` is LoRA of a linear layer applied to data (inputs X,
 outputs X (W0 + BA)^T); ``step`` and ``fit`` take either kind (docs/linear.md).
@@ -25,7 +30,6 @@ __all__ = [
     "Problem", "LinearProblem", "step", "fit", "init_adapters", "merge", "devices",
     "DeviceUnavailableError", "InputWarning", "FitInterrupted",
     "StepResult", "FitResult", "FitProgress", "History", "Theorem", "Certified", "Constant",
-    "Armijo",
-    "StepSize", "LOSSES",
+    "Armijo", "StepSize", "LOSSES",
     "reference", "theory", "__version__",
 ]

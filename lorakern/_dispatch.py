@@ -163,7 +163,10 @@ def resolve(spec, *arrays) -> Device:
     """A device name ("auto": "cuda" if any array is a CuPy array, else "cpu") or object.
 
     Arrays of a library in WRAPPERS (dask) get that library's device, wrapped around ``spec``.
+    A ``torch.device`` is taken by its name (``tensor.device``: "cpu", "cuda", "cuda:1").
     """
+    if type(spec).__module__ == "torch" and type(spec).__name__ == "device":
+        spec = str(spec)  # torch is imported: the caller made one of its objects
     library = _wrapping_library(arrays)
     if library is not None:
         return _load(WRAPPERS[library])(spec, arrays)
@@ -175,8 +178,8 @@ def resolve(spec, *arrays) -> Device:
     if isinstance(spec, Device):
         spec.check_available()
         return spec
-    raise TypeError(f"device must be a string such as 'cpu' or 'cuda', or a Device object, "
-                    f"got {type(spec).__name__}")
+    raise TypeError(f"device must be a string such as 'cpu', 'cuda' or 'cuda:1', a "
+                    f"torch.device, or a Device object, got {type(spec).__name__}")
 
 
 def kernels(kind: str, dev: Device) -> Kernels:

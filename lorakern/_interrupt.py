@@ -11,6 +11,10 @@ so far), done here at a step boundary so that the iterate returned is a whole st
 request that comes after the last step has nothing left to stop: the fit is complete and is
 returned as "completed", without a warning.
 
+A result rather than an exception carrying one: a NumPy or SciPy user reads what a call
+returns (SciPy's ``minimize`` reports why it stopped in ``status``), and a script running
+many fits checks ``result.status`` to stop.
+
 The handler is installed only where it is safe and the user has not chosen otherwise: on the
 main thread (only it may set signal handlers, and only it receives SIGINT in Python), and only
 in place of Python's own ``signal.default_int_handler``: a program that ignores SIGINT or

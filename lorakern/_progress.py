@@ -59,12 +59,15 @@ class Progress:
             self.stream.write(f"fit {pct:3d}%  " + self._numbers(done, loss, now) + "\n")
             self.stream.flush()
 
-    def close(self, done: int, loss: float):
+    def close(self, done: int, loss: float, status: str = "completed"):
+        """The last line; ``status`` is the FitResult's: a fit that ended early (converged,
+        stopped, interrupted, diverged) says so instead of "done"."""
         if self.live:
             self.update(done, loss, force=True)
-            self.stream.write("\n")
+            self.stream.write("\n" if status == "completed" else f"  ({status})\n")
         else:
             now = time.perf_counter()
-            self.stream.write(f"fit done  {done}/{self.total} steps  loss {loss:.6g}  "
+            word = "done" if status == "completed" else status
+            self.stream.write(f"fit {word}  {done}/{self.total} steps  loss {loss:.6g}  "
                               f"in {eta_text(now - self.start)}\n")
         self.stream.flush()

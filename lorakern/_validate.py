@@ -138,11 +138,12 @@ def cuda_from_dlpack(name: str, x, ordinal: int):
     try:
         import cupy
     except ImportError as exc:
+        from ._cuda import _INSTALL
         from ._dispatch import DeviceUnavailableError
 
         raise DeviceUnavailableError(
             f"{name} is a GPU array ({type(x).__name__}); reading it needs CuPy: "
-            f'pip install "lorakern[cuda]"') from exc
+            f"{_INSTALL}") from exc
     with cupy.cuda.Device(ordinal):
         stream = dlpack_stream(cupy.cuda.get_current_stream().ptr)
         return cupy.from_dlpack(StreamHandover(x, stream))
@@ -189,9 +190,20 @@ def reject_masked(name: str, x, *, takes_mask: bool = False):
                         f"as numbers; {fix}")
 
 
-def check_matrix(name: str, x, dtype=None, *, takes_mask: bool = False):
+def astype_hint(name: str, dtype, like=None) -> str:
+    """How to convert ``name`` to ``dtype`` in the caller's library (``like``: the object the
+    caller passed, before ``as_array``): ``B.to(torch.float64)`` for a torch tensor,
+    ``B.astype(np.float64)`` otherwise (NumPy, CuPy, JAX and dask arrays have astype)."""
+    dtype = np.dtype(dtype)
+    if library(like) == "torch":
+        return f"{name}.to(torch.{dtype})"
+    return f"{name}.astype(np.{dtype})"
+
+
+def check_matrix(name: str, x, dtype=None, *, takes_mask: bool = False, like=None):
     """Raise TypeError/ValueError unless x is a finite 2-D float32/float64 array (of ``dtype``)
-    and not a masked array (``takes_mask``: see reject_masked)."""
+    and not a masked array (``takes_mask``: see reject_masked). ``like``: what the caller
+    passed, if ``as_array`` converted it (the conversion hint is given in its library)."""
     reject_masked(name, x, takes_mask=takes_mask)
     xp = array_namespace(x)
     if xp is np and not isinstance(x, np.ndarray):
@@ -201,7 +213,7 @@ def check_matrix(name: str, x, dtype=None, *, takes_mask: bool = False):
         raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
     if dtype is not None and x.dtype != dtype:
         raise TypeError(f"{name} has dtype {x.dtype} but the problem is {dtype}; "
-                        f"convert it with {name}.astype(np.{dtype})")
+                        f"convert it with {astype_hint(name, dtype, like)}")
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
     if x.size and not bool(xp.isfinite(x).all()):

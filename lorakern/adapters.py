@@ -20,9 +20,11 @@ def check_adapters(problem, B, A, stacklevel: int = 4):
     if not isinstance(problem, ProblemKind):
         raise TypeError(f"problem must be a lorakern.Problem (or another problem kind), "
                         f"got {type(problem).__name__}")
-    B, A = as_array("B", B, hint="dtype=np.float32"), as_array("A", A, hint="dtype=np.float32")
-    check_matrix("B", B, dtype=problem.dtype)
-    check_matrix("A", A, dtype=problem.dtype)
+    hint = f"dtype=np.{problem.dtype}"
+    B_in, A_in = B, A
+    B, A = as_array("B", B, hint=hint), as_array("A", A, hint=hint)
+    check_matrix("B", B, dtype=problem.dtype, like=B_in)
+    check_matrix("A", A, dtype=problem.dtype, like=A_in)
     (m, n), (mb, rb), (ra, na) = problem.adapter_shape(), B.shape, A.shape
     if mb != m:
         raise ValueError(f"B must have m = {m} rows (W0 is {m}x{n}), got shape {(mb, rb)}")
@@ -67,10 +69,11 @@ def merge(W0, B, A):
         shapes that do not fit, named.
     """
     back = returner(B)
+    B_in, A_in = B, A
     W0, B, A = as_array("W0", W0), as_array("B", B), as_array("A", A)
     check_matrix("W0", W0)
-    check_matrix("B", B, dtype=W0.dtype)
-    check_matrix("A", A, dtype=W0.dtype)
+    check_matrix("B", B, dtype=W0.dtype, like=B_in)
+    check_matrix("A", A, dtype=W0.dtype, like=A_in)
     (m, n), (mb, rb), (ra, na) = W0.shape, B.shape, A.shape
     if (mb, na) != (m, n) or rb != ra:
         raise ValueError(f"W0 is {m}x{n}, B is {mb}x{rb} and A is {ra}x{na}: merging needs "
@@ -128,6 +131,10 @@ def init_adapters(m: int, n: int, rank: int, *, dtype=np.float32, seed=None, ini
         scale = positive_float("scale", scale)
     if init not in ("lora", "gaussian"):
         raise ValueError(f"unknown init {init!r}; use 'lora' or 'gaussian'")
+    if like is not None and not (hasattr(like, "__dlpack__") or isinstance(like, np.ndarray)):
+        raise TypeError(f"like must be None or an array (a torch tensor, a JAX, NumPy or CuPy "
+                        f"array) whose kind and device B and A take, got "
+                        f"{type(like).__name__}")
     warn_rank(int(m), int(n), int(rank), stacklevel=3)
     # default_rng returns a Generator it is given unchanged: the caller's, advanced below
     rng = np.random.default_rng(seed)

@@ -159,16 +159,13 @@ def warm_up(twin, rank: int, device: str, step_size) -> float:
     return time.perf_counter() - t0
 
 
-class _Compiles(list):
-    """The functions Numba compiled in a ``numba_compiles`` block; true if there was one."""
-
-
 @contextmanager
 def numba_compiles():
-    """Record what Numba compiles inside the block. Numba announces a "numba:compile" event
-    only when it compiles: a kernel loaded from its on-disk cache (or already in memory)
-    announces none, so an empty record means the kernels were loaded, not compiled."""
-    found = _Compiles()
+    """Record what Numba compiles inside the block: a list of the dispatchers it compiled,
+    filled when the block ends. Numba announces a "numba:compile" event only when it
+    compiles: a kernel loaded from its on-disk cache (or already in memory) announces none,
+    so an empty list means the kernels were loaded, not compiled."""
+    found: list = []
     try:
         from numba.core import event
     except ImportError:  # no Numba: nothing it could compile
@@ -245,7 +242,9 @@ def history_table(result) -> str:
     """About TABLE_ROWS rows at log-spaced t (first and last included), then J(V_T)."""
     h, T = result.history, len(result.history)
     trials = counts_trials(result)
-    head = f"{'t':>6}  {'J(V_t)':>12}  {'eta_t':>10}  {'||grad J||^2':>12}  {'||V_t||^2':>10}"
+    # eta_t is eq. (8)'s step: only the theorem's policy (with its ``constant``) takes it
+    eta = "eta_t" if getattr(result.step_size, "constant", None) is not None else "eta"
+    head = f"{'t':>6}  {'J(V_t)':>12}  {eta:>10}  {'||grad J||^2':>12}  {'||V_t||^2':>10}"
     lines = [head + (f"  {'trials':>6}" if trials else ""), "-" * (len(head) + (8 if trials else 0))]
     rows = np.unique(np.round(np.geomspace(1, T, min(TABLE_ROWS, T))).astype(int)) - 1 if T else []
     for t in rows:

@@ -20,7 +20,7 @@ from ._validate import RETURNERS, library, positive_int, returner
 from .adapters import check_adapters
 from .results import (HISTORY_FIELDS, FitProgress, FitResult, History, StepResult,
                       history_from_columns)
-from .step_size import as_policy
+from .step_size import as_policy, check_state
 
 #: let kernels with ``run_steps`` (CUDA) run a whole fit on the device, history included,
 #: when nothing needs the host between steps (no tol, no progress bar, a policy with a
@@ -46,8 +46,10 @@ def step(problem, B, A, *, device="auto", step_size="theorem") -> StepResult:
         arrays, or any array with ``__dlpack__`` (torch tensors, ``nn.Parameter``, JAX
         arrays), read without a copy (the step works on its own copy, as for NumPy arrays).
     device : "cpu", "cuda", "cuda:<i>" (GPU i; "cuda" is "cuda:0"), "reference", "auto"
-        (where the arrays live) or a Device object.
-    step_size : "theorem" (the paper's eta_t), "armijo", a positive float, or a policy object.
+        (where the arrays live), a ``torch.device`` (by its name), or a Device object.
+    step_size : "theorem" (the paper's eta_t), "certified" (a line search keeping Lemma 2's
+        decrease with eta >= eta_t; "exact" forces its quartic search), "armijo", a positive
+        float, or a policy object.
 
     Returns
     -------
@@ -90,6 +92,7 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
 
     Parameters
     ----------
+    problem, B, A, device, step_size : as for ``step``.
     steps : the number of steps T (>= 0).
     tol : stop early, before stepping, once grad_sq <= tol at the current iterate.
     progress : show progress on stderr: a bar redrawn in place on a terminal; elsewhere (a
@@ -99,11 +102,14 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
         the numbers (tol, progress, divergence); default: every step on the CPU, every 50 on
         a GPU when ``tol`` or ``progress`` asks for it, else only at the end.
     state : the step-size policy's state to start from: a previous result's ``state``, to
-        resume a fit exactly (below). Copied: the dict passed is not changed.
+        resume a fit exactly (below). Copied: the dict passed is not changed. A key the
+        policy does not keep (Armijo and Certified keep "eta", the others nothing) or a
+        value that is not a positive step size raises ValueError/TypeError.
     callback : called as ``callback(info)`` at t = k, 2k, ... < T (k = ``callback_every``),
         between steps, with a ``FitProgress``: ``t`` (steps done), ``B``, ``A`` (the
         iterate V_t, arrays of the device, or of B's kind when B is a torch tensor or a JAX
-        array: read them, do not write them), ``loss`` J(V_t),
+        array: the fit's own iterate, to read, not write; NumPy arrays come as read-only
+        views), ``loss`` J(V_t),
         ``grad_sq``, ``eta`` (of the step that led to V_t) and ``seconds``. If it returns
         True (or raises StopIteration, as SciPy's ``minimize`` callbacks may) the fit stops
         there, before stepping, with status "stopped" and V_t as its result. The final
@@ -150,16 +156,14 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
     callback_every = positive_int("callback_every", callback_every)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-    if state is not None and not isinstance(state, dict):
-        raise TypeError(f"state must be None or a dict (a FitResult's state), got "
-                        f"{type(state).__name__}")
     back = returner(B)
-    if callback is not None and library(B) in RETURNERS:  # the callback sees B's kind too
-        callback = _converting(callback, back)
+    if callback is not None:  # it sees B's kind of array, NumPy's read-only
+        callback = _presenting(callback, back if library(B) in RETURNERS else _read_only)
     engine, policy, B, A = _start(problem, B, A, device, step_size)
+    state = check_state(state, policy)  # a copy: the caller's dict is never changed
     with DeferredInterrupt() as stop, engine.scope():  # "cuda:i": GPU i current meanwhile
         result = _fit(engine, policy, B, A, steps, tol, progress, check_every, stop,
-                      dict(state or {}), callback, callback_every)
+                      state, callback, callback_every)
     result.B, result.A = back(result.B), back(result.A)  # torch in, torch out
     if result.status == "interrupted":
         warnings.warn(f"fit was interrupted (Ctrl-C) after {result.steps} of {steps} steps and "
@@ -170,14 +174,24 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
     return result
 
 
-def _converting(callback, back):
-    """``callback`` given FitProgress with B and A as the caller's kind of array (``back``:
-    a torch tensor sharing the device array's memory, no copy on the CPU)."""
+def _presenting(callback, show):
+    """``callback`` given FitProgress with B and A passed through ``show``: the caller's kind
+    of array (``returner``: a torch tensor sharing the device array's memory, no copy on the
+    CPU), or ``_read_only``."""
     def call(progress):
-        progress.B, progress.A = back(progress.B), back(progress.A)
+        progress.B, progress.A = show(progress.B), show(progress.A)
         return callback(progress)
 
     return call
+
+
+def _read_only(a):
+    """A NumPy array as a read-only view: the fit's own iterate, which a callback writing
+    into it would change under the fit (CuPy arrays have no such flag: as they are)."""
+    if isinstance(a, np.ndarray):
+        a = a.view()
+        a.flags.writeable = False
+    return a
 
 
 def _fit(engine, policy, B, A, steps, tol, progress, check_every, stop, state, callback,
@@ -250,10 +264,10 @@ def _fit(engine, policy, B, A, steps, tol, progress, check_every, stop, state, c
             status, history = "diverged", history.truncated(steps_taken)
             _warn_diverged(steps_taken, stacklevel=4)
     if bar:
-        bar.close(steps_taken, final_loss)
+        bar.close(steps_taken, final_loss, status)
     return FitResult(B=B, A=A, final_loss=final_loss, steps=steps_taken, history=history,
                      status=status, seconds=time.perf_counter() - t0, step_size=policy,
-                     state=state, problem=problem)
+                     state=state, W0=getattr(problem, "W0", None))
 
 
 def _call_back(callback, t, B, A, p, eta, t0) -> bool:
@@ -289,7 +303,7 @@ def _fit_on_device(engine, policy, B, A, steps, loop_args, stop, state) -> FitRe
         _warn_diverged(steps_taken, stacklevel=5)
     return FitResult(B=B, A=A, final_loss=final_loss, steps=steps_taken, history=history,
                      status=status, seconds=time.perf_counter() - t0, step_size=policy,
-                     state=state, problem=problem)
+                     state=state, W0=getattr(problem, "W0", None))
 
 
 def _warn_diverged(steps_taken: int, stacklevel: int):

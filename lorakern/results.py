@@ -115,7 +115,7 @@ class FitProgress:
     """What fit's ``callback`` receives at V_t, between steps t - 1 and t."""
 
     t: int            # steps done: this is V_t
-    B: object         # the iterate, arrays of the device (read them, do not write them)
+    B: object         # the iterate, arrays of the device (read them; NumPy's are read-only)
     A: object
     loss: float       # J(V_t)
     grad_sq: float    # ||grad J(V_t)||^2
@@ -134,8 +134,14 @@ class FitResult:
 
     ``state`` is the step-size policy's state at V_T (Armijo: the last accepted eta, from
     which its next search starts); ``fit(problem, r.B, r.A, steps=k, step_size=r.step_size,
-    state=r.state)`` continues the run exactly where it stopped. ``problem`` is the problem
-    the run fitted (``merged`` reads its W0).
+    state=r.state)`` continues the run exactly where it stopped.
+
+    ``W0`` is the fitted problem's own W0 where it keeps one (a LinearProblem, a Problem
+    with the logistic loss; None for a residual loss, which keeps only W0 - Y): the same
+    array, not a copy, which ``merged()`` reads. A result keeps nothing else of the problem:
+    not its data (R, X, Y, the mask), nor what a device prepared from them (a GPU's copy,
+    a Gram), so dropping the problem frees them while its results live on, and a result
+    pickles as its iterate, history and policy (plus W0 where it is kept).
     """
 
     B: object
@@ -149,17 +155,21 @@ class FitResult:
     seconds: float = 0.0
     step_size: object = None   # the policy object the run used
     state: dict = field(default_factory=dict)  # the policy's state at V_T (see above)
-    problem: object = None     # the problem the run fitted
+    W0: object = None          # the problem's own W0, for merged() (None: it keeps W0 - Y)
 
     def merged(self, W0=None):
         """The merged weight W0 + B A at the result's iterate, a new array where B lives.
 
         Parameters
         ----------
-        W0 : (m, n) array of the problem's dtype, or None to take the problem's own W0.
-            A matrix Problem with a residual loss ("squared", "huber") keeps only W0 - Y,
-            so it needs W0 passed; a LinearProblem, or a Problem with the logistic loss,
-            keeps W0.
+        W0 : (m, n) array of the problem's dtype, or None to take the problem's own W0
+            (``self.W0``). A matrix Problem with a residual loss ("squared", "huber") keeps
+            only W0 - Y, so it needs W0 passed; a LinearProblem, or a Problem with the
+            logistic loss, keeps W0.
+
+        Returns
+        -------
+        W0 + B A, as ``lorakern.merge(W0, result.B, result.A)`` returns it.
 
         Raises
         ------
@@ -169,12 +179,11 @@ class FitResult:
         from .adapters import merge
 
         if W0 is None:
-            W0 = getattr(self.problem, "W0", None)
+            W0 = self.W0
             if W0 is None:
                 raise ValueError(
-                    "this problem keeps only the residual W0 - Y (loss "
-                    f"{getattr(getattr(self.problem, 'loss', None), 'name', '?')!r}), not W0: "
-                    "pass it, result.merged(W0)")
+                    "the problem fitted keeps only the residual W0 - Y (a Problem with the "
+                    "squared or Huber loss), not W0: pass it, result.merged(W0)")
         return merge(W0, self.B, self.A)
 
     def __repr__(self):

@@ -45,7 +45,19 @@ class StepSize(Protocol):
 
     # Optional: ``eta_floor``, the constant of eq. (8) whose eta_t the policy's eta is never
     # below (theory.check then checks eta >= eta_t at every step); ``constant``, the same
-    # for a policy whose eta never exceeds that eta_t (the paper's ||V_t||^2 growth bound).
+    # for a policy whose eta never exceeds that eta_t (the paper's ||V_t||^2 growth bound);
+    # ``state_keys``, the keys choose() keeps in ``state`` (fit(state=) is checked against
+    # them; each a step size: a positive float, or None).
+
+
+def theorem_eta(v_sq, g_norm, lipschitz, constant=THEOREM_CONSTANT, xp=np):
+    """eta_t = min{1 / (constant max(L, 1) (||V_t||^2 + ||G_t||_F)), 1} of eq. (8), from
+    ||V_t||^2, ||G_t||_F and ``lipschitz`` = max(L, 1), elementwise in ``xp``'s arithmetic:
+    the one place the formula is written (Theorem.eta, theory.check's eta >= eta_t and
+    lorakern.torch use it; reference.step writes it out literally, as the reference does)."""
+    scale = constant * lipschitz * (v_sq + g_norm)
+    # min{1/x, 1} written as 1/max{x, 1}: the same number, and no 1/0 when V = G = 0
+    return 1.0 / xp.maximum(scale, 1.0)
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,7 @@ class Theorem:
 
     decrease = LEMMA2_DECREASE
     host_loop = False
+    state_keys = ()  # eta depends on V_t alone
 
     @property
     def eta_floor(self) -> float:
@@ -80,10 +93,8 @@ class Theorem:
     def eta(self, v_sq, g_sq, lipschitz, xp=np):
         """eta_t of eq. (8) from ||V_t||^2, ||G_t||_F^2 and max(L, 1), in ``xp``'s arithmetic
         (NumPy on host floats, CuPy on 0-d device arrays, or any namespace with ``sqrt`` and
-        ``maximum``): the one place the formula is written."""
-        scale = self.constant * lipschitz * (v_sq + xp.sqrt(g_sq))
-        # min{1/x, 1} written as 1/max{x, 1}: the same number, and no 1/0 when V = G = 0
-        return 1.0 / xp.maximum(scale, 1.0)
+        ``maximum``), by ``theorem_eta``."""
+        return theorem_eta(v_sq, xp.sqrt(g_sq), lipschitz, self.constant, xp)
 
     def choose(self, engine, B, A, p, state):
         return self.eta(p.v_sq, p.g_sq, engine.problem.eta_lipschitz, engine.xp), 0
@@ -100,6 +111,7 @@ class Constant:
 
     decrease = None
     host_loop = False
+    state_keys = ()  # eta depends on V_t alone
     norm = "exact"
 
     def __post_init__(self):
@@ -142,6 +154,7 @@ class Armijo:
     host_loop = True
     norm = "exact"
     eta_floor = THEOREM_CONSTANT
+    state_keys = ("eta",)  # the last accepted eta: the next search starts at twice it
 
     def __post_init__(self):
         object.__setattr__(self, "cap", positive_float("Armijo cap", self.cap))
@@ -237,6 +250,18 @@ class Certified:
     ``max_trials`` bounds the backtracking's trials (then eta_t is taken). The name says
     what ``theory.check`` does with a run of it; ``Armijo(c=0.2)`` is the same backtracking,
     kept for its other c.
+
+    Parameters
+    ----------
+    search : "auto" (the default), "exact" or "backtrack", as above.
+    cap : the largest eta tried, > 0 (default 1, where eq. (8) caps eta_t too).
+    max_trials : the backtracking's trials per step, >= 1; after them eta_t is taken.
+
+    Raises
+    ------
+    ValueError : an unknown ``search``; a ``cap`` or ``max_trials`` that is not positive
+        (TypeError if not a number); "exact" on a loss other than squared (when a fit or
+        step starts).
     """
 
     search: str = "auto"
@@ -245,6 +270,7 @@ class Certified:
 
     decrease = LEMMA2_DECREASE
     eta_floor = THEOREM_CONSTANT
+    state_keys = ("eta",)  # the last accepted eta: the next search starts at twice it
     host_loop = True
     norm = "exact"
 
@@ -333,6 +359,30 @@ def exact_step(loss, grad_sq, a2, a3, a4, lo, hi, c=LEMMA2_DECREASE) -> float:
 
 
 THEOREM = Theorem()
+
+
+def check_state(state, policy) -> dict:
+    """fit's ``state=`` as a new dict: TypeError unless a dict, ValueError for a key the
+    policy does not keep (``state_keys``; not checked for a policy without it) or a value
+    that is not a positive finite step size. The caller's dict is not changed."""
+    if state is None:
+        return {}
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be None or a dict (a FitResult's state), got "
+                        f"{type(state).__name__}")
+    keys = getattr(policy, "state_keys", None)
+    unknown = [k for k in state if keys is not None and k not in keys]
+    if unknown:
+        kept = ", ".join(repr(k) for k in keys) or "nothing"
+        raise ValueError(f"state has {', '.join(repr(k) for k in unknown)} but "
+                         f"{type(policy).__name__} keeps {kept}: pass the state of a fit with "
+                         f"the same step size, fit(..., step_size=result.step_size, "
+                         f"state=result.state)")
+    out = dict(state)
+    for key in keys or ():
+        if out.get(key) is not None:
+            out[key] = positive_float(f"state[{key!r}]", out[key])
+    return out
 
 
 def as_policy(step_size) -> StepSize:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .step_size import LEMMA2_DECREASE, THEOREM_CONSTANT
+from .step_size import LEMMA2_DECREASE, THEOREM_CONSTANT, theorem_eta
 
 #: slack allowed on each inequality, relative to the loss, by dtype of the data
 RTOL = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-12}
@@ -124,12 +124,6 @@ def check(result, *, l_star: float = 0.0, decrease: float | None = None,
 ETA_RTOL = 1e-9
 
 
-def theorem_eta(v_sq, g_norm, lipschitz=1.0, constant=THEOREM_CONSTANT):
-    """eta_t of eq. (8) from ||V_t||^2, ||G_t||_F and max(L, 1), as step_size.Theorem.eta."""
-    scale = constant * lipschitz * (np.asarray(v_sq, float) + np.asarray(g_norm, float))
-    return 1.0 / np.maximum(scale, 1.0)
-
-
 def check_arrays(loss, loss_next, eta, grad_sq, v_sq, *, l_star=0.0, decrease=0.2,
                  constant=THEOREM_CONSTANT, lipschitz=1.0, rtol=1e-12, g_norm=None,
                  eta_floor=None, growth_guaranteed=True) -> Report:
@@ -162,7 +156,7 @@ def check_arrays(loss, loss_next, eta, grad_sq, v_sq, *, l_star=0.0, decrease=0.
     norm_growth = bool(np.all(np.sqrt(v_sq) <= norm_bound * (1 + rtol)))
     eta_theorem = floor_ok = None
     if floor:
-        eta_theorem = theorem_eta(v_sq, g_norm, lipschitz, eta_floor)
+        eta_theorem = theorem_eta(v_sq, np.asarray(g_norm, float), lipschitz, eta_floor)
         floor_ok = eta >= eta_theorem * (1 - ETA_RTOL)
     return Report(lemma2=lemma2, lemma2_slack=slack, theorem3_lhs=lhs, theorem3_bound=float(bound),
                   theorem3=lhs <= bound, v_growth=v_growth, tolerance=tol, eta_floor=floor_ok,
@@ -226,7 +220,7 @@ def verdict(result) -> tuple[list[str], bool]:
 
     report = check(result)  # the policy's own decrease and constant
     paper = c == LEMMA2_DECREASE
-    growth_guaranteed = getattr(policy, "constant", None) is not None
+    growth_guaranteed = report.growth_guaranteed
     if paper:
         lines.append("theory    Mu & Klabjan (2025), checked on every recorded step")
         lemma = "J(V_t+1) <= J(V_t) - eta_t/5 ||grad J(V_t)||^2"
@@ -272,11 +266,7 @@ def verdict(result) -> tuple[list[str], bool]:
             f"FAILED at {below.size}/{steps} steps, first t = {below[0]}"))
     lines.append(f"          slack allowed for {h.dtype} rounding: {report.tolerance:.3g} "
                  f"({RTOL[np.dtype(h.dtype)]:g} x max |J|)")
-    ok = bool(report.lemma2.all()) and report.theorem3 and report.norm_growth
-    if report.eta_floor is not None:
-        ok = ok and bool(report.eta_floor.all())
-    if growth_guaranteed:
-        ok = ok and report.v_growth
+    ok = report.all_hold  # every inequality the policy guarantees
     if result.status == "diverged":
         lines.append(f"          the loss stopped being finite after step {result.steps}: "
                      f"a guaranteed-descent step must not do that")

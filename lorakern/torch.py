@@ -1,7 +1,8 @@
 """The paper's step for the LoRA layers of a PyTorch model: ``LoRAStepOptimizer``.
 
 Imported only by users who ask for it (``import lorakern.torch``); ``import lorakern`` never
-imports torch. Needs ``pip install "lorakern[torch]"`` (torch; peft for PEFT models).
+imports torch. Needs ``pip install ".[torch]"`` in a clone of lorakern (torch; peft for PEFT
+models).
 
     model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=[...]))
     opt = lorakern.torch.LoRAStepOptimizer(model)      # finds the LoRA layers, hooks them
@@ -80,11 +81,11 @@ try:
     import torch
     from torch import nn
 except ImportError as exc:  # pragma: no cover - the message is the point
-    raise ImportError('lorakern.torch needs PyTorch: pip install "lorakern[torch]" (from a '
-                      'clone: pip install ".[torch]"), which brings torch and peft') from exc
+    raise ImportError('lorakern.torch needs PyTorch: pip install ".[torch]" in a clone of '
+                      'lorakern, which brings torch and peft') from exc
 
-from ._validate import as_array, positive_float
-from .step_size import THEOREM_CONSTANT, Armijo
+from ._validate import as_array, positive_float, positive_int
+from .step_size import Armijo, theorem_eta
 
 __all__ = ["LoRALinear", "LoRAStepOptimizer", "StepInfo", "lora_layers"]
 
@@ -110,15 +111,28 @@ class LoRALinear(nn.Module):
     lora_A : (r, n) Parameter, Gaussian with standard deviation 1/sqrt(n) (as
         ``lorakern.init_adapters``); lora_B : (m, r) Parameter, zeros: BA = 0 at the start.
     scaling : s.
+
+    Raises
+    ------
+    TypeError, ValueError : sizes that are not positive integers, a non-positive alpha, or
+        a weight whose shape is not (out_features, in_features), named.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, alpha=None,
                  bias: bool = True, weight=None, dtype=None, device=None):
+        in_features = positive_int("in_features", in_features)
+        out_features = positive_int("out_features", out_features)
+        rank = positive_int("rank", rank)
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device=device)
         if weight is not None:
+            weight = torch.as_tensor(weight)
+            if tuple(weight.shape) != (out_features, in_features):
+                raise ValueError(f"weight must be (out_features, in_features) = "
+                                 f"({out_features}, {in_features}), got shape "
+                                 f"{tuple(weight.shape)}")
             with torch.no_grad():
-                base.weight.copy_(torch.as_tensor(weight))
+                base.weight.copy_(weight)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
         self.bias = (nn.Parameter(base.bias.detach().clone(), requires_grad=False)
@@ -273,8 +287,10 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
 
     Raises
     ------
-    ValueError : no LoRA layer in ``model``, or one the theory does not cover (LoRA dropout,
-        DoRA, embeddings, convolutions, a LoRA bias, merged adapters); a bad argument.
+    TypeError : ``model`` is not an ``nn.Module``; an argument of the wrong type.
+    ValueError : no LoRA layer in ``model`` (or none with the ``adapter`` named), or one the
+        theory does not cover (LoRA dropout, DoRA, embeddings, convolutions, a LoRA bias,
+        merged adapters); a bad argument's value.
     """
 
     def __init__(self, model: nn.Module, *, lipschitz: float = 1.0, norm: str = "exact",
@@ -288,6 +304,9 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         self.norm = norm
         self.armijo = Armijo(cap=cap, c=c, max_trials=max_trials)  # validates them
         found = lora_layers(model, adapter)
+        if not found and adapter is not None and lora_layers(model):
+            raise ValueError(f"no LoRA layer of {type(model).__name__} has an active adapter "
+                             f"named {adapter!r}")
         if not found:
             raise ValueError(f"no LoRA layer found in {type(model).__name__}: wrap its linear "
                              f"layers with peft.get_peft_model(model, LoraConfig(...)) or "
@@ -425,7 +444,7 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         ------
         RuntimeError : a layer has gradients but the hooks saw no forward pass or no backward
             pass through it (the pass ran before the optimizer was made, or under no_grad).
-        DeviceUnavailableError : CUDA tensors without CuPy (``pip install "lorakern[cuda]"``).
+        DeviceUnavailableError : CUDA tensors without CuPy (``pip install ".[cuda]"``).
         """
         if not self._handles:
             raise RuntimeError("remove_hooks() was called: this optimizer cannot step")
@@ -436,8 +455,7 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
                 loss = closure()
         g_norm = math.sqrt(self._g_sq())
         v_sq, grad_sq = self._norms()
-        scale = THEOREM_CONSTANT * max(self.lipschitz, 1.0) * (v_sq + g_norm)
-        eta_theorem = min(1.0 / scale, 1.0) if scale > 0 else 1.0  # eq. (8)
+        eta_theorem = float(theorem_eta(v_sq, g_norm, max(self.lipschitz, 1.0)))  # eq. (8)
         grads = [(B, A, s, _grad(B), _grad(A)) for layer in self.layers
                  for B, A, s in layer.pairs]
         old = [(B.detach().clone(), A.detach().clone()) for B, A, *_ in grads]

@@ -182,6 +182,9 @@ def test_torch_matrix_problem_and_init_adapters():
     tB, tA = lorakern.init_adapters(9, 8, 2, dtype=np.float64, seed=0, init="gaussian",
                                     like=torch.zeros(1))
     assert isinstance(tB, torch.Tensor) and np.array_equal(tB.numpy(), B)
+    for not_an_array in (torch.device("cpu"), torch.float64, 3):  # like= names an array
+        with pytest.raises(TypeError, match="like must be None or an array"):
+            lorakern.init_adapters(9, 8, 2, dtype=np.float64, like=not_an_array)
     want = lorakern.step(lorakern.Problem(W0, Y, mask=mask), B, A, device="cpu")
     got = lorakern.step(lorakern.Problem(torch.from_numpy(W0), torch.from_numpy(Y),
                                          mask=torch.from_numpy(mask)), tB, tA, device="cpu")
@@ -198,6 +201,66 @@ def test_torch_cross_entropy_labels_and_errors():
     with pytest.raises(TypeError, match="float16"):
         lorakern.LinearProblem(torch.from_numpy(X).half(), torch.from_numpy(labels),
                                torch.from_numpy(W0), loss="cross_entropy")
+
+
+def test_torch_certified_fit_stopped_by_its_callback():
+    """Tensors through the certified step, stopped by a callback: tensors out, the same bits
+    as the NumPy fit of as many steps, the caller's tensors untouched, the run certified."""
+    torch = pytest.importorskip("torch")
+    X, Y, W0, B, A = _linear(np.float64, seed=10)
+    problem = lorakern.LinearProblem(torch.from_numpy(X), torch.from_numpy(Y),
+                                     torch.from_numpy(W0))
+    tB, tA = torch.from_numpy(B.copy()), torch.from_numpy(A.copy())
+    got = lorakern.fit(problem, tB, tA, steps=20, device="cpu", step_size="certified",
+                       callback=lambda info: info.t == 4 and isinstance(info.B, torch.Tensor))
+    assert got.status == "stopped" and got.steps == 4
+    assert isinstance(got.B, torch.Tensor) and isinstance(got.A, torch.Tensor)
+    want = lorakern.fit(lorakern.LinearProblem(X, Y, W0), B, A, steps=4, device="cpu",
+                        step_size="certified")
+    assert_bitwise(got.B.numpy(), want.B, "B")
+    assert_bitwise(got.A.numpy(), want.A, "A")
+    assert torch.equal(tB, torch.from_numpy(B)) and torch.equal(tA, torch.from_numpy(A))
+    assert lorakern.theory.check(got).all_hold
+
+
+def test_torch_device_objects_are_taken_by_name():
+    """device=tensor.device works as its name does: torch.device("cpu") is "cpu", a CUDA
+    one is "cuda:<i>" (unavailable here without CuPy, said so), another is unknown."""
+    torch = pytest.importorskip("torch")
+    X, Y, W0, B, A = _linear(np.float64, seed=9)
+    problem = lorakern.LinearProblem(X, Y, W0)
+    tB, tA = torch.from_numpy(B), torch.from_numpy(A)
+    got = lorakern.step(problem, tB, tA, device=tB.device)
+    assert_bitwise(got.B.numpy(), lorakern.step(problem, B, A, device="cpu").B, "B")
+    with pytest.raises(ValueError, match="unknown device 'meta'"):
+        lorakern.step(problem, tB, tA, device=torch.device("meta"))
+    if "cuda" not in lorakern.devices():
+        with pytest.raises(lorakern.DeviceUnavailableError, match=r"device='cuda:1' \(GPU 1\)"):
+            lorakern.step(problem, tB, tA, device=torch.device("cuda", 1))
+
+
+def test_torch_dtype_errors_say_the_torch_conversion():
+    """A tensor of the wrong dtype is told how to convert it in torch (``.to``: a tensor has
+    no ``astype``), and nothing of the caller's is changed; a list is told the problem's
+    dtype."""
+    torch = pytest.importorskip("torch")
+    X, Y, W0, B, A = _linear(np.float64, seed=8)
+    problem = lorakern.LinearProblem(X, Y, W0)
+    tB, tA = torch.from_numpy(B).float(), torch.from_numpy(A)
+    before = tB.clone()
+    with pytest.raises(TypeError, match=r"B has dtype float32 .*B\.to\(torch\.float64\)"):
+        lorakern.fit(problem, tB, tA, steps=2, device="cpu")
+    assert torch.equal(tB, before)
+    with pytest.raises(TypeError, match=r"A\.to\(torch\.float64\)"):
+        lorakern.merge(torch.from_numpy(W0), torch.from_numpy(B), tA.float())
+    with pytest.raises(TypeError, match=r"Y\.to\(torch\.float64\)"):
+        lorakern.LinearProblem(torch.from_numpy(X), torch.from_numpy(Y).float(), W0)
+    with pytest.raises(TypeError, match=r"Y\.to\(torch\.float64\)"):
+        lorakern.Problem(torch.from_numpy(W0), torch.from_numpy(W0).float())
+    with pytest.raises(TypeError, match=r"np\.asarray\(B, dtype=np\.float64\)"):
+        lorakern.step(problem, B.tolist(), A, device="cpu")
+    with pytest.raises(TypeError, match=r"B\.astype\(np\.float64\)"):  # NumPy: astype
+        lorakern.step(problem, B.astype(np.float32), A, device="cpu")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

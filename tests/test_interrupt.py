@@ -53,10 +53,16 @@ CASES = {"matrix": matrix_case, "linear": linear_case}
 
 @pytest.fixture(autouse=True)
 def default_sigint():
-    """Every test starts and must end with Python's own SIGINT handler in place."""
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    yield
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "a handler was left"
+    """Every test starts and must end with Python's own SIGINT handler in place. (A process
+    started in the background by a non-interactive shell, as a CI runner may start pytest,
+    inherits SIGINT ignored; Python then leaves it ignored, and so does fit: the tests set
+    Python's handler, as an interactive start has it, and put the inherited one back.)"""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "a handler was left"
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def sigint_during_pass(monkeypatch, call: int, times: int = 1, seen: list | None = None):
@@ -139,6 +145,34 @@ def test_ctrl_c_with_other_policies(monkeypatch, step_size):
     assert_bitwise(rest.A, full.A, "resumed A")
     assert_bitwise(np.concatenate([got.history.trials, rest.history.trials]),
                    full.history.trials, "trials")
+
+
+@pytest.mark.parametrize("search", ["exact", "backtrack"])
+def test_ctrl_c_with_the_certified_step_a_callback_and_progress(monkeypatch, capsys, search):
+    """The pieces together: a certified fit with a callback every 3 steps and progress lines
+    is interrupted during step t = 7. It returns the 7 steps taken (the callback saw t = 3
+    and 6), its log ends by saying so, theory.check certifies those steps (eta >= eta_t
+    included), and resuming with result.state ends at the bits of one whole fit."""
+    problem, B, A = make_case((37, 29, 3), np.float64, seed=2)  # squared: exact applies
+    policy = lorakern.Certified(search=search)
+    seen = []
+    sigint_during_pass(monkeypatch, call=8)  # step t = 7
+    with pytest.warns(lorakern.FitInterrupted, match="after 8 of"):
+        got = lorakern.fit(problem, B, A, steps=STEPS, device="cpu", step_size=policy,
+                           progress=True, callback=lambda info: seen.append(info.t),
+                           callback_every=3)
+    monkeypatch.undo()
+    assert got.status == "interrupted" and got.steps == 8 and seen == [3, 6]
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"fit interrupted  8/{STEPS}")
+    assert_same_run(got, lorakern.fit(problem, B, A, steps=8, device="cpu", step_size=policy))
+    report = lorakern.theory.check(got)
+    assert report.all_hold and report.eta_floor.size == 8 and report.eta_floor.all()
+    assert set(got.state) == ({"eta"} if search == "backtrack" else set())
+    rest = lorakern.fit(problem, got.B, got.A, steps=STEPS - 8, device="cpu",
+                        step_size=got.step_size, state=got.state)
+    full = lorakern.fit(problem, B, A, steps=STEPS, device="cpu", step_size=policy)
+    assert_bitwise(rest.B, full.B, "resumed B")
+    assert_bitwise(rest.A, full.A, "resumed A")
 
 
 def test_ctrl_c_during_the_first_step(monkeypatch):
@@ -320,6 +354,8 @@ CHILD = textwrap.dedent("""
     import lorakern
     from lorakern import _dispatch
     from lorakern.testing import make_case
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # not the SIG_IGN a background parent passes on
 
     problem, B, A = make_case((160, 120, 8), np.float64, loss="squared", seed=7)
     B0, A0 = B.copy(), A.copy()

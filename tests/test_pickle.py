@@ -8,9 +8,11 @@ the same bits as the same fits done here.
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import multiprocessing
 import pickle
+import weakref
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -94,6 +96,28 @@ def test_pickle_size_is_the_data():
     blob = pickle.dumps(problem)
     assert problem.R.nbytes == 300 * 200 * 4
     assert problem.R.nbytes < len(blob) < problem.R.nbytes + 1024, len(blob)
+
+
+def test_fit_result_keeps_no_problem():
+    """A FitResult keeps the problem's W0 where the problem has one (for merged()) and
+    nothing else of it: dropping the problem frees its data and what a device prepared,
+    and the result pickles to its iterate and history, not to the problem's data."""
+    problem, B, A = make_case((300, 200, 8), np.float32, seed=3)
+    result = lorakern.fit(problem, B, A, steps=2, device="cpu")
+    assert result.W0 is None  # the squared loss keeps only W0 - Y
+    blob = pickle.dumps(result)
+    iterate = result.B.nbytes + result.A.nbytes
+    assert iterate < len(blob) < iterate + 4096, (len(blob), iterate, problem.R.nbytes)
+    alive = weakref.ref(problem)
+    del problem
+    gc.collect()
+    assert alive() is None, "a FitResult kept its problem (and its m x n data) alive"
+
+    problem, B, A = matrix_case(np.float64, "logistic", seed=1)
+    result = lorakern.fit(problem, B, A, steps=2, device="cpu")
+    assert result.W0 is problem.W0  # the problem's own array, not a copy
+    back = pickle.loads(pickle.dumps(result))
+    assert_bitwise(back.merged(), result.merged(), "merged after a round trip")
 
 
 @pytest.mark.parametrize("policy", [lorakern.Theorem(), lorakern.Theorem(constant=4.0, norm="bound"),

@@ -300,6 +300,27 @@ def test_quartic_coefficients(shape, dtype, masked, monkeypatch):
         assert abs(cpu_value - direct) <= rtol * scale, (eta, cpu_value, direct)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
+def test_quartic_same_bits_for_any_worker_count(masked, monkeypatch):
+    """The CPU's quartic pass adds its row blocks' float64 partials in block order: the same
+    bits on 1, 2, 3, 4 and 7 worker threads, with small row blocks so that the work is
+    split into many (130 rows: 17 blocks of 8, the last short) and odd row counts per block
+    cross the kernel's 4-row loop and its tail."""
+    from lorakern._cpu import quartic, workers
+
+    monkeypatch.setattr(quartic, "QUARTIC_ROWS", 8)
+    for dtype in DTYPES:
+        problem, B, A = make_case((130, 67, 3), dtype, seed=70, masked=masked, init="gaussian")
+        p = reference.fused_pass(problem, None, B, A)
+        engine = _dispatch.bind(problem, "cpu")
+        bits = {}
+        for count in (1, 2, 3, 4, 7):
+            monkeypatch.setattr(workers, "count", lambda count=count: count)
+            got = engine.line_quartic(B, A, p.grad_B, p.grad_A)
+            bits[count] = np.array([float(a) for a in got]).tobytes()
+        assert len(set(bits.values())) == 1, (dtype, {k: np.frombuffer(v) for k, v in bits.items()})
+
+
 def test_exact_search_needs_the_squared_loss():
     """Huber or logistic: a ValueError naming the loss and the way out, before any step."""
     for loss in ("huber", "logistic"):

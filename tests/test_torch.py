@@ -263,6 +263,12 @@ def test_refuses_what_the_theory_does_not_cover(config, words):
     (lambda: LoRAStepOptimizer(LoRALinear(3, 2, 1), lipschitz=0.0), ValueError, "lipschitz"),
     (lambda: LoRAStepOptimizer(LoRALinear(3, 2, 1), c=0.5), ValueError, "Armijo c"),
     (lambda: LoRAStepOptimizer([1, 2]), TypeError, "torch.nn.Module"),
+    (lambda: LoRALinear(3, 2, 0), ValueError, r"rank must be a positive integer \(>= 1\), got 0"),
+    (lambda: LoRALinear(3, 2, 2.5), ValueError, "rank must be a positive integer, got 2.5"),
+    (lambda: LoRALinear(3, "2", 1), TypeError, "out_features must be a positive integer"),
+    (lambda: LoRALinear(3, 2, 1, alpha=-1.0), ValueError, "alpha must be positive"),
+    (lambda: LoRALinear(3, 2, 1, weight=torch.zeros(3, 2)), ValueError,
+     r"weight must be \(out_features, in_features\) = \(2, 3\), got shape \(3, 2\)"),
 ])
 def test_bad_arguments(make, error, words):
     with pytest.raises(error, match=words):
@@ -324,3 +330,11 @@ def test_torch_digits_example_runs(tmp_path):
         assert 0.0 <= r["accuracy"] <= 1.0
     if plot is not None:
         assert plot.stat().st_size > 1000
+
+
+def test_unknown_adapter_name_is_named():
+    """adapter= that no layer has is named, not reported as "no LoRA layer found"."""
+    model, _ = _mlp("peft")
+    with pytest.raises(ValueError, match="no LoRA layer of .* has an active adapter named 'nope'"):
+        LoRAStepOptimizer(model, adapter="nope")
+    assert len(LoRAStepOptimizer(model, adapter="default").layers) == 2

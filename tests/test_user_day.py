@@ -129,6 +129,32 @@ def test_state_must_be_a_dict():
         lorakern.fit(problem, B, A, steps=2, device="reference", state=0.5)
 
 
+@pytest.mark.parametrize("step_size, state, error, words", [
+    ("armijo", {"eta": -1.0}, ValueError, r"state\['eta'\] must be positive and finite"),
+    ("armijo", {"eta": float("nan")}, ValueError, r"state\['eta'\] must be positive"),
+    ("armijo", {"eta": "0.5"}, TypeError, r"state\['eta'\] must be a real number"),
+    ("armijo", {"eta": 0.5, "step": 3}, ValueError, "state has 'step' but Armijo keeps 'eta'"),
+    ("certified", {"etta": 0.5}, ValueError, "state has 'etta' but Certified keeps 'eta'"),
+    ("theorem", {"eta": 0.5}, ValueError, "state has 'eta' but Theorem keeps nothing: "
+                                          r"pass the state of a fit with the same step size"),
+])
+def test_bad_state_is_named_and_left_alone(step_size, state, error, words):
+    """A state that its policy does not keep, or a step size in it that is not one, is an
+    error naming the key; the caller's dict and arrays are not changed."""
+    problem, B, A = make_case((6, 5, 2), np.float64)
+    before, B0, A0 = dict(state), B.copy(), A.copy()
+    with pytest.raises(error, match=words):
+        lorakern.fit(problem, B, A, steps=2, device="reference", step_size=step_size,
+                     state=state)
+    assert state.keys() == before.keys() and all(
+        state[k] is before[k] for k in state)
+    assert_bitwise(B, B0, "B")
+    assert_bitwise(A, A0, "A")
+    kept = {"eta": None}  # None: no search yet (as a fresh fit)
+    lorakern.fit(problem, B, A, steps=2, device="reference", step_size="armijo", state=kept)
+    assert kept == {"eta": None}
+
+
 # -- the callback ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, **DT_IDS)
@@ -175,6 +201,28 @@ def test_callback_truthy_but_not_true_does_not_stop():
     assert result.status == "completed" and result.steps == 5
 
 
+@pytest.mark.parametrize("device", ["cpu", "reference"])
+def test_callback_cannot_write_into_the_fit(device):
+    """info.B and info.A are the fit's own iterate: NumPy gives them read-only, so a
+    callback that writes into them fails at once instead of changing the run under it; the
+    caller's arrays are untouched, and a callback that only reads changes nothing."""
+    problem, B, A = make_case(SHAPE, np.float64, seed=15)
+    B0, A0 = B.copy(), A.copy()
+
+    def scale_in_place(info):
+        info.B *= 0.5
+
+    with pytest.raises(ValueError, match="read-only"):
+        lorakern.fit(problem, B, A, steps=5, device=device, callback=scale_in_place)
+    assert_bitwise(B, B0, "caller's B")
+    assert_bitwise(A, A0, "caller's A")
+    seen = []
+    read = lorakern.fit(problem, B, A, steps=5, device=device,
+                        callback=lambda info: seen.append(float(info.B.sum())))
+    plain = lorakern.fit(problem, B, A, steps=5, device=device)
+    assert len(seen) == 4 and np.array_equal(read.B, plain.B) and np.array_equal(read.A, plain.A)
+
+
 @pytest.mark.skipif(EMULATED is None, reason="no g++ for the CUDA emulation")
 def test_callback_runs_the_host_loop_on_cuda():
     """A device-side loop cannot call back: with a callback the CUDA fit steps on the host."""
@@ -212,6 +260,17 @@ def test_progress_off_a_terminal_prints_lines_with_an_eta(capsys):
     assert len(timed) == 9, lines  # 2/20, 4/20, ..., 18/20; the end has its own line
     assert [line.split()[2] for line in timed] == [f"{k}/20" for k in range(2, 20, 2)]
     assert lines[-1].startswith("fit done  20/20 steps")
+
+
+def test_progress_last_line_says_why_the_fit_ended(capsys):
+    """A fit that a callback stopped (or Ctrl-C interrupted, or tol converged) does not end
+    its log with "done"."""
+    problem, B, A = make_case(SHAPE, np.float64, seed=17)
+    capsys.readouterr()
+    result = lorakern.fit(problem, B, A, steps=20, device="cpu", progress=True,
+                          callback=lambda info: info.t == 5)
+    assert result.status == "stopped"
+    assert capsys.readouterr().err.splitlines()[-1].startswith("fit stopped  5/20 steps")
 
 
 def test_progress_lines_at_least_every_interval(monkeypatch):

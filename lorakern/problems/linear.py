@@ -126,11 +126,12 @@ class LinearProblem(KindBase):
         if not isinstance(loss, str) or loss not in LINEAR_LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known losses: {sorted(LINEAR_LOSSES)}")
         self.loss = LINEAR_LOSSES[loss]
+        W0_in, Y_in = W0, Y
         X, W0 = as_array("X", X), as_array("W0", W0)
         Y = as_array("Y", Y, hint="dtype=np.int64" if self.loss.labels == "class"
                      else "dtype=X.dtype")
         check_matrix("X", X)
-        check_matrix("W0", W0, dtype=X.dtype)
+        check_matrix("W0", W0, dtype=X.dtype, like=W0_in)
         xp = array_namespace(X)
         if array_namespace(W0) is not xp or array_namespace(Y) is not xp:
             raise TypeError("X, Y and W0 must all be NumPy arrays or all CuPy arrays")
@@ -145,7 +146,7 @@ class LinearProblem(KindBase):
         if classes:
             _check_classes(Y, N, m, xp)
         else:
-            check_matrix("Y", Y, dtype=X.dtype)
+            check_matrix("Y", Y, dtype=X.dtype, like=Y_in)
             if Y.shape[0] != N:
                 raise ValueError(f"Y has {Y.shape[0]} rows but X has {N}: one target row "
                                  f"per sample")

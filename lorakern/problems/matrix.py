@@ -58,6 +58,7 @@ class Problem(KindBase):
                  lipschitz: float | None = None):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known losses: {sorted(LOSSES)}")
+        Y_in = Y
         W0, Y = as_array("W0", W0), as_array("Y", Y)
         if mask is not None:
             mask = as_array("mask", mask, hint="dtype=bool")
@@ -68,7 +69,7 @@ class Problem(KindBase):
             fill(self, W0, Y, mask, self._shard_kwargs())
             return
         check_matrix("W0", W0, takes_mask=True)
-        check_matrix("Y", Y, dtype=W0.dtype, takes_mask=True)
+        check_matrix("Y", Y, dtype=W0.dtype, takes_mask=True, like=Y_in)
         if W0.shape != Y.shape:
             raise ValueError(f"W0 has shape {tuple(W0.shape)} but Y has shape {tuple(Y.shape)}")
         if W0.size == 0:
