@@ -129,11 +129,18 @@ def short(demangled: str) -> str:
     return name.removeprefix("void ").replace("(bool)", "").replace("(int)", "")
 
 
+def built(loss: str, arch: str, kernel: str) -> bool:
+    """Every unit but the mma kernel's other losses on sm_80 (the squared loss's unit has its
+    every rank bound there; the losses differ only in the pointwise): less nvcc time in CI."""
+    return not (kernel == "mma" and arch == "sm_80" and loss != "squared")
+
+
 @pytest.fixture(scope="module")
 def builds():
     """Compile every loss for every architecture once (in parallel)."""
     workdir = Path(tempfile.mkdtemp(prefix="lorakern-nvcc-"))
-    jobs = [(loss, arch, kernel) for loss in LOSSES.values() for arch in ARCHS for kernel in KERNELS]
+    jobs = [(loss, arch, kernel) for loss in LOSSES.values() for arch in ARCHS for kernel in KERNELS
+            if built(loss.name, arch, kernel)]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         results = list(pool.map(lambda job: compile_unit(job[0], job[1], workdir, job[2]), jobs))
     yield {(loss.name, arch, kernel): result for (loss, arch, kernel), result in zip(jobs, results)}
@@ -144,6 +151,8 @@ def builds():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_nvcc_compiles(builds, loss, arch, kernel, record_property):
+    if not built(loss, arch, kernel):
+        pytest.skip("built for sm_90 only (see built())")
     cmd, proc = builds[(loss, arch, kernel)]
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{log}"
