@@ -9,14 +9,14 @@
 #   2. correctness (~2-3 min): tests/test_cuda.py (the GPU cases; the five that failed on the
 #      H200 before run_steps copied NumPy inputs to the device among them), tests/test_cuda_warp.py
 #      and tests/test_gpu_probe.py (host-only: the models the probes compare against);
-#   2b. the tensor-core pass v2 (~1 min, mostly NVRTC): tests/test_cuda_mma.py's GPU cases
-#      (launch.KERNEL = "mma": every loss and mask, ranks 1-128, fp32 accuracy against the fp32
-#      FMA kernel on random and near-converged data, bitwise reruns, run_steps on top);
-#   2c. the torch CUDA-tensor tests (~40 s): tests/test_dlpack.py, tests/test_torch.py -k cuda;
 #   3. timing (~2 min): the fused step, 200-step device loop, each row of the goals, today's kernel
 #      (simt) and v2 (mma) beside it, with the floor from step 1's rates (GPU_FULL=1 adds
 #      benchmarks/bench_cuda.py's CuPy and PyTorch comparisons, several minutes more);
-#   4. the table.
+#   4. the tensor-core pass v2's correctness (~1 min, mostly NVRTC): tests/test_cuda_mma.py's GPU
+#      cases (launch.KERNEL = "mma": every loss and mask, ranks 1-128, copy stages, fp32 accuracy
+#      against the fp32 FMA kernel on random and near-converged data, bitwise reruns, run_steps);
+#   5. the torch CUDA-tensor tests (~40 s): tests/test_dlpack.py, tests/test_torch.py -k cuda;
+#   6. the table.
 # GPU_SANITIZE=1 adds compute-sanitizer memcheck and racecheck over small passes of both kernels
 # (benchmarks/gpu_probe.py sanitize; several minutes: a run of its own).
 # Each step has its own time limit, so that one hang cannot eat the others' minutes; a step that
@@ -52,17 +52,18 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
     [ "$rc" -eq 0 ] || status=1
 }
 
-step calibrate 90 python benchmarks/gpu_probe.py calibrate --out "$out"
+step calibrate 80 python benchmarks/gpu_probe.py calibrate --out "$out"
 step tests 110 python -m pytest tests/test_cuda.py tests/test_cuda_warp.py tests/test_gpu_probe.py \
     -k "not emulated" -q -rs -p no:cacheprovider --junitxml="$out/tests.xml"
-# v2 (fused_mma.cu) on the GPU: its own cases only ("gpu" in the id; the emulated ones are for CI)
+step timing 110 python benchmarks/gpu_probe.py timing --out "$out"
+# v2 (fused_mma.cu) on the GPU: its own cases only ("gpu" in the id; the emulated ones are for
+# CI). After the timing: its ~35 NVRTC modules must not cost the table its rows
 step mma-tests 80 python -m pytest tests/test_cuda_mma.py -k "gpu" -q -rs -p no:cacheprovider \
     --junitxml="$out/mma-tests.xml"
 # CUDA tensors through lorakern (DLPack intake, the stream handovers, cuda:<i>, the optimizer's
 # CuPy norms): written without a GPU, never run on one before (issue 23)
 step torch 40 python -m pytest tests/test_dlpack.py tests/test_torch.py -k "cuda" -q -rs \
     -p no:cacheprovider --junitxml="$out/torch.xml"
-step timing 100 python benchmarks/gpu_probe.py timing --out "$out"
 if [ "${GPU_SANITIZE:-0}" = 1 ]; then  # compute-sanitizer over small passes of both kernels
     for tool in memcheck racecheck; do
         step "sanitize-$tool" 240 compute-sanitizer --tool "$tool" --error-exitcode 1 \
