@@ -29,10 +29,13 @@ the batch included). ``grad_B J`` and ``grad_A J`` are autograd's ``p.grad``; wh
 does not give is ||G_l||_F, which needs X_l and Delta_l: a forward hook keeps X_l and a
 hook on the layer's output keeps Delta_l. ``step()`` then computes
 
-    ||G||_F = (sum_l ||Delta_l^T X_l||_F^2)^(1/2)            exact: the linear kind's norm
-        kernels (Numba for CPU tensors, lorakern._cpu.linear.delta_x_norm_sq; CuPy for CUDA
-        tensors, lorakern._cuda.linear.delta_x_norm_sq), the Gram identity
-        <Delta Delta^T, X X^T> or tiles of Delta^T X, whichever costs fewer multiply-adds
+    ||G||_F = (sum_l ||Delta_l^T X_l||_F^2)^(1/2)            exact: by the Gram identity
+        <Delta Delta^T, X X^T> or from Delta^T X, whichever costs fewer multiply-adds. CPU
+        layers of under TORCH_NORM_WORK multiply-adds (N m min(N, n)): two float64 torch
+        products on the model's own torch threads (float64 accumulation, as lorakern's
+        serial kernels); larger CPU layers: the linear kind's kernels
+        (lorakern._cpu.linear.delta_x_norm_sq: BLAS products, Numba's ordered sums); CUDA
+        tensors: CuPy (lorakern._cuda.linear.delta_x_norm_sq)
     eta_t = min{1 / (5 sqrt(2) max(L, 1) (||V'||^2 + ||G||_F)), 1}       (eq. 8)
 
 and updates every A and B at once from the old iterate (eq. 3). Memory: the hooks keep
@@ -92,6 +95,13 @@ __all__ = ["LoRALinear", "LoRAStepOptimizer", "StepInfo", "lora_layers"]
 #: relative slack on norm="bound": the float64 sums of sum_i ||delta_i|| ||x_i|| carry a
 #: relative rounding below (N + max(m, n) + 2) eps_64, far under this for any N < 2^30
 BOUND_MARGIN = 2.0 ** -20
+#: CPU layers whose exact norm costs fewer multiply-adds than this (N m min(N, n)) get it
+#: from two float64 torch products on the model's torch threads; larger ones from
+#: lorakern._cpu.linear (NumPy's BLAS, whose own threads a torch loop wakes at every step:
+#: 3.1 ms against 0.68 ms at N, m, n = 1347, 64, 64 in float32 between torch work, 13.8
+#: against 10.7 ms at 2048, 256, 256, but 87 against 117 ms at 4096, 512, 512 where its
+#: float32 products beat float64 ones; one torch thread, benchmarks/NOTES.md)
+TORCH_NORM_WORK = 1 << 27
 
 
 class LoRALinear(nn.Module):
@@ -274,15 +284,15 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         the module docstring for what a step computes and how the scaling is folded in).
     lipschitz : the user's L (> 0); eta_t uses max(L, 1). A network's loss has no global L:
         see the module docstring.
-    norm : "exact" (||Delta_l^T X_l||_F by the linear kind's norm kernels, on the tensors'
-        device) or "bound" (a certified upper bound, cheaper; a smaller eta_t).
+    norm : "exact" (||Delta_l^T X_l||_F in float64, on the tensors' device: module
+        docstring) or "bound" (a certified upper bound, cheaper; a smaller eta_t).
     adapter : the PEFT adapter to train (default: the active ones).
     cap, c, max_trials : the line search of ``step(closure)``, as ``lorakern.Armijo``.
 
     Attributes
     ----------
-    device : "cpu" (the norms run in lorakern's Numba kernels), "cuda:<i>" (CuPy), or
-        "mixed" when the layers live on several devices.
+    device : "cpu" (the norms run in float64 torch products, or in lorakern's kernels for
+        large layers), "cuda:<i>" (CuPy), or "mixed" when the layers live on several devices.
     last : StepInfo of the last step, or None.
 
     Raises
@@ -395,6 +405,14 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         # the Gram identity costs N^2 (m + n) / 2 multiply-adds (X X^T is new every step),
         # the tiles of Delta^T X cost N m n: take the cheaper one
         gram = N * (m + n) < 2 * m * n
+        if not D.is_cuda and N * m * min(N, n) < TORCH_NORM_WORK:
+            # float64 products: each entry of Delta^T X (or of Delta Delta^T and X X^T) is
+            # accumulated in float64 from exact products of the float32/float64 inputs
+            D64, X64 = D.double(), X.double()
+            if gram:
+                return float(torch.sum((D64 @ D64.T) * (X64 @ X64.T)))  # <D D^T, X X^T>
+            G = D64.T @ X64
+            return float(torch.sum(G * G))
         D_arr, X_arr = as_array("Delta", D.contiguous()), as_array("X", X.contiguous())
         if D.is_cuda:
             from ._cuda import linear as cuda_linear

@@ -157,8 +157,15 @@ def _plain_G(pairs, x, y):
 
 
 @pytest.mark.parametrize("kind, rslora", [("peft", False), ("peft", True), ("lorakern", False)])
-@pytest.mark.parametrize("norm", ["exact", "bound"])
-def test_mlp_gradients_and_norm_against_autograd(kind, rslora, norm, monkeypatch):
+@pytest.mark.parametrize("norm, route", [("exact", "torch"), ("exact", "kernels"),
+                                         ("bound", "torch")])
+def test_mlp_gradients_and_norm_against_autograd(kind, rslora, norm, route, monkeypatch):
+    """route "torch": these small layers' exact norms are float64 torch products, and
+    lorakern's CPU norm kernels are not called; "kernels": TORCH_NORM_WORK patched to 0, so
+    that each layer's norm runs in lorakern._cpu.linear.delta_x_norm_sq, as large layers'
+    do."""
+    if route == "kernels":
+        monkeypatch.setattr(lorakern.torch, "TORCH_NORM_WORK", 0)
     model, pairs = _mlp(kind, rslora)
     calls = []
     real = _cpu.linear.delta_x_norm_sq
@@ -191,7 +198,8 @@ def test_mlp_gradients_and_norm_against_autograd(kind, rslora, norm, monkeypatch
     assert_close(info.grad_sq, grad_sq, np.float64, "grad_sq")
     if norm == "exact":
         assert_close(info.g_norm, g_norm, np.float64, "||G||")
-        assert calls == [(15, 11), (15, 4)]  # the Numba norm kernels, once per layer
+        # lorakern's CPU norm kernels once per layer, or not at all (torch's products)
+        assert calls == ([(15, 11), (15, 4)] if route == "kernels" else [])
     else:
         assert g_norm < info.g_norm  # a certified upper bound (strict: the rows differ)
         assert calls == []
