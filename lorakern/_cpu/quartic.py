@@ -31,13 +31,18 @@ QUARTIC_ROWS = 64
 def rq_work(R, gB, gA, block_rows, counter, partial):
     """partial[b, 0] = sum over block b's rows i of sum_k gB[i, k] <R[i], gA[k]>.
 
-    Rows go 4 at a time, so that each element of gA read from cache serves 4 rows. The dot
-    products <R[i], gA[k]> add up in the data's dtype (vectorised; reassociated by
-    fastmath), the rest in float64: in float32 the coefficient a2 came within 1e-9 of the
-    reference's at 2048^2, r = 16, and the pass took 4.1 ms against 6.1 ms with float64
-    dot products (which halve the SIMD lanes) and 2.7 ms for a loss-only pass (the same
-    machine, minutes apart, loaded). Summing 256-column chunks in float32 and those in
-    float64 was 20x slower: Numba did not vectorise it."""
+    Rows go 4 at a time, so that each element of gA read from cache serves 4 rows; the rows
+    after a block's last group of 4 (m mod 4 of them in the last block when block_rows is a
+    multiple of 4) go one at a time. Every dot product <R[i], gA[k]>, in either loop, adds up
+    in the data's dtype (vectorised; reassociated by fastmath); the rest (gB[i, k] times the
+    dot product, and the block's sum) in float64. In float32 the coefficient a2 came within
+    1e-9 of the reference's at 2048^2, r = 16, and the pass took 4.1 ms against 6.1 ms with
+    float64 dot products (which halve the SIMD lanes) and 2.7 ms for a loss-only pass (the
+    same machine, minutes apart, loaded). Summing 256-column chunks in float32 and those in
+    float64 was 20x slower: Numba did not vectorise it. One rule for every row: the leftover
+    rows are too few to make the pass faster or the total more accurate in float64 (its
+    error is that of the float32 dot products of the other rows), and a row's rounding
+    then does not depend on its index mod 4."""
     m, n = R.shape
     r = gB.shape[1]
     nblocks = partial.shape[0]
@@ -61,14 +66,17 @@ def rq_work(R, gB, gA, block_rows, counter, partial):
                     s1 += R[i + 1, j] * g
                     s2 += R[i + 2, j] * g
                     s3 += R[i + 3, j] * g
-                acc += gB[i, k] * s0 + gB[i + 1, k] * s1 + gB[i + 2, k] * s2 + gB[i + 3, k] * s3
+                acc += (np.float64(gB[i, k]) * np.float64(s0)
+                        + np.float64(gB[i + 1, k]) * np.float64(s1)
+                        + np.float64(gB[i + 2, k]) * np.float64(s2)
+                        + np.float64(gB[i + 3, k]) * np.float64(s3))
             i += 4
-        while i < i1:
+        while i < i1:  # the rows after the last group of 4: the same sums, one row
             for k in range(r):
-                s = 0.0
+                s = zero
                 for j in range(n):
-                    s += R[i, j] * np.float64(gA[k, j])
-                acc += gB[i, k] * s
+                    s += R[i, j] * gA[k, j]
+                acc += np.float64(gB[i, k]) * np.float64(s)
             i += 1
         partial[b, 0] = acc
 
