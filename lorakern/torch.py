@@ -284,8 +284,9 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         the module docstring for what a step computes and how the scaling is folded in).
     lipschitz : the user's L (> 0); eta_t uses max(L, 1). A network's loss has no global L:
         see the module docstring.
-    norm : "exact" (||Delta_l^T X_l||_F in float64, on the tensors' device: module
-        docstring) or "bound" (a certified upper bound, cheaper; a smaller eta_t).
+    norm : "exact" (||Delta_l^T X_l||_F on the tensors' device; the module docstring says
+        which code computes it) or "bound" (a certified upper bound, cheaper; a smaller
+        eta_t).
     adapter : the PEFT adapter to train (default: the active ones).
     cap, c, max_trials : the line search of ``step(closure)``, as ``lorakern.Armijo``.
 
