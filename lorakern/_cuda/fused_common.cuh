@@ -271,6 +271,21 @@ __device__ __forceinline__ void flush_gA(const T* sums, T* gA_part, int rs, long
     }
 }
 
+// ---- the pointwise (eq. 7) ---------------------------------------------------------------------
+// One entry at t (y: the label, or t itself for residual losses): the loss's value and
+// G = dL/dt (loss_pointwise, the prelude's device function) where keep (inside m x n and on the
+// mask), G = 0 elsewhere; the value and G^2 added to the thread's float64 sums. Returns G.
+template <typename T>
+__device__ __forceinline__ T pointwise(T t, T y, double delta, bool keep, double& loss_acc, double& gsq_acc)
+{
+    double value, grad;
+    loss_pointwise<T>(t, y, delta, &value, &grad);
+    const T g = keep ? (T)grad : T(0);
+    loss_acc += keep ? value : 0.0;
+    gsq_acc += (double)g * (double)g;
+    return g;
+}
+
 // scal_part[block] = (loss, ||G||^2): the threads' float64 sums (eq. 7) in block_sum2's order.
 // Every thread must call it; red is free shared memory of 2 * NT doubles.
 __device__ __forceinline__ void store_scal_part(double* red, double loss, double gsq, double* scal_part)

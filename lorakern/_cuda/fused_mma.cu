@@ -412,13 +412,8 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
                 const int lr = prow + rc.row, lc = pcol + 8 * nb + rc.col;
                 const T t = Xs[lr * C::LDX + lc] + g[nb][i];
                 const T y = LABELS ? Ys[lr * C::LDX + lc] : t;
-                double value, grad;
-                loss_pointwise<T>(t, y, delta, &value, &grad);
                 const bool keep = row0 + lr < m && col0 + lc < n && (!MASKED || mk[nb][i] != 0);
-                const T gv = keep ? (T)grad : T(0);
-                loss_acc += keep ? value : 0.0;
-                gsq_acc += (double)gv * (double)gv;
-                g[nb][i] = gv;
+                g[nb][i] = pointwise<T>(t, y, delta, keep, loss_acc, gsq_acc);
             }
 
         if constexpr (GRAD) {
