@@ -228,7 +228,7 @@ __global__ void __launch_bounds__(NT, 1) fused_pass(
             const Pack4<T> y = LABELS ? ld4(Ys + (ty + i * C::TY1) * C::LDX + 4 * tx) : Pack4<T>{};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const bool keep = j < valid[i] && (!MASKED || ((mk[i] >> (8 * j)) & 0xffu) != 0);
+                const auto keep = [&] { return j < valid[i] && (!MASKED || ((mk[i] >> (8 * j)) & 0xffu) != 0); };
                 t[i][j] = pointwise<T>(t[i][j], LABELS ? y.v[j] : t[i][j], delta, keep, loss_acc, gsq_acc);
             }
         }

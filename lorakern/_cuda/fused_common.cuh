@@ -274,12 +274,14 @@ __device__ __forceinline__ void flush_gA(const T* sums, T* gA_part, int rs, long
 // ---- the pointwise (eq. 7) ---------------------------------------------------------------------
 // One entry at t (y: the label, or t itself for residual losses): the loss's value and
 // G = dL/dt (loss_pointwise, the prelude's device function) where keep (inside m x n and on the
-// mask), G = 0 elsewhere; the value and G^2 added to the thread's float64 sums. Returns G.
-template <typename T>
-__device__ __forceinline__ T pointwise(T t, T y, double delta, bool keep, double& loss_acc, double& gsq_acc)
+// mask: keep(), asked after the loss as the kernels always did, which ptxas's register counts
+// see), G = 0 elsewhere; the value and G^2 added to the thread's float64 sums. Returns G.
+template <typename T, typename Keep>
+__device__ __forceinline__ T pointwise(T t, T y, double delta, Keep keep_of, double& loss_acc, double& gsq_acc)
 {
     double value, grad;
     loss_pointwise<T>(t, y, delta, &value, &grad);
+    const bool keep = keep_of();
     const T g = keep ? (T)grad : T(0);
     loss_acc += keep ? value : 0.0;
     gsq_acc += (double)g * (double)g;

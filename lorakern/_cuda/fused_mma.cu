@@ -412,7 +412,7 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
                 const int lr = prow + rc.row, lc = pcol + 8 * nb + rc.col;
                 const T t = Xs[lr * C::LDX + lc] + g[nb][i];
                 const T y = LABELS ? Ys[lr * C::LDX + lc] : t;
-                const bool keep = row0 + lr < m && col0 + lc < n && (!MASKED || mk[nb][i] != 0);
+                const auto keep = [&] { return row0 + lr < m && col0 + lc < n && (!MASKED || mk[nb][i] != 0); };
                 g[nb][i] = pointwise<T>(t, y, delta, keep, loss_acc, gsq_acc);
             }
 
