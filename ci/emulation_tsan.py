@@ -193,15 +193,18 @@ def check_races(tsan: str) -> bool:
         else:
             where = next((line.strip() for line in proc.stderr.splitlines() if "#0" in line), "")
             print(f"  a race through {which} memory: caught by TSan ({where})")
-    proc = run_child(["fused-without-barrier"], tsan)
+    return expect_race(tsan, "fused-without-barrier", "fused.cu without the barrier before the split scratch") and ok
+
+
+def expect_race(tsan: str, part: str, what: str) -> bool:
+    """The child `part` (a kernel file with one barrier removed) must stop on a TSan data race."""
+    proc = run_child([part], tsan)
     if proc.returncode != TSAN_EXIT or "ThreadSanitizer: data race" not in proc.stderr:
-        print(f"FAIL: fused.cu without one of its barriers: the race was not caught (exit "
-              f"{proc.returncode}):\n{proc.stderr[-4000:]}")
-        ok = False
-    else:
-        where = [line.strip() for line in proc.stderr.splitlines() if "#0" in line][:2]
-        print(f"  fused.cu without the barrier before the split scratch: caught by TSan ({'; '.join(where)})")
-    return ok
+        print(f"FAIL: {what}: the race was not caught (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return False
+    where = [line.strip() for line in proc.stderr.splitlines() if "#0" in line][:2]
+    print(f"  {what}: caught by TSan ({'; '.join(where)})")
+    return True
 
 
 def check_fused(tsan: str, part: str = "fused") -> bool:
@@ -214,15 +217,7 @@ def check_fused(tsan: str, part: str = "fused") -> bool:
 
 
 def check_mma(tsan: str) -> bool:
-    ok = True
-    proc = run_child(["mma-without-barrier"], tsan)
-    if proc.returncode != TSAN_EXIT or "ThreadSanitizer: data race" not in proc.stderr:
-        print(f"FAIL: fused_mma.cu without one of its barriers: the race was not caught (exit "
-              f"{proc.returncode}):\n{proc.stderr[-4000:]}")
-        ok = False
-    else:
-        where = [line.strip() for line in proc.stderr.splitlines() if "#0" in line][:2]
-        print(f"  fused_mma.cu without the barrier before the grad_B flush: caught by TSan ({'; '.join(where)})")
+    ok = expect_race(tsan, "mma-without-barrier", "fused_mma.cu without the barrier before the grad_B flush")
     return check_fused(tsan, "fused-mma") and ok
 
 

@@ -62,6 +62,25 @@ def test_digest_sees_every_input():
     assert launch.module_digest(code, names[:-1]) != base
 
 
+def test_digest_sees_every_kernel_file(monkeypatch):
+    """The headers go into the module as text (no #include that NVRTC would resolve on its own):
+    every file a module is made of is in its source, and a change to fused_common.cuh, which
+    both fused kernels share, changes the digest of every module."""
+    files = {"simt": (launch.common_source, launch.kernel_source),
+             "mma": (launch.warp_source, launch.common_source, launch.kernel_source, launch.mma_kernel_source)}
+    loss = lorakern.LOSSES["squared"]
+    before = {}
+    for kernel, parts in files.items():
+        code = launch.module_source(loss, kernel)
+        assert not any(line.lstrip().startswith("#include") for line in code.splitlines())
+        assert all(part() in code for part in parts), kernel
+        before[kernel] = launch.module_digest(code, ())
+    header = launch.common_source()
+    monkeypatch.setattr(launch, "common_source", lambda: header + "\n// changed\n")
+    for kernel in files:
+        assert launch.module_digest(launch.module_source(loss, kernel), ()) != before[kernel]
+
+
 def test_source_has_no_process_dependent_text():
     """No path of this machine, no object address in the generated source."""
     paths = [p for p in (str(ROOT), str(Path.cwd()), str(Path.home())) if len(p) > 1]

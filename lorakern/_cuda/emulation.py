@@ -212,7 +212,8 @@ class HostRuntime:
         """The translation unit of a module: emulation.h's declarations, the code (fused.cu's
         lines named as such in messages), and a launch and a signature function per name."""
         # compiler messages, barrier and mma sites in the kernel files' own line numbers
-        code = _with_line_markers(code, (("fused.cu", launch.kernel_source()),
+        code = _with_line_markers(code, (("fused_common.cuh", launch.common_source()),
+                                         ("fused.cu", launch.kernel_source()),
                                          ("fused_mma.cu", launch.mma_kernel_source())))
         wrappers = "\n".join(
             f'extern "C" int emu_kernel_{i}(unsigned g, unsigned b, unsigned s, void** a, double t) '

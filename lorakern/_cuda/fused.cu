@@ -3,7 +3,8 @@
 // The launcher (launch.py) prepends the loss's device function
 //     template <typename T> void loss_pointwise(T t, T y, double delta, double* value, double* grad)
 // (lorakern/losses.py, Loss.cuda_source) to this file, so adding a loss edits no kernel. It
-// compiles the result with NVRTC (cupy.RawModule + name_expressions); no headers are included.
+// compiles the result with NVRTC (cupy.RawModule + name_expressions), after fused_common.cuh
+// (the helpers, copy wrappers and partials this file shares with fused_mma.cu): no #include.
 //
 // One step at V_t = (B, A), with t = R + BA (residual losses, R = W0 - Y) or t = W0 + BA (labels):
 //
@@ -38,168 +39,7 @@
 // The rank is padded to RK (a template bound): columns k >= r of B and rows k >= r of A are
 // loaded as zeros, add nothing to t and receive gradients that are never read back.
 
-#ifndef LORAKERN_HOST_EMULATION
-__device__ __forceinline__ unsigned char* lk_dynamic_smem()
-{
-    extern __shared__ __align__(128) unsigned char lk_smem[];
-    return lk_smem;
-}
-__device__ __forceinline__ unsigned lk_dynamic_smem_size()
-{
-    unsigned bytes;
-    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
-    return bytes;
-}
-#endif
-
 namespace lorakern {
-
-constexpr int NT = 256;  // threads per block, every kernel
-
-__host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
-__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
-__host__ __device__ constexpr long long round128(long long bytes) { return (bytes + 127) / 128 * 128; }
-
-template <typename T>
-struct alignas(4 * sizeof(T)) Pack4 {
-    T v[4];
-};
-
-template <typename T>
-__device__ __forceinline__ Pack4<T> ld4(const T* p) { return *reinterpret_cast<const Pack4<T>*>(p); }
-template <typename T>
-__device__ __forceinline__ void st4(T* p, const Pack4<T>& x) { *reinterpret_cast<Pack4<T>*>(p) = x; }
-
-__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
-__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
-
-__device__ __forceinline__ bool is_finite(double x) { return x - x == 0.0; }
-
-__device__ __forceinline__ bool aligned(const void* p, unsigned long long bytes)
-{
-    return reinterpret_cast<unsigned long long>(p) % bytes == 0;
-}
-
-// ---- asynchronous global -> shared copies (cp.async on sm_80+; a plain copy elsewhere) -----
-// src_bytes < BYTES zero-fills the rest; src_bytes == 0 reads nothing (src must still be valid).
-// A copy is visible to its own thread after copy_async_wait_all, to the others after the
-// __syncthreads that follows it. The host emulation (emulation.h) lands each copy only at that
-// wait and fills its destination with NaN until then, so a missing wait shows in the results.
-template <int BYTES>
-__device__ __forceinline__ void copy_async(void* dst, const void* src, int src_bytes)
-{
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
-    unsigned s;
-    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(dst));
-    if (BYTES == 16)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(src_bytes) : "memory");
-    else
-        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(s), "l"(src), "n"(BYTES), "r"(src_bytes)
-                     : "memory");
-#elif defined(LORAKERN_HOST_EMULATION)
-    lk_emu::copy_async(dst, src, BYTES, src_bytes);  // lands at the wait (emulation.h)
-#else
-    unsigned char* d = static_cast<unsigned char*>(dst);
-    const unsigned char* g = static_cast<const unsigned char*>(src);
-    for (int i = 0; i < BYTES; ++i) d[i] = i < src_bytes ? g[i] : 0;
-#endif
-}
-
-__device__ __forceinline__ void copy_async_commit()
-{
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#elif defined(LORAKERN_HOST_EMULATION)
-    lk_emu::copy_async_commit();
-#endif
-}
-
-__device__ __forceinline__ void copy_async_wait_all()
-{
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
-    asm volatile("cp.async.wait_all;" ::: "memory");
-#elif defined(LORAKERN_HOST_EMULATION)
-    lk_emu::copy_async_wait_all();
-#endif
-}
-
-// rows [row0, row0 + ROWS) x columns [col0, col0 + COLS) of a row-major nrows x ncols matrix
-// g (leading dimension ld) -> s (leading dimension lds), zeros outside the matrix.
-// vec: 16-byte chunks (ld and g 16-byte aligned; col0 a multiple of the chunk).
-template <typename T, int ROWS, int COLS>
-__device__ __forceinline__ void tile_async(T* s, int lds, const T* g, long long ld, int row0, int col0,
-                                           int nrows, int ncols, bool vec)
-{
-    if (vec) {
-        constexpr int V = 16 / sizeof(T);
-        constexpr int CH = COLS / V;
-        static_assert(COLS % V == 0, "tile width must be a multiple of a 16-byte chunk");
-#pragma unroll 2
-        for (int e = threadIdx.x; e < ROWS * CH; e += NT) {
-            const int rr = e / CH, cc = (e % CH) * V;
-            const int row = row0 + rr, col = col0 + cc;
-            const int valid = row < nrows ? cmax(0, cmin(V, ncols - col)) : 0;
-            const T* src = valid > 0 ? g + row * ld + col : g;
-            copy_async<16>(s + rr * lds + cc, src, valid * (int)sizeof(T));
-        }
-    } else {
-#pragma unroll 4
-        for (int e = threadIdx.x; e < ROWS * COLS; e += NT) {
-            const int rr = e / COLS, cc = e % COLS;
-            const int row = row0 + rr, col = col0 + cc;
-            const bool valid = row < nrows && col < ncols;
-            copy_async<(int)sizeof(T)>(s + rr * lds + cc, valid ? g + row * ld + col : g,
-                                       valid ? (int)sizeof(T) : 0);
-        }
-    }
-}
-
-// 4 consecutive entries p[0..3], of which the first `valid` exist (zeros for the rest)
-template <typename T>
-__device__ __forceinline__ void load_row4(T out[4], const T* p, int valid, bool vec)
-{
-    if (vec && valid == 4) {
-        const Pack4<T> x = ld4(p);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) out[j] = x.v[j];
-    } else {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) out[j] = j < valid ? p[j] : T(0);
-    }
-}
-
-__device__ __forceinline__ unsigned load_mask4(const unsigned char* p, int valid, bool vec)
-{
-    if (vec && valid == 4) return *reinterpret_cast<const unsigned*>(p);
-    unsigned bits = 0;
-    for (int j = 0; j < 4; ++j)
-        if (j < valid) bits |= (unsigned)p[j] << (8 * j);
-    return bits;
-}
-
-// sum of a[t] and b[t] over the block's threads, fixed tree order; red holds 2 * NT doubles.
-// Every thread must call it; thread 0 gets the sums.
-__device__ __forceinline__ void block_sum2(double* red, double& a, double& b)
-{
-    const int tid = threadIdx.x;
-    red[tid] = a;
-    red[NT + tid] = b;
-    __syncthreads();
-#pragma unroll
-    for (int s = NT / 2; s > 0; s >>= 1) {
-        if (tid < s) {
-            red[tid] += red[tid + s];
-            red[NT + tid] += red[NT + tid + s];
-        }
-        __syncthreads();
-    }
-    a = red[0];
-    b = red[NT];
-}
 
 // ---- the fused pass: configuration --------------------------------------------------------
 // Everything is derived from (T, RK, BM, BN); launch.py mirrors SMEM_BYTES in smem_bytes().
@@ -279,24 +119,15 @@ __global__ void __launch_bounds__(NT, 1) fused_pass(
     double* __restrict__ scal_part)
 {
     using C = Fused<T, RK, BM, BN, LABELS, GRAD>;
-    unsigned char* smem = lk_dynamic_smem();
-    if (lk_dynamic_smem_size() < (unsigned)C::SMEM_BYTES) __trap();  // launcher and kernel disagree
-    T* A_s = reinterpret_cast<T*>(smem);
-    T* B_s = reinterpret_cast<T*>(smem + C::A_BYTES);
-    T* X_s = reinterpret_cast<T*>(smem + C::A_BYTES + C::B_BYTES);
-    T* Y_s = reinterpret_cast<T*>(smem + C::A_BYTES + C::B_BYTES + C::X_BYTES);
-    unsigned char* W = smem + C::A_BYTES + C::B_BYTES + C::X_BYTES + C::Y_BYTES;
-    T* G_s = reinterpret_cast<T*>(W);
-    T* scratch = reinterpret_cast<T*>(W);
-    double* red = reinterpret_cast<double*>(W);
+    const PassSmem<T> sm = pass_smem<C, T>();
+    T *A_s = sm.A, *B_s = sm.B, *X_s = sm.X, *Y_s = sm.Y;
+    T* G_s = reinterpret_cast<T*>(sm.W);
+    T* scratch = reinterpret_cast<T*>(sm.W);
+    double* red = reinterpret_cast<double*>(sm.W);
 
     const int tid = threadIdx.x;
-    const int ntr = (m + BM - 1) / BM, ntc = (n + BN - 1) / BN;
-    const int nsc = (ntc + cpb - 1) / cpb;
-    const int rs = blockIdx.x / nsc, cs = blockIdx.x % nsc;
-    const int rt0 = rs * rpb, ct0 = cs * cpb;
-    const int nct = cmin(cpb, ntc - ct0);
-    const int ntiles = cmin(rpb, ntr - rt0) * nct;
+    const SuperTile st = super_tile<BM, BN>(m, n, rpb, cpb);
+    const int rs = st.rs, cs = st.cs, rt0 = st.rt0, ct0 = st.ct0, nct = st.nct, ntiles = st.ntiles;
 
     constexpr int V = 16 / sizeof(T);  // elements per 16-byte copy
     const bool vec_x = n % V == 0 && aligned(X, 16) && (!LABELS || aligned(Y, 16));
@@ -361,14 +192,7 @@ __global__ void __launch_bounds__(NT, 1) fused_pass(
         }
         if (it + 1 < ntiles) issue(it + 1);  // into the buffers the previous tile used
         Pack4<T> gA_prev[C::PREFETCH_GA ? C::OP3 : 1];
-        if (GRAD && C::PREFETCH_GA && rt != rt0) {
-#pragma unroll
-            for (int p = 0; p < C::OP3; ++p) {
-                const int e = tid + p * NT;
-                if (e < RK * BN / 4)
-                    gA_prev[p] = ld4(gA_part + ((long long)rs * RK + e / (BN / 4)) * n_ld + col0 + (e % (BN / 4)) * 4);
-            }
-        }
+        if (GRAD && C::PREFETCH_GA && rt != rt0) prefetch_gA<C, RK, BN>(gA_prev, gA_part, rs, n_ld, col0);
         const T* As = A_s + (it & 1) * RK * C::LDA;
         const T* Bs = B_s + (q % C::B_BUF) * BM * C::LDB;
         const T* Xs = X_s + (it & 1) * BM * C::LDX;
@@ -404,13 +228,8 @@ __global__ void __launch_bounds__(NT, 1) fused_pass(
             const Pack4<T> y = LABELS ? ld4(Ys + (ty + i * C::TY1) * C::LDX + 4 * tx) : Pack4<T>{};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                double value, grad;
-                loss_pointwise<T>(t[i][j], LABELS ? y.v[j] : t[i][j], delta, &value, &grad);
-                const bool keep = j < valid[i] && (!MASKED || ((mk[i] >> (8 * j)) & 0xffu) != 0);
-                const T g = keep ? (T)grad : T(0);
-                loss_acc += keep ? value : 0.0;
-                gsq_acc += (double)g * (double)g;
-                t[i][j] = g;
+                const auto keep = [&] { return j < valid[i] && (!MASKED || ((mk[i] >> (8 * j)) & 0xffu) != 0); };
+                t[i][j] = pointwise<T>(t[i][j], LABELS ? y.v[j] : t[i][j], delta, keep, loss_acc, gsq_acc);
             }
         }
         if constexpr (GRAD) {
@@ -485,25 +304,7 @@ __global__ void __launch_bounds__(NT, 1) fused_pass(
                     }
             }
             __syncthreads();
-#pragma unroll
-            for (int p = 0; p < C::OP3; ++p) {
-                const int e = tid + p * NT;
-                if (C::OP3 * NT > RK * BN / 4 && e >= RK * BN / 4) break;
-                const int k = e / (BN / 4), c = (e % (BN / 4)) * 4;
-                Pack4<T> sum = ld4(scratch + k * BN + c);
-                for (int s = 1; s < C::S3; ++s) {
-                    const Pack4<T> v = ld4(scratch + ((long long)s * RK + k) * BN + c);
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) sum.v[j] += v.v[j];
-                }
-                T* dst = gA_part + ((long long)rs * RK + k) * n_ld + col0 + c;
-                if (rt != rt0) {  // the block's own slice: earlier row tiles of this super-tile
-                    const Pack4<T> prev = C::PREFETCH_GA ? gA_prev[C::PREFETCH_GA ? p : 0] : ld4(dst);
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) sum.v[j] = prev.v[j] + sum.v[j];
-                }
-                st4(dst, sum);
-            }
+            flush_gA<C, RK, BN>(scratch, gA_part, rs, n_ld, col0, rt != rt0, gA_prev);
 
             if (row_end) {  // this row tile is done: phase-2 splits summed into gB_part[cs]
                 __syncthreads();
@@ -540,11 +341,7 @@ __global__ void __launch_bounds__(NT, 1) fused_pass(
     }
 
     __syncthreads();  // the work area is free
-    block_sum2(red, loss_acc, gsq_acc);
-    if (tid == 0) {
-        scal_part[2 * blockIdx.x] = loss_acc;
-        scal_part[2 * blockIdx.x + 1] = gsq_acc;
-    }
+    store_scal_part(red, loss_acc, gsq_acc, scal_part);
 }
 
 // ---- partials -> gradients, and the per-block norms ----------------------------------------

@@ -2,7 +2,8 @@
 // launch.KERNEL = "mma" (or LORAKERN_CUDA_KERNEL=mma); "simt" (fused.cu's fused_pass) stays the
 // default until a GPU run has timed this one (benchmarks/NOTES.md, "v2 (mma) kernel").
 //
-// The launcher builds a module as: the loss's device function, warp.cuh, fused.cu, this file.
+// The launcher builds a module as: the loss's device function, warp.cuh, fused_common.cuh (the
+// helpers, copy wrappers and partials shared with fused.cu), fused.cu, this file.
 // fused_pass_mma computes what fused.cu's fused_pass computes, into the same partials
 //     gB_part[column super-tile][m_ld][RK]   gA_part[row super-tile][RK][n_ld]   scal_part[block]
 // so that fused.cu's reduce_grads, finalize and update (the tail), and matrix.py's step and
@@ -55,17 +56,6 @@ namespace lorakern {
 #define LORAKERN_TF32_PASSES 3  // 3: 3xTF32; 1: plain TF32 (only to show that the tests can fail)
 #endif
 static_assert(LORAKERN_TF32_PASSES == 1 || LORAKERN_TF32_PASSES == 3, "LORAKERN_TF32_PASSES is 1 or 3");
-
-// cp.async.wait_group N: every committed copy group but the newest N has landed (for this thread)
-template <int N>
-__device__ __forceinline__ void copy_async_wait_group()
-{
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#elif defined(LORAKERN_HOST_EMULATION)
-    lk_emu::copy_async_wait_group(N);
-#endif
-}
 
 // ---- one mma step per element type: d += a b, operands given as T values in fragment order -----
 template <typename T>
@@ -325,13 +315,9 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
     typedef FusedMma<T, RK, BM, BN, STAGES, LABELS, GRAD> C;
     typedef typename C::Op Op;
     typedef typename Op::F F;
-    unsigned char* smem = lk_dynamic_smem();
-    if (lk_dynamic_smem_size() < (unsigned)C::SMEM_BYTES) __trap();  // launcher and kernel disagree
-    T* A_s = reinterpret_cast<T*>(smem);
-    T* B_s = reinterpret_cast<T*>(smem + C::A_BYTES);
-    T* X_s = reinterpret_cast<T*>(smem + C::A_BYTES + C::B_BYTES);
-    T* Y_s = reinterpret_cast<T*>(smem + C::A_BYTES + C::B_BYTES + C::X_BYTES);
-    unsigned char* W = smem + C::A_BYTES + C::B_BYTES + C::X_BYTES + C::Y_BYTES;
+    const PassSmem<T> sm = pass_smem<C, T>();
+    T *A_s = sm.A, *B_s = sm.B, *X_s = sm.X, *Y_s = sm.Y;
+    unsigned char* W = sm.W;
     T* G_s = reinterpret_cast<T*>(W);
     double* red = reinterpret_cast<double*>(W);
 
@@ -339,12 +325,8 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
     const unsigned lane = tid % 32;
     const int wr = warp_id % C::WR, wc = warp_id / C::WR;
     const int prow = wr * Op::M, pcol = wc * C::CW;  // the warp's panel (phases 1-2)
-    const int ntr = (m + BM - 1) / BM, ntc = (n + BN - 1) / BN;
-    const int nsc = (ntc + cpb - 1) / cpb;
-    const int rs = blockIdx.x / nsc, cs = blockIdx.x % nsc;
-    const int rt0 = rs * rpb, ct0 = cs * cpb;
-    const int nct = cmin(cpb, ntc - ct0);
-    const int ntiles = cmin(rpb, ntr - rt0) * nct;
+    const SuperTile st = super_tile<BM, BN>(m, n, rpb, cpb);
+    const int rs = st.rs, cs = st.cs, rt0 = st.rt0, ct0 = st.ct0, nct = st.nct, ntiles = st.ntiles;
 
     constexpr int V = 16 / sizeof(T);  // elements per 16-byte copy
     const bool vec_x = n % V == 0 && aligned(X, 16) && (!LABELS || aligned(Y, 16));
@@ -414,14 +396,7 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
         T* const A_free = A_s + (it % STAGES) * RK * C::LDA;  // free once phase 2 is done (FusedMma)
         const T* As = A_free;
         Pack4<T> gA_prev[C::PREFETCH_GA ? C::OP3 : 1];
-        if (GRAD && C::PREFETCH_GA && rt != rt0) {
-#pragma unroll
-            for (int p = 0; p < C::OP3; ++p) {
-                const int e = tid + p * NT;
-                if (e < RK * BN / 4)
-                    gA_prev[p] = ld4(gA_part + ((long long)rs * RK + e / (BN / 4)) * n_ld + col0 + (e % (BN / 4)) * 4);
-            }
-        }
+        if (GRAD && C::PREFETCH_GA && rt != rt0) prefetch_gA<C, RK, BN>(gA_prev, gA_part, rs, n_ld, col0);
         const T* Bs = B_s + (q % C::B_BUF) * BM * C::LDB;
         const T* Xs = X_s + (it % STAGES) * BM * C::LDX;
         const T* Ys = Y_s + (it % STAGES) * BM * C::LDX;
@@ -437,13 +412,8 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
                 const int lr = prow + rc.row, lc = pcol + 8 * nb + rc.col;
                 const T t = Xs[lr * C::LDX + lc] + g[nb][i];
                 const T y = LABELS ? Ys[lr * C::LDX + lc] : t;
-                double value, grad;
-                loss_pointwise<T>(t, y, delta, &value, &grad);
-                const bool keep = row0 + lr < m && col0 + lc < n && (!MASKED || mk[nb][i] != 0);
-                const T gv = keep ? (T)grad : T(0);
-                loss_acc += keep ? value : 0.0;
-                gsq_acc += (double)gv * (double)gv;
-                g[nb][i] = gv;
+                const auto keep = [&] { return row0 + lr < m && col0 + lc < n && (!MASKED || mk[nb][i] != 0); };
+                g[nb][i] = pointwise<T>(t, y, delta, keep, loss_acc, gsq_acc);
             }
 
         if constexpr (GRAD) {
@@ -463,25 +433,7 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
             mma_phase3<C>(S3_s, G_s, Bs, warp_id, lane);
             __syncthreads();
             // splits summed in split order, added to the block's own slice of gA_part
-#pragma unroll
-            for (int p = 0; p < C::OP3; ++p) {
-                const int e = tid + p * NT;
-                if (C::OP3 * NT > RK * BN / 4 && e >= RK * BN / 4) break;
-                const int k = e / (BN / 4), c = (e % (BN / 4)) * 4;
-                Pack4<T> sum = ld4(S3_s + k * BN + c);
-                for (int s = 1; s < C::S3; ++s) {
-                    const Pack4<T> v = ld4(S3_s + ((long long)s * RK + k) * BN + c);
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) sum.v[j] += v.v[j];
-                }
-                T* dst = gA_part + ((long long)rs * RK + k) * n_ld + col0 + c;
-                if (rt != rt0) {  // earlier row tiles of this super-tile
-                    const Pack4<T> prev = C::PREFETCH_GA ? gA_prev[C::PREFETCH_GA ? p : 0] : ld4(dst);
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) sum.v[j] = prev.v[j] + sum.v[j];
-                }
-                st4(dst, sum);
-            }
+            flush_gA<C, RK, BN>(S3_s, gA_part, rs, n_ld, col0, rt != rt0, gA_prev);
 
             if (row_end) {  // this row tile is done: the WC warps of each row group summed in wc
                             // order into S2 [BM][RK] (the A buffer), then written to gB_part[cs]
@@ -511,11 +463,7 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
     }
 
     __syncthreads();  // the work area is free
-    block_sum2(red, loss_acc, gsq_acc);
-    if (tid == 0) {
-        scal_part[2 * blockIdx.x] = loss_acc;
-        scal_part[2 * blockIdx.x + 1] = gsq_acc;
-    }
+    store_scal_part(red, loss_acc, gsq_acc, scal_part);
 }
 
 }  // namespace lorakern

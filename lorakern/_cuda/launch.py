@@ -78,7 +78,7 @@ MMA_STAGES = (3, 2)
 # (a kernel not found) falls back to compiling with the name expressions.
 #
 # A hit needs the very same bytes in every process: module_source() and kernel_names() depend
-# only on fused.cu, the loss's body and the arguments (no dict order, id(), path, time or
+# only on the kernel files, the loss's body and the arguments (no dict order, id(), path, time or
 # float repr that could change), and OPTIONS is a constant; tests/test_cuda_compile.py checks
 # it in two processes with different hash seeds and working directories.
 
@@ -357,8 +357,15 @@ def kernel_source() -> str:
     return _SOURCE
 
 
+def common_source() -> str:
+    """fused_common.cuh: what both fused passes share (helpers, copy wrappers, partials); the
+    text before fused.cu in every module."""
+    return resources.files(__package__).joinpath("fused_common.cuh").read_text()
+
+
 def mma_kernel_source() -> str:
-    """fused_mma.cu: the tensor-core fused pass (needs warp.cuh and fused.cu before it)."""
+    """fused_mma.cu: the tensor-core fused pass (needs warp.cuh, fused_common.cuh and fused.cu
+    before it)."""
     return resources.files(__package__).joinpath("fused_mma.cu").read_text()
 
 
@@ -368,13 +375,14 @@ def warp_source() -> str:
 
 
 def module_source(loss, kernel: str = "simt") -> str:
-    """The loss's device function, then the kernels (cupyx/ndimage prepends #defines alike);
-    for the "mma" kernel warp.cuh first and fused_mma.cu after fused.cu (whose helpers and tail
-    kernels it uses)."""
+    """The loss's device function, then the kernels (cupyx/ndimage prepends #defines alike):
+    fused_common.cuh and fused.cu; for the "mma" kernel warp.cuh first and fused_mma.cu after
+    fused.cu (whose tail kernels it uses). The headers go in as text, not #include, so that the
+    source (and the disk cache's digest of it) holds every byte NVRTC compiles."""
     head = f"// loss {loss.name!r}, from lorakern/losses.py\n{loss.cuda_source()}\n"
     if check_kernel(kernel) == "mma":
-        return f"{head}{warp_source()}\n{kernel_source()}\n{mma_kernel_source()}"
-    return f"{head}{kernel_source()}"
+        return f"{head}{warp_source()}\n{common_source()}\n{kernel_source()}\n{mma_kernel_source()}"
+    return f"{head}{common_source()}\n{kernel_source()}"
 
 
 def all_modules():
