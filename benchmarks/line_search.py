@@ -2,7 +2,7 @@
 
     python benchmarks/line_search.py                          # the demo's problem: 512 x 384, r = 8
     python benchmarks/line_search.py --m 2048 --n 2048 --rank 16
-    python benchmarks/line_search.py --m 4096 --n 4096 --rank 16 --steps 300 --repeat 1
+    python benchmarks/line_search.py --m 4096 --n 4096 --rank 16 --steps 150 --rounds 9
 
 The problem is ``lorakern.demo.synthetic_problem`` (Y = W0 + S + noise, S of rank ``rank``,
 the squared loss, the LoRA start B = 0) in float32 on device="cpu". The target is J* (1 +
@@ -10,9 +10,10 @@ the squared loss, the LoRA start B = 0) in float32 on device="cpu". The target i
 W0 - Y past the rank-th: scipy's ``svds`` for its top singular values). Each policy runs
 ``--steps`` steps once; its steps to the target are the first t with J(V_t) <= target, its
 passes are those steps' fused passes plus their line-search passes (a loss-only pass for a
-backtracking trial, the quartic pass for the exact search), and its seconds are the best of
-``--repeat`` timed fits of exactly that many steps (``FitResult.seconds``: the loop alone,
-kernels compiled before). A policy that does not reach the target says so, with J(V_T) / J*.
+backtracking trial, the quartic pass for the exact search), and its seconds are the median
+(with min-max) of ``--rounds`` timed fits of exactly that many steps, the policies taking
+turns in every round (``FitResult.seconds``: the loop alone, kernels compiled before). A
+policy that does not reach the target says so, with J(V_T) / J*.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--within", type=float, default=0.01, help="target: J* (1 + WITHIN)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
@@ -66,25 +67,32 @@ def main(argv=None) -> None:
     print(f"problem {args.m}x{args.n} float32 squared loss, rank {args.rank}; J* = {j_star:.6g}, "
           f"target J* (1 + {args.within:g}) = {target:.6g}, {args.steps} steps at most")
     print()
-    print("| step size | steps to target | passes to target | seconds to target | J(V_T) / J* after "
-          f"{args.steps} | passes in {args.steps} steps |")
+    print("| step size | steps to target | passes to target | seconds to target, median (min-max) "
+          f"| J(V_T) / J* after {args.steps} | passes in {args.steps} steps |")
     print("|---|---|---|---|---|---|")
+    rows, reached = {}, {}
     for name, make in POLICIES.items():
-        policy = make()
-        lorakern.fit(d.problem, d.B, d.A, steps=2, device=args.device, step_size=policy)  # compile
-        run = lorakern.fit(d.problem, d.B, d.A, steps=args.steps, device=args.device, step_size=policy)
+        lorakern.fit(d.problem, d.B, d.A, steps=2, device=args.device, step_size=make())  # compile
+        run = lorakern.fit(d.problem, d.B, d.A, steps=args.steps, device=args.device, step_size=make())
         loss = np.append(run.history.loss, run.final_loss)
-        passes_all = run.steps + int(run.history.trials.sum())
         hit = np.flatnonzero(loss <= target)
-        if hit.size == 0:
+        rows[name] = (run, int(hit[0]) if hit.size else None)
+        if hit.size:
+            reached[name] = []
+    for _ in range(args.rounds):  # the policies take turns, so a slow moment hits them all
+        for name in reached:
+            reached[name].append(lorakern.fit(d.problem, d.B, d.A, steps=rows[name][1],
+                                              device=args.device,
+                                              step_size=POLICIES[name]()).seconds)
+    for name, (run, t) in rows.items():
+        passes_all = run.steps + int(run.history.trials.sum())
+        if t is None:
             print(f"| {name} | not reached | - | - | {run.final_loss / j_star:.4g} | {passes_all} |")
             continue
-        t = int(hit[0])
         passes = t + int(run.history.trials[:t].sum())
-        seconds = min(lorakern.fit(d.problem, d.B, d.A, steps=t, device=args.device,
-                                   step_size=make()).seconds for _ in range(args.repeat))
-        print(f"| {name} | {t} | {passes} | {seconds:.3g} | {run.final_loss / j_star:.6g} | {passes_all} |")
-
+        sec = np.asarray(reached[name])
+        print(f"| {name} | {t} | {passes} | {np.median(sec):.3g} ({sec.min():.3g}-{sec.max():.3g}) "
+              f"| {run.final_loss / j_star:.6g} | {passes_all} |")
 
 if __name__ == "__main__":
     main()
