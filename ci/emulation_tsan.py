@@ -11,7 +11,7 @@ one of them writing. This script, run by .ci/run after the test suite:
      kernel with its barrier must not;
   2. runs fused.cu through the launcher on a few small shapes (every code path: 16-byte and
      scalar copies, one and two B buffers, labels and a mask, several blocks and super-tiles,
-     the loss-only pass, reduce, finalize, update and the on-device loop), each checked against
+     the loss-only pass, the tail, finish, update and the on-device loop), each checked against
      the NumPy reference, with TSan watching;
   3. the same for the tensor-core pass (fused_mma.cu, launch.KERNEL = "mma"), after showing
      that it too fails with one of its barriers removed.
@@ -137,7 +137,7 @@ def child_fused(cases=None, kernel=None):
             data = problem.data(device, kernels)
             got = float(kernels.loss_pass(problem, data, B, A))
             assert_close(got, reference.loss_pass(problem, None, B, A), dtype, "loss_pass")
-            fit = lorakern.fit(problem, B, A, steps=2, device=device)  # run_steps: finalize, update
+            fit = lorakern.fit(problem, B, A, steps=2, device=device)  # run_steps: pass and tail
             want = lorakern.fit(problem, B, A, steps=2, device="reference")
             assert_close(fit.history.loss, want.history.loss, dtype, "history.loss", 10)
             assert_close(device.to_host(fit.B), want.B, dtype, "B", 10)

@@ -84,7 +84,7 @@ class History:
 #: the per-step columns of a History
 HISTORY_FIELDS = tuple(f.name for f in fields(History) if f.name not in ("dtype", "lipschitz"))
 
-#: the columns of a device-side loop's history, in the order fused.cu's ``finalize`` writes
+#: the columns of a device-side loop's history, in the order fused.cu's ``tail`` writes
 #: them (one row per step); ``history_from_columns`` is the one place that reads them
 DEVICE_HISTORY_COLUMNS = ("loss", "g_sq", "grad_sq", "v_sq", "eta")
 

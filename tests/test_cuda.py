@@ -241,6 +241,43 @@ def test_run_steps_equals_fit_bit_for_bit(cuda, monkeypatch, dtype, eta):
     assert float(one.loss) == fit.history.loss[0] and float(one.eta) == fit.history.eta[0]
 
 
+def test_a_step_is_two_launches(cuda, monkeypatch):
+    """The tail (fused.cu) reduces the partials, computes eta_t in every block and updates, so
+    a step of the device loop is two kernels (pass, tail) and one finish per run completes the
+    last row's ||grad J||^2; fused_step and fused_pass are three, the loss alone two. Every row
+    of the history then holds what fused_pass reports at that row's iterate."""
+    small_blocks(monkeypatch, rows=1, cols=2)
+    problem, B, A = make_problem(37, 45, 3, np.float64, seed=3)
+    data, rt = data_of(cuda, problem), cuda.device.runtime
+    names = []
+    real = rt.launch
+    monkeypatch.setattr(rt, "launch", lambda kernel, *a, **k: names.append(kernel.name) or real(kernel, *a, **k))
+
+    def kinds():
+        got = ["pass" if "fused_pass" in name else name.split("::")[1].split("<")[0] for name in names]
+        names.clear()
+        return got
+
+    xp = cuda.xp
+    steps = 5
+    run = cuda.kernels.run_steps(problem, data, B, A, steps, graph=False)
+    assert kinds() == ["pass", "tail"] * steps + ["finish"]
+    cuda.kernels.fused_step(problem, data, xp.asarray(B), xp.asarray(A))
+    assert kinds() == ["pass", "tail", "finish"]
+    cuda.kernels.loss_pass(problem, data, xp.asarray(B), xp.asarray(A))
+    assert kinds() == ["pass", "tail"]
+    # each row against a fresh fused_pass at that row's iterate (the host loop's numbers)
+    B_t, A_t = xp.asarray(B), xp.asarray(A)
+    for t in range(steps):
+        p = cuda.kernels.fused_pass(problem, data, B_t, A_t)
+        assert kinds() == ["pass", "tail", "finish"]
+        for i, name in enumerate(DEVICE_HISTORY_COLUMNS[:4]):
+            same_bits(run.history[t, i], float(getattr(p, name)), f"row {t} {name}")
+        B_t, A_t = cuda.device.update(B_t, A_t, p.grad_B, p.grad_A, float(run.history[t, 4]))
+        assert kinds() == ["update"]
+    same_bits(cuda.to_host(run.B), cuda.to_host(B_t), "B")
+
+
 def test_run_steps_keeps_last_finite_iterate(cuda, monkeypatch):
     small_blocks(monkeypatch)
     problem, B, A = make_problem(20, 24, 3, np.float64, seed=5)

@@ -26,11 +26,13 @@
 //                 Partials: gB_part[column super-tile][m_ld][RK]  (written once per row tile)
 //                           gA_part[row super-tile][RK][n_ld]     (the block's own slice,
 //                                                                  read-add-written per tile)
-//                           scal_part[block] = (loss, ||G||^2)
-//   reduce_grads  grad_B, grad_A = the partials summed in slice order; per block
-//                 (||grad||^2, ||V||^2) in float64
-//   finalize      one block: loss, ||G||^2, ||grad J||^2, ||V||^2 and eta_t (Lemma 2, eq. 8)
-//   update        B - eta grad_B, A - eta grad_A rounded as NumPy does (no fused multiply-add)
+//                           scal_part[block] = (loss, ||G||^2, a share of ||V||^2)
+//   tail          every block: eta_t (Lemma 2, eq. 8) from the pass's per-block sums; then
+//                 grad_B, grad_A = the partials summed in slice order, B - eta grad_B and
+//                 A - eta grad_A (rounded as NumPy does), per block ||grad J||^2 in float64;
+//                 block 0 writes the step's row (loss, ||G||^2, ||V||^2, eta_t)
+//   finish        one block: the row's ||grad J||^2 (the on-device loop: the next tail does it)
+//   update        B - eta grad_B, A - eta grad_A alone, for gradients made elsewhere
 //
 // Determinism: no atomics. Every sum runs in an order fixed by the shapes and the launch
 // configuration: per thread in loop order, across threads through shared memory in split
@@ -341,97 +343,134 @@ __global__ void __launch_bounds__(NT, 1) fused_pass(
     }
 
     __syncthreads();  // the work area is free
-    store_scal_part(red, loss_acc, gsq_acc, scal_part);
+    store_scal_part(red, loss_acc, gsq_acc, B, A, (long long)m * r, (long long)r * n, scal_part);
 }
 
-// ---- partials -> gradients, and the per-block norms ----------------------------------------
-// grad_B[i, k] = sum_c gB_part[c, i, k] (c = 0 .. ncs-1 in order), grad_A likewise over the
-// nrs row slices. norm_part[block] = (||grad_B||^2 + ||grad_A||^2, ||B||^2 + ||A||^2) of the
-// entries this block visited, in float64.
-template <typename T>
-__global__ void __launch_bounds__(NT) reduce_grads(
-    const T* __restrict__ gB_part, const T* __restrict__ gA_part, int ncs, int nrs, int rk, long long m_ld,
-    long long n_ld, int m, int n, int r, const T* __restrict__ B, const T* __restrict__ A, T* __restrict__ grad_B,
-    T* __restrict__ grad_A, double* __restrict__ norm_part)
-{
-    __shared__ double red[2 * NT];
-    const long long mr = (long long)m * r, total = mr + (long long)r * n;
-    double gsq = 0.0, vsq = 0.0;
-    for (long long e = (long long)blockIdx.x * NT + threadIdx.x; e < total; e += (long long)gridDim.x * NT) {
-        T s;
-        double v;
-        if (e < mr) {
-            const long long i = e / r;
-            const int k = (int)(e - i * r);
-            const T* p = gB_part + i * rk + k;
-            s = p[0];
-            for (int c = 1; c < ncs; ++c) s += p[c * m_ld * rk];
-            grad_B[e] = s;
-            v = (double)B[e];
-        } else {
-            const long long e2 = e - mr;
-            const int k = (int)(e2 / n);
-            const long long j = e2 - (long long)k * n;
-            const T* p = gA_part + k * n_ld + j;
-            s = p[0];
-            for (int c = 1; c < nrs; ++c) s += p[c * rk * n_ld];
-            grad_A[e2] = s;
-            v = (double)A[e2];
-        }
-        gsq += (double)s * (double)s;
-        vsq += v * v;
-    }
-    block_sum2(red, gsq, vsq);
-    if (threadIdx.x == 0) {
-        norm_part[2 * blockIdx.x] = gsq;
-        norm_part[2 * blockIdx.x + 1] = vsq;
-    }
-}
-
-// ---- the step's numbers and eta_t, one block ------------------------------------------------
-// out[0..4] = J(V_t), ||G_t||^2, ||grad J(V_t)||^2, ||V_t||^2, eta_t, with
+// ---- the tail: partials -> gradients, eta_t and the update, in one kernel --------------------
+// Every block first sums the pass's per-block numbers in the same fixed order (step_sums), so
+// that every block holds the same bits of J(V_t), ||G_t||^2, ||V_t||^2 and hence of eta_t
 //   eta_t = eta_fixed                                        if eta_fixed > 0 (a constant step)
 //         = 1 / max(eta_scale (||V_t||^2 + ||G_t||), 1)      else; eta_scale = 5 sqrt(2) max(L, 1)
-// which is min{1 / (5 sqrt(2) L (||V||^2 + ||G||)), 1} of Lemma 2 (eq. 8), with no 1/0 at V = G = 0.
-// nred == 0: the loss alone (loss-only pass). Optional, for the on-device loop (run_steps):
-// counter: out += 5 * (*counter), then ++*counter; current: current[0] = eta_t;
-// ok: cleared once J(V_t) is not finite (update then leaves the iterate alone).
-__global__ void __launch_bounds__(NT) finalize(
-    const double* __restrict__ scal_part, int nmain, const double* __restrict__ norm_part, int nred,
-    double eta_scale, double eta_fixed, double* __restrict__ out, int* __restrict__ counter,
-    double* __restrict__ current, int* __restrict__ ok)
+// which is min{1 / (5 sqrt(2) L (||V||^2 + ||G||)), 1} of Lemma 2 (eq. 8), with no 1/0 at
+// V = G = 0. No block waits for another: the step is two kernels (the pass, this tail).
+// Then, over a grid-stride share of the m r + r n entries:
+//   grad_B[i, k] = sum_c gB_part[c, i, k] (c = 0 .. ncs-1 in order), grad_A likewise over the
+//   nrs row slices; stored where grad_B / grad_A are given;
+//   B_out = B - eta grad_B, A_out = A - eta grad_A where B_out is given (update's rounding);
+//   with ok_in given, not once J(V_t) or an earlier J (*ok_in == 0) was not finite;
+//   norm_part[block] = this block's share of ||grad J(V_t)||^2 in float64.
+// ||grad J||^2 is the one number no block can finish: its row of `out` gets it from `finish`,
+// or (the on-device loop) from block 0 of the next step's tail, which sums norm_prev, the
+// previous step's norm_part. Block 0 writes the row (counter: row *counter, then ++*counter)
+// and ok_out = (ok_in and J finite); ok_in and ok_out are two words (the loop alternates
+// them), so no block reads what another writes in the same launch.
+// gB_part == nullptr: the loss-only pass (no gradients; launch one block).
+__device__ __forceinline__ void step_sums(double* red, const double* __restrict__ scal_part, int nmain,
+                                          double& loss, double& gsq, double& vsq)
 {
-    __shared__ double red[2 * NT];
-    const int tid = threadIdx.x;
-    double loss = 0.0, gsq = 0.0, grad_sq = 0.0, v_sq = 0.0;
-    for (int b = tid; b < nmain; b += NT) {
-        loss += scal_part[2 * b];
-        gsq += scal_part[2 * b + 1];
+    double unused = 0.0;
+    loss = gsq = vsq = 0.0;
+    for (int b = threadIdx.x; b < nmain; b += NT) {
+        loss += scal_part[3 * b];
+        gsq += scal_part[3 * b + 1];
+        vsq += scal_part[3 * b + 2];
     }
-    for (int b = tid; b < nred; b += NT) {
-        grad_sq += norm_part[2 * b];
-        v_sq += norm_part[2 * b + 1];
-    }
-    const int step = counter != nullptr ? *counter : 0;
     block_sum2(red, loss, gsq);
     __syncthreads();
-    block_sum2(red, grad_sq, v_sq);
-    if (tid == 0) {
-        double eta = eta_fixed;
-        if (!(eta_fixed > 0.0)) {
-            const double scale = eta_scale * (v_sq + sqrt(gsq));
-            eta = 1.0 / (scale > 1.0 ? scale : 1.0);
-        }
-        double* o = out + 5LL * step;
-        o[0] = loss;
-        o[1] = gsq;
-        o[2] = grad_sq;
-        o[3] = v_sq;
-        o[4] = eta;
-        if (counter != nullptr) *counter = step + 1;
-        if (current != nullptr) current[0] = eta;
-        if (ok != nullptr && !is_finite(loss)) *ok = 0;
+    block_sum2(red, vsq, unused);
+    __syncthreads();  // red is free again
+}
+
+// sum of parts[0 .. count) in a fixed order (thread-strided, then block_sum2): ||grad J||^2
+__device__ __forceinline__ double parts_sum(double* red, const double* __restrict__ parts, int count)
+{
+    double s = 0.0, unused = 0.0;
+    for (int b = threadIdx.x; b < count; b += NT) s += parts[b];
+    block_sum2(red, s, unused);
+    __syncthreads();
+    return s;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(NT) tail(
+    const T* __restrict__ gB_part, const T* __restrict__ gA_part, int ncs, int nrs, int rk, long long m_ld,
+    long long n_ld, int m, int n, int r, const T* __restrict__ B, const T* __restrict__ A,
+    const double* __restrict__ scal_part, int nmain, double eta_scale, double eta_fixed,
+    T* __restrict__ grad_B, T* __restrict__ grad_A, T* __restrict__ B_out, T* __restrict__ A_out,
+    const int* __restrict__ ok_in, int* __restrict__ ok_out, double* __restrict__ norm_part,
+    const double* __restrict__ norm_prev, int nred, double* __restrict__ out, int* __restrict__ counter)
+{
+    __shared__ double red[2 * NT];
+    double loss, gsq, vsq;
+    step_sums(red, scal_part, nmain, loss, gsq, vsq);
+    double eta = eta_fixed;
+    if (!(eta_fixed > 0.0)) {
+        const double scale = eta_scale * (vsq + sqrt(gsq));
+        eta = 1.0 / (scale > 1.0 ? scale : 1.0);
     }
+    // without ok_in the update is always written (fused_step); with it, not once J is not finite
+    const bool ok = ok_in == nullptr || (*ok_in != 0 && is_finite(loss));
+
+    if (gB_part != nullptr) {
+        const bool write = B_out != nullptr && ok;
+        const T eta_t = (T)eta;
+        const long long mr = (long long)m * r, total = mr + (long long)r * n;
+        double grad_sq = 0.0, unused = 0.0;
+        for (long long e = (long long)blockIdx.x * NT + threadIdx.x; e < total; e += (long long)gridDim.x * NT) {
+            T s;
+            if (e < mr) {
+                const long long i = e / r;
+                const int k = (int)(e - i * r);
+                const T* p = gB_part + i * rk + k;
+                s = p[0];
+                for (int c = 1; c < ncs; ++c) s += p[c * m_ld * rk];
+                if (grad_B != nullptr) grad_B[e] = s;
+                if (write) B_out[e] = sub_rn(B[e], mul_rn(eta_t, s));
+            } else {
+                const long long e2 = e - mr;
+                const int k = (int)(e2 / n);
+                const long long j = e2 - (long long)k * n;
+                const T* p = gA_part + k * n_ld + j;
+                s = p[0];
+                for (int c = 1; c < nrs; ++c) s += p[c * rk * n_ld];
+                if (grad_A != nullptr) grad_A[e2] = s;
+                if (write) A_out[e2] = sub_rn(A[e2], mul_rn(eta_t, s));
+            }
+            grad_sq += (double)s * (double)s;
+        }
+        block_sum2(red, grad_sq, unused);
+        __syncthreads();
+        if (threadIdx.x == 0) norm_part[blockIdx.x] = grad_sq;
+    }
+
+    if (blockIdx.x == 0) {
+        const int step = counter != nullptr ? *counter : 0;
+        const bool finish_prev = norm_prev != nullptr && step > 0;
+        const double prev = finish_prev ? parts_sum(red, norm_prev, nred) : 0.0;
+        __syncthreads();  // every thread has read *counter before thread 0 advances it
+        if (threadIdx.x == 0) {
+            double* o = out + 5LL * step;
+            o[0] = loss;
+            o[1] = gsq;
+            o[2] = 0.0;  // ||grad J(V_t)||^2: from finish, or from the next step's tail
+            o[3] = vsq;
+            o[4] = eta;
+            if (finish_prev) out[5LL * (step - 1) + 2] = prev;
+            if (counter != nullptr) *counter = step + 1;
+            if (ok_out != nullptr) *ok_out = ok ? 1 : 0;
+        }
+    }
+}
+
+// ---- the last row's ||grad J||^2, one block ---------------------------------------------------
+// out[5 row + 2] = the sum of norm_part[0 .. nred) (the tail's shares, in parts_sum's order), for
+// row = *counter - 1 (the row the tail just wrote), or row 0 without a counter.
+__global__ void __launch_bounds__(NT) finish(const double* __restrict__ norm_part, int nred,
+                                             double* __restrict__ out, const int* __restrict__ counter)
+{
+    __shared__ double red[2 * NT];
+    const double s = parts_sum(red, norm_part, nred);
+    if (threadIdx.x == 0) out[5LL * (counter != nullptr ? *counter - 1 : 0) + 2] = s;
 }
 
 // ---- B - eta grad_B, A - eta grad_A ---------------------------------------------------------

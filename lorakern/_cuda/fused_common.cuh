@@ -288,14 +288,29 @@ __device__ __forceinline__ T pointwise(T t, T y, double delta, Keep keep_of, dou
     return g;
 }
 
-// scal_part[block] = (loss, ||G||^2): the threads' float64 sums (eq. 7) in block_sum2's order.
-// Every thread must call it; red is free shared memory of 2 * NT doubles.
-__device__ __forceinline__ void store_scal_part(double* red, double loss, double gsq, double* scal_part)
+// scal_part[block] = (loss, ||G||^2, ||V||^2 share): the threads' float64 sums of the pass
+// (eq. 7), and this block's share of ||B||_F^2 + ||A||_F^2 (a grid-stride walk over B's m r
+// entries, then A's r n, the same walk in every pass of a plan), each in block_sum2's order.
+// ||V_t||^2 is summed here, in the pass, so that the tail (fused.cu) has all three of eta_t's
+// sums from one array and needs no second kernel. Every thread must call it; red is free
+// shared memory of 2 * NT doubles.
+template <typename T>
+__device__ __forceinline__ void store_scal_part(double* red, double loss, double gsq, const T* __restrict__ B,
+                                                const T* __restrict__ A, long long mr, long long rn,
+                                                double* scal_part)
 {
+    double vsq = 0.0, unused = 0.0;
+    for (long long e = (long long)blockIdx.x * NT + threadIdx.x; e < mr + rn; e += (long long)gridDim.x * NT) {
+        const double v = (double)(e < mr ? B[e] : A[e - mr]);
+        vsq += v * v;
+    }
     block_sum2(red, loss, gsq);
+    __syncthreads();  // red is read by every thread above before it is written again
+    block_sum2(red, vsq, unused);
     if (threadIdx.x == 0) {
-        scal_part[2 * blockIdx.x] = loss;
-        scal_part[2 * blockIdx.x + 1] = gsq;
+        scal_part[3 * blockIdx.x] = loss;
+        scal_part[3 * blockIdx.x + 1] = gsq;
+        scal_part[3 * blockIdx.x + 2] = vsq;
     }
 }
 

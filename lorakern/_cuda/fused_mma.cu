@@ -6,8 +6,8 @@
 // helpers, copy wrappers and partials shared with fused.cu), fused.cu, this file.
 // fused_pass_mma computes what fused.cu's fused_pass computes, into the same partials
 //     gB_part[column super-tile][m_ld][RK]   gA_part[row super-tile][RK][n_ld]   scal_part[block]
-// so that fused.cu's reduce_grads, finalize and update (the tail), and matrix.py's step and
-// run_steps, work unchanged on top of it. Only the arithmetic of the three products changes:
+// so that fused.cu's tail and finish, and matrix.py's step and run_steps, work unchanged on top
+// of it. Only the arithmetic of the three products changes:
 //
 //   fp32   mma.sync m16n8k8 .tf32 in 3xTF32: x = big + small (big = cvt.rna.tf32(x), small =
 //          cvt.rna.tf32(x - big)), x y ~ small_x big_y + big_x small_y + big_x big_y, the two
@@ -463,7 +463,7 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
     }
 
     __syncthreads();  // the work area is free
-    store_scal_part(red, loss_acc, gsq_acc, scal_part);
+    store_scal_part(red, loss_acc, gsq_acc, B, A, (long long)m * r, (long long)r * n, scal_part);
 }
 
 }  // namespace lorakern

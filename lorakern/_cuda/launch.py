@@ -12,7 +12,7 @@ nrs x ncs blocks, each owning rpb x cpb tiles):
 
     read    R (or W0 and Y), the mask if any: once, 16-byte copies where rows are aligned
     write   gB_part  ncs x m_ld x RK    gA_part  nrs x RK x n_ld    (partial sums, dtype of data)
-    read    the partials once more in reduce_grads; write grad_B, grad_A, then B and A
+    read    the partials once more in the tail; write B and A (grad_B, grad_A too where asked)
 
 so the DRAM traffic beyond one read of R is RK (ncs m + nrs n) elements each way: at
 m = n = 8192, r = 16 on 132 SMs (11 x 12 blocks, one per SM) 12 MB each way next to R's 268 MB.
@@ -45,7 +45,7 @@ SMEM_BUDGET: int | None = None
 #: that small shapes cross many blocks.
 ROWS_PER_BLOCK: int | None = None
 COLS_PER_BLOCK: int | None = None
-#: grid-stride kernels (reduce_grads, update) use at most this many blocks; a constant, so the
+#: grid-stride kernels (tail, update) use at most this many blocks; a constant, so the
 #: order of the norm sums does not depend on the GPU
 MAX_SMALL_GRID = 1024
 #: NVRTC options; name_expressions needs a C++ standard
@@ -341,9 +341,9 @@ def kernel_names(dtype, rk: int, bm: int, bn: int, labels: bool, masked: bool,
     return {
         "grad": fused + "true>",
         "loss": fused + "false>",
-        "reduce": f"lorakern::reduce_grads<{t}>",
+        "tail": f"lorakern::tail<{t}>",
+        "finish": "lorakern::finish",
         "update": f"lorakern::update<{t}>",
-        "finalize": "lorakern::finalize",
     }
 
 
@@ -440,8 +440,10 @@ class Plan:
         xp = rt.xp
         self.gB_part = xp.empty(self.ncs * self.m_ld * self.rk, dtype)
         self.gA_part = xp.empty(self.nrs * self.rk * self.n_ld, dtype)
-        self.scal_part = xp.empty(2 * self.grid, np.float64)
-        self.norm_part = xp.empty(2 * self.small_grid, np.float64)
+        self.scal_part = xp.empty(3 * self.grid, np.float64)  # (loss, ||G||^2, ||V||^2 share) per block
+        # the tail's ||grad J||^2 shares: two sets, so that the on-device loop's step reads the
+        # previous step's while it writes its own
+        self.norm_part = [xp.empty(self.small_grid, np.float64), xp.empty(self.small_grid, np.float64)]
 
     def _slots(self) -> int:
         """Blocks resident at once on the whole GPU (one wave)."""
@@ -462,20 +464,29 @@ class Plan:
              self.gB_part, self.gA_part, np.int64(self.m_ld), np.int64(self.n_ld), self.scal_part),
             self.smem_grad if grad else self.smem_loss)
 
-    def reduce(self, B, A, grad_B, grad_A):
+    def tail(self, B, A, out, *, grad_B=None, grad_A=None, B_out=None, A_out=None, eta_scale: float = 0.0,
+             eta_fixed: float = 0.0, parity: int = 0, counter=None, ok_in=None, ok_out=None,
+             grad: bool = True):
+        """fused.cu's tail after a pass at (B, A): eta_t, the gradients (stored where grad_B,
+        grad_A are given), the update into B_out, A_out (where given) and the step's row of
+        ``out`` but its ||grad J||^2 (``finish``; in the on-device loop the next step's tail).
+        ``parity`` picks the norm_part this tail writes (the other is the previous step's, read
+        where ``counter`` is given); ``grad=False`` after a loss-only pass: the row alone."""
+        nothing = ptr(None)
         self.rt.launch(
-            self.kernels["reduce"], self.small_grid,
-            (self.gB_part, self.gA_part, np.int32(self.ncs), np.int32(self.nrs), np.int32(self.rk),
-             np.int64(self.m_ld), np.int64(self.n_ld), np.int32(self.m), np.int32(self.n),
-             np.int32(self.r), B, A, grad_B, grad_A, self.norm_part))
+            self.kernels["tail"], self.small_grid if grad else 1,
+            (self.gB_part if grad else nothing, self.gA_part if grad else nothing, np.int32(self.ncs),
+             np.int32(self.nrs), np.int32(self.rk), np.int64(self.m_ld), np.int64(self.n_ld),
+             np.int32(self.m), np.int32(self.n), np.int32(self.r), B, A, self.scal_part, np.int32(self.grid),
+             np.float64(eta_scale), np.float64(eta_fixed), ptr(grad_B), ptr(grad_A), ptr(B_out), ptr(A_out),
+             ptr(ok_in), ptr(ok_out), self.norm_part[parity],
+             ptr(None if counter is None else self.norm_part[1 - parity]), np.int32(self.small_grid), out,
+             ptr(counter)))
 
-    def finalize(self, out, *, grad: bool = True, eta_scale: float = 0.0, eta_fixed: float = 0.0,
-                 counter=None, current=None, ok=None):
-        self.rt.launch(
-            self.kernels["finalize"], 1,
-            (self.scal_part, np.int32(self.grid), self.norm_part,
-             np.int32(self.small_grid if grad else 0), np.float64(eta_scale), np.float64(eta_fixed),
-             out, ptr(counter), ptr(current), ptr(ok)))
+    def finish(self, out, *, parity: int = 0, counter=None):
+        """The ||grad J||^2 of the row the last tail wrote (its norm_part[parity])."""
+        self.rt.launch(self.kernels["finish"], 1,
+                       (self.norm_part[parity], np.int32(self.small_grid), out, ptr(counter)))
 
     def update(self, B, A, grad_B, grad_A, B_out, A_out, *, eta_ptr=None, eta_value=0.0, ok=None):
         update(self.rt, self.kernels["update"], B, A, grad_B, grad_A, B_out, A_out,
@@ -510,12 +521,12 @@ def update_kernel(rt, dtype):
 
 
 def workspace(rt, shape_B, shape_A, dtype, steps: int) -> SimpleNamespace:
-    """Buffers of the on-device loop: two iterates (ping-pong), gradients, history, flags."""
+    """Buffers of the on-device loop: two iterates (ping-pong), history, counter and flags."""
     xp = rt.xp
     return SimpleNamespace(
         B=[xp.empty(shape_B, dtype), xp.empty(shape_B, dtype)],
         A=[xp.empty(shape_A, dtype), xp.empty(shape_A, dtype)],
-        grad_B=xp.empty(shape_B, dtype), grad_A=xp.empty(shape_A, dtype),
         history=xp.zeros((max(steps, 1), 5), np.float64),
-        counter=xp.zeros(1, np.int32), current=xp.zeros(1, np.float64), ok=xp.ones(1, np.int32),
+        # ok[t % 2]: J stayed finite up to step t - 1; step t's tail reads it and writes the other
+        counter=xp.zeros(1, np.int32), ok=xp.ones(2, np.int32),
     )

@@ -2,9 +2,9 @@
 
 Beyond the Kernels interface of lorakern._dispatch, two faster paths for a training loop:
 
-* ``fused_step``: pass, eta_t and update in four kernel launches, nothing on the host;
-* ``run_steps``: ``steps`` such steps replayed from a CUDA graph, the history kept on the
-  device and copied back once at the end.
+* ``fused_step``: pass, eta_t and update in three kernel launches, nothing on the host;
+* ``run_steps``: ``steps`` steps of two launches each (the pass, the tail: fused.cu), replayed
+  from CUDA graphs, the history kept on the device and copied back once at the end.
 """
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ def fused_pass(problem, data, B, A, *, norm="exact"):
     grad_B, grad_A = xp.empty(B.shape, B.dtype), xp.empty(A.shape, A.dtype)
     out = xp.empty(5, np.float64)  # fresh per pass: the 0-d views below outlive it
     plan.fused(data, B, A)
-    plan.reduce(B, A, grad_B, grad_A)
-    plan.finalize(out, eta_scale=_default_scale(problem, None))  # finalize's eta: not used here
+    plan.tail(B, A, out, grad_B=grad_B, grad_A=grad_A)  # no update; its eta is not used here
+    plan.finish(out)
     col = {name: out[i] for i, name in enumerate(DEVICE_HISTORY_COLUMNS)}
     return PassResult(grad_B=grad_B, grad_A=grad_A, loss=col["loss"], g_sq=col["g_sq"],
                       grad_sq=col["grad_sq"], v_sq=col["v_sq"])
@@ -62,7 +62,7 @@ def loss_pass(problem, data, B, A):
     plan = launch.plan(problem, data, B.shape[1])
     out = xp.empty(5, np.float64)
     plan.fused(data, B, A, grad=False)
-    plan.finalize(out, grad=False)
+    plan.tail(B, A, out, grad=False)
     return out[DEVICE_HISTORY_COLUMNS.index("loss")]
 
 
@@ -84,20 +84,18 @@ def fused_step(problem, data, B, A, *, eta_scale: float | None = None, eta_fixed
     """One step V_t -> V_{t+1} on the device: pass, eta_t = 1 / max(eta_scale (||V||^2 +
     ||G||), 1) (default: the theorem's), or the constant ``eta_fixed``, and the update.
 
-    Four kernel launches and no host round trip. Returns a namespace with the new B and A
+    Three kernel launches and no host round trip. Returns a namespace with the new B and A
     and 0-d float64 device arrays loss, g_sq, grad_sq, v_sq, eta (all at V_t).
     """
     xp = data.rt.xp
     B, A = xp.ascontiguousarray(B), xp.ascontiguousarray(A)
     plan = launch.plan(problem, data, B.shape[1])
-    grad_B, grad_A = xp.empty(B.shape, B.dtype), xp.empty(A.shape, A.dtype)
     B_out, A_out = xp.empty_like(B), xp.empty_like(A)
     out = xp.empty(5, np.float64)
     plan.fused(data, B, A)
-    plan.reduce(B, A, grad_B, grad_A)
-    plan.finalize(out, **_eta_args(_default_scale(problem, eta_scale), eta_fixed))
+    plan.tail(B, A, out, B_out=B_out, A_out=A_out, **_eta_args(_default_scale(problem, eta_scale), eta_fixed))
+    plan.finish(out)
     eta_at = DEVICE_HISTORY_COLUMNS.index("eta")
-    plan.update(B, A, grad_B, grad_A, B_out, A_out, eta_ptr=out[eta_at:eta_at + 1])
     return SimpleNamespace(B=B_out, A=A_out, eta=out[eta_at],
                            **{name: out[i] for i, name in enumerate(DEVICE_HISTORY_COLUMNS)
                               if name != "eta"})
@@ -107,11 +105,12 @@ def run_steps(problem, data, B, A, steps: int, *, eta_scale: float | None = None
               eta_fixed: float | None = None, graph: bool = True, stop=None) -> DeviceRun:
     """``steps`` steps of LoRA gradient descent with the history kept on the device.
 
-    Each step is the four launches of ``fused_step`` writing into preallocated buffers: the
-    iterate alternates between two buffers, finalize appends a row (DEVICE_HISTORY_COLUMNS)
-    to the history at a device-side counter. With ``graph`` (and a runtime that has them),
-    the two alternating steps are captured once as CUDA graphs and replayed. The host waits
-    once, at the end.
+    Each step is two launches writing into preallocated buffers: the pass and the tail, which
+    updates the iterate (it alternates between two buffers) and appends a row
+    (DEVICE_HISTORY_COLUMNS) to the history at a device-side counter, with the previous row's
+    ||grad J||^2; one ``finish`` after the last step completes the last row. With ``graph``
+    (and a runtime that has them), the two alternating steps are captured once as CUDA graphs
+    and replayed. The host waits once, at the end.
 
     ``stop``: None (the default), or a callable asked before each chunk of STOP_EVERY
     steps, after the previous chunk has finished on the device; once it returns True no
@@ -131,13 +130,11 @@ def run_steps(problem, data, B, A, steps: int, *, eta_scale: float | None = None
     ws.A[0][...] = rt.xp.asarray(A)
     eta_args = _eta_args(_default_scale(problem, eta_scale), eta_fixed)
 
-    def one(src: int):
+    def one(src: int):  # step t reads buffer src = t % 2, writes 1 - src (iterate, ok, norms)
         dst = 1 - src
         plan.fused(data, ws.B[src], ws.A[src])
-        plan.reduce(ws.B[src], ws.A[src], ws.grad_B, ws.grad_A)
-        plan.finalize(ws.history, counter=ws.counter, current=ws.current, ok=ws.ok, **eta_args)
-        plan.update(ws.B[src], ws.A[src], ws.grad_B, ws.grad_A, ws.B[dst], ws.A[dst],
-                    eta_ptr=ws.current, ok=ws.ok)
+        plan.tail(ws.B[src], ws.A[src], ws.history, B_out=ws.B[dst], A_out=ws.A[dst], parity=src,
+                  counter=ws.counter, ok_in=ws.ok[src:src + 1], ok_out=ws.ok[dst:dst + 1], **eta_args)
 
     if steps > 0:
         graphs = None
@@ -155,6 +152,8 @@ def run_steps(problem, data, B, A, steps: int, *, eta_scale: float | None = None
                 rt.to_host(ws.counter)  # wait for the chunk: stop() is asked about done steps
             done = end
         steps = done
+        if steps > 0:  # the last row's ||grad J||^2 (each earlier row got it from the next tail)
+            plan.finish(ws.history, parity=(steps - 1) % 2, counter=ws.counter)
     history = np.asarray(rt.to_host(ws.history))[:steps]
     bad = np.flatnonzero(~np.isfinite(history[:, DEVICE_HISTORY_COLUMNS.index("loss")]))
     if bad.size:
