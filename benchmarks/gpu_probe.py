@@ -3,6 +3,7 @@
     python benchmarks/gpu_probe.py calibrate --out DIR   # assumptions of the tensor-core design
     python benchmarks/gpu_probe.py timing --out DIR      # the fused step per row of the goals: today's
                                                          # kernel ("simt") and v2 ("mma") beside it
+    python benchmarks/gpu_probe.py linear --out DIR      # the linear kind's step against PyTorch's
     python benchmarks/gpu_probe.py table --out DIR       # the table, printed last
     python benchmarks/gpu_probe.py sanitize              # small passes of both kernels, to run
                                                          # under compute-sanitizer (GPU_SANITIZE=1)
@@ -406,6 +407,129 @@ def floor_ms(m, r, dtype, calib) -> dict | None:
     return {"memory_ms": round(memory, 4), "compute_ms": round(compute, 4), "floor_ms": round(max(memory, compute), 4)}
 
 
+# ---- the linear kind against PyTorch ------------------------------------------------------------
+#: the issue's linear rows: (N, n = m, r, dtype, loss). Squared takes the "moments" exact norm
+#: (C0 + B (A Sigma), float64), huber the cheaper of "gram" and "tiles" on the device's costs.
+LINEAR_ROWS = [(8192, 4096, 16, "float32", "squared"), (8192, 4096, 16, "float32", "huber")]
+
+
+def time_linear(N, n, r, dtype, loss, device="cuda", steps=10, rounds=5) -> dict:
+    """ms per step of the linear kind's host loop (fused_pass, theorem eta, update; nothing
+    waits for the host) with the exact norm and with the certified bound, and of PyTorch's
+    step of the same LoRA layer (TF32 off; forward X W0^T + (X A^T) B^T, the loss, autograd,
+    an SGD update) where torch has CUDA: the median of ``rounds`` rounds of ``steps`` steps
+    after one warm-up round, CUDA events (perf_counter on the emulated device)."""
+    import lorakern
+    from lorakern._dispatch import bind
+    from lorakern.testing import random_adapters, random_linear_data
+
+    emulated = device != "cuda"
+    rng = np.random.default_rng([N, n, r])
+    X, Y, W0 = random_linear_data(rng, N, n, n, np.dtype(dtype), loss=loss, w0_scale=1 / math.sqrt(n))
+    problem = lorakern.LinearProblem(X, Y, W0, loss=loss)
+    B0, A0 = random_adapters(n, n, r, dtype, seed=1)
+    engine = bind(problem, device)
+    xp = engine.xp
+
+    def timed(body):
+        times = []
+        for i in range(rounds + 1):
+            if emulated:
+                t0 = time.perf_counter()
+                body()
+                elapsed = (time.perf_counter() - t0) * 1e3
+            else:
+                start, stop = xp.cuda.Event(), xp.cuda.Event()
+                start.record()
+                body()
+                stop.record()
+                stop.synchronize()
+                elapsed = xp.cuda.get_elapsed_time(start, stop)
+            if i:  # the first round compiles and prepares
+                times.append(elapsed / steps)
+        return {"ms_per_step": round(statistics.median(times), 4), "min": round(min(times), 4),
+                "max": round(max(times), 4)}
+
+    out = {"strategy": problem.norm_strategy_for("cuda", r),
+           "errors": _linear_errors(engine, problem, X, Y, W0, B0, A0)}
+    for norm in ("exact", "bound"):
+        policy = lorakern.Theorem(norm=norm)
+        last = {}
+
+        def run(policy=policy, norm=norm, last=last):
+            B, A = engine.asarray(B0), engine.asarray(A0)
+            for _ in range(steps):
+                p = engine.fused_pass(B, A, norm=norm)
+                eta, _ = policy.choose(engine, B, A, p, {})
+                B, A = engine.update(B, A, p.grad_B, p.grad_A, eta)
+            last["loss"] = float(p.loss)
+
+        out[norm] = {**timed(run), "loss_last": last.get("loss")}
+    if not emulated:
+        out["torch"] = _torch_linear_step(X, Y, W0, B0, A0, loss, problem.delta, timed, steps)
+    return out
+
+
+def _linear_errors(engine, problem, X, Y, W0, B0, A0) -> dict:
+    """The device's exact pass at (B0, A0) against the same numbers in float64 on the device's
+    own arrays (a residual loss: Delta = loss'(X (W0 + B A)^T - Y), G = Delta^T X / N): relative
+    errors, and the verdict against lorakern.testing.tolerance (fp32 rounding of the data)."""
+    from lorakern.testing import tolerance
+
+    xp = engine.xp
+    X64, Y64, W64, B64, A64 = (xp.asarray(a, dtype=np.float64) for a in (X, Y, W0, B0, A0))
+    N = X64.shape[0]
+    d = X64 @ (W64 + B64 @ A64).T - Y64
+    value, Delta = problem.loss.array_pointwise(xp, d, None, problem.delta)
+    del d
+    G = (Delta.T @ X64) / N
+    want = {"loss": float(value.sum()) / N, "g_sq": float(xp.sum(G * G)),
+            "grad_B": G @ A64.T, "grad_A": B64.T @ G}
+    p = engine.fused_pass(engine.asarray(B0), engine.asarray(A0))
+    errors = {}
+    for name, w in want.items():
+        got = getattr(p, name)
+        if isinstance(w, float):
+            errors[name] = abs(float(got) - w) / max(abs(w), 1e-300)
+        else:
+            diff = xp.asarray(got, dtype=np.float64) - w
+            errors[name] = float(xp.sqrt(xp.sum(diff * diff) / xp.sum(w * w)))
+    limit = tolerance(problem.dtype)
+    return {**{k: float(f"{v:.2e}") for k, v in errors.items()}, "tolerance": limit,
+            "verdict": "ok" if max(errors.values()) <= limit else "TOO FAR"}
+
+
+def _torch_linear_step(X, Y, W0, B0, A0, loss, delta, timed, steps) -> dict:
+    """PyTorch's step of the same layer on the GPU, TF32 off, as a LoRA user writes it."""
+    try:
+        import torch
+    except ImportError as exc:
+        return {"error": f"no torch: {exc}"}
+    if not torch.cuda.is_available():
+        return {"error": "torch has no CUDA"}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device("cuda")
+    Xt, Yt, Wt = (torch.as_tensor(a, device=dev) for a in (X, Y, W0))
+    N = Xt.shape[0]
+
+    def run():
+        B = torch.as_tensor(B0, device=dev).clone().requires_grad_(True)
+        A = torch.as_tensor(A0, device=dev).clone().requires_grad_(True)
+        for _ in range(steps):
+            Z = Xt @ Wt.T + (Xt @ A.T) @ B.T
+            if loss == "squared":
+                J = 0.5 * ((Z - Yt) ** 2).sum() / N
+            else:
+                J = torch.nn.functional.huber_loss(Z, Yt, reduction="sum", delta=delta) / N
+            gB, gA = torch.autograd.grad(J, (B, A))
+            with torch.no_grad():
+                B -= 1e-3 * gB
+                A -= 1e-3 * gA
+
+    return timed(run)
+
+
 def sanitize(device="cuda"):
     """A few small fused passes and steps of both kernels (every dtype, a mask, labels, odd
     shapes, two rank bounds, several blocks), each checked against the reference: run under
@@ -476,6 +600,50 @@ def timing(out_dir: Path):
     return results
 
 
+def linear(out_dir: Path):
+    path = out_dir / "linear.json"
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "rows": {}}
+    for N, n, r, dtype, loss in LINEAR_ROWS:
+        key = f"{N} {n} r{r} {dtype} {loss}"
+        section(results["rows"], key, lambda: time_linear(N, n, r, dtype, loss), None)
+        save(path, results)
+    return results
+
+
+def linear_table(rows: dict) -> list[str]:
+    """The linear rows' lines of the table (``linear.json``'s rows)."""
+    if not rows:
+        return []
+    lines = ["", "The linear kind, per step of the host loop (fused_pass, theorem eta, update) against "
+                 "PyTorch's step (TF32 off); median of 5 rounds of 10 steps (min-max):", "",
+             "| N | n = m | r | dtype | loss | exact norm | exact ms | bound ms | torch ms "
+             "| torch / exact | torch / bound | against float64 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, v in rows.items():
+        if key == "seconds":  # section()'s record of each row's time
+            continue
+        N, n, r, dtype, loss = key.split()
+        if "exact" not in v:
+            lines.append(f"| {N} | {n} | {r[1:]} | {dtype} | {loss} | error | | | | | | |")
+            continue
+        torch_ = v.get("torch") or {}
+
+        def cell(x):
+            return f"{x['ms_per_step']:.3f} ({x['min']:.3f}-{x['max']:.3f})" if "ms_per_step" in x else "error"
+
+        def ratio(x):
+            return (f"{torch_['ms_per_step'] / x['ms_per_step']:.1f}x"
+                    if "ms_per_step" in torch_ and "ms_per_step" in x else "-")
+
+        err = v.get("errors") or {}
+        errors = (f"{err.get('verdict')} (max {max(x for k, x in err.items() if k not in ('verdict', 'tolerance')):.1e})"
+                  if "verdict" in err else "?")
+        lines.append(f"| {N} | {n} | {r[1:]} | {dtype} | {loss} | {v.get('strategy')} | {cell(v['exact'])} "
+                     f"| {cell(v['bound'])} | {cell(torch_) if torch_ else '-'} | {ratio(v['exact'])} "
+                     f"| {ratio(v['bound'])} | {errors} |")
+    return lines
+
+
 def table(out_dir: Path) -> str:
     calib = json.loads((out_dir / "calibrate.json").read_text()) if (out_dir / "calibrate.json").exists() else {}
     timing_ = json.loads((out_dir / "timing.json").read_text()) if (out_dir / "timing.json").exists() else {}
@@ -502,6 +670,8 @@ def table(out_dir: Path) -> str:
               "| mma of floor | mma speed-up | last loss |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for key, v in timing_.get("rows", {}).items():
+        if key == "seconds":  # section()'s record of each row's time
+            continue
         m, r, dtype = key.split()
         if "ms_per_step" not in v:
             lines.append(f"| {m} | {r[1:]} | {dtype} | error | | | | | | |")
@@ -520,8 +690,10 @@ def table(out_dir: Path) -> str:
         lines.append(f"| {m} | {r[1:]} | {dtype} | {v['ms_per_step']:.3f} | {mma_ms} | "
                      f"{f.get('floor_ms', '?')} ({f.get('memory_ms', '?')} / {f.get('compute_ms', '?')}) | {frac} "
                      f"| {mma_frac} | {speedup} | {agree} |")
+    linear_ = json.loads((out_dir / "linear.json").read_text()) if (out_dir / "linear.json").exists() else {}
+    lines += linear_table(linear_.get("rows", {}))
     knockouts = [(key, v["mma"], v["mma_2_stages"]) for key, v in timing_.get("rows", {}).items()
-                 if "ms_per_step" in v.get("mma_2_stages", {}) and "ms_per_step" in v.get("mma", {})]
+                 if key != "seconds" and "ms_per_step" in v.get("mma_2_stages", {}) and "ms_per_step" in v.get("mma", {})]
     if knockouts:
         lines += ["", "Copy stages of the mma kernel (launch.MMA_STAGES):", ""]
         for key, deep, two in knockouts:
@@ -532,7 +704,7 @@ def table(out_dir: Path) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("calibrate", "timing", "table", "selftest", "sanitize"))
+    parser.add_argument("command", choices=("calibrate", "timing", "linear", "table", "selftest", "sanitize"))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results/gpu-probe")))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -540,6 +712,8 @@ def main(argv=None):
         calibrate(args.out)
     elif args.command == "timing":
         timing(args.out)
+    elif args.command == "linear":
+        linear(args.out)
     elif args.command == "sanitize":
         sanitize()
     elif args.command == "table":

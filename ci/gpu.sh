@@ -12,6 +12,8 @@
 #   3. timing (~2 min): the fused step, 200-step device loop, each row of the goals, today's kernel
 #      (simt) and v2 (mma) beside it, with the floor from step 1's rates (GPU_FULL=1 adds
 #      benchmarks/bench_cuda.py's CuPy and PyTorch comparisons, several minutes more);
+#   3b. the linear kind (~30 s): its step (exact norm, bound) against PyTorch's at N = 8192,
+#      m = n = 4096, r = 16, fp32 (benchmarks/gpu_probe.py linear);
 #   4. the tensor-core pass v2's correctness (~1 min, mostly NVRTC): tests/test_cuda_mma.py's GPU
 #      cases (launch.KERNEL = "mma": every loss and mask, ranks 1-128, copy stages, fp32 accuracy
 #      against the fp32 FMA kernel on random and near-converged data, bitwise reruns, run_steps);
@@ -52,17 +54,20 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
     [ "$rc" -eq 0 ] || status=1
 }
 
-step calibrate 80 python benchmarks/gpu_probe.py calibrate --out "$out"
-step tests 110 python -m pytest tests/test_cuda.py tests/test_cuda_warp.py tests/test_gpu_probe.py \
+step calibrate 75 python benchmarks/gpu_probe.py calibrate --out "$out"
+step tests 95 python -m pytest tests/test_cuda.py tests/test_cuda_warp.py tests/test_gpu_probe.py \
     -k "not emulated" -q -rs -p no:cacheprovider --junitxml="$out/tests.xml"
 step timing 110 python benchmarks/gpu_probe.py timing --out "$out"
+# the linear kind against PyTorch's step (N = 8192, m = n = 4096, r = 16 fp32; squared: the
+# moments norm, huber: gram or tiles by cost; exact and bound)
+step linear 40 python benchmarks/gpu_probe.py linear --out "$out"
 # v2 (fused_mma.cu) on the GPU: its own cases only ("gpu" in the id; the emulated ones are for
 # CI). After the timing: its ~35 NVRTC modules must not cost the table its rows
-step mma-tests 80 python -m pytest tests/test_cuda_mma.py -k "gpu" -q -rs -p no:cacheprovider \
+step mma-tests 65 python -m pytest tests/test_cuda_mma.py -k "gpu" -q -rs -p no:cacheprovider \
     --junitxml="$out/mma-tests.xml"
 # CUDA tensors through lorakern (DLPack intake, the stream handovers, cuda:<i>, the optimizer's
 # CuPy norms): written without a GPU, never run on one before (issue 23)
-step torch 40 python -m pytest tests/test_dlpack.py tests/test_torch.py -k "cuda" -q -rs \
+step torch 35 python -m pytest tests/test_dlpack.py tests/test_torch.py -k "cuda" -q -rs \
     -p no:cacheprovider --junitxml="$out/torch.xml"
 if [ "${GPU_SANITIZE:-0}" = 1 ]; then  # compute-sanitizer over small passes of both kernels
     for tool in memcheck racecheck; do

@@ -63,11 +63,24 @@ def test_selftest_and_table(probe, tmp_path):
                                  "mma": {"ms_per_step": 0.13, "loss_last": 2.0 + 2e-6, "stages": 3},
                                  "mma_2_stages": {"ms_per_step": 0.15}},
             "8192 r64 float32": {"ms_per_step": 2.0, "floor": floor, "mma": {"error": "Traceback"}},
-            "8192 r4 float32": {"ms_per_step": 0.3, "floor": floor}}}))
+            "8192 r4 float32": {"ms_per_step": 0.3, "floor": floor},
+            "seconds": {"8192 r16 float32": 12.5}}}))  # section() records each row's time here
+    (tmp_path / "linear.json").write_text(json.dumps(
+        {"rows": {"8192 4096 r16 float32 squared": {
+            "strategy": "moments", "exact": {"ms_per_step": 0.5, "min": 0.49, "max": 0.52},
+            "errors": {"loss": 1e-8, "g_sq": 3e-7, "grad_B": 2e-7, "grad_A": 1e-7, "tolerance": 1e-4,
+                       "verdict": "ok"},
+            "bound": {"ms_per_step": 0.25, "min": 0.24, "max": 0.3},
+            "torch": {"ms_per_step": 11.0, "min": 10.9, "max": 11.2}},
+            "8192 4096 r16 float32 huber": {"error": "Traceback"},
+            "seconds": {"8192 4096 r16 float32 squared": 20.0}}}))
     text = probe.table(tmp_path)
     assert "| 8192 | 16 | float32 | 0.460 | 0.130 | 0.065 (0.065 / 0.059) | 14 % | 50 % | 3.54x | 1.0e-06 |" in text
     assert "| 8192 | 64 | float32 | 2.000 | error |" in text
     assert "| 8192 | 4 | float32 | 0.300 | - |" in text
+    assert ("| 8192 | 4096 | 16 | float32 | squared | moments | 0.500 (0.490-0.520) | 0.250 (0.240-0.300) "
+            "| 11.000 (10.900-11.200) | 22.0x | 44.0x | ok (max 3.0e-07) |") in text
+    assert "| 8192 | 4096 | 16 | float32 | huber | error |" in text
     assert "- 8192 r16 float32: 3 stages 0.130 ms, 2 stages 0.150 ms" in text
     assert "cvt.rna.tf32 over 16384 inputs: bit-exact" in text
     calib = {"bandwidth": {"a": {"best_tb_per_s": 4.0}, "copy": {"best_tb_per_s": 9.0}},
@@ -87,3 +100,14 @@ def test_timing_path_on_the_emulated_device(probe):
     two = probe.time_row(37, 3, "float32", device=emulation.device(), steps=2, kernel="mma", stages=(2,))
     assert two["stages"] == 2 and both["mma"]["stages"] == 3, (two, both)
     probe._ENGINES.clear()
+
+
+@pytest.mark.parametrize("loss", ["squared", "huber"])
+def test_linear_path_on_the_emulated_device(probe, loss):
+    """time_linear's path (data, binding, exact and bound host loops) on the emulated device."""
+    result = probe.time_linear(40, 12, 3, "float32", loss, device=emulation.device(), steps=2, rounds=1)
+    assert result["strategy"] in (("moments",) if loss == "squared" else ("gram", "tiles")), result
+    for norm in ("exact", "bound"):
+        assert result[norm]["ms_per_step"] > 0 and result[norm]["loss_last"] > 0, result
+    assert "torch" not in result  # the PyTorch peer runs on a GPU only
+    assert result["errors"]["verdict"] == "ok", result["errors"]

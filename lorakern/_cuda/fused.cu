@@ -493,4 +493,34 @@ __global__ void __launch_bounds__(NT) update(
     }
 }
 
+// ---- the linear kind's pointwise (lorakern/_cuda/linear.py) ----------------------------------
+// One row tile of the layer's outputs, count = rows x m entries: t = Z0 + PB (rounded to T, as
+// the array expression Z0 + P B^T), Delta = loss'(t) rounded to T, and per block the float64 sums
+// (loss values, Delta^2) in grid-stride then block_sum2 order: part[block] = (loss, ||Delta||^2).
+// One read of Z0 and PB (and Y for label losses), one write of Delta: the sweep's elementwise
+// work in one pass, where the array expressions make five or six. LABELS: y = Y (logistic);
+// else the residual loss reads t itself. Not for cross-entropy (a softmax over each row).
+template <typename T, bool LABELS>
+__global__ void __launch_bounds__(NT) linear_pointwise(
+    const T* __restrict__ Z0, const T* __restrict__ PB, const T* __restrict__ Y, long long count,
+    double delta, T* __restrict__ Delta, double* __restrict__ part)
+{
+    __shared__ double red[2 * NT];
+    double loss = 0.0, dsq = 0.0;
+    for (long long e = (long long)blockIdx.x * NT + threadIdx.x; e < count; e += (long long)gridDim.x * NT) {
+        const T t = Z0[e] + PB[e];
+        double value, grad;
+        loss_pointwise<T>(t, LABELS ? Y[e] : t, delta, &value, &grad);
+        const T g = (T)grad;
+        Delta[e] = g;
+        loss += value;
+        dsq += (double)g * (double)g;
+    }
+    block_sum2(red, loss, dsq);
+    if (threadIdx.x == 0) {
+        part[2 * blockIdx.x] = loss;
+        part[2 * blockIdx.x + 1] = dsq;
+    }
+}
+
 }  // namespace lorakern

@@ -387,7 +387,8 @@ def module_source(loss, kernel: str = "simt") -> str:
 
 def all_modules():
     """(label, code, names) of every module the launcher can ask NVRTC for: each dtype, loss,
-    mask, rank bound and tile of a Plan, and update_kernel's (for the cache checks)."""
+    mask, rank bound and tile of a Plan, update_kernel's and linear_pointwise_kernel's (for the
+    cache checks)."""
     from ..losses import LOSSES
 
     for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
@@ -406,6 +407,9 @@ def all_modules():
                                        code, names)
         yield (f"{dtype} update", module_source(LOSSES["squared"]),
                (f"lorakern::update<{_ctype(dtype)}>",))
+        for loss in LOSSES.values():  # the pointwise losses (cross-entropy is the linear kind's own)
+            yield (f"{dtype} {loss.name} linear_pointwise", module_source(loss),
+                   (f"lorakern::linear_pointwise<{_ctype(dtype)}, {_flag(bool(loss.labels))}>",))
 
 
 # ---- one problem and rank -----------------------------------------------------------------
@@ -518,6 +522,23 @@ def update_kernel(rt, dtype):
 
     module = rt.module(module_source(LOSSES["squared"]), (name,))
     return rt.kernel(module, name, 0)
+
+
+def linear_pointwise_kernel(rt, dtype, loss):
+    """fused.cu's linear_pointwise<T, LABELS> for this loss (not cross-entropy), on runtime rt."""
+    name = f"lorakern::linear_pointwise<{_ctype(dtype)}, {_flag(bool(loss.labels))}>"
+    return rt.kernel(rt.module(module_source(loss), (name,)), name, 0)
+
+
+def linear_pointwise(rt, kernel, Z0, PB, Y, delta: float, Delta, part):
+    """Delta = loss'(Z0 + PB) and part[block] = (loss sum, ||Delta||^2) over grid blocks
+    (``part`` holds 2 x grid float64: grid = len(part) // 2, at most MAX_SMALL_GRID)."""
+    rt.launch(kernel, part.size // 2, (Z0, PB, ptr(Y), np.int64(Z0.size), np.float64(delta), Delta, part))
+
+
+def small_grid(count: int) -> int:
+    """Blocks of a grid-stride kernel over ``count`` entries (a constant cap: fixed sum order)."""
+    return max(1, min(-(-count // NT), MAX_SMALL_GRID))
 
 
 def workspace(rt, shape_B, shape_A, dtype, steps: int) -> SimpleNamespace:

@@ -4,8 +4,9 @@ Written against the device's array namespace (``data.xp``: CuPy on a GPU, NumPy 
 runtime), so the same code runs in the tests without a GPU. One fused pass at V = (B, A):
 
     P = X A^T                                    (N x r, one GEMM)
-    per tile of ROW_TILE rows:  Z = Z0 + P B^T, the loss in float64, Delta rounded to the dtype,
-                                grad_B += Delta^T P,  Q = Delta B
+    per tile of ROW_TILE rows:  Z = Z0 + P B^T, the loss in float64, Delta rounded to the dtype
+                                (pointwise losses: one kernel, fused.cu's linear_pointwise, after
+                                the GEMM P B^T), grad_B += Delta^T P,  Q = Delta B
     grad_A = Q^T X / N,  ||G||_F^2 exact (problem.norm_strategy) or the certified bound
 
 Z, Delta and the loss's float64 arrays exist for one tile at a time (ROW_TILE x m each); the
@@ -19,6 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..results import PassResult
+from . import launch
 
 #: rows per tile of the sweep (Z, Delta and two float64 copies of ROW_TILE x m each)
 ROW_TILE = 8192
@@ -37,6 +39,7 @@ def prepare(problem, device):
         Y=None if problem.residual else xp.ascontiguousarray(xp.asarray(problem.Y)),
         D=None,  # Delta for the exact norm, made on first use
         K=None,  # X X^T (float64) for the "gram" strategy, made on first use
+        pointwise=None,  # fused.cu's linear_pointwise for a pointwise loss, loaded on first use
     )
 
 
@@ -47,6 +50,17 @@ def _loss(problem, xp, Z, Y):
         return loss.rows(xp, t, Y)
     y = None if Y is None else Y.astype(np.float64)
     return loss.array_pointwise(xp, t, y, problem.delta)
+
+
+def _pointwise_tile(problem, data, Z0, PB, Y, Delta):
+    """A pointwise loss's tile in one kernel (fused.cu's linear_pointwise): Delta = loss'(Z0 +
+    PB) written in place, and the tile's (loss sum, ||Delta||^2) as 0-d float64 arrays."""
+    rt, xp = data.rt, data.xp
+    if data.pointwise is None:
+        data.pointwise = launch.linear_pointwise_kernel(rt, problem.dtype, problem.loss)
+    part = xp.empty(2 * launch.small_grid(Z0.size), np.float64)
+    launch.linear_pointwise(rt, data.pointwise, Z0, PB, Y, float(problem.delta), Delta, part)
+    return xp.sum(part[0::2]), xp.sum(part[1::2])
 
 
 def _sweep(problem, data, B, A, with_grad: bool, store: bool):
@@ -60,15 +74,25 @@ def _sweep(problem, data, B, A, with_grad: bool, store: bool):
     Q = xp.empty((N, r), dt) if with_grad else None
     if store and data.D is None:
         data.D = xp.empty(Z0.shape, dt)
+    # a pointwise loss: one kernel a tile; cross-entropy (and a runtime without kernels, the
+    # tests' NumPy stub): array expressions
+    pointwise = problem.loss.labels != "class" and hasattr(data.rt, "kernel")
     for i0 in range(0, N, ROW_TILE):
         rows = slice(i0, min(i0 + ROW_TILE, N))
-        Z = Z0[rows] + P[rows] @ B.T
-        value, delta64 = _loss(problem, xp, Z, None if data.Y is None else data.Y[rows])
-        Delta = delta64.astype(dt)
-        loss_sum += value.sum()
-        d_sq += xp.sum(xp.square(Delta.astype(np.float64)))
-        if store:
-            data.D[rows] = Delta
+        Y = None if data.Y is None else data.Y[rows]
+        if pointwise:
+            PB = P[rows] @ B.T
+            Delta = data.D[rows] if store else xp.empty(PB.shape, dt)
+            value_sum, delta_sq = _pointwise_tile(problem, data, Z0[rows], PB, Y, Delta)
+            loss_sum += value_sum
+            d_sq += delta_sq
+        else:
+            value, delta64 = _loss(problem, xp, Z0[rows] + P[rows] @ B.T, Y)
+            Delta = delta64.astype(dt)
+            loss_sum += value.sum()
+            d_sq += xp.sum(xp.square(Delta.astype(np.float64)))
+            if store:
+                data.D[rows] = Delta
         if with_grad:
             gB += Delta.T @ P[rows]
             Q[rows] = Delta @ B
