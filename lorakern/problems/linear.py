@@ -46,9 +46,10 @@ class CostWeights(NamedTuple):
     byte: float   # a byte streamed to or from memory
 
 
-#: per device kind. "cpu": 2-core AMD EPYC (AVX2), NumPy's OpenBLAS, measured 2026-12-04
-#: (benchmarks/NOTES.md): sgemm 146 GMAC/s, dgemm 67 GMAC/s (2.2x), a float64 sum 32 GB/s
-#: (146 / 32 = 4.6 multiply-adds per byte). "cuda": an H200 from its data sheet: SGEMM 67
+#: per device kind. "cpu": the 2-core development machine (Intel Xeon, AVX-512; NumPy's
+#: OpenBLAS), measured 2026-12-04 (benchmarks/NOTES.md): sgemm 146 GMAC/s, dgemm 67 GMAC/s
+#: (2.2x) at 2048^2, a float64 sum 32 GB/s (146 / 32 = 4.6 multiply-adds per byte); an AVX2
+#: machine has the same 2x between float32 and float64. "cuda": an H200 from its data sheet: SGEMM 67
 #: TFLOP/s on the CUDA cores (CuPy does not use TF32 unless asked), DGEMM 67 TFLOP/s on the
 #: DMMA tensor cores, HBM3e 4.8 TB/s (33.5e12 / 4.8e12 = 7 multiply-adds per byte).
 COST_WEIGHTS = {
