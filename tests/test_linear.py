@@ -34,13 +34,15 @@ SHAPES = [
 ]
 
 
-def make_linear(shape, dtype, loss="squared", *, seed=0, scale=0.5, lipschitz=None):
+def make_linear(shape, dtype, loss="squared", *, seed=0, scale=0.5, lipschitz=None,
+                norm_strategy="auto"):
     """(problem, B, A) on fresh seeded random data; B and A both non-zero."""
     N, n, m, r = shape
     rng = np.random.default_rng([seed, N, n, m, r])
     X, Y, W0 = random_linear_data(rng, N, n, m, dtype, loss=loss, w0_scale=1 / math.sqrt(n))
     kwargs = {"delta": 0.7} if loss == "huber" else {}
-    problem = lorakern.LinearProblem(X, Y, W0, loss=loss, lipschitz=lipschitz, **kwargs)
+    problem = lorakern.LinearProblem(X, Y, W0, loss=loss, lipschitz=lipschitz,
+                                     norm_strategy=norm_strategy, **kwargs)
     B = (scale * rng.standard_normal((m, r))).astype(dtype)
     A = (scale * rng.standard_normal((r, n))).astype(dtype)
     return problem, B, A
@@ -231,40 +233,180 @@ def test_cross_entropy_does_not_overflow(dtype):
 
 
 # ---- the norm strategies and the bound --------------------------------------------------------
-@pytest.mark.parametrize("device", ["cpu", "cuda-stub"])
+#: the devices of the norm strategies' tests: the emulated CUDA device too where this branch
+#: has it (its DeviceArrays catch a host array mixed into the moments' products)
+NORM_DEVICES = ["cpu", "cuda-stub"] + [t for t in TARGETS if t in ("cuda-emulated", "cuda")]
+
+
+@pytest.mark.parametrize("device", NORM_DEVICES)
 @pytest.mark.parametrize("blas", [False, True], ids=["serial", "blas"])
-@pytest.mark.parametrize("strategy", ["gram", "tiles"])
-@pytest.mark.parametrize("shape", [(1, 7, 5, 2), (5, 41, 7, 3), (37, 11, 13, 5), (130, 9, 6, 4)],
+@pytest.mark.parametrize("strategy", ["moments", "gram", "tiles"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 7, 5, 2), (5, 41, 7, 3), (37, 11, 13, 5),
+                                   (130, 9, 6, 4)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_every_norm_strategy_is_the_plain_norm(dtype, shape, strategy, blas, device, monkeypatch,
                                                small_parts):
     """Each way of computing ||(1/N) Delta^T X||_F, forced on every shape, equals the norm of
-    (1/N) Delta^T X formed plainly in float64 from the same Delta, and the reference's."""
+    (1/N) Delta^T X formed plainly in float64 from the same Delta, and the reference's.
+
+    "moments" (the squared loss) reads no Delta: it is the norm of the true G, so it meets the
+    reference's float64 ||Delta^T X|| / N at float64's tolerance whatever the data's dtype."""
     import lorakern._cpu.linear as cpu
 
-    monkeypatch.setattr(linear_problem, "GRAM_RATIO", 1e9 if strategy == "gram" else 0.0)
     monkeypatch.setattr(cpu, "SERIAL_WORK", 0 if blas else 1 << 40)  # exact norm: BLAS or loops
-    if device == "cuda-stub" and not blas:
+    if device != "cpu" and not blas:
         pytest.skip("the CUDA module has one path")
-    problem, B, A = make_linear(shape, dtype, "logistic", seed=7)
-    assert problem.norm_strategy == strategy
+    loss = "squared" if strategy == "moments" else "logistic"
+    problem, B, A = make_linear(shape, dtype, loss, seed=7, norm_strategy=strategy)
+    assert problem.norm_strategy == strategy and problem.norm_strategy_for("cuda", 1) == strategy
     engine, got = linear_pass(problem, device, B, A)
+    want = reference.fused_pass(problem, None, B, A).g_sq
+    if strategy == "moments":
+        assert engine.data.D is None  # the sweep kept no Delta
+        G, _ = reference.gradient(problem, B, A)  # Delta^T X / N formed whole in float64
+        assert_close(float(got.g_sq), float(np.sum(G * G)), np.float64, "moments g_sq")
+        assert_close(float(got.g_sq), want, np.float64, "moments vs reference")
+        return
     D = host(engine.data.D).astype(np.float64)
     plain = np.sum((D.T @ problem.X.astype(np.float64) / problem.N) ** 2)
     assert_close(float(got.g_sq), plain, dtype, f"{strategy} g_sq")
-    assert_close(float(got.g_sq), reference.fused_pass(problem, None, B, A).g_sq, dtype, "vs reference")
+    assert_close(float(got.g_sq), want, dtype, "vs reference")
+
+
+def near_optimum(dtype, shape=(300, 24, 17, 3), noise=1e-5, seed=16):
+    """(problem, B, A, B0, A0): the squared loss with Y = X (W0 + B* A*)^T + noise, at
+    (B, A) = (B*, A*) rounded to the dtype (a near-minimiser: G there is the noise's, about
+    ``noise`` times its size at (B0, A0), a random start)."""
+    N, n, m, r = shape
+    rng = np.random.default_rng([seed, N, n, m, r])
+    X = rng.standard_normal((N, n))
+    W0 = rng.standard_normal((m, n)) / math.sqrt(n)
+    B, A = rng.standard_normal((m, r)), rng.standard_normal((r, n)) / math.sqrt(n)
+    Y = X @ (W0 + B @ A).T + noise * rng.standard_normal((N, m))
+    problem = lorakern.LinearProblem(*(a.astype(dtype) for a in (X, Y, W0)))
+    B0, A0 = 0.5 * rng.standard_normal((m, r)), 0.5 * rng.standard_normal((r, n))
+    return problem, *(a.astype(dtype) for a in (B, A, B0, A0))
+
+
+@pytest.mark.parametrize("device", NORM_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_moments_are_accurate_near_convergence(dtype, device, small_parts):
+    """Near a least-squares minimiser Delta^T X cancels (G ~ 1e-5 of its size at a random
+    start): the float64 moments keep their accuracy (<= 1e-6 relative) against the
+    reference's float64 G, where the tiles of a float32 Delta lose most digits (float64 data:
+    both near eps64 times the cancellation, either may be the closer)."""
+    problem, B, A, B0, A0 = near_optimum(dtype)
+    truth = reference.fused_pass(problem, None, B, A).g_sq
+    assert truth < 1e-8 * reference.fused_pass(problem, None, B0, A0).g_sq  # converged
+    errors = {}
+    for strategy in ("moments", "tiles"):
+        forced = lorakern.LinearProblem(problem.X, problem.Y, problem.W0, norm_strategy=strategy)
+        errors[strategy] = abs(float(linear_pass(forced, device, B, A)[1].g_sq) - truth) / truth
+    assert errors["moments"] <= 1e-6, errors
+    if dtype == np.float32:  # the float32 Delta has lost most of G's digits there
+        assert errors["moments"] <= errors["tiles"] and errors["tiles"] > 1e-5, errors
 
 
 def test_norm_strategy_rule(monkeypatch):
-    """Gram while N <= GRAM_RATIO n and the N x N matrices fit; tiles otherwise."""
-    def strategy(N, n):
-        X = np.ones((N, n))
-        return lorakern.LinearProblem(X, np.ones((N, 1)), np.ones((1, n))).norm_strategy
+    """The cheapest available strategy of norm_costs, priced per device: moments for the
+    squared loss at large N, never for another loss; between gram and tiles the old rule
+    (gram while N <= 2 n) away from its edge; the memory caps respected. Shapes as numbers
+    only: nothing is allocated."""
+    from lorakern.problems.linear import cheapest, norm_costs
 
-    assert strategy(4, 100) == "gram" and strategy(20, 10) == "gram" and strategy(21, 10) == "tiles"
+    def choice(N, n, m, r=16, dtype="float32", loss="squared", device="cpu"):
+        return cheapest(norm_costs(N, n, m, r, dtype, loss, device))
+
+    for device in ("cpu", "cuda", "reference", "dask"):
+        for dtype in ("float32", "float64"):
+            # the issue's shape (13.5 ms with the Gram identity against PyTorch's 11.2 ms)
+            assert choice(8192, 4096, 4096, 16, dtype, "squared", device) == "moments"
+            assert choice(16384, 4096, 4096, 64, dtype, "squared", device) == "moments"
+            assert choice(256, 4096, 4096, 16, dtype, "squared", device) == "gram"  # N^2 m / 2 small
+            for loss in ("huber", "logistic", "cross_entropy"):
+                for N, n, m in ((8192, 4096, 4096), (65536, 1024, 1024), (1, 1, 1), (500, 3, 7)):
+                    assert "moments" not in norm_costs(N, n, m, 4, dtype, loss, device)
+                for n in (1024, 4096):  # the old rule, N <= 2 n, away from its edge
+                    assert choice(3 * n // 2, n, n, 16, dtype, loss, device) == "gram"
+                    assert choice(3 * n, n, n, 16, dtype, loss, device) == "tiles"
+                    assert choice(n // 8, n, n, 16, dtype, loss, device) == "gram"
+    # float64 products cost more than float32 ones on the CPU only: the same shape can differ
+    costs = {d: norm_costs(2048, 2048, 2048, 16, "float32", "squared", d) for d in ("cpu", "cuda")}
+    assert costs["cpu"]["moments"] > costs["cuda"]["moments"]
+    assert costs["cpu"]["tiles"] < costs["cuda"]["tiles"]  # a byte costs more on the H200
+    # the caps: gram while 16 N^2 bytes fit, moments while 8 (m n + n^2) do
     monkeypatch.setattr(linear_problem, "GRAM_MAX_BYTES", 16 * 9)
-    assert strategy(3, 100) == "gram" and strategy(4, 100) == "tiles"
+    assert "gram" in norm_costs(3, 100, 50, 4, "float64", "huber")
+    assert "gram" not in norm_costs(4, 100, 50, 4, "float64", "huber")
+    monkeypatch.setattr(linear_problem, "GRAM_MAX_BYTES", 1 << 30)
+    monkeypatch.setattr(linear_problem, "MOMENTS_MAX_BYTES", 8 * (4096 * 4096 + 4096 * 4096))
+    assert choice(8192, 4096, 4096) == "moments"
+    monkeypatch.setattr(linear_problem, "MOMENTS_MAX_BYTES", 8 * (4096 * 4096 + 4096 * 4096) - 1)
+    assert "moments" not in norm_costs(8192, 4096, 4096, 16, "float32", "squared")
+    assert choice(8192, 4096, 4096) == choice(8192, 4096, 4096, loss="huber") == "tiles"
+    with pytest.raises(ValueError, match="no cost weights for device 'tpu'"):
+        norm_costs(4, 3, 2, 1, "float32", "squared", "tpu")
+
+
+def test_problem_reports_its_strategy():
+    """norm_strategy_for answers per device and rank, the property is the CPU's at
+    NOMINAL_RANK, and a forced strategy is what every device uses."""
+    problem, _, _ = make_linear((130, 9, 6, 4), np.float32, "squared")
+    costs = problem.norm_costs("cuda", 4)
+    assert set(costs) == {"moments", "gram", "tiles"}
+    assert problem.norm_strategy_for("cuda", 4) == min(costs, key=costs.get)
+    assert problem.norm_strategy == problem.norm_strategy_for("cpu", linear_problem.NOMINAL_RANK)
+    assert "moments" not in make_linear((130, 9, 6, 4), np.float32, "huber")[0].norm_costs()
+    forced, _, _ = make_linear((130, 9, 6, 4), np.float32, "squared", norm_strategy="gram")
+    assert {forced.norm_strategy_for(d, r) for d in ("cpu", "cuda") for r in (1, 64)} == {"gram"}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda-stub"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_strategies_change_g_sq_only(dtype, device, small_parts):
+    """At one iterate the passes with each strategy forced give the same gradients, J,
+    grad_sq and v_sq to the bit (the sweep is the same; it only keeps Delta or not), and
+    g_sq within rounding; fits of the squared loss follow the same iterates."""
+    shape = (41, 13, 11, 3)
+    passes, fits = {}, {}
+    for strategy in ("tiles", "gram", "moments"):
+        problem, B, A = make_linear(shape, dtype, "squared", seed=17, norm_strategy=strategy)
+        passes[strategy] = linear_pass(problem, device, B, A)[1]
+        fits[strategy] = lorakern.fit(problem, B, A, steps=12, device=device_of(device))
+    first = passes["tiles"]
+    for strategy in ("gram", "moments"):
+        for name in ("grad_B", "grad_A", "loss", "grad_sq", "v_sq"):
+            assert_bitwise(host(getattr(passes[strategy], name)), host(getattr(first, name)),
+                           f"{name}, {strategy}")
+        assert_close(float(passes[strategy].g_sq), float(first.g_sq), dtype, f"g_sq, {strategy}")
+        got, want = fits[strategy], fits["tiles"]
+        for name in ("loss", "eta", "g_norm"):
+            assert_close(getattr(got.history, name), getattr(want.history, name), dtype, name, 10)
+        assert_close(host(got.B), host(want.B), dtype, f"B_T, {strategy}", 10)
+        assert_close(host(got.A), host(want.A), dtype, f"A_T, {strategy}", 10)
+
+
+def test_moments_are_made_once_and_only_for_moments():
+    """problem.moments (CPU) and the CUDA module's copy are made on the first exact pass that
+    uses them and kept; a bound pass and another strategy make none."""
+    problem, B, A = make_linear((29, 7, 5, 2), np.float64, "squared", norm_strategy="moments")
+    engine, _ = linear_pass(problem, "cpu", B, A, "bound")
+    assert "moments" not in problem.__dict__
+    linear_pass(problem, "cpu", B, A)
+    C0, Sigma = problem.moments
+    X, Y, W0 = (a.astype(np.float64) for a in (problem.X, problem.Y, problem.W0))
+    assert_close(C0, (X @ W0.T - Y).T @ X, np.float64, "C0")
+    assert_close(Sigma, X.T @ X, np.float64, "Sigma")
+    linear_pass(problem, "cpu", B, A)
+    assert problem.moments[0] is C0  # kept
+    stub, _ = linear_pass(problem, "cuda-stub", B, A)
+    assert stub.data.moments is not None and stub.data.K is None and stub.data.D is None
+    tiles, _, _ = make_linear((29, 7, 5, 2), np.float64, "squared", norm_strategy="tiles")
+    linear_pass(tiles, "cpu", B, A)
+    assert "moments" not in tiles.__dict__
+    with pytest.raises(ValueError, match="squared loss only"):
+        make_linear((29, 7, 5, 2), np.float64, "huber")[0].compute_moments()
 
 
 @pytest.mark.parametrize("device", ["reference", "cpu", "cuda-stub"])

@@ -73,6 +73,12 @@ CASES = [
     ("delta-text", "huber", {"delta": "1"}, TypeError, ["delta must be a real number"]),
     ("lipschitz-negative", "squared", {"lipschitz": -1.0}, ValueError, ["lipschitz must be positive"]),
     ("lipschitz-nan", "logistic", {"lipschitz": float("nan")}, ValueError, ["lipschitz must be positive"]),
+    ("norm-unknown", "squared", {"norm_strategy": "svd"}, ValueError,
+     ["unknown norm_strategy 'svd'", "moments", "tiles"]),
+    ("norm-moments-huber", "huber", {"norm_strategy": "moments"}, ValueError,
+     ["norm_strategy='moments' needs the squared loss", "'huber'"]),
+    ("norm-moments-ce", "cross_entropy", {"norm_strategy": "moments"}, ValueError,
+     ["needs the squared loss"]),
 ]
 
 

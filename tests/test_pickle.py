@@ -31,13 +31,14 @@ def matrix_case(dtype, loss="squared", masked=False, seed=0):
     return make_case((37, 29, 3), dtype, loss=loss, masked=masked, seed=seed)
 
 
-def linear_case(dtype, loss="squared", seed=0):
-    N, n, m, r = 23, 19, 11, 3  # N <= 2n: the Gram strategy, so a Gram is cached
+def linear_case(dtype, loss="squared", seed=0, norm_strategy="gram"):
+    """The exact norm by the Gram (or the moments): a cache that must not travel is made."""
+    N, n, m, r = 23, 19, 11, 3
     rng = np.random.default_rng([seed, N, n, m, r])
     X, Y, W0 = random_linear_data(rng, N, n, m, dtype, loss=loss, w0_scale=1 / math.sqrt(n))
     B = (0.5 * rng.standard_normal((m, r))).astype(dtype)
     A = (0.5 * rng.standard_normal((r, n))).astype(dtype)
-    return lorakern.LinearProblem(X, Y, W0, loss=loss), B, A
+    return lorakern.LinearProblem(X, Y, W0, loss=loss, norm_strategy=norm_strategy), B, A
 
 
 CASES = {
@@ -45,7 +46,10 @@ CASES = {
     "matrix-logistic-masked": lambda dtype: matrix_case(dtype, "logistic", masked=True, seed=1),
     "linear-squared": lambda dtype: linear_case(dtype),
     "linear-cross_entropy": lambda dtype: linear_case(dtype, "cross_entropy", seed=2),
+    "linear-squared-moments": lambda dtype: linear_case(dtype, seed=3, norm_strategy="moments"),
 }
+#: the caches a problem keeps beside its data (none travels in a pickle)
+CACHE_NAMES = ("gram", "moments")
 
 
 def data_bytes(problem) -> int:
@@ -72,13 +76,15 @@ def test_problem_round_trip_fits_to_the_same_bits(case, dtype, fitted):
     if not fitted:
         problem, B, A = CASES[case](dtype)  # never fitted: no device cache, no Gram yet
     if fitted:  # what must stay behind is there: the device's data (with a lock), the Gram
-        assert problem._prepared and (problem.kind != "linear" or "gram" in problem.__dict__)
+        # or the moments
+        assert problem._prepared
+        assert problem.kind != "linear" or problem.norm_strategy in problem.__dict__
     blob = pickle.dumps(problem)
     back = pickle.loads(blob)
     assert type(back) is type(problem) and back.kind == problem.kind
     assert back.shape == problem.shape and back.dtype == problem.dtype
     assert back.loss == problem.loss and back.lipschitz == problem.lipschitz
-    assert back._prepared == {} and "gram" not in back.__dict__
+    assert back._prepared == {} and not any(name in back.__dict__ for name in CACHE_NAMES)
     # the data travel: the pickle is the arrays' bytes and a little more, never the
     # device's copies (which would double it) nor the Gram
     assert data_bytes(problem) <= len(blob) <= data_bytes(problem) + 2048, (len(blob), data_bytes(problem))
@@ -87,6 +93,28 @@ def test_problem_round_trip_fits_to_the_same_bits(case, dtype, fitted):
     assert_same_fit(lorakern.fit(problem, B, A, steps=STEPS, device="cpu"), want)
     assert_same_fit(lorakern.fit(copy.deepcopy(problem), B, A, steps=STEPS, device="cpu"), want)
 
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_pickle_drops_the_moments(dtype):
+    """A linear problem whose exact norm used the moments (C0: 8 m n bytes, Sigma: 8 n^2)
+    pickles to its data alone; the copy makes them again on its first exact pass, to the
+    same bits, and fits as the original does."""
+    N, n, m, r = 40, 64, 48, 4
+    rng = np.random.default_rng([6, N, n, m, r])
+    X, Y, W0 = random_linear_data(rng, N, n, m, dtype, loss="squared", w0_scale=1 / math.sqrt(n))
+    B = (0.5 * rng.standard_normal((m, r))).astype(dtype)
+    A = (0.5 * rng.standard_normal((r, n))).astype(dtype)
+    problem = lorakern.LinearProblem(X, Y, W0, norm_strategy="moments")
+    want = lorakern.fit(problem, B, A, steps=STEPS, device="cpu")
+    C0, Sigma = problem.__dict__["moments"]
+    blob = pickle.dumps(problem)
+    assert len(blob) <= data_bytes(problem) + 2048 < data_bytes(problem) + C0.nbytes, len(blob)
+    back = pickle.loads(blob)
+    assert "moments" not in back.__dict__
+    assert_same_fit(lorakern.fit(back, B, A, steps=STEPS, device="cpu"), want)
+    assert_bitwise(back.__dict__["moments"][0], C0, "C0 remade")
+    assert_bitwise(back.__dict__["moments"][1], Sigma, "Sigma remade")
 
 def test_pickle_size_is_the_data():
     """A 300 x 200 float32 problem fitted once pickles to its residual's 240 000 bytes plus

@@ -6,12 +6,14 @@ One fused pass at V = (B, A), the problem's Z0 = X W0^T (- Y) prepared once:
     sweep over row parts   P = X A^T, Z = Z0 + P B^T, J, Delta, ||Delta||_F^2,
                            P^T Delta and (Delta B)^T X summed per part
     grad_B = (P^T Delta)^T / N = G A^T,   grad_A = (Delta B)^T X / N = B^T G
-    ||G||_F^2              exact (problem.norm_strategy) or the certified bound
+    ||G||_F^2              exact (problem.norm_strategy_for("cpu", r)) or the certified bound
 
 so X and Z0 are read once, the gradients cost O(N r (m + n)) and no m x n matrix is formed.
-The exact norm keeps Delta (N x m, a workspace made once) and computes ||Delta^T X||_F^2 either
-as <Delta Delta^T, X X^T> (a syrk, N^2 m / 2 multiply-adds, against the float64 X X^T) or from
-column tiles of Delta^T X (N m n), each squared and discarded.
+The exact norm ||Delta^T X||_F^2 comes either from Delta, which the sweep then keeps (N x m, a
+workspace made once): as <Delta Delta^T, X X^T> (a syrk, N^2 m / 2 multiply-adds, against the
+float64 X X^T) or from column tiles of Delta^T X (N m n), each squared and discarded; or, for
+the squared loss, from the float64 moments as ||C0 + B (A Sigma)||_F^2 (r n (n + m), in row
+tiles of B (A Sigma); the kept C0 is the only m x n matrix), without Delta.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ MAX_PARTS = 64
 #: such work (the digits demo's sweep, 1078 x 65 x 10 at r = 2: 1.8 ms on one thread, 15 ms
 #: on two on this shared 2-core machine)
 SERIAL_WORK = 1 << 22
-#: columns of X per tile of Delta^T X in the "tiles" norm strategy (an m x NORM_TILE block)
+#: columns of X per tile of Delta^T X in the "tiles" norm strategy (an m x NORM_TILE block),
+#: and rows per tile of C0 + B (A Sigma) in the "moments" one (NORM_TILE x n, float64)
 NORM_TILE = 512
 
 
@@ -89,10 +92,38 @@ def _sweep(problem, data, B, A, with_grad: bool, store: bool):
     return gBt, gA, loss_sum / N, d_sq
 
 
-def exact_norm_sq(problem, data) -> float:
-    """||Delta^T X||_F^2 of the Delta the last exact pass stored (see norm_strategy)."""
-    gram = problem.gram if problem.norm_strategy == "gram" else None
+def exact_norm_sq(problem, data, B, A, strategy: str) -> float:
+    """||Delta^T X||_F^2 at (B, A) by ``strategy`` (problem.norm_strategy_for): from the
+    moments, or from the Delta the last exact pass stored."""
+    if strategy == "moments":
+        C0, Sigma = problem.moments
+        return moments_norm_sq(C0, Sigma, B, A)
+    gram = problem.gram if strategy == "gram" else None
     return delta_x_norm_sq(data.D, data.X, gram)
+
+
+def moments_norm_sq(C0, Sigma, B, A) -> float:
+    """||C0 + B (A Sigma)||_F^2 in float64 (= ||Delta^T X||_F^2 for the squared loss: see
+    LinearProblem.compute_moments) for C0 (m x n), Sigma (n x n) float64 and B, A of any
+    float dtype, taken exactly into float64.
+
+    A Sigma (r x n) first (r n^2 multiply-adds), then B (A Sigma) row tile by row tile
+    (NORM_TILE x n, m n r in all), each added to C0's rows, squared, summed and discarded.
+    Small work runs in one serial Numba loop, larger on BLAS products with Numba's
+    ordered sums.
+    """
+    m, n = C0.shape
+    r = B.shape[1]
+    B64, A64 = B.astype(np.float64), A.astype(np.float64)
+    if r * n * (n + m) < SERIAL_WORK:
+        return lk.moments_norm_sq(C0, Sigma, B64, A64)
+    AS = A64 @ Sigma
+    total = 0.0
+    for i0 in range(0, m, NORM_TILE):
+        T = B64[i0:i0 + NORM_TILE] @ AS    # rows i0.. of B (A Sigma)
+        T += C0[i0:i0 + NORM_TILE]         # ... of N G = C0 + B A Sigma
+        total += lk.sq_sum(T)
+    return total
 
 
 def delta_x_norm_sq(D, X, K=None) -> float:
@@ -121,11 +152,12 @@ def fused_pass(problem, data, B, A, *, norm="exact"):
     """Gradients and norms at (B, A); ``norm="bound"`` gives the certified bound's square
     in g_sq (LinearProblem.norm_bound_sq) and skips the exact norm's work."""
     N, r = problem.N, B.shape[1]
-    exact = norm != "bound"
-    gBt, gA, J, d_sq = _sweep(problem, data, B, A, True, exact)
+    strategy = problem.norm_strategy_for("cpu", r) if norm != "bound" else None
+    # the sweep keeps Delta only for a strategy that reads it
+    gBt, gA, J, d_sq = _sweep(problem, data, B, A, True, strategy in ("gram", "tiles"))
     grad_B = np.ascontiguousarray(gBt[:r].T) / N   # (1/N) Delta^T P = G A^T
     grad_A = gA[:r] / N                           # (1/N) (Delta B)^T X = B^T G
-    g_sq = (exact_norm_sq(problem, data) / float(N) ** 2 if exact
+    g_sq = (exact_norm_sq(problem, data, B, A, strategy) / float(N) ** 2 if strategy
             else float(problem.norm_bound_sq(d_sq, J)))
     return PassResult(grad_B=grad_B, grad_A=grad_A, loss=J, g_sq=g_sq,
                       grad_sq=lk.sq_sum(grad_B) + lk.sq_sum(grad_A),

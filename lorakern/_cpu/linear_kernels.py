@@ -141,3 +141,29 @@ def tiles_norm_sq(D, X, tile):
             for j in range(w):
                 s += T[c, j] * T[c, j]
     return s
+
+
+@numba.njit(fastmath=FASTMATH, nogil=True, cache=True)
+def moments_norm_sq(C0, S, B, A):
+    """||C0 + B (A S)||_F^2 in float64, serial (all float64): A S (r x n) first, then one
+    row of C0 + B (A S) at a time, squared and summed in a fixed order."""
+    m, n = C0.shape
+    r = A.shape[0]
+    AS = np.zeros((r, n))
+    for k in range(r):
+        for l in range(n):
+            a = A[k, l]
+            for j in range(n):
+                AS[k, j] += a * S[l, j]
+    row = np.empty(n)
+    s = 0.0
+    for i in range(m):
+        for j in range(n):
+            row[j] = C0[i, j]
+        for k in range(r):
+            b = B[i, k]
+            for j in range(n):
+                row[j] += b * AS[k, j]
+        for j in range(n):
+            s += row[j] * row[j]
+    return s

@@ -7,11 +7,14 @@ runtime), so the same code runs in the tests without a GPU. One fused pass at V 
     per tile of ROW_TILE rows:  Z = Z0 + P B^T, the loss in float64, Delta rounded to the dtype
                                 (pointwise losses: one kernel, fused.cu's linear_pointwise, after
                                 the GEMM P B^T), grad_B += Delta^T P,  Q = Delta B
-    grad_A = Q^T X / N,  ||G||_F^2 exact (problem.norm_strategy) or the certified bound
+    grad_A = Q^T X / N,  ||G||_F^2 exact (problem.norm_strategy_for("cuda", r)) or the
+                         certified bound
 
 Z, Delta and the loss's float64 arrays exist for one tile at a time (ROW_TILE x m each); the
 exact norm keeps Delta whole (N x m, a workspace made once) for the Gram identity or the
-column tiles of Delta^T X. Scalars stay on the device as 0-d float64 arrays.
+column tiles of Delta^T X, or, for the squared loss, keeps the float64 moments C0 (m x n) and
+Sigma (n x n) on the device instead and needs no Delta. Scalars stay on the device as 0-d
+float64 arrays.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from . import launch
 
 #: rows per tile of the sweep (Z, Delta and two float64 copies of ROW_TILE x m each)
 ROW_TILE = 8192
-#: columns of X per tile of Delta^T X in the "tiles" norm strategy
+#: columns of X per tile of Delta^T X in the "tiles" norm strategy, and rows per tile of
+#: C0 + B (A Sigma) (NORM_TILE x n, float64) in the "moments" one
 NORM_TILE = 4096
 
 
@@ -39,6 +43,7 @@ def prepare(problem, device):
         Y=None if problem.residual else xp.ascontiguousarray(xp.asarray(problem.Y)),
         D=None,  # Delta for the exact norm, made on first use
         K=None,  # X X^T (float64) for the "gram" strategy, made on first use
+        moments=None,  # (C0, Sigma) (float64) for the "moments" strategy, made on first use
         pointwise=None,  # fused.cu's linear_pointwise for a pointwise loss, loaded on first use
     )
 
@@ -99,14 +104,32 @@ def _sweep(problem, data, B, A, with_grad: bool, store: bool):
     return gB, Q, loss_sum / N, d_sq
 
 
-def exact_norm_sq(problem, data):
-    """||Delta^T X||_F^2 (0-d float64) of the Delta the last exact pass stored."""
+def exact_norm_sq(problem, data, B, A, strategy: str):
+    """||Delta^T X||_F^2 (0-d float64) at (B, A) by ``strategy`` (problem.norm_strategy_for):
+    from the moments, or from the Delta the last exact pass stored."""
     xp, D, X = data.xp, data.D, data.X
-    if problem.norm_strategy == "gram":
-        if data.K is None:  # X X^T in float64, formed on the device once
-            X64 = X.astype(np.float64)
-            data.K = X64 @ X64.T
-    return delta_x_norm_sq(xp, D, X, data.K if problem.norm_strategy == "gram" else None)
+    if strategy == "moments":
+        if data.moments is None:  # C0 and Sigma in float64, formed on the device once
+            data.moments = problem.compute_moments(xp)
+        return moments_norm_sq(xp, *data.moments, B, A)
+    if strategy == "gram" and data.K is None:  # X X^T in float64, formed on the device once
+        X64 = X.astype(np.float64)
+        data.K = X64 @ X64.T
+    return delta_x_norm_sq(xp, D, X, data.K if strategy == "gram" else None)
+
+
+def moments_norm_sq(xp, C0, Sigma, B, A):
+    """||C0 + B (A Sigma)||_F^2 (0-d float64 of ``xp``; = ||Delta^T X||_F^2 for the squared
+    loss, LinearProblem.compute_moments): A Sigma (r x n, float64) first, then B (A Sigma)
+    in row tiles of NORM_TILE x n, each added to C0's rows, squared, summed and discarded."""
+    B64, A64 = B.astype(np.float64), A.astype(np.float64)
+    AS = A64 @ Sigma
+    total = xp.zeros((), np.float64)
+    for i0 in range(0, C0.shape[0], NORM_TILE):
+        T = B64[i0:i0 + NORM_TILE] @ AS    # rows i0.. of B (A Sigma)
+        T += C0[i0:i0 + NORM_TILE]         # ... of N G = C0 + B A Sigma
+        total += xp.sum(xp.square(T))
+    return total
 
 
 def delta_x_norm_sq(xp, D, X, K=None):
@@ -130,11 +153,12 @@ def fused_pass(problem, data, B, A, *, norm="exact"):
     ``norm="bound"``: g_sq is the certified bound's square (LinearProblem.norm_bound_sq)."""
     xp, N = data.xp, problem.N
     B, A = xp.ascontiguousarray(B), xp.ascontiguousarray(A)
-    exact = norm != "bound"
-    gB, Q, J, d_sq = _sweep(problem, data, B, A, True, exact)
+    strategy = problem.norm_strategy_for("cuda", B.shape[1]) if norm != "bound" else None
+    # the sweep keeps Delta only for a strategy that reads it
+    gB, Q, J, d_sq = _sweep(problem, data, B, A, True, strategy in ("gram", "tiles"))
     grad_B = gB / N                      # (1/N) Delta^T P = G A^T
     grad_A = (Q.T @ data.X) / N          # (1/N) (Delta B)^T X = B^T G
-    g_sq = (exact_norm_sq(problem, data) / float(N) ** 2 if exact
+    g_sq = (exact_norm_sq(problem, data, B, A, strategy) / float(N) ** 2 if strategy
             else problem.norm_bound_sq(d_sq, J, xp=xp))
     return PassResult(grad_B=grad_B, grad_A=grad_A, loss=J, g_sq=xp.asarray(g_sq, np.float64),
                       grad_sq=_sq(xp, grad_B) + _sq(xp, grad_A), v_sq=_sq(xp, A) + _sq(xp, B))

@@ -8,16 +8,18 @@ original loss is L(W) = J at W0 + W; its gradient is
 
 and grad_B = G A^T = (1/N) Delta^T (X A^T), grad_A = B^T G = (1/N) (Delta B)^T X (eq. 3), so a
 step needs no m x n matrix: the kernels sweep the rows of X once (O(N r (m + n)) work).
-Only ||G||_F, which eta_t needs (eq. 8), couples all samples: see ``norm_strategy`` and
-``norm_bound_sq``.
+Only ||G||_F, which eta_t needs (eq. 8), couples all samples: see the class notes, ``norm_costs``
+(which of the exact norm's strategies is cheapest on a device) and ``norm_bound_sq``.
 
 The problem is validated once; the devices prepare from it what they read (X W0^T, or the
-residual X W0^T - Y for residual losses; the Gram XX^T when the norm strategy uses it).
+residual X W0^T - Y for residual losses; the Gram XX^T or the moments (X W0^T - Y)^T X and
+X^T X when the norm strategy uses them).
 """
 from __future__ import annotations
 
 import math
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,12 +27,39 @@ from .._validate import array_namespace, as_array, check_matrix, positive_float,
 from ..losses import LINEAR_LOSSES
 from ._common import KindBase
 
-#: exact ||Delta^T X||_F by the Gram identity <Delta Delta^T, X X^T> when N <= GRAM_RATIO n
-#: (the syrk Delta Delta^T costs N^2 m / 2 multiply-adds against N m n for the tiles of
-#: Delta^T X, so it is the cheaper one up to N = 2n) and the two N x N float64 matrices
-#: (X X^T kept, Delta Delta^T per step) fit in GRAM_MAX_BYTES; otherwise tiles of Delta^T X.
-GRAM_RATIO = 2.0
+#: the exact norm ||Delta^T X||_F's strategies (``norm_costs``); a tie in cost goes to the first
+NORM_STRATEGIES = ("moments", "gram", "tiles")
+#: "gram" needs the two N x N float64 matrices (X X^T kept, Delta Delta^T per step) to fit
 GRAM_MAX_BYTES = 1 << 30
+#: "moments" needs C0 (m x n) and Sigma (n x n), both float64 and kept, to fit
+MOMENTS_MAX_BYTES = 1 << 30
+#: the one-time products of a strategy (X X^T; C0 and Sigma) are charged 1/AMORTISE_STEPS of
+#: their cost per step: a fit of fewer steps pays more for them than the model says
+AMORTISE_STEPS = 100
+
+
+class CostWeights(NamedTuple):
+    """What a unit of work costs on a device, in float32 multiply-adds of a BLAS product."""
+
+    mac32: float  # a float32 multiply-add in a BLAS product: the unit
+    mac64: float  # a float64 multiply-add in a BLAS product
+    byte: float   # a byte streamed to or from memory
+
+
+#: per device kind. "cpu": the 2-core development machine (Intel Xeon, AVX-512; NumPy's
+#: OpenBLAS), measured 2026-12-04 (benchmarks/NOTES.md): sgemm 146 GMAC/s, dgemm 67 GMAC/s
+#: (2.2x) at 2048^2, a float64 sum 32 GB/s (146 / 32 = 4.6 multiply-adds per byte); an AVX2
+#: machine has the same 2x between float32 and float64. "cuda": an H200 from its data sheet: SGEMM 67
+#: TFLOP/s on the CUDA cores (CuPy does not use TF32 unless asked), DGEMM 67 TFLOP/s on the
+#: DMMA tensor cores, HBM3e 4.8 TB/s (33.5e12 / 4.8e12 = 7 multiply-adds per byte).
+COST_WEIGHTS = {
+    "cpu": CostWeights(mac32=1.0, mac64=2.2, byte=4.6),
+    "cuda": CostWeights(mac32=1.0, mac64=1.0, byte=7.0),
+}
+#: device kinds priced as another: the reference and Dask's shards compute on the host CPU
+COST_ALIASES = {"reference": "cpu", "dask": "cpu"}
+#: the rank ``norm_strategy`` (no adapters at hand) prices "moments" at; a pass uses its own
+NOMINAL_RANK = 16
 #: the Gram of X whose top eigenvalue is found exactly (eigvalsh) up to this size; above it
 #: by Lanczos (at most LANCZOS_STEPS products). Either estimate is then certified
 #: (``_certified_sigma_sq``).
@@ -64,6 +93,9 @@ class LinearProblem(KindBase):
         default 1.0 for another loss is an error.
     lipschitz : L, the smoothness constant of J in W; None computes a guaranteed upper
         bound (below). The step size uses max(L, 1), as for the matrix kind.
+    norm_strategy : how the exact ||G||_F is computed (below): "auto" (the cheapest on the
+        device that runs the pass: ``norm_strategy_for(device, rank)``), or "moments"
+        (squared loss only), "gram" or "tiles" on every device.
 
     Notes
     -----
@@ -87,6 +119,22 @@ class LinearProblem(KindBase):
     and kept: one Gram (N n min(N, n) / 2 multiply-adds), a Lanczos run and a Cholesky of
     min(N, n)^3 / 3.
 
+    **The exact norm.** Three ways to ||N G||_F = ||Delta^T X||_F, each in float64 sums:
+    "tiles": column tiles of Delta^T X (N m n multiply-adds in the dtype per step), each
+    squared, summed and discarded; "gram": <Delta Delta^T, K> with K = X X^T (float64, N x N,
+    made once; a syrk of N^2 m / 2 per step); "moments", the squared loss only: Delta = Z0 +
+    X W^T is affine in W = BA, so Delta^T X = C0 + B (A Sigma) with C0 = Z0^T X and
+    Sigma = X^T X formed once in float64 (``compute_moments``), and a step costs
+    r n (n + m) float64 multiply-adds, not O(N m n), and needs no stored Delta. Which one
+    is cheapest depends on the shape and the device (float64 products cost 2.2x float32
+    ones on the CPU, the same on an H200): ``norm_costs`` prices them, ``norm_strategy_for``
+    picks one. Rounding: the moments' error is about eps64 (||C0|| + ||B A Sigma||) times
+    the inner sizes' growth (gamma_N, gamma_n), the tiles' about eps (||Z0|| + ||X W^T||)
+    ||X|| from the dtype's Delta (eps the dtype's); near a minimiser ||N G|| is far below
+    both sums, so in float32 the moments are the more accurate by about eps32 / eps64.
+    They compute the norm of the true G at (B, A) (Z0 never rounded), where the tiles and
+    the Gram compute the norm of Delta^T X for the Delta the sweep rounded to the dtype.
+
     **Theorem(norm="bound").** With ``norm="bound"`` the kernels put in ``g_sq`` the
     square of U = min(sigma ||Delta||_F / N, sqrt(2 L J)) (times 1 + BOUND_MARGIN), with sigma
     and L the certified bounds above, in place of ||G||_F. Both terms bound ||G||_F:
@@ -105,8 +153,9 @@ class LinearProblem(KindBase):
 
     **Pickling.** A LinearProblem pickles with X, W0 and Y (its own copies) and the
     certified ``sigma_sq_bound`` once computed: about X.nbytes + W0.nbytes + Y.nbytes. The
-    Gram X X^T (up to GRAM_MAX_BYTES) and the devices' prepared data stay behind and are
-    made again on first use (``KindBase``).
+    Gram X X^T (up to GRAM_MAX_BYTES), the moments C0 and Sigma (up to MOMENTS_MAX_BYTES)
+    and the devices' prepared data stay behind and are made again on first use
+    (``KindBase``).
 
     Raises
     ------
@@ -114,18 +163,28 @@ class LinearProblem(KindBase):
         cross-entropy, arrays on different devices.
     ValueError : shapes that do not fit together, empty arrays, non-finite entries, an
         unknown loss, labels outside {-1, +1} (logistic) or [0, m) (cross-entropy), delta
-        or lipschitz not positive and finite, delta for a loss without one.
+        or lipschitz not positive and finite, delta for a loss without one, an unknown
+        norm_strategy, "moments" for a loss other than "squared".
     """
 
     kind = "linear"
-    #: the Gram is N x N float64, up to 4x X's bytes: remade where the problem is unpickled
-    _CACHES = KindBase._CACHES + ("gram",)
+    #: the Gram (N x N float64, up to 4x X's bytes) and the moments (8 (m n + n^2) bytes):
+    #: remade where the problem is unpickled
+    _CACHES = KindBase._CACHES + ("gram", "moments")
 
     def __init__(self, X, Y, W0, *, loss: str = "squared", delta: float = 1.0,
-                 lipschitz: float | None = None):
+                 lipschitz: float | None = None, norm_strategy: str = "auto"):
         if not isinstance(loss, str) or loss not in LINEAR_LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known losses: {sorted(LINEAR_LOSSES)}")
         self.loss = LINEAR_LOSSES[loss]
+        if not isinstance(norm_strategy, str) or norm_strategy not in ("auto", *NORM_STRATEGIES):
+            raise ValueError(f"unknown norm_strategy {norm_strategy!r}; known: "
+                             f"{['auto', *NORM_STRATEGIES]}")
+        if norm_strategy == "moments" and loss != "squared":
+            raise ValueError(f"norm_strategy='moments' needs the squared loss (its Delta is "
+                             f"affine in W), got loss {loss!r}")
+        #: the exact norm's strategy the user chose, or None: the cheapest (norm_strategy_for)
+        self._norm_forced = None if norm_strategy == "auto" else norm_strategy
         W0_in, Y_in = W0, Y
         X, W0 = as_array("X", X), as_array("W0", W0)
         Y = as_array("Y", Y, hint="dtype=np.int64" if self.loss.labels == "class"
@@ -228,22 +287,73 @@ class LinearProblem(KindBase):
 
     @property
     def norm_strategy(self) -> str:
-        """How the kernels compute the exact ||Delta^T X||_F: "gram" or "tiles".
+        """The exact norm's strategy on the CPU at rank NOMINAL_RANK: ``norm_strategy_for()``."""
+        return self.norm_strategy_for("cpu")
 
-        "gram": <Delta Delta^T, K> with K = X X^T (N x N, float64, made once): N^2 m / 2
-        multiply-adds per step (a syrk). "tiles": Delta^T X[:, j0:j1] one column tile at a
-        time, each squared, summed and discarded: N m n multiply-adds. The Gram is used when
-        N <= GRAM_RATIO n and 16 N^2 bytes fit GRAM_MAX_BYTES.
+    def norm_strategy_for(self, device: str = "cpu", rank: int = NOMINAL_RANK) -> str:
+        """How a device computes the exact ||Delta^T X||_F for adapters of this rank.
+
+        The strategy given to the constructor, or with ``norm_strategy="auto"`` the cheapest
+        of ``norm_costs(device, rank)`` (a tie goes to the first of NORM_STRATEGIES). The
+        passes ask with their adapters' rank: what this returns is what they use.
+
+        Parameters
+        ----------
+        device : "cpu" or "cuda" (priced by COST_WEIGHTS), or "reference" or "dask" (priced
+            as "cpu").
+        rank : r, the adapters' rank (B is m x r).
         """
-        if self.N <= GRAM_RATIO * self.n and 16 * self.N ** 2 <= GRAM_MAX_BYTES:
-            return "gram"
-        return "tiles"
+        if self._norm_forced is not None:
+            return self._norm_forced
+        return cheapest(self.norm_costs(device, rank))
+
+    def norm_costs(self, device: str = "cpu", rank: int = NOMINAL_RANK) -> dict[str, float]:
+        """The cost per step of each exact-norm strategy available to this problem, in float32
+        multiply-adds of a BLAS product on ``device``: the module's ``norm_costs``."""
+        return norm_costs(self.N, self.n, self.m, rank, self.dtype, self.loss.name, device)
 
     @cached_property
     def gram(self):
         """K = X X^T in float64 (N x N, the problem's array namespace), made once."""
         X64 = self.X.astype(np.float64)
         return X64 @ X64.T
+
+    @cached_property
+    def moments(self):
+        """(C0, Sigma) of the "moments" norm in the problem's array namespace, made once
+        (``compute_moments``)."""
+        return self.compute_moments()
+
+    def compute_moments(self, xp=None):
+        """(C0, Sigma) = ((X W0^T - Y)^T X, X^T X), float64, m x n and n x n: the squared
+        loss's moments. Its Delta = Z0 + X W^T is affine in W = BA, so
+
+            N G = Delta^T X = Z0^T X + W X^T X = C0 + B (A Sigma),
+
+        and ||N G||_F costs per step A Sigma (r n^2 multiply-adds) and B (A Sigma) (m n r),
+        without Delta (the "moments" strategy, ``norm_costs``).
+
+        Z0 = X W0^T - Y is formed in float64 from the data, row block by row block (about
+        64 MB each, as in ``base``), and never rounded to the dtype. The Z0 the sweep reads
+        is rounded (an error up to eps |Z0| in each entry, eps the dtype's); near a minimiser,
+        where C0 and B A Sigma cancel, that error would be most of what is left of G. ``xp``:
+        the array namespace to compute in, default the problem's.
+        """
+        if self.loss.name != "squared":
+            raise ValueError(f"the moments describe the squared loss only (its Delta is "
+                             f"affine in W); this problem's loss is {self.loss.name!r}")
+        xp = self.xp if xp is None else xp
+        X, W0 = xp.asarray(self.X), xp.asarray(self.W0)
+        W64 = W0.astype(np.float64).T
+        C0 = xp.zeros((self.m, self.n), np.float64)
+        Sigma = xp.zeros((self.n, self.n), np.float64)
+        rows = max(1, (64 << 20) // (8 * max(self.m, self.n)))
+        for i in range(0, self.N, rows):
+            x = X[i:i + rows].astype(np.float64)
+            z = x @ W64 - xp.asarray(self.Y[i:i + rows]).astype(np.float64)  # rows of Z0
+            C0 += z.T @ x
+            Sigma += x.T @ x
+        return C0, Sigma
 
     @cached_property
     def sigma_sq_bound(self) -> float:
@@ -275,6 +385,55 @@ class LinearProblem(KindBase):
         L = "certified" if self._lipschitz is None else f"{self._lipschitz:g}"
         return (f"LinearProblem(X {self.N}x{self.n}, W0 {self.m}x{self.n} {self.dtype}, "
                 f"loss={self.loss.name!r}, L={L})")
+
+
+def norm_costs(N: int, n: int, m: int, r: int, dtype, loss: str, device: str = "cpu") -> dict:
+    """The cost per step of each exact-norm strategy available, in float32 multiply-adds of a
+    BLAS product on ``device`` (COST_WEIGHTS: w32, w64 per multiply-add, wb per byte).
+
+    The sweep (the same for all) is left out. With s the dtype's bytes, w = w32 for float32
+    data and w64 for float64, and the one-time products divided by T = AMORTISE_STEPS:
+
+        tiles    w N m n                        Delta^T X, one column tile at a time
+                 + wb (2 s N m + s N n)         Delta stored by the sweep and read; X read
+        gram     w N^2 m / 2                    Delta Delta^T (a syrk)
+                 + wb (2 s N m + (2 s + 8) N^2) Delta stored and read; Delta Delta^T
+                                                written and read, K = X X^T read
+                 + w64 N^2 n / 2 / T            K, once
+        moments  w64 r n (n + m)                A Sigma, then B (A Sigma) in row tiles
+                 + wb 8 (n^2 + 3 m n)           Sigma read; C0 read, each tile written, read
+                 + w64 (2 N m n + N n^2 / 2) / T  Z0 = X W0^T - Y, C0 = Z0^T X and
+                                                Sigma = X^T X (a syrk) in float64, once
+
+    Available: tiles always; gram while 16 N^2 bytes fit GRAM_MAX_BYTES; moments for the
+    squared loss (the only one whose Delta is affine in W) while 8 (m n + n^2) bytes fit
+    MOMENTS_MAX_BYTES. Only products and bytes count: at the sizes where the choice matters
+    (m, n in the thousands) the rest is small beside them.
+    """
+    kind = COST_ALIASES.get(device, device)
+    if kind not in COST_WEIGHTS:
+        raise ValueError(f"no cost weights for device {device!r}; known: "
+                         f"{sorted(COST_WEIGHTS) + sorted(COST_ALIASES)}")
+    c = COST_WEIGHTS[kind]
+    s = np.dtype(dtype).itemsize
+    w = c.mac32 if s == 4 else c.mac64
+    N, n, m, r = float(N), float(n), float(m), float(r)  # no integer overflow, no rounding
+    T = float(AMORTISE_STEPS)
+    costs = {}
+    if loss == "squared" and 8 * (m * n + n * n) <= MOMENTS_MAX_BYTES:
+        costs["moments"] = (c.mac64 * r * n * (n + m) + c.byte * 8 * (n * n + 3 * m * n)
+                            + c.mac64 * (2 * N * m * n + N * n * n / 2) / T)
+    if 16 * N * N <= GRAM_MAX_BYTES:
+        costs["gram"] = (w * N * N * m / 2 + c.byte * (2 * s * N * m + (2 * s + 8) * N * N)
+                         + c.mac64 * N * N * n / 2 / T)
+    costs["tiles"] = w * N * m * n + c.byte * (2 * s * N * m + s * N * n)
+    return costs
+
+
+def cheapest(costs: dict) -> str:
+    """The strategy of least cost in ``norm_costs``'s answer; a tie goes to the first of
+    NORM_STRATEGIES."""
+    return min(costs, key=lambda name: (costs[name], NORM_STRATEGIES.index(name)))
 
 
 def _check_classes(Y, N, m, xp):
