@@ -45,9 +45,9 @@ def test_every_module_is_the_same_bytes_in_every_process(tmp_path):
     second = digests_in_a_new_process(tmp_path / "b" / "deeper", "4242")
     here = {label: launch.module_digest(code, names) for label, code, names in launch.all_modules()}
     # per dtype: loss x mask x rank bound x tile, for each fused kernel (simt; mma at each copy
-    # stage count), and update
+    # stage count), update, and the linear kind's linear_pointwise per loss
     ranks = len(launch.RANK_BOUNDS) + len(launch.MMA_RANK_BOUNDS) * len(launch.MMA_STAGES)
-    expected = 2 * (len(lorakern.LOSSES) * 2 * ranks * len(launch.TILES) + 1)
+    expected = 2 * (len(lorakern.LOSSES) * 2 * ranks * len(launch.TILES) + 1 + len(lorakern.LOSSES))
     assert len(here) == expected and len(first) == expected
     assert first == second == here
     assert len(set(here.values())) == expected  # every variant its own module

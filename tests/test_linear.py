@@ -590,3 +590,52 @@ def test_delta_x_norm_sq_both_devices(dtype, serial, monkeypatch):
                       ("cuda gram", float(cuda_linear.delta_x_norm_sq(np, D, X, K))),
                       ("cuda tiles", float(cuda_linear.delta_x_norm_sq(np, D, X)))):
         assert_close(got, want, dtype, name)
+
+
+# ---- the CUDA sweep's three routes (host emulation) ----------------------------------------------
+def _emulation_available() -> bool:
+    from lorakern._cuda import emulation
+
+    return emulation.available()
+
+
+@pytest.mark.skipif(not _emulation_available(), reason="no CUDA host emulation (g++)")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("loss, strategy, norm, route", [
+    ("squared", "moments", "exact", "fused_pass"),     # nothing kept: the matrix kind's pass
+    ("squared", "tiles", "exact", "linear_pointwise"),  # Delta kept for the norm: one kernel a tile
+    ("huber", "gram", "exact", "linear_pointwise"),
+    ("huber", "auto", "bound", "fused_pass"),
+    ("logistic", "tiles", "bound", "fused_pass"),
+    ("logistic", "tiles", "exact", "linear_pointwise"),
+    ("cross_entropy", "auto", "bound", None),            # a softmax a row: array expressions
+])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (53, 29, 31, 17), (130, 9, 6, 4)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_sweep_routes(shape, dtype, loss, strategy, norm, route, monkeypatch):
+    """On the emulated CUDA device a pointwise loss's sweep is the matrix kind's fused pass on
+    (Z0, X A^T, B^T) where no Delta is kept (the moments norm, the bound, the loss alone) and
+    fused.cu's linear_pointwise where the gram or tiles norm reads Delta; each route matches
+    the reference (J, ||G||, both gradients, the norms) at odd shapes, fp32 and fp64."""
+    import lorakern._cuda.linear as cuda_linear
+
+    monkeypatch.setattr(cuda_linear, "ROW_TILE", 7)  # several row tiles on the tile route
+    N, n, m, r = shape
+    rng = np.random.default_rng([N, n, m, r, 11])
+    X, Y, W0 = random_linear_data(rng, N, n, m, dtype, loss=loss, w0_scale=1 / math.sqrt(n))
+    problem = lorakern.LinearProblem(X, Y, W0, loss=loss, norm_strategy=strategy,
+                                     **({"delta": 0.7} if loss == "huber" else {}))
+    B = (0.5 * rng.standard_normal((m, r))).astype(dtype)
+    A = (0.5 * rng.standard_normal((r, n))).astype(dtype)
+    device = device_of("cuda-emulated")
+    launched = []
+    real = device.runtime.launch
+    monkeypatch.setattr(device.runtime, "launch",
+                        lambda kernel, *a, **k: launched.append(kernel.name) or real(kernel, *a, **k))
+    compare_linear_pass(problem, B, A, device, norm=norm)
+    routes = {name for name in ("fused_pass", "linear_pointwise") if any(name in k for k in launched)}
+    # the loss alone (compare_linear_pass's loss_pass) always takes the fused pass
+    want = {"fused_pass"} if route in (None, "fused_pass") and loss != "cross_entropy" else set()
+    if route == "linear_pointwise":
+        want = {"linear_pointwise", "fused_pass"}
+    assert routes == want, launched

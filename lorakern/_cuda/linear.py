@@ -1,20 +1,28 @@
-"""The linear kind on CUDA: cuBLAS products and elementwise array operations, over row tiles.
+"""The linear kind on CUDA: cuBLAS products around the kernels of fused.cu.
 
-Written against the device's array namespace (``data.xp``: CuPy on a GPU, NumPy under a host
-runtime), so the same code runs in the tests without a GPU. One fused pass at V = (B, A):
+One pass at V = (B, A), with P = X A^T (N x r, one GEMM), Delta = loss'(Z) at the outputs
+Z = Z0 + P B^T (Z0 = X W0^T - Y, or X W0^T for label losses, formed once):
 
-    P = X A^T                                    (N x r, one GEMM)
-    per tile of ROW_TILE rows:  Z = Z0 + P B^T, the loss in float64, Delta rounded to the dtype
-                                (pointwise losses: one kernel, fused.cu's linear_pointwise, after
-                                the GEMM P B^T), grad_B += Delta^T P,  Q = Delta B
-    grad_A = Q^T X / N,  ||G||_F^2 exact (problem.norm_strategy_for("cuda", r)) or the
-                         certified bound
+    grad_B = Delta^T P / N,   grad_A = (Delta B)^T X / N = Q^T X / N,
+    ||G||_F^2 exact (problem.norm_strategy_for("cuda", r)) or the certified bound.
 
-Z, Delta and the loss's float64 arrays exist for one tile at a time (ROW_TILE x m each); the
-exact norm keeps Delta whole (N x m, a workspace made once) for the Gram identity or the
-column tiles of Delta^T X, or, for the squared loss, keeps the float64 moments C0 (m x n) and
-Sigma (n x n) on the device instead and needs no Delta. Scalars stay on the device as 0-d
-float64 arrays.
+The sweep that makes Delta^T P, Q, J and ||Delta||^2 takes one of three routes:
+
+* a pointwise loss (squared, huber, logistic) where nothing needs Delta afterwards (the
+  "moments" norm, the bound, the loss alone): the matrix kind's fused pass (launch.Plan) on
+  R = Z0, "B" = P and "A" = B^T. Its t = R + (P)(B^T) are the outputs Z, formed tile by tile in
+  registers; its gradients are Delta B and P^T Delta. Z0 is read once and no N x m array is
+  written: the sweep at its memory floor;
+* a pointwise loss whose exact norm reads Delta ("gram", "tiles"): per row tile of ROW_TILE
+  rows the GEMM P B^T, then fused.cu's linear_pointwise writes Delta (into the kept N x m
+  workspace) with the loss and ||Delta||^2 in one kernel, then Delta^T P and Delta B;
+* cross-entropy (a softmax over each row), or a runtime without kernels (the tests' NumPy
+  stub): the same row tiles in array expressions of ``data.xp``.
+
+Written against the device's runtime and array namespace (``data.rt``, ``data.xp``: CuPy on a
+GPU, the host emulation's in tests), so every route runs in the tests without a GPU. The
+"moments" norm keeps C0 (m x n) and Sigma (n x n) in float64 on the device instead of Delta.
+Scalars stay on the device as 0-d float64 arrays.
 """
 from __future__ import annotations
 
@@ -36,7 +44,7 @@ def prepare(problem, device):
     """The problem's arrays on the device (NumPy arrays copied once), and Z0 formed there."""
     rt = device.runtime
     xp = rt.xp
-    return SimpleNamespace(
+    data = SimpleNamespace(
         rt=rt, xp=xp,
         X=xp.ascontiguousarray(xp.asarray(problem.X)),
         Z0=problem.base(xp),
@@ -46,6 +54,12 @@ def prepare(problem, device):
         moments=None,  # (C0, Sigma) (float64) for the "moments" strategy, made on first use
         pointwise=None,  # fused.cu's linear_pointwise for a pointwise loss, loaded on first use
     )
+    # the sweep as the matrix kind's fused pass (``_fused_sweep``): the problem it sees, an
+    # N x m "matrix" problem of the same loss, and its data (Z0 read in place of R or W0)
+    data.as_matrix = SimpleNamespace(shape=(problem.N, problem.m), dtype=problem.dtype, loss=problem.loss,
+                                     mask=None, delta=problem.delta)
+    data.matrix = SimpleNamespace(rt=rt, x=data.Z0, y=data.Y, mask=None, plans={})
+    return data
 
 
 def _loss(problem, xp, Z, Y):
@@ -68,7 +82,36 @@ def _pointwise_tile(problem, data, Z0, PB, Y, Delta):
     return xp.sum(part[0::2]), xp.sum(part[1::2])
 
 
+def _fused_sweep(problem, data, B, A, with_grad: bool):
+    """The sweep of a pointwise loss as the matrix kind's fused pass (fused.cu, launch.Plan) on
+    R = Z0 (N x m), "B" = P = X A^T (N x r) and "A" = B^T (r x m): its t = Z0 + P B^T are the
+    outputs Z, tile by tile, never stored; its loss and ||G||^2 are J N and ||Delta||^2; its
+    gradients are Delta B = Q (N x r) and P^T Delta = (Delta^T P)^T (r x m). One read of Z0 and
+    no N x m array written: the sweep at its memory floor. Returns what _sweep returns."""
+    xp = data.xp
+    P = xp.ascontiguousarray(data.X @ A.T)
+    Bt = xp.ascontiguousarray(B.T)
+    plan = launch.plan(data.as_matrix, data.matrix, B.shape[1])
+    out = xp.empty(5, np.float64)
+    gB = Q = None
+    if with_grad:
+        Q, gBt = xp.empty(P.shape, problem.dtype), xp.empty(Bt.shape, problem.dtype)
+        plan.fused(data.matrix, P, Bt)
+        plan.tail(P, Bt, out, grad_B=Q, grad_A=gBt)  # no update: the gradients and the row
+        gB = xp.ascontiguousarray(gBt.T)
+    else:
+        plan.fused(data.matrix, P, Bt, grad=False)
+        plan.tail(P, Bt, out, grad=False)
+    return gB, Q, out[0] / problem.N, out[1]
+
+
 def _sweep(problem, data, B, A, with_grad: bool, store: bool):
+    """(Delta^T P, Q = Delta B, J, ||Delta||^2) at (B, A), Delta kept in data.D with ``store``
+    (the "gram" and "tiles" norms read it). A pointwise loss on a runtime with kernels: the
+    fused pass when nothing is stored, else one linear_pointwise kernel a tile; cross-entropy
+    (and a runtime without kernels, the tests' NumPy stub): array expressions."""
+    if problem.loss.labels != "class" and hasattr(data.rt, "kernel") and not store:
+        return _fused_sweep(problem, data, B, A, with_grad)
     xp, dt = data.xp, problem.dtype
     X, Z0 = data.X, data.Z0
     N, r = problem.N, B.shape[1]
@@ -79,8 +122,6 @@ def _sweep(problem, data, B, A, with_grad: bool, store: bool):
     Q = xp.empty((N, r), dt) if with_grad else None
     if store and data.D is None:
         data.D = xp.empty(Z0.shape, dt)
-    # a pointwise loss: one kernel a tile; cross-entropy (and a runtime without kernels, the
-    # tests' NumPy stub): array expressions
     pointwise = problem.loss.labels != "class" and hasattr(data.rt, "kernel")
     for i0 in range(0, N, ROW_TILE):
         rows = slice(i0, min(i0 + ROW_TILE, N))
