@@ -633,6 +633,13 @@ def test_cuda_sweep_routes(shape, dtype, loss, strategy, norm, route, monkeypatc
     monkeypatch.setattr(device.runtime, "launch",
                         lambda kernel, *a, **k: launched.append(kernel.name) or real(kernel, *a, **k))
     compare_linear_pass(problem, B, A, device, norm=norm)
+    if strategy == "moments":  # the fused float64 pass against the array expressions
+        engine = bind(problem, device)
+        C0, Sigma = engine.data.moments
+        xp = device.xp
+        plain = cuda_linear.moments_norm_sq(xp, C0, Sigma, xp.asarray(B), xp.asarray(A))
+        fused = cuda_linear._moments_norm_fused(problem, engine.data, xp.asarray(B), xp.asarray(A))
+        assert float(fused) == pytest.approx(float(plain), rel=1e-12, abs=1e-300)
     routes = {name for name in ("fused_pass", "linear_pointwise") if any(name in k for k in launched)}
     # the loss alone (compare_linear_pass's loss_pass) always takes the fused pass
     want = {"fused_pass"} if route in (None, "fused_pass") and loss != "cross_entropy" else set()

@@ -21,7 +21,8 @@ The sweep that makes Delta^T P, Q, J and ||Delta||^2 takes one of three routes:
 
 Written against the device's runtime and array namespace (``data.rt``, ``data.xp``: CuPy on a
 GPU, the host emulation's in tests), so every route runs in the tests without a GPU. The
-"moments" norm keeps C0 (m x n) and Sigma (n x n) in float64 on the device instead of Delta.
+"moments" norm keeps C0 (m x n) and Sigma (n x n) in float64 on the device instead of Delta,
+and sums ||C0 + B (A Sigma)||_F^2 with the matrix kind's loss-only pass in float64.
 Scalars stay on the device as 0-d float64 arrays.
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ def prepare(problem, device):
         K=None,  # X X^T (float64) for the "gram" strategy, made on first use
         moments=None,  # (C0, Sigma) (float64) for the "moments" strategy, made on first use
         pointwise=None,  # fused.cu's linear_pointwise for a pointwise loss, loaded on first use
+        moments_matrix=None,  # the moments norm's float64 matrix problem and data (C0 as R)
     )
     # the sweep as the matrix kind's fused pass (``_fused_sweep``): the problem it sees, an
     # N x m "matrix" problem of the same loss, and its data (Z0 read in place of R or W0)
@@ -152,11 +154,37 @@ def exact_norm_sq(problem, data, B, A, strategy: str):
     if strategy == "moments":
         if data.moments is None:  # C0 and Sigma in float64, formed on the device once
             data.moments = problem.compute_moments(xp)
+        if hasattr(data.rt, "kernel"):
+            return _moments_norm_fused(problem, data, B, A)
         return moments_norm_sq(xp, *data.moments, B, A)
     if strategy == "gram" and data.K is None:  # X X^T in float64, formed on the device once
         X64 = X.astype(np.float64)
         data.K = X64 @ X64.T
     return delta_x_norm_sq(xp, D, X, data.K if strategy == "gram" else None)
+
+
+def _moments_norm_fused(problem, data, B, A):
+    """||C0 + B (A Sigma)||_F^2 as the loss-only pass of the matrix kind (fused.cu, float64,
+    the squared loss) on R = C0, "B" = B and "A" = A Sigma: its sum of t^2 / 2 over the m x n
+    entries, times 2 (exact: a power of two). One read of C0 and no m x n array written; the
+    GEMM A Sigma reads Sigma once. Equals moments_norm_sq to float64 rounding."""
+    xp = data.xp
+    C0, Sigma = data.moments
+    if data.moments_matrix is None:
+        from ..losses import LOSSES
+
+        data.moments_matrix = (
+            SimpleNamespace(shape=C0.shape, dtype=np.dtype(np.float64), loss=LOSSES["squared"], mask=None,
+                            delta=1.0),
+            SimpleNamespace(rt=data.rt, x=C0, y=None, mask=None, plans={}))
+    as_matrix, matrix = data.moments_matrix
+    B64 = xp.ascontiguousarray(B.astype(np.float64))
+    AS = xp.ascontiguousarray(A.astype(np.float64) @ Sigma)
+    plan = launch.plan(as_matrix, matrix, B.shape[1])
+    out = xp.empty(5, np.float64)
+    plan.fused(matrix, B64, AS, grad=False)
+    plan.tail(B64, AS, out, grad=False)
+    return 2.0 * out[0]
 
 
 def moments_norm_sq(xp, C0, Sigma, B, A):
