@@ -68,8 +68,9 @@ def main(argv=None) -> None:
     print(f"Machine: {machine_line()}. Date: {now()}.")
     print(f"One exact fused pass, squared loss, N = {N}, m = {m}, n = {n}, r = {r}, {dtype}; "
           f"median (min-max) of {args.rounds} interleaved rounds after one warm-up call each.")
+    costs = ", ".join(f"{k} {v:.3g}" for k, v in auto.norm_costs("cpu", r).items())
     print(f"Cost model (cpu): {auto.norm_strategy_for('cpu', r)!r}; costs per step in fp32 "
-          f"multiply-adds: " + ", ".join(f"{k} {v:.3g}" for k, v in auto.norm_costs('cpu', r).items()))
+          f"multiply-adds: {costs}")
     truth = reference.fused_pass(auto, None, B, A).g_sq
     print()
     print("| strategy | pass (ms) | first call, setup included (ms) | g_sq rel. error vs float64 |")

@@ -116,6 +116,19 @@ def test_linear_pickle_drops_the_moments(dtype):
     assert_bitwise(back.__dict__["moments"][0], C0, "C0 remade")
     assert_bitwise(back.__dict__["moments"][1], Sigma, "Sigma remade")
 
+
+def test_linear_pickle_from_before_the_norm_option():
+    """A LinearProblem pickled before ``norm_strategy=`` existed (no ``_norm_forced`` in its
+    state) comes back choosing by cost ("auto")."""
+    problem, B, A = linear_case(np.float64, norm_strategy="auto")
+    state = problem.__getstate__()
+    del state["_norm_forced"]
+    back = lorakern.LinearProblem.__new__(lorakern.LinearProblem)
+    back.__setstate__(state)
+    assert back.norm_strategy == problem.norm_strategy
+    assert_same_fit(lorakern.fit(back, B, A, steps=STEPS, device="cpu"),
+                    lorakern.fit(problem, B, A, steps=STEPS, device="cpu"))
+
 def test_pickle_size_is_the_data():
     """A 300 x 200 float32 problem fitted once pickles to its residual's 240 000 bytes plus
     under 1 KB (the device's copy of the data and its workspace stay behind)."""

@@ -48,10 +48,10 @@ class CostWeights(NamedTuple):
 
 #: per device kind. "cpu": the 2-core development machine (Intel Xeon, AVX-512; NumPy's
 #: OpenBLAS), measured 2026-12-04 (benchmarks/NOTES.md): sgemm 146 GMAC/s, dgemm 67 GMAC/s
-#: (2.2x) at 2048^2, a float64 sum 32 GB/s (146 / 32 = 4.6 multiply-adds per byte); an AVX2
-#: machine has the same 2x between float32 and float64. "cuda": an H200 from its data sheet: SGEMM 67
-#: TFLOP/s on the CUDA cores (CuPy does not use TF32 unless asked), DGEMM 67 TFLOP/s on the
-#: DMMA tensor cores, HBM3e 4.8 TB/s (33.5e12 / 4.8e12 = 7 multiply-adds per byte).
+#: (2.2x) at 2048^2, a float64 sum 32 GB/s (146 / 32 = 4.6 multiply-adds per byte); AVX2
+#: has the same 2x between float32 and float64. "cuda": an H200 from its data sheet: SGEMM
+#: 67 TFLOP/s on the CUDA cores (CuPy does not use TF32 unless asked), DGEMM 67 TFLOP/s on
+#: the DMMA tensor cores, HBM3e 4.8 TB/s (33.5e12 / 4.8e12 = 7 multiply-adds per byte).
 COST_WEIGHTS = {
     "cpu": CostWeights(mac32=1.0, mac64=2.2, byte=4.6),
     "cuda": CostWeights(mac32=1.0, mac64=1.0, byte=7.0),
@@ -171,6 +171,9 @@ class LinearProblem(KindBase):
     #: the Gram (N x N float64, up to 4x X's bytes) and the moments (8 (m n + n^2) bytes):
     #: remade where the problem is unpickled
     _CACHES = KindBase._CACHES + ("gram", "moments")
+    #: the exact norm's strategy the user chose, or None: the cheapest (norm_strategy_for);
+    #: a class default too, so that a problem pickled before the option unpickles as "auto"
+    _norm_forced: str | None = None
 
     def __init__(self, X, Y, W0, *, loss: str = "squared", delta: float = 1.0,
                  lipschitz: float | None = None, norm_strategy: str = "auto"):
@@ -183,7 +186,6 @@ class LinearProblem(KindBase):
         if norm_strategy == "moments" and loss != "squared":
             raise ValueError(f"norm_strategy='moments' needs the squared loss (its Delta is "
                              f"affine in W), got loss {loss!r}")
-        #: the exact norm's strategy the user chose, or None: the cheapest (norm_strategy_for)
         self._norm_forced = None if norm_strategy == "auto" else norm_strategy
         W0_in, Y_in = W0, Y
         X, W0 = as_array("X", X), as_array("W0", W0)
