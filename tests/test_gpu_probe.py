@@ -111,3 +111,9 @@ def test_linear_path_on_the_emulated_device(probe, loss):
         assert result[norm]["ms_per_step"] > 0 and result[norm]["loss_last"] > 0, result
     assert "torch" not in result  # the PyTorch peer runs on a GPU only
     assert result["errors"]["verdict"] == "ok", result["errors"]
+
+
+def test_sanitize_linear_on_the_emulated_device(probe, capsys):
+    """The linear cases compute-sanitizer runs (GPU_SANITIZE=1), on the emulated device."""
+    probe.sanitize_linear(emulation.device())
+    assert capsys.readouterr().out.count(": ok") == 4
