@@ -241,15 +241,18 @@ def test_run_steps_equals_fit_bit_for_bit(cuda, monkeypatch, dtype, eta):
     assert float(one.loss) == fit.history.loss[0] and float(one.eta) == fit.history.eta[0]
 
 
-def test_a_step_is_two_launches(cuda, monkeypatch):
+@pytest.mark.parametrize("shape", [(37, 45, 3), (70, 90, 5)], ids=["one-tail-block", "four-tail-blocks"])
+def test_a_step_is_two_launches(cuda, monkeypatch, shape):
     """The tail (fused.cu) reduces the partials, computes eta_t in every block and updates, so
     a step of the device loop is two kernels (pass, tail) and one finish per run completes the
     last row's ||grad J||^2; fused_step and fused_pass are three, the loss alone two. Every row
     of the history then holds what fused_pass reports at that row's iterate."""
     small_blocks(monkeypatch, rows=1, cols=2)
-    problem, B, A = make_problem(37, 45, 3, np.float64, seed=3)
+    problem, B, A = make_problem(*shape, np.float64, seed=3)
     data, rt = data_of(cuda, problem), cuda.device.runtime
-    plan = launch.plan(problem, data, 3)  # the plan run_steps and the passes below use
+    plan = launch.plan(problem, data, shape[2])  # the plan run_steps and the passes below use
+    # every tail block computes eta_t itself, and the rows' ||grad J||^2 sum every block's share
+    assert plan.small_grid == -(-(shape[0] + shape[1]) * shape[2] // launch.NT)
     kind_of = {id(k): "pass" if key in ("grad", "loss") else key for key, k in plan.kernels.items()}
     names = []
     real = rt.launch
