@@ -54,16 +54,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
     [ "$rc" -eq 0 ] || status=1
 }
 
-step calibrate 75 python benchmarks/gpu_probe.py calibrate --out "$out"
+step calibrate 70 python benchmarks/gpu_probe.py calibrate --out "$out"
 step tests 95 python -m pytest tests/test_cuda.py tests/test_cuda_warp.py tests/test_gpu_probe.py \
     -k "not emulated" -q -rs -p no:cacheprovider --junitxml="$out/tests.xml"
-step timing 110 python benchmarks/gpu_probe.py timing --out "$out"
+step timing 105 python benchmarks/gpu_probe.py timing --out "$out"
 # the linear kind against PyTorch's step (N = 8192, m = n = 4096, r = 16 fp32; squared: the
 # moments norm, huber: gram or tiles by cost; exact and bound)
-step linear 40 python benchmarks/gpu_probe.py linear --out "$out"
+step linear 35 python benchmarks/gpu_probe.py linear --out "$out"
 # v2 (fused_mma.cu) on the GPU: its own cases only ("gpu" in the id; the emulated ones are for
 # CI). After the timing: its ~35 NVRTC modules must not cost the table its rows
-step mma-tests 65 python -m pytest tests/test_cuda_mma.py -k "gpu" -q -rs -p no:cacheprovider \
+step mma-tests 80 python -m pytest tests/test_cuda_mma.py -k "gpu" -q -rs -p no:cacheprovider \
     --junitxml="$out/mma-tests.xml"
 # CUDA tensors through lorakern (DLPack intake, the stream handovers, cuda:<i>, the optimizer's
 # CuPy norms): written without a GPU, never run on one before (issue 23)
