@@ -132,6 +132,14 @@ __global__ void neighbour(float* out, int sync)
     out[threadIdx.x] = s[(threadIdx.x + 1) % NT];
 }
 
+// block 0 raises a flag the other blocks read in the same launch: a cross-block race
+__global__ void cross_block_flag(int* flag, int* out)
+{
+    if (blockIdx.x == 0 && threadIdx.x == 0) flag[0] = 1;
+    __syncthreads();
+    if (threadIdx.x == 0) out[blockIdx.x] = flag[0];
+}
+
 // an argument list to check the launcher's marshalling against
 __global__ void typed(float* out, int i, long long j, double x)
 {
@@ -140,7 +148,7 @@ __global__ void typed(float* out, int i, long long j, double x)
 """
 
 PROBE_NAMES = ("copy_probe", "group_probe", "bad_copy", "no_wait", "skip_barrier", "split_barrier",
-               "late_thread", "trap_in_block_1", "unwritten_smem", "neighbour", "typed")
+               "late_thread", "trap_in_block_1", "unwritten_smem", "neighbour", "typed", "cross_block_flag")
 
 
 def probes_source() -> str:
@@ -332,6 +340,61 @@ def test_missing_barrier_shows_in_the_results(rt, probes):
     np.testing.assert_array_equal(out, (dev.arange(NT) + 1) % NT)
     rt.launch(probes["neighbour"], 2, (out, np.int32(0)), 4 * NT)
     assert nan_bits(out[:NT - 1]).all()
+
+
+def test_a_cross_block_race_shows_in_the_block_order(probes):
+    """Blocks run one after another, forward or in reverse (HostRuntime(block_order=...)): a
+    block that reads what another block of the launch writes sees it under one order only."""
+    seen = {}
+    for order in ("forward", "reverse"):
+        runtime = HostRuntime(timeout=1.0, block_order=order)
+        kernel = runtime.kernel(runtime.module(probes_source(), PROBE_NAMES), "cross_block_flag", 0)
+        flag, out = dev.zeros(1, np.int32), dev.zeros(4, np.int32)
+        runtime.launch(kernel, 4, (flag, out))
+        seen[order] = out.tolist()
+    assert seen == {"forward": [1, 1, 1, 1], "reverse": [1, 0, 0, 0]}
+    with pytest.raises(ValueError, match="block_order"):
+        HostRuntime(block_order="random")
+
+
+@pytest.mark.parametrize("kernel", launch.KERNELS)
+def test_lorakern_kernels_do_not_depend_on_the_block_order(monkeypatch, kernel):
+    """The fused passes, the tail (every block computes eta_t itself; ok and the norm shares
+    alternate by step parity), the device loop through a divergence, and the linear kind's
+    routes: the same bits with the blocks run forward and in reverse."""
+    import lorakern
+    from lorakern._cuda import CudaDevice
+    from lorakern._cuda import linear as cuda_linear
+    from lorakern._cuda import matrix
+    from lorakern._dispatch import bind
+    from lorakern.testing import make_case, random_linear_data
+
+    monkeypatch.setattr(launch, "KERNEL", kernel)
+    monkeypatch.setattr(launch, "TILES", ((32, 32),))
+    monkeypatch.setattr(launch, "ROWS_PER_BLOCK", 1)
+    monkeypatch.setattr(launch, "COLS_PER_BLOCK", 2)
+    monkeypatch.setattr(cuda_linear, "ROW_TILE", 50)
+    results = {}
+    for order in ("forward", "reverse"):
+        device = CudaDevice(f"cuda-{order}", runtime=HostRuntime(block_order=order))
+        out = []
+        for loss, masked, eta in (("squared", True, None), ("logistic", False, 0.05), ("squared", False, 60.0)):  # the last diverges at step 4
+            problem, B, A = make_case((70, 90, 5), np.float64, loss=loss, masked=masked, seed=4, delta=0.5)
+            run = matrix.run_steps(problem, problem.data(device, matrix), B, A, 6, eta_fixed=eta)
+            out += [run.history, device.to_host(run.B), device.to_host(run.A)]
+        rng = np.random.default_rng(7)
+        for loss, strategy, norm in (("squared", "moments", "exact"), ("huber", "tiles", "exact"),
+                                     ("logistic", "auto", "bound")):
+            X, Y, W0 = random_linear_data(rng, 101, 23, 37, np.float32, loss=loss, w0_scale=0.2)
+            problem = lorakern.LinearProblem(X, Y, W0, loss=loss, norm_strategy=strategy)
+            engine = bind(problem, device)
+            B = engine.asarray(0.3 * rng.standard_normal((37, 5)).astype(np.float32))
+            A = engine.asarray(0.3 * rng.standard_normal((5, 23)).astype(np.float32))
+            p = engine.fused_pass(B, A, norm=norm)
+            out += [device.to_host(p.grad_B), device.to_host(p.grad_A), float(p.loss), float(p.g_sq)]
+        results[order] = out
+    for i, (a, b) in enumerate(zip(results["forward"], results["reverse"])):
+        np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(b).view(np.uint8), err_msg=f"item {i}")
 
 
 def test_recovers_after_a_failure(rt, probes):

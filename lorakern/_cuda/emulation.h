@@ -22,6 +22,11 @@
 //   order           the threads of a phase run one after another, in ascending thread order in
 //                   one phase and descending in the next, so a read of what another thread
 //                   writes in the same phase (a missing barrier) depends on who runs first.
+//   blocks          run one after another, in ascending or descending block order
+//                   (HostRuntime(block_order=...)): a kernel whose results depend on that order
+//                   reads what another block of the same launch writes (a cross-block race,
+//                   which a GPU would show only now and then); tests run both orders and require
+//                   the same bits.
 //   races           under ThreadSanitizer (modules built with -fsanitize=thread, libtsan
 //                   loaded) each thread is a TSan fiber and each barrier orders exactly what a
 //                   __syncthreads orders: two threads touching the same memory between two
@@ -40,7 +45,8 @@
 //                   by the policy HostRuntime(mma_rounding="rn" | "rz") sets: the PTX ISA does
 //                   not specify the accumulation's rounding, so tests run under both.
 //
-// What it cannot check: timing, memory order between blocks (they run one after another),
+// What it cannot check: timing, memory order between blocks (they run one after another; the
+// block order above catches what depends on which runs first),
 // the PTX paths (the asm is not compiled), lanes of a warp running in lockstep (they run one
 // after another, and meet only at the collectives).
 //
@@ -508,6 +514,8 @@ void warp_collective(const char* what, const char* file, int line, unsigned mask
 static int rounding_policy = 0;
 int mma_rounding() { return rounding_policy; }
 
+static int block_order = 0;  // 0: blocks 0, 1, ..., grid - 1; 1: the reverse
+
 static std::string hex(unsigned x)
 {
     char text[16];
@@ -826,7 +834,7 @@ static void run_launch(Launch& L)
     }
     gridDim = dim3{L.grid, 1, 1};
     blockDim = dim3{L.nthreads, 1, 1};
-    for (unsigned b = 0; b < L.grid && !L.failed.load(); ++b) run_block(L, b);
+    for (unsigned i = 0; i < L.grid && !L.failed.load(); ++i) run_block(L, block_order ? L.grid - 1 - i : i);
 }
 
 // The OS thread the launches run on, made once (the launcher thread watches it).
@@ -934,5 +942,6 @@ const char* last_error() { return error_text.c_str(); }
 }  // namespace lk_emu
 
 extern "C" void emu_set_mma_rounding(int policy) { lk_emu::rounding_policy = policy; }
+extern "C" void emu_set_block_order(int order) { lk_emu::block_order = order; }
 
 #endif  // LORAKERN_EMULATION_RUNTIME

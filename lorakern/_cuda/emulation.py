@@ -18,7 +18,9 @@ Its arrays are ``DeviceArray``s (``HostRuntime.xp``, a NumPy namespace whose res
 DeviceArrays): like CuPy arrays they refuse to be filled from, or combined with, a host NumPy
 array, and kernels take only them, so host/device mix-ups fail here as they fail on a GPU.
 ``HostRuntime(mma_rounding="rn" | "rz")`` picks how an emulated mma (warp.cuh) rounds its exact
-sum of products; the PTX ISA leaves it open, so tests run under both. ``tf32_rna`` and
+sum of products; the PTX ISA leaves it open, so tests run under both. ``HostRuntime(block_order=
+"forward" | "reverse")`` picks the order the blocks of a grid run in: a cross-block race (a block
+reading what another writes in the same launch) gives different bits under the two. ``tf32_rna`` and
 ``split_tf32`` are NumPy models of warp.cuh's conversion and 3xTF32 split. ``HostRuntime(flags=["-fsanitize=thread"])`` builds ThreadSanitizer
 modules (load them into a process started with ``LD_PRELOAD=$(g++ -print-file-name=libtsan.so)``;
 ``ci/emulation_tsan.py`` does).
@@ -52,6 +54,8 @@ TIMEOUT = float(os.environ.get("LORAKERN_EMULATION_TIMEOUT", "5"))
 
 #: HostRuntime(mma_rounding=...): the emulated mma's rounding of its exact sum
 MMA_ROUNDING = {"rn": 0, "rz": 1}
+#: HostRuntime(block_order=...): the order the blocks of a grid run in, one after another
+BLOCK_ORDERS = {"forward": 0, "reverse": 1}
 
 
 class EmulationError(RuntimeError):
@@ -172,6 +176,9 @@ class HostRuntime:
     cache : where built modules are kept (keyed by a digest of source and flags).
     mma_rounding : how an emulated mma (warp.cuh) rounds its exact sum of products: "rn" (to
         nearest even) or "rz" (toward zero). The PTX ISA does not say; tests run under both.
+    block_order : "forward" (blocks 0, 1, ...) or "reverse": the blocks of a grid run one after
+        another, so a kernel whose block reads what another block of the same launch writes
+        gives different results under the two; tests require the same bits under both.
     """
 
     name = "host-emulation"
@@ -182,11 +189,14 @@ class HostRuntime:
     max_smem_per_block = 227 * 1024
 
     def __init__(self, *, flags=(), timeout: float | None = None, cache: Path | None = None,
-                 mma_rounding: str = "rn"):
+                 mma_rounding: str = "rn", block_order: str = "forward"):
         from_env = os.environ.get("LORAKERN_EMULATION_FLAGS", "").split()
         if mma_rounding not in MMA_ROUNDING:
             raise ValueError(f"mma_rounding must be one of {sorted(MMA_ROUNDING)}, got {mma_rounding!r}")
         self.mma_rounding = mma_rounding
+        if block_order not in BLOCK_ORDERS:
+            raise ValueError(f"block_order must be one of {sorted(BLOCK_ORDERS)}, got {block_order!r}")
+        self.block_order = block_order
         self.flags = (*FLAGS, *flags, *from_env)
         self.timeout = TIMEOUT if timeout is None else float(timeout)
         self.cache = Path(cache or Path(tempfile.gettempdir()) / "lorakern-cuda-emulation")
@@ -195,7 +205,8 @@ class HostRuntime:
         self._dll = None
 
     def __repr__(self):
-        return f"HostRuntime(flags={self.flags[len(FLAGS):]!r}, timeout={self.timeout})"
+        return (f"HostRuntime(flags={self.flags[len(FLAGS):]!r}, timeout={self.timeout}, "
+                f"mma_rounding={self.mma_rounding!r}, block_order={self.block_order!r})")
 
     def check_available(self):
         if compiler() is None:
@@ -318,6 +329,7 @@ class HostRuntime:
             pointers.append(value.ctypes.data)
         argv = (ctypes.c_void_p * len(pointers))(*pointers)
         self._runtime_dll.emu_set_mma_rounding(MMA_ROUNDING[self.mma_rounding])
+        self._runtime_dll.emu_set_block_order(BLOCK_ORDERS[self.block_order])
         if kernel.call(int(grid), int(block), int(smem), argv, self.timeout) != 0:
             raise EmulationError(f"{kernel.name}: {kernel.error().decode()}")
 
