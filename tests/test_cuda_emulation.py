@@ -378,7 +378,8 @@ def test_lorakern_kernels_do_not_depend_on_the_block_order(monkeypatch, kernel):
     for order in ("forward", "reverse"):
         device = CudaDevice(f"cuda-{order}", runtime=HostRuntime(block_order=order))
         out = []
-        for loss, masked, eta in (("squared", True, None), ("logistic", False, 0.05), ("squared", False, 60.0)):  # the last diverges at step 4
+        # the last one diverges at step 4
+        for loss, masked, eta in (("squared", True, None), ("logistic", False, 0.05), ("squared", False, 60.0)):
             problem, B, A = make_case((70, 90, 5), np.float64, loss=loss, masked=masked, seed=4, delta=0.5)
             run = matrix.run_steps(problem, problem.data(device, matrix), B, A, 6, eta_fixed=eta)
             out += [run.history, device.to_host(run.B), device.to_host(run.A)]
@@ -394,7 +395,8 @@ def test_lorakern_kernels_do_not_depend_on_the_block_order(monkeypatch, kernel):
             out += [device.to_host(p.grad_B), device.to_host(p.grad_A), float(p.loss), float(p.g_sq)]
         results[order] = out
     for i, (a, b) in enumerate(zip(results["forward"], results["reverse"])):
-        np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(b).view(np.uint8), err_msg=f"item {i}")
+        np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(b).view(np.uint8),
+                                      err_msg=f"item {i}")
 
 
 def test_recovers_after_a_failure(rt, probes):
