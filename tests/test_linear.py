@@ -647,3 +647,19 @@ def test_cuda_sweep_routes(shape, dtype, loss, strategy, norm, route, monkeypatc
     if route == "linear_pointwise":
         want = {"linear_pointwise", "fused_pass"}
     assert routes == want, launched
+
+
+@pytest.mark.skipif(not _emulation_available(), reason="no CUDA host emulation (g++)")
+@pytest.mark.parametrize("loss, strategy, norm", [("squared", "moments", "exact"), ("huber", "auto", "bound")])
+def test_cuda_ranks_above_the_fused_pass(loss, strategy, norm):
+    """Ranks above launch.RANK_BOUNDS (128) take the row tiles and cuBLAS products: the linear
+    kind has no rank limit on CUDA, where the matrix kind has."""
+    from lorakern._cuda import launch
+
+    N, n, m, r = 23, 9, 7, launch.RANK_BOUNDS[-1] + 2
+    rng = np.random.default_rng(5)
+    X, Y, W0 = random_linear_data(rng, N, n, m, np.float64, loss=loss, w0_scale=0.3)
+    problem = lorakern.LinearProblem(X, Y, W0, loss=loss, norm_strategy=strategy)
+    B = (0.1 * rng.standard_normal((m, r))).astype(np.float64)
+    A = (0.1 * rng.standard_normal((r, n))).astype(np.float64)
+    compare_linear_pass(problem, B, A, device_of("cuda-emulated"), norm=norm)

@@ -84,6 +84,13 @@ def _pointwise_tile(problem, data, Z0, PB, Y, Delta):
     return xp.sum(part[0::2]), xp.sum(part[1::2])
 
 
+def _fused_route(problem, data, B) -> bool:
+    """Whether the matrix kind's fused pass can run this sweep: a pointwise loss, a runtime with
+    kernels and a rank the pass is compiled for (launch.RANK_BOUNDS; above it, cuBLAS)."""
+    return (problem.loss.labels != "class" and hasattr(data.rt, "kernel")
+            and B.shape[1] <= launch.RANK_BOUNDS[-1])
+
+
 def _fused_sweep(problem, data, B, A, with_grad: bool):
     """The sweep of a pointwise loss as the matrix kind's fused pass (fused.cu, launch.Plan) on
     R = Z0 (N x m), "B" = P = X A^T (N x r) and "A" = B^T (r x m): its t = Z0 + P B^T are the
@@ -112,7 +119,7 @@ def _sweep(problem, data, B, A, with_grad: bool, store: bool):
     (the "gram" and "tiles" norms read it). A pointwise loss on a runtime with kernels: the
     fused pass when nothing is stored, else one linear_pointwise kernel a tile; cross-entropy
     (and a runtime without kernels, the tests' NumPy stub): array expressions."""
-    if problem.loss.labels != "class" and hasattr(data.rt, "kernel") and not store:
+    if _fused_route(problem, data, B) and not store:
         return _fused_sweep(problem, data, B, A, with_grad)
     xp, dt = data.xp, problem.dtype
     X, Z0 = data.X, data.Z0
@@ -124,7 +131,7 @@ def _sweep(problem, data, B, A, with_grad: bool, store: bool):
     Q = xp.empty((N, r), dt) if with_grad else None
     if store and data.D is None:
         data.D = xp.empty(Z0.shape, dt)
-    pointwise = problem.loss.labels != "class" and hasattr(data.rt, "kernel")
+    pointwise = problem.loss.labels != "class" and hasattr(data.rt, "kernel")  # linear_pointwise
     for i0 in range(0, N, ROW_TILE):
         rows = slice(i0, min(i0 + ROW_TILE, N))
         Y = None if data.Y is None else data.Y[rows]
@@ -154,7 +161,7 @@ def exact_norm_sq(problem, data, B, A, strategy: str):
     if strategy == "moments":
         if data.moments is None:  # C0 and Sigma in float64, formed on the device once
             data.moments = problem.compute_moments(xp)
-        if hasattr(data.rt, "kernel"):
+        if hasattr(data.rt, "kernel") and B.shape[1] <= launch.RANK_BOUNDS[-1]:
             return _moments_norm_fused(problem, data, B, A)
         return moments_norm_sq(xp, *data.moments, B, A)
     if strategy == "gram" and data.K is None:  # X X^T in float64, formed on the device once
