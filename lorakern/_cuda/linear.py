@@ -9,11 +9,11 @@ Z = Z0 + P B^T (Z0 = X W0^T - Y, or X W0^T for label losses, formed once):
 The sweep that makes Delta^T P, Q, J and ||Delta||^2 takes one of three routes:
 
 * a pointwise loss (squared, huber, logistic) where nothing needs Delta afterwards (the
-  "moments" norm, the bound, the loss alone): the matrix kind's fused pass (launch.Plan) on
+  "moments" norm, the bound, the loss alone), r <= 128: the matrix kind's fused pass (launch.Plan) on
   R = Z0, "B" = P and "A" = B^T. Its t = R + (P)(B^T) are the outputs Z, formed tile by tile in
   registers; its gradients are Delta B and P^T Delta. Z0 is read once and no N x m array is
   written: the sweep at its memory floor;
-* a pointwise loss whose exact norm reads Delta ("gram", "tiles"): per row tile of ROW_TILE
+* a pointwise loss whose exact norm reads Delta ("gram", "tiles"), or r > 128: per row tile of ROW_TILE
   rows the GEMM P B^T, then fused.cu's linear_pointwise writes Delta (into the kept N x m
   workspace) with the loss and ||Delta||^2 in one kernel, then Delta^T P and Delta B;
 * cross-entropy (a softmax over each row), or a runtime without kernels (the tests' NumPy
