@@ -221,7 +221,8 @@ def delta_x_norm_sq(xp, D, X, K=None):
 
 
 def _sq(xp, a):
-    return xp.sum(xp.square(a.astype(np.float64)))
+    """||a||_F^2 in float64: the square taken in float64 (exact widening first), two launches."""
+    return xp.sum(xp.square(a, dtype=np.float64))
 
 
 def fused_pass(problem, data, B, A, *, norm="exact"):
