@@ -20,7 +20,8 @@
 #   5. the torch CUDA-tensor tests (~40 s): tests/test_dlpack.py, tests/test_torch.py -k cuda;
 #   6. the table.
 # GPU_SANITIZE=1 adds compute-sanitizer memcheck and racecheck over small passes of both kernels
-# (benchmarks/gpu_probe.py sanitize; several minutes: a run of its own).
+# and the linear kind's three routes (benchmarks/gpu_probe.py sanitize; several minutes: a run of
+# its own).
 # Each step has its own time limit, so that one hang cannot eat the others' minutes; a step that
 # fails is reported and the next still runs. The limits add up to 7 minutes (420 s); the timing
 # saves each row as it goes, so a cut-off loses only the last rows. Fails at once if no GPU answers.
@@ -69,7 +70,7 @@ step mma-tests 80 python -m pytest tests/test_cuda_mma.py -k "gpu" -q -rs -p no:
 # CuPy norms): written without a GPU, never run on one before (issue 23)
 step torch 35 python -m pytest tests/test_dlpack.py tests/test_torch.py -k "cuda" -q -rs \
     -p no:cacheprovider --junitxml="$out/torch.xml"
-if [ "${GPU_SANITIZE:-0}" = 1 ]; then  # compute-sanitizer over small passes of both kernels
+if [ "${GPU_SANITIZE:-0}" = 1 ]; then  # compute-sanitizer over small passes of both kernels, linear routes
     for tool in memcheck racecheck; do
         step "sanitize-$tool" 240 compute-sanitizer --tool "$tool" --error-exitcode 1 \
             python benchmarks/gpu_probe.py sanitize
