@@ -63,7 +63,7 @@ def default_tile(arch, dtype, rk, labels=False, kernel="simt"):
 def instances(loss, arch: str, kernel: str = "simt") -> list[str]:
     """The name expressions the launcher can request for this loss (see launch.kernel_names):
     every loss x dtype x mask x pass kind at rank bound 16; for the squared loss every rank
-    bound of the kernel, and the 32 x 32 tile the tests patch in."""
+    bound of the kernel, and the 32 x 32 tile the tests patch in; update and linear_pointwise."""
     names: list[str] = []
     bounds = launch.MMA_RANK_BOUNDS if kernel == "mma" else launch.RANK_BOUNDS
     configs = [(dtype, 16, *default_tile(arch, dtype, 16, loss.labels, kernel)) for dtype in DTYPES]
@@ -76,6 +76,11 @@ def instances(loss, arch: str, kernel: str = "simt") -> list[str]:
             if masked and rk != 16:
                 continue
             names.extend(launch.kernel_names(dtype, rk, bm, bn, loss.labels, masked, kernel, stages).values())
+    if kernel == "simt":  # the device's update and the linear kind's pointwise (modules of their own)
+        for dtype in DTYPES:
+            t = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[np.dtype(dtype)]
+            names += [f"lorakern::update<{t}>",
+                      f"lorakern::linear_pointwise<{t}, {'true' if loss.labels else 'false'}>"]
     return list(dict.fromkeys(names))
 
 

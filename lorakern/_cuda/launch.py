@@ -331,7 +331,7 @@ def _flag(b: bool) -> str:
 
 def kernel_names(dtype, rk: int, bm: int, bn: int, labels: bool, masked: bool,
                  kernel: str = "simt", stages: int = MMA_STAGES[0]) -> dict:
-    """The name expressions of one module: both fused passes and the small kernels
+    """The name expressions of one module: both fused passes, the tail and finish
     (``stages``: the mma kernel's copy stages)."""
     t = _ctype(dtype)
     if check_kernel(kernel) == "mma":
@@ -343,7 +343,6 @@ def kernel_names(dtype, rk: int, bm: int, bn: int, labels: bool, masked: bool,
         "loss": fused + "false>",
         "tail": f"lorakern::tail<{t}>",
         "finish": "lorakern::finish",
-        "update": f"lorakern::update<{t}>",
     }
 
 
@@ -491,11 +490,6 @@ class Plan:
         """The ||grad J||^2 of the row the last tail wrote (its norm_part[parity])."""
         self.rt.launch(self.kernels["finish"], 1,
                        (self.norm_part[parity], np.int32(self.small_grid), out, ptr(counter)))
-
-    def update(self, B, A, grad_B, grad_A, B_out, A_out, *, eta_ptr=None, eta_value=0.0, ok=None):
-        update(self.rt, self.kernels["update"], B, A, grad_B, grad_A, B_out, A_out,
-               eta_ptr=eta_ptr, eta_value=eta_value, ok=ok)
-
 
 def update(rt, kernel, B, A, grad_B, grad_A, B_out, A_out, *, eta_ptr=None, eta_value=0.0, ok=None):
     total = B.size + A.size
