@@ -327,11 +327,12 @@ def probe_kernel_cache(out_dir: Path) -> dict:
 _ENGINES: dict = {}
 
 
-def time_row(m, r, dtype, device="cuda", steps=STEPS, kernel="simt", stages=None) -> dict:
+def time_row(m, r, dtype, device="cuda", steps=STEPS, kernel="simt", stages=None, tiles=None) -> dict:
     """ms per step of run_steps (``steps`` steps, CUDA graphs), median of 3 after a first run
     (compile, capture), with the fused kernel ``kernel`` (launch.KERNEL; ``stages``: the mma
-    kernel's launch.MMA_STAGES, default the launcher's), and the run's last loss. ``device``:
-    "cuda", or the emulated device (the self-test)."""
+    kernel's launch.MMA_STAGES, default the launcher's; ``tiles``: launch.TILES, default the
+    launcher's), and the run's last loss. ``device``: "cuda", or the emulated device (the
+    self-test)."""
     from lorakern._cuda import launch, matrix
     from lorakern.results import DEVICE_HISTORY_COLUMNS
     from lorakern._dispatch import bind
@@ -347,14 +348,16 @@ def time_row(m, r, dtype, device="cuda", steps=STEPS, kernel="simt", stages=None
     last = {}
 
     def run():
-        saved = launch.KERNEL, launch.MMA_STAGES
+        saved = launch.KERNEL, launch.MMA_STAGES, launch.TILES
         launch.KERNEL = kernel
         launch.MMA_STAGES = launch.MMA_STAGES if stages is None else stages
+        launch.TILES = launch.TILES if tiles is None else tiles
         try:
             result = matrix.run_steps(engine.problem, engine.data, B, A, steps)
-            last["stages"] = launch.plan(engine.problem, engine.data, r).stages
+            plan = launch.plan(engine.problem, engine.data, r)
+            last["stages"], last["tile"] = plan.stages, f"{plan.bm}x{plan.bn}"
         finally:
-            launch.KERNEL, launch.MMA_STAGES = saved
+            launch.KERNEL, launch.MMA_STAGES, launch.TILES = saved
         assert result.diverged_at is None, f"diverged at step {result.diverged_at}"
         last["loss"] = float(result.history[-1, DEVICE_HISTORY_COLUMNS.index("loss")])
 
@@ -374,12 +377,15 @@ def time_row(m, r, dtype, device="cuda", steps=STEPS, kernel="simt", stages=None
         stop.synchronize()
         times.append(cuda.get_elapsed_time(start, stop) / steps)
     return {"ms_per_step": round(statistics.median(times), 4), "all": [round(t, 4) for t in times],
-            "kernel": kernel, "loss_last": last["loss"],
+            "kernel": kernel, "loss_last": last["loss"], "tile": last["tile"],
             **({"stages": last["stages"]} if kernel == "mma" else {})}
 
 #: rows where the mma kernel is also timed with 2 copy stages (fused.cu's double buffer): the
 #: pipeline depth's knock-out
 KNOCKOUT_ROWS = [(8192, 16, "float32"), (8192, 16, "float64")]
+#: fp32 rows where the mma kernel is also timed on 128 x 64 tiles (one warp column; not the
+#: launcher's default yet: cuda-floor.md's tile for fp32 at small ranks)
+WIDE_ROWS = [(8192, 4, "float32"), (8192, 16, "float32"), (16384, 16, "float32")]
 
 
 def time_both(m, r, dtype, calib, device="cuda", steps=STEPS) -> dict:
@@ -389,6 +395,8 @@ def time_both(m, r, dtype, calib, device="cuda", steps=STEPS) -> dict:
         out["mma"] = time_row(m, r, dtype, device, steps, kernel="mma")
         if (m, r, dtype) in KNOCKOUT_ROWS and out["mma"].get("stages") != 2:
             out["mma_2_stages"] = time_row(m, r, dtype, device, steps, kernel="mma", stages=(2,))
+        if (m, r, dtype) in WIDE_ROWS:
+            out["mma_128x64"] = time_row(m, r, dtype, device, steps, kernel="mma", tiles=((128, 64),))
     except Exception:  # noqa: BLE001 - keep today's timing of the row
         out["mma"] = {**out.get("mma", {}), "error": traceback.format_exc()[-3000:]}
     return out
@@ -729,6 +737,13 @@ def table(out_dir: Path) -> str:
         for key, deep, two in knockouts:
             lines.append(f"- {key}: {deep.get('stages', '?')} stages {deep['ms_per_step']:.3f} ms, "
                          f"2 stages {two['ms_per_step']:.3f} ms")
+    wide = [(key, v["mma"], v["mma_128x64"]) for key, v in timing_.get("rows", {}).items()
+            if key != "seconds" and "ms_per_step" in v.get("mma_128x64", {}) and "ms_per_step" in v.get("mma", {})]
+    if wide:
+        lines += ["", "Tiles of the mma kernel (launch.TILES):", ""]
+        for key, default, w in wide:
+            lines.append(f"- {key}: {default.get('tile', '64x64')} {default['ms_per_step']:.3f} ms, "
+                         f"128x64 {w['ms_per_step']:.3f} ms")
     return "\n".join(lines)
 
 

@@ -63,7 +63,8 @@ def default_tile(arch, dtype, rk, labels=False, kernel="simt"):
 def instances(loss, arch: str, kernel: str = "simt") -> list[str]:
     """The name expressions the launcher can request for this loss (see launch.kernel_names):
     every loss x dtype x mask x pass kind at rank bound 16; for the squared loss every rank
-    bound of the kernel, and the 32 x 32 tile the tests patch in; update and linear_pointwise."""
+    bound of the kernel, and the 32 x 32 tile the tests patch in (mma: 128 x 64 fp32 tiles up to
+    rank 32); update and linear_pointwise."""
     names: list[str] = []
     bounds = launch.MMA_RANK_BOUNDS if kernel == "mma" else launch.RANK_BOUNDS
     configs = [(dtype, 16, *default_tile(arch, dtype, 16, loss.labels, kernel)) for dtype in DTYPES]
@@ -71,6 +72,11 @@ def instances(loss, arch: str, kernel: str = "simt") -> list[str]:
         configs += [(dtype, rk, *default_tile(arch, dtype, rk, kernel=kernel)) for dtype in DTYPES
                     for rk in bounds]
         configs += [(dtype, 16, 32, 32, launch.MMA_STAGES[0]) for dtype in DTYPES]
+        if kernel == "mma":  # 128 x 64 fp32 tiles (gpu_probe.py times them), ranks up to 32
+            configs += [(np.float32, rk, 128, 64, next(
+                st for st in launch.MMA_STAGES
+                if launch.smem_bytes_mma(4, rk, 128, 64, True, False, st) <= SMEM_LIMIT[arch]))
+                for rk in (8, 16, 32)]
     for dtype, rk, bm, bn, stages in dict.fromkeys(configs):
         for masked in (False, True):
             if masked and rk != 16:

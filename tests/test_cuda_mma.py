@@ -345,3 +345,40 @@ def test_plain_tf32_fails_the_accuracy_rule(monkeypatch, _devices, kind):
     report = accuracy(cuda, problem, B, A)
     assert any(mma > bound for mma, _, bound in report.values()), report
     assert report["grad_B"][0] > 10 * report["grad_B"][2], report  # far off, not at the edge
+
+
+# ---- 128 x 64 tiles (fp32): one warp column, grad_B flushed from registers ----------------------
+WIDE = ((128, 64),)
+
+
+@pytest.mark.parametrize("rank", [3, 16, 29])
+@pytest.mark.parametrize("loss, masked", [("squared", True), ("logistic", False), ("huber", False)])
+def test_wide_tiles(cuda, monkeypatch, rank, loss, masked):
+    """128 x 64 fp32 tiles (WR = 8 warps of 16 rows, WC = 1: each warp's grad_B sums are final
+    and go out from its C fragments): odd shapes across row and column tiles, super-tiles of
+    2 x 2 (grad_A read-add-write, grad_B per row tile), every rank bound up to 32, each loss,
+    a mask; against the reference, and within the accuracy bound of the 64 x 64 pass."""
+    small_blocks(monkeypatch, tiles=WIDE, rows=2, cols=2)
+    problem, B, A = make_case((300, 150, rank), np.float32, loss=loss, masked=masked, seed=rank, delta=0.8)
+    got = run_pass(cuda, problem, B, A)
+    check_against_reference(got, problem, B, A)
+    data = problem.data(cuda.device, cuda_kernels)
+    assert launch.plan(problem, data, rank).describe()["bm"] == 128
+    assert_accurate(accuracy(cuda, problem, B, A))
+
+
+def test_wide_tiles_run_steps_and_loss_pass(cuda, monkeypatch):
+    """The device loop and the loss-only pass on 128 x 64 tiles: the same bits on two runs,
+    the loss-only pass equal to the full pass's loss."""
+    small_blocks(monkeypatch, tiles=WIDE, rows=1, cols=2)
+    problem, B, A = make_case((200, 130, 8), np.float32, seed=2)
+    old = launch.KERNEL
+    launch.KERNEL = "mma"
+    try:
+        data = problem.data(cuda.device, cuda_kernels)
+        runs = [cuda_kernels.run_steps(problem, data, B, A, 3, eta_fixed=0.01) for _ in range(2)]
+    finally:
+        launch.KERNEL = old
+    assert np.array_equal(runs[0].history, runs[1].history)
+    assert np.array_equal(cuda.to_host(runs[0].B), cuda.to_host(runs[1].B))
+    assert run_pass(cuda, problem, B, A, grad=False) == run_pass(cuda, problem, B, A).loss

@@ -61,7 +61,8 @@ def test_selftest_and_table(probe, tmp_path):
         {"steps": 200, "rows": {
             "8192 r16 float32": {"ms_per_step": 0.46, "loss_last": 2.0, "floor": floor,
                                  "mma": {"ms_per_step": 0.13, "loss_last": 2.0 + 2e-6, "stages": 3},
-                                 "mma_2_stages": {"ms_per_step": 0.15}},
+                                 "mma_2_stages": {"ms_per_step": 0.15},
+                                 "mma_128x64": {"ms_per_step": 0.11, "tile": "128x64"}},
             "8192 r64 float32": {"ms_per_step": 2.0, "floor": floor, "mma": {"error": "Traceback"}},
             "8192 r4 float32": {"ms_per_step": 0.3, "floor": floor},
             "seconds": {"8192 r16 float32": 12.5}}}))  # section() records each row's time here
@@ -82,6 +83,7 @@ def test_selftest_and_table(probe, tmp_path):
             "| 11.000 (10.900-11.200) | 22.0x | 44.0x | ok (max 3.0e-07) |") in text
     assert "| 8192 | 4096 | 16 | float32 | huber | error |" in text
     assert "- 8192 r16 float32: 3 stages 0.130 ms, 2 stages 0.150 ms" in text
+    assert "- 8192 r16 float32: 64x64 0.130 ms, 128x64 0.110 ms" in text
     assert "cvt.rna.tf32 over 16384 inputs: bit-exact" in text
     calib = {"bandwidth": {"a": {"best_tb_per_s": 4.0}, "copy": {"best_tb_per_s": 9.0}},
              "rates": {"tf32": {"best_tflops": 300.0}, "f64": {"best_tflops": 60.0}}}
@@ -99,6 +101,8 @@ def test_timing_path_on_the_emulated_device(probe):
     assert both["mma"]["loss_last"] == pytest.approx(both["loss_last"], rel=1e-5)
     two = probe.time_row(37, 3, "float32", device=emulation.device(), steps=2, kernel="mma", stages=(2,))
     assert two["stages"] == 2 and both["mma"]["stages"] == 3, (two, both)
+    wide = probe.time_row(150, 3, "float32", device=emulation.device(), steps=2, kernel="mma", tiles=((128, 64),))
+    assert wide["tile"] == "128x64" and both["mma"]["tile"] == "64x64", (wide, both)
     probe._ENGINES.clear()
 
 

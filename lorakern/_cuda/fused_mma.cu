@@ -45,8 +45,10 @@
 // configuration (per thread in loop order, warps in split order, blocks in slice order). The
 // same inputs give the same bits every run (tests/test_cuda_mma.py).
 //
+// 128 x 64 tiles (fp32, one warp column: WR = 8, WC = 1) compile and pass the tests, but are
+// not the default (launch.TILES): gpu_probe.py times them beside 64 x 64 first.
 // Not (yet) here from shared/design/cuda-floor.md: a persistent tile scheduler (the super-tiles
-// are one wave of blocks, as fused.cu's), 128 x 64 tiles, conflict-free operand pitches
+// are one wave of blocks, as fused.cu's), conflict-free operand pitches
 // everywhere, the grad_A slice kept in shared memory, the one-kernel tail. This is the simple,
 // correct layout to time first.
 
@@ -190,7 +192,9 @@ struct FusedMma {
     static_assert(NB3 >= NWARP ? NB3 % NWARP == 0 : NWARP % NB3 == 0, "phase 3: blocks and warps");
     static_assert(BM % S3 == 0 && RS3 % Op::K == 0, "phase 3: whole K steps of rows per split");
     static_assert(BN % 4 == 0 && RK % 4 == 0, "16-byte packs in the flushes");
-    static_assert(BM <= LDA && (S3 > 1 || BN <= LDA), "the flushes fit in a tile's A buffer");
+    // grad_B's flush goes through the A buffer where warp columns are summed (WC > 1); with one
+    // warp column (128 x 64 fp32 tiles) each warp's sums are final and go out from registers
+    static_assert((WC == 1 || BM <= LDA) && (S3 > 1 || BN <= LDA), "the flushes fit in a tile's A buffer");
 };
 
 // ---- phases ---------------------------------------------------------------------------------------
@@ -435,8 +439,18 @@ __global__ void __launch_bounds__(NT, 1) fused_pass_mma(
             // splits summed in split order, added to the block's own slice of gA_part
             flush_gA<C, RK, BN>(S3_s, gA_part, rs, n_ld, col0, rt != rt0, gA_prev);
 
-            if (row_end) {  // this row tile is done: the WC warps of each row group summed in wc
-                            // order into S2 [BM][RK] (the A buffer), then written to gB_part[cs]
+            if (row_end && C::WC == 1) {  // one warp column: the warp's sums are its rows' grad_B,
+                                          // written to gB_part[cs] from the C fragments
+#pragma unroll
+                for (int kb = 0; kb < C::KB; ++kb)
+#pragma unroll
+                    for (int i = 0; i < Op::C_REGS; ++i) {
+                        const warp::RowCol rc = F::c(lane, i);  // (row, rank)
+                        gB_part[((long long)cs * m_ld + row0 + prow + rc.row) * RK + 8 * kb + rc.col] = accB[kb][i];
+                        accB[kb][i] = T(0);
+                    }
+            } else if (row_end) {  // this row tile is done: the WC warps of each row group summed in
+                                   // wc order into S2 [BM][RK] (the A buffer), then written to gB_part[cs]
                 T* S2_s = A_free;
 #pragma unroll 1
                 for (int w = 0; w < C::WC; ++w) {
