@@ -10,7 +10,8 @@
 #      H200 before run_steps copied NumPy inputs to the device among them), tests/test_cuda_warp.py
 #      and tests/test_gpu_probe.py (host-only: the models the probes compare against);
 #   3. timing (~2 min): the fused step, 200-step device loop, each row of the goals, today's kernel
-#      (simt) and v2 (mma) beside it, with the floor from step 1's rates (GPU_FULL=1 adds
+#      (simt) and v2 (mma) beside it (and its knock-outs: 2 copy stages, 128 x 64 fp32 tiles),
+#      with the floor from step 1's rates (GPU_FULL=1 adds
 #      benchmarks/bench_cuda.py's CuPy and PyTorch comparisons, several minutes more);
 #   3b. the linear kind (~30 s): its step (exact norm, bound) against PyTorch's at N = 8192,
 #      m = n = 4096, r = 16, fp32 (benchmarks/gpu_probe.py linear);
