@@ -730,20 +730,18 @@ def table(out_dir: Path) -> str:
                      f"| {mma_frac} | {speedup} | {agree} |")
     linear_ = json.loads((out_dir / "linear.json").read_text()) if (out_dir / "linear.json").exists() else {}
     lines += linear_table(linear_.get("rows", {}))
-    knockouts = [(key, v["mma"], v["mma_2_stages"]) for key, v in timing_.get("rows", {}).items()
-                 if key != "seconds" and "ms_per_step" in v.get("mma_2_stages", {}) and "ms_per_step" in v.get("mma", {})]
-    if knockouts:
-        lines += ["", "Copy stages of the mma kernel (launch.MMA_STAGES):", ""]
-        for key, deep, two in knockouts:
-            lines.append(f"- {key}: {deep.get('stages', '?')} stages {deep['ms_per_step']:.3f} ms, "
-                         f"2 stages {two['ms_per_step']:.3f} ms")
-    wide = [(key, v["mma"], v["mma_128x64"]) for key, v in timing_.get("rows", {}).items()
-            if key != "seconds" and "ms_per_step" in v.get("mma_128x64", {}) and "ms_per_step" in v.get("mma", {})]
-    if wide:
-        lines += ["", "Tiles of the mma kernel (launch.TILES):", ""]
-        for key, default, w in wide:
-            lines.append(f"- {key}: {default.get('tile', '64x64')} {default['ms_per_step']:.3f} ms, "
-                         f"128x64 {w['ms_per_step']:.3f} ms")
+    # the mma kernel's knock-outs: (timing key, title, the default's label, the knock-out's label)
+    for name, title, default_label, label in (
+            ("mma_2_stages", "Copy stages of the mma kernel (launch.MMA_STAGES):",
+             lambda v: f"{v.get('stages', '?')} stages", "2 stages"),
+            ("mma_128x64", "Tiles of the mma kernel (launch.TILES):",
+             lambda v: v.get("tile", "64x64"), "128x64")):
+        rows = [(key, v["mma"], v[name]) for key, v in timing_.get("rows", {}).items()
+                if key != "seconds" and "ms_per_step" in v.get(name, {}) and "ms_per_step" in v.get("mma", {})]
+        if rows:
+            lines += ["", title, ""]
+            lines += [f"- {key}: {default_label(default)} {default['ms_per_step']:.3f} ms, "
+                      f"{label} {knock['ms_per_step']:.3f} ms" for key, default, knock in rows]
     return "\n".join(lines)
 
 
