@@ -93,20 +93,22 @@ class Device:
         for _ in range(warmup):
             fn()
         self.sync()
-        times = []
-        for _ in range(reps):
-            if self.emulated:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-                continue
-            start, stop = self.xp.cuda.Event(), self.xp.cuda.Event()
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(self.xp.cuda.get_elapsed_time(start, stop))
-        return statistics.median(times)
+        return statistics.median(elapsed_ms(self.xp, self.emulated, fn) for _ in range(reps))
+
+
+def elapsed_ms(xp, emulated: bool, fn) -> float:
+    """Milliseconds of one fn() on the GPU by CUDA events around it (the host clock on the
+    emulated device, whose launches are synchronous)."""
+    if emulated:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    start, stop = xp.cuda.Event(), xp.cuda.Event()
+    start.record()
+    fn()
+    stop.record()
+    stop.synchronize()
+    return xp.cuda.get_elapsed_time(start, stop)
 
 
 def sm_count(dev) -> int:
@@ -362,20 +364,7 @@ def time_row(m, r, dtype, device="cuda", steps=STEPS, kernel="simt", stages=None
         last["loss"] = float(result.history[-1, DEVICE_HISTORY_COLUMNS.index("loss")])
 
     run()  # compile, capture
-    times = []
-    for _ in range(3):
-        if emulated:
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3 / steps)
-            continue
-        cuda = engine.xp.cuda
-        start, stop = cuda.Event(), cuda.Event()
-        start.record()
-        run()
-        stop.record()
-        stop.synchronize()
-        times.append(cuda.get_elapsed_time(start, stop) / steps)
+    times = [elapsed_ms(engine.xp, emulated, run) / steps for _ in range(3)]
     return {"ms_per_step": round(statistics.median(times), 4), "all": [round(t, 4) for t in times],
             "kernel": kernel, "loss_last": last["loss"], "tile": last["tile"],
             **({"stages": last["stages"]} if kernel == "mma" else {})}
@@ -440,21 +429,8 @@ def time_linear(N, n, r, dtype, loss, device="cuda", steps=10, rounds=5) -> dict
     xp = engine.xp
 
     def timed(body):
-        times = []
-        for i in range(rounds + 1):
-            if emulated:
-                t0 = time.perf_counter()
-                body()
-                elapsed = (time.perf_counter() - t0) * 1e3
-            else:
-                start, stop = xp.cuda.Event(), xp.cuda.Event()
-                start.record()
-                body()
-                stop.record()
-                stop.synchronize()
-                elapsed = xp.cuda.get_elapsed_time(start, stop)
-            if i:  # the first round compiles and prepares
-                times.append(elapsed / steps)
+        body()  # the first round compiles and prepares
+        times = [elapsed_ms(xp, emulated, body) / steps for _ in range(rounds)]
         return {"ms_per_step": round(statistics.median(times), 4), "min": round(min(times), 4),
                 "max": round(max(times), 4)}
 

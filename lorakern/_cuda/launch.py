@@ -439,7 +439,7 @@ class Plan:
         self.grid = self.nrs * self.ncs
         self.m_ld, self.n_ld = self.ntr * self.bm, self.ntc * self.bn
         total = m * r + r * n
-        self.small_grid = max(1, min(-(-total // NT), MAX_SMALL_GRID))
+        self.small_grid = small_grid(total)
         xp = rt.xp
         self.gB_part = xp.empty(self.ncs * self.m_ld * self.rk, dtype)
         self.gA_part = xp.empty(self.nrs * self.rk * self.n_ld, dtype)
@@ -493,7 +493,7 @@ class Plan:
 
 def update(rt, kernel, B, A, grad_B, grad_A, B_out, A_out, *, eta_ptr=None, eta_value=0.0, ok=None):
     total = B.size + A.size
-    rt.launch(kernel, max(1, min(-(-total // NT), MAX_SMALL_GRID)),
+    rt.launch(kernel, small_grid(total),
               (B, A, grad_B, grad_A, np.int64(B.size), np.int64(A.size), ptr(eta_ptr),
                np.float64(eta_value), ptr(ok), B_out, A_out))
 

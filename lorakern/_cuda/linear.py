@@ -53,6 +53,8 @@ def prepare(problem, device):
         D=None,  # Delta for the exact norm, made on first use
         K=None,  # X X^T (float64) for the "gram" strategy, made on first use
         moments=None,  # (C0, Sigma) (float64) for the "moments" strategy, made on first use
+        # a runtime with kernels (a GPU's, the emulation's); the tests' NumPy stub has none
+        kernels=hasattr(rt, "kernel"),
         pointwise=None,  # fused.cu's linear_pointwise for a pointwise loss, loaded on first use
         moments_matrix=None,  # the moments norm's float64 matrix problem and data (C0 as R)
     )
@@ -73,22 +75,21 @@ def _loss(problem, xp, Z, Y):
     return loss.array_pointwise(xp, t, y, problem.delta)
 
 
-def _pointwise_tile(problem, data, Z0, PB, Y, Delta):
+def _pointwise_tile(problem, data, Z0, PB, Y, Delta, part):
     """A pointwise loss's tile in one kernel (fused.cu's linear_pointwise): Delta = loss'(Z0 +
-    PB) written in place, and the tile's (loss sum, ||Delta||^2) as 0-d float64 arrays."""
-    rt, xp = data.rt, data.xp
+    PB) written in place, and the tile's (loss sum, ||Delta||^2) as 0-d float64 arrays
+    (``part``: the kernel's per-block sums, 2 x launch.small_grid(Z0.size) float64)."""
     if data.pointwise is None:
-        data.pointwise = launch.linear_pointwise_kernel(rt, problem.dtype, problem.loss)
-    part = xp.empty(2 * launch.small_grid(Z0.size), np.float64)
-    launch.linear_pointwise(rt, data.pointwise, Z0, PB, Y, float(problem.delta), Delta, part)
-    return xp.sum(part[0::2]), xp.sum(part[1::2])
+        data.pointwise = launch.linear_pointwise_kernel(data.rt, problem.dtype, problem.loss)
+    part = part[:2 * launch.small_grid(Z0.size)]
+    launch.linear_pointwise(data.rt, data.pointwise, Z0, PB, Y, float(problem.delta), Delta, part)
+    return data.xp.sum(part[0::2]), data.xp.sum(part[1::2])
 
 
 def _fused_route(problem, data, B) -> bool:
     """Whether the matrix kind's fused pass can run this sweep: a pointwise loss, a runtime with
     kernels and a rank the pass is compiled for (launch.RANK_BOUNDS; above it, cuBLAS)."""
-    return (problem.loss.labels != "class" and hasattr(data.rt, "kernel")
-            and B.shape[1] <= launch.RANK_BOUNDS[-1])
+    return problem.loss.labels != "class" and data.kernels and B.shape[1] <= launch.RANK_BOUNDS[-1]
 
 
 def _fused_sweep(problem, data, B, A, with_grad: bool):
@@ -131,14 +132,15 @@ def _sweep(problem, data, B, A, with_grad: bool, store: bool):
     Q = xp.empty((N, r), dt) if with_grad else None
     if store and data.D is None:
         data.D = xp.empty(Z0.shape, dt)
-    pointwise = problem.loss.labels != "class" and hasattr(data.rt, "kernel")  # linear_pointwise
+    pointwise = problem.loss.labels != "class" and data.kernels  # linear_pointwise
+    part = xp.empty(2 * launch.small_grid(min(N, ROW_TILE) * problem.m), np.float64) if pointwise else None
     for i0 in range(0, N, ROW_TILE):
         rows = slice(i0, min(i0 + ROW_TILE, N))
         Y = None if data.Y is None else data.Y[rows]
         if pointwise:
             PB = P[rows] @ B.T
             Delta = data.D[rows] if store else xp.empty(PB.shape, dt)
-            value_sum, delta_sq = _pointwise_tile(problem, data, Z0[rows], PB, Y, Delta)
+            value_sum, delta_sq = _pointwise_tile(problem, data, Z0[rows], PB, Y, Delta, part)
             loss_sum += value_sum
             d_sq += delta_sq
         else:
@@ -161,7 +163,7 @@ def exact_norm_sq(problem, data, B, A, strategy: str):
     if strategy == "moments":
         if data.moments is None:  # C0 and Sigma in float64, formed on the device once
             data.moments = problem.compute_moments(xp)
-        if hasattr(data.rt, "kernel") and B.shape[1] <= launch.RANK_BOUNDS[-1]:
+        if data.kernels and B.shape[1] <= launch.RANK_BOUNDS[-1]:
             return _moments_norm_fused(problem, data, B, A)
         return moments_norm_sq(xp, *data.moments, B, A)
     if strategy == "gram" and data.K is None:  # X X^T in float64, formed on the device once
