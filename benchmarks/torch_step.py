@@ -8,7 +8,7 @@ small-layer norm in torch (benchmarks/NOTES.md, "The torch optimizer's step"), i
 The example's setup (the pretrained MLP, rank-4 LoRALinear adapters on both layers, the
 mirrored digits, 1347 images full batch, one torch thread unless --threads). Each round times:
 the eta_t step and its Armijo variant with every exact norm in lorakern's CPU kernels
-(``lorakern.torch.TORCH_NORM_WORK = 0``: the code path before the change), the same with the
+(``lorakern.torch.norms.TORCH_NORM_WORK = 0``: the code path before the change), the same with the
 default TORCH_NORM_WORK (these layers' norms as float64 torch products), and SGD and Adam
 (lr 0.3 and 0.01) for scale. Each model starts from the same adapters, so the two routes'
 final losses must agree to rounding; the script checks it and prints the medians over the
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import lorakern.torch as lt
+import lorakern.torch.norms as lt
 
 HERE = Path(__file__).resolve().parent
 

@@ -165,7 +165,7 @@ def test_mlp_gradients_and_norm_against_autograd(kind, rslora, norm, route, monk
     that each layer's norm runs in lorakern._cpu.linear.delta_x_norm_sq, as large layers'
     do."""
     if route == "kernels":
-        monkeypatch.setattr(lorakern.torch, "TORCH_NORM_WORK", 0)
+        monkeypatch.setattr(lorakern.torch.norms, "TORCH_NORM_WORK", 0)
     model, pairs = _mlp(kind, rslora)
     calls = []
     real = _cpu.linear.delta_x_norm_sq
@@ -216,12 +216,10 @@ def test_bound_lies_between_the_norm_and_the_frobenius_product():
     X, Y, W0, B0, A0, layer, loss_fn = _layer_case(np.float64, 40, 1.0, seed=3)
     exact = LoRAStepOptimizer(layer)
     loss_fn().backward()
-    g = exact._g_sq()
+    g = lorakern.torch.norms.g_sq(exact.layers, "exact")
     x = exact.layers[0].inputs[0]
     D = exact.layers[0].deltas[0]
-    bound = LoRAStepOptimizer.__new__(LoRAStepOptimizer)
-    bound.norm = "bound"
-    U = math.sqrt(bound._layer_norm_sq(D, x))
+    U = math.sqrt(lorakern.torch.norms.layer_norm_sq(D, x, "bound"))
     frob = float(torch.linalg.norm(D) * torch.linalg.norm(x))
     assert math.sqrt(g) < U < frob
     exact.remove_hooks()

@@ -1,0 +1,94 @@
+"""The paper's step for the LoRA layers of a PyTorch model: ``LoRAStepOptimizer``.
+
+Imported only by users who ask for it (``import lorakern.torch``); ``import lorakern`` never
+imports torch. Needs ``pip install ".[torch]"`` in a clone of lorakern (torch; peft for PEFT
+models).
+
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=[...]))
+    opt = lorakern.torch.LoRAStepOptimizer(model)      # finds the LoRA layers, hooks them
+    for X, y in batches:
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        opt.step()                                      # eta_t of Mu & Klabjan, eq. (8)
+
+**What a step computes.** A LoRA layer l computes ``y = x W0_l^T + s_l x A_l^T B_l^T``, i.e.
+its weight is W_l = W0_l + s_l B_l A_l with the scaling s_l = alpha / r (alpha / sqrt(r) with
+rsLoRA). The paper's iterate is a pair with W = W0 + B A and no scaling, so the scaling is
+folded in exactly: with B'_l = sqrt(s_l) B_l and A'_l = sqrt(s_l) A_l the layer's weight is
+W0_l + B'_l A'_l, and the step is the paper's step on V' = (B'_l, A'_l)_l:
+
+    ||V'||^2      = sum_l s_l (||A_l||_F^2 + ||B_l||_F^2)
+    grad_{B'} J   = G_l A'^T = sqrt(s_l) G_l A_l^T = grad_B J / sqrt(s_l)   (chain rule:
+    grad_{A'} J   = grad_A J / sqrt(s_l)                                     grad_B J = s_l G_l A_l^T)
+    ||grad J(V')||^2 = sum_l (||grad_B J||^2 + ||grad_A J||^2) / s_l
+    B'_{t+1} = B'_t - eta grad_{B'}   <=>   B_{t+1} = B_t - (eta / s_l) grad_B J   (same for A)
+
+where G_l = dJ/dW_l = Delta_l^T X_l, X_l the layer's inputs (tokens flattened to N_l rows)
+and Delta_l = dJ/dy_l its output gradient (whatever the loss's normalisation is, a mean over
+the batch included). ``grad_B J`` and ``grad_A J`` are autograd's ``p.grad``; what autograd
+does not give is ||G_l||_F, which needs X_l and Delta_l: a forward hook keeps X_l and a
+hook on the layer's output keeps Delta_l. ``step()`` then computes
+
+    ||G||_F = (sum_l ||Delta_l^T X_l||_F^2)^(1/2)            exact: by the Gram identity
+        <Delta Delta^T, X X^T> or from Delta^T X, whichever costs fewer multiply-adds. CPU
+        layers of under TORCH_NORM_WORK multiply-adds (N m min(N, n)): two float64 torch
+        products on the model's own torch threads (float64 accumulation, as lorakern's
+        serial kernels); larger CPU layers: the linear kind's kernels
+        (lorakern._cpu.linear.delta_x_norm_sq: BLAS products, Numba's ordered sums); CUDA
+        tensors: CuPy (lorakern._cuda.linear.delta_x_norm_sq)
+    eta_t = min{1 / (5 sqrt(2) max(L, 1) (||V'||^2 + ||G||_F)), 1}       (eq. 8)
+
+and updates every A and B at once from the old iterate (eq. 3). Memory: the hooks keep
+X_l and Delta_l of every forward pass with gradients since the last ``step()`` or
+``zero_grad()`` (N_l (n_l + m_l) numbers per layer, references to tensors autograd keeps
+anyway for X_l, new ones for Delta_l); passes under ``torch.no_grad()`` keep nothing. A layer's adapters of
+several active PEFT adapters on one layer form one pair of rank r_1 + r_2 + ... (B' = [B'_1
+B'_2 ...], A' stacked), with one G_l. Gradient accumulation works: several forward/backward
+passes before ``step()`` sum both p.grad and Delta_l^T X_l (the captured rows are stacked).
+
+**L.** ``lipschitz`` is the user's L. The paper assumes the loss L(W) is L-smooth in W
+(Assumption 1); a network's loss as a function of all its LoRA layers' weights has no global
+L (it is not even smooth across ReLUs), so no L is computed here and the theorem's
+guarantees (Lemma 2's decrease, Theorem 3's rate) hold only where the given L bounds the
+curvature along the path. The default L = 1 is the smallest the step size reads (max(L, 1)).
+For one linear layer with the squared loss, L = sigma_max(X)^2 / N is what
+``lorakern.LinearProblem(...).lipschitz`` certifies.
+
+**norm="bound"** puts U_l = sum_i ||delta_i|| ||x_i|| (over the N_l rows) in place of
+||Delta_l^T X_l||_F: G_l = sum_i delta_i x_i^T is a sum of rank-one matrices of norm
+||delta_i|| ||x_i||, so U_l >= ||G_l||_F (and U_l <= ||Delta_l||_F ||X_l||_F by
+Cauchy-Schwarz); computed in float64 and raised by a rounding margin, O(N (m + n)) work. A
+larger norm only makes eta_t smaller, which keeps Lemma 2 (see LinearProblem's notes).
+
+**Line search.** ``step(closure)`` runs Armijo backtracking on the closure's loss, as
+``lorakern.Armijo`` does: the first trial is ``cap`` (or twice the last accepted eta), halved
+until J(V' - eta grad) <= J(V') - c eta ||grad J(V')||^2, and once it would fall to eta_t it
+takes eta_t (Lemma 2 gives it the decrease). Each trial calls the closure once (with
+gradients enabled, as PyTorch's closures expect; the gradients of the trials are discarded
+and p.grad is left as it was at V_t).
+
+Not covered by the theory, and refused with a ValueError: LoRA dropout > 0 (the adapter's
+input is then not the layer's input), DoRA (``use_dora``: a normalised weight, not W0 + s BA),
+adapters on embeddings or convolutions (PEFT's ``lora_embedding_A``, Conv layers), a LoRA
+bias (``lora_bias``), merged adapters.
+
+**Floor plan.** One concern a module:
+
+    layers.py     LoRALinear; lora_layers(): which modules are LoRA layers, their (B, A, s)
+    capture.py    the hooks that keep X_l and Delta_l, and their lifecycle
+    norms.py      ||G||_F (exact or bound), ||V'||^2 and ||grad J(V')||^2
+    search.py     the Armijo line search of step(closure)
+    optimizer.py  LoRAStepOptimizer: the step, from the pieces above
+"""
+from __future__ import annotations
+
+try:
+    import torch  # noqa: F401
+except ImportError as exc:  # pragma: no cover - the message is the point
+    raise ImportError('lorakern.torch needs PyTorch: pip install ".[torch]" in a clone of '
+                      'lorakern, which brings torch and peft') from exc
+
+from .layers import LoRALinear, lora_layers
+from .optimizer import LoRAStepOptimizer, StepInfo
+
+__all__ = ["LoRALinear", "LoRAStepOptimizer", "StepInfo", "lora_layers"]

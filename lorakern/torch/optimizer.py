@@ -1,0 +1,169 @@
+"""``LoRAStepOptimizer``: the paper's step on every LoRA pair of a model (package docstring)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._validate import positive_float
+from ..step_size import Armijo, theorem_eta
+from . import norms, search
+from .capture import Capture, CapturedLayer
+from .layers import lora_layers
+from .search import item
+
+
+@dataclass
+class StepInfo:
+    """The numbers of the last step, at the old iterate V'_t (scaling folded in)."""
+
+    eta: float          # the step taken
+    eta_theorem: float  # eq. (8)
+    g_norm: float       # ||G||_F over all layers (or its bound, norm="bound")
+    v_sq: float         # ||V'||^2
+    grad_sq: float      # ||grad J(V')||^2
+    loss: float | None  # the closure's loss at V_t, if a closure was given
+    trials: int         # closure calls of the line search beyond the first
+
+
+class LoRAStepOptimizer(torch.optim.Optimizer):
+    """Gradient descent on all LoRA pairs of a model with eta_t of Mu & Klabjan (2025).
+
+    Parameters
+    ----------
+    model : an ``nn.Module`` holding PEFT LoRA layers or ``lorakern.torch.LoRALinear``s (see
+        the module docstring for what a step computes and how the scaling is folded in).
+    lipschitz : the user's L (> 0); eta_t uses max(L, 1). A network's loss has no global L:
+        see the module docstring.
+    norm : "exact" (||Delta_l^T X_l||_F on the tensors' device; the module docstring says
+        which code computes it) or "bound" (a certified upper bound, cheaper; a smaller
+        eta_t).
+    adapter : the PEFT adapter to train (default: the active ones).
+    cap, c, max_trials : the line search of ``step(closure)``, as ``lorakern.Armijo``.
+
+    Attributes
+    ----------
+    device : "cpu" (the norms run in float64 torch products, or in lorakern's kernels for
+        large layers), "cuda:<i>" (CuPy), or "mixed" when the layers live on several devices.
+    last : StepInfo of the last step, or None.
+
+    Raises
+    ------
+    TypeError : ``model`` is not an ``nn.Module``; an argument of the wrong type.
+    ValueError : no LoRA layer in ``model`` (or none with the ``adapter`` named), or one the
+        theory does not cover (LoRA dropout, DoRA, embeddings, convolutions, a LoRA bias,
+        merged adapters); a bad argument's value.
+    """
+
+    def __init__(self, model: nn.Module, *, lipschitz: float = 1.0, norm: str = "exact",
+                 adapter: str | None = None, cap: float = 1.0, c: float = 1e-4,
+                 max_trials: int = 60):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if norm not in ("exact", "bound"):
+            raise ValueError(f"norm must be 'exact' or 'bound', got {norm!r}")
+        self.lipschitz = positive_float("lipschitz", lipschitz)
+        self.norm = norm
+        self.armijo = Armijo(cap=cap, c=c, max_trials=max_trials)  # validates them
+        found = lora_layers(model, adapter)
+        if not found and adapter is not None and lora_layers(model):
+            raise ValueError(f"no LoRA layer of {type(model).__name__} has an active adapter "
+                             f"named {adapter!r}")
+        if not found:
+            raise ValueError(f"no LoRA layer found in {type(model).__name__}: wrap its linear "
+                             f"layers with peft.get_peft_model(model, LoraConfig(...)) or "
+                             f"lorakern.torch.LoRALinear")
+        self.layers = [CapturedLayer(name, module, pairs) for name, module, pairs in found]
+        params = [p for layer in self.layers for B, A, _ in layer.pairs for p in (B, A)]
+        super().__init__(params, dict(lipschitz=self.lipschitz))
+        devices = sorted({str(p.device) for p in params})
+        self.device = ("mixed" if len(devices) > 1 else
+                       "cuda:%d" % params[0].device.index if params[0].is_cuda else devices[0])
+        self.last: StepInfo | None = None
+        self._eta_prev = None
+        self.capture = Capture(self.layers)
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from the model (its hooks); it cannot step afterwards."""
+        self.capture.remove()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients and what the hooks kept (X and Delta of the last passes)."""
+        super().zero_grad(set_to_none=set_to_none)
+        self.capture.clear()
+
+    # -- the step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step on all LoRA pairs from the gradients and the kept X_l, Delta_l.
+
+        Parameters
+        ----------
+        closure : None, or a callable that zeroes the gradients, runs the model, calls
+            ``backward()`` and returns the loss (as for ``torch.optim.LBFGS``). Given, it is
+            called once at V_t and then once per trial of the Armijo line search (module
+            docstring); the step taken is at least eta_t.
+
+        Returns
+        -------
+        The closure's loss at V_t, or None. ``self.last`` holds the step's numbers
+        (``StepInfo``).
+
+        Raises
+        ------
+        RuntimeError : a layer has gradients but the hooks saw no forward pass or no backward
+            pass through it (the pass ran before the optimizer was made, or under no_grad).
+        DeviceUnavailableError : CUDA tensors without CuPy (``pip install ".[cuda]"``).
+        """
+        if not self.capture.attached:
+            raise RuntimeError("remove_hooks() was called: this optimizer cannot step")
+        loss = None
+        if closure is not None:
+            self.capture.clear()
+            with torch.enable_grad():
+                loss = closure()
+        g_norm = math.sqrt(norms.g_sq(self.layers, self.norm))
+        v_sq, grad_sq = norms.v_and_grad_sq(self.layers)
+        eta_theorem = float(theorem_eta(v_sq, g_norm, max(self.lipschitz, 1.0)))  # eq. (8)
+        grads = [(B, A, s, _grad(B), _grad(A)) for layer in self.layers
+                 for B, A, s in layer.pairs]
+        old = [(B.detach().clone(), A.detach().clone()) for B, A, *_ in grads]
+        eta, trials = eta_theorem, 0
+        if closure is not None:
+            eta, trials = self._line_search(closure, item(loss), grads, old, grad_sq,
+                                            eta_theorem)
+        self._update(grads, old, eta)
+        self.last = StepInfo(eta=eta, eta_theorem=eta_theorem, g_norm=g_norm, v_sq=v_sq,
+                             grad_sq=grad_sq, loss=None if loss is None else item(loss),
+                             trials=trials)
+        self.capture.clear()
+        return loss
+
+    @staticmethod
+    def _update(grads, old, eta):
+        """B = B_t - (eta / s) grad_B, A likewise, all from the old iterate (eq. 3)."""
+        for (B, A, s, gB, gA), (B0, A0) in zip(grads, old):
+            B.copy_(B0 - gB * (eta / s))
+            A.copy_(A0 - gA * (eta / s))
+
+    def _line_search(self, closure, loss0, grads, old, grad_sq, eta_theorem):
+        """search.armijo with the trials' gradients and captures kept away from V_t's."""
+        saved = [(B.grad, A.grad) for B, A, *_ in grads]
+        self.capture.enabled = False
+        try:
+            eta, trials = search.armijo(closure, loss0, grad_sq, eta_theorem,
+                                        move=lambda eta: self._update(grads, old, eta),
+                                        armijo=self.armijo, eta_prev=self._eta_prev)
+        finally:
+            self.capture.enabled = True
+            for (B, A, *_), (gB, gA) in zip(grads, saved):
+                B.grad, A.grad = gB, gA
+        self._eta_prev = eta  # as lorakern.Armijo keeps it
+        return eta, trials
+
+
+
+def _grad(p):
+    return torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
