@@ -313,6 +313,9 @@ class Certified:
         a2, a3, a4 = (float(a) for a in engine.line_quartic(B, A, p.grad_B, p.grad_A))
         eta = exact_step(float(p.loss), float(p.grad_sq), a2, a3, a4, eta_theorem,
                          max(self.cap, eta_theorem))
+        # kept as the backtracking keeps it: the exact search does not read it, but a fit
+        # resumed where the search backtracks (a mask, another device) starts at twice it
+        state["eta"] = eta
         return engine.xp.asarray(eta), 1
 
     def device_loop(self, problem):

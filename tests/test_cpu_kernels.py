@@ -212,7 +212,7 @@ def test_blas_threads_untouched():
 
     problem, B, A = make_case((67, 131, 9), np.float32, seed=33)
     before = pools()
-    lorakern.step(problem, B, A, device="cpu")
+    lorakern.step(problem, B, A, device="cpu", step_size="theorem")
     lorakern.fit(problem, B, A, steps=2, device="cpu", step_size="armijo")
     assert pools() == before
 

@@ -206,8 +206,8 @@ def test_fit_matches_cpu_step_for_step(cuda, monkeypatch, dtype, loss):
     small_blocks(monkeypatch, rows=2, cols=1)
     shape, steps = ((37, 45, 3), 6) if cuda.emulated else ((257, 263, 17), 40)
     problem, B, A = make_problem(*shape, dtype, loss=loss, masked=loss == "logistic")
-    got = lorakern.fit(problem, B, A, steps=steps, device=cuda.device)
-    want = lorakern.fit(problem, B, A, steps=steps, device="cpu")
+    got = lorakern.fit(problem, B, A, steps=steps, device=cuda.device, step_size="theorem")
+    want = lorakern.fit(problem, B, A, steps=steps, device="cpu", step_size="theorem")
     assert got.steps == want.steps == steps
     factor = FIT_FACTOR[np.dtype(dtype)]
     for name in ("loss", "eta", "grad_sq", "v_sq", "g_norm"):
@@ -360,7 +360,7 @@ def test_cupy_inputs_stay_and_numpy_inputs_copy_once():
     assert data.x.data.ptr == on_gpu.R.data.ptr  # no copy
     first = problem.data(device, cuda_kernels)
     assert isinstance(first.x, cupy.ndarray) and problem.data(device, cuda_kernels) is first
-    result = lorakern.step(on_gpu, cupy.asarray(B), cupy.asarray(A))  # device="auto" picks cuda
+    result = lorakern.step(on_gpu, cupy.asarray(B), cupy.asarray(A), step_size="theorem")  # device="auto" picks cuda
     assert isinstance(result.B, cupy.ndarray)
 
 
@@ -433,6 +433,6 @@ def test_importing_the_backend_does_not_import_cupy():
 @pytest.mark.skipif(CUDA, reason="checks the error on a machine without a usable GPU")
 def test_cuda_device_unavailable_here():
     with pytest.raises(lorakern.DeviceUnavailableError):
-        lorakern.step(*make_problem(4, 4, 1, np.float32), device="cuda")
+        lorakern.step(*make_problem(4, 4, 1, np.float32), device="cuda", step_size="theorem")
     assert "cuda" not in lorakern.devices()
     assert "cuda-emulated" not in lorakern.devices()  # a test device, never offered to users
