@@ -590,6 +590,15 @@ def table(sizes=((4096, 4096),), ranks=(4, 16, 64), dtypes=("float32", "float64"
     ]
     if repeat is not None and repeat < MIN_ROUNDS:
         lines.append(f"Only {repeat} round(s): the spread means little below {MIN_ROUNDS}.")
+    torch_rows = [name for name in impls if COMPARISONS[name].needs == "torch"]
+    if torch_rows:  # where PyTorch ran: its device is not in the name
+        import torch
+
+        where = {name: "cpu" if name == "torch-cpu" or not _torch_on_gpu() else "cuda"
+                 for name in torch_rows}
+        lines.append("PyTorch " + torch.__version__ + ": " + ", ".join(
+            f"{name} on the {'GPU' if dev == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'}"
+            for name, dev in where.items()) + ".")
     skipped = sorted({n for rec in records for n in list(impls) + [peer] if n not in rec["times"]})
     if skipped:
         lines.append("'-': " + ", ".join(f"{s} not timed above {COMPARISONS[s].max_elements:,} elements"

@@ -506,3 +506,16 @@ def test_bench_real_table(capsys):
     assert "Only 1 round(s)" in out
     code, out, err = run_main(capsys, "bench", "--m", "64", "--impls", "nope", "--repeat", "1")
     assert code == 2 and "unknown implementation" in err
+
+
+def test_bench_compares_with_torch_on_the_cpu(capsys):
+    """`bench --impls torch` without a GPU times PyTorch's step on the CPU (not an error)."""
+    torch = pytest.importorskip("torch")
+    import lorakern
+
+    code, out, err = run_main(capsys, "bench", "--m", "64", "--ranks", "2", "--dtypes", "float32",
+                              "--impls", "lorakern-cpu", "torch", "--repeat", "1")
+    assert code == 0, err
+    assert "numpy / torch" in out and "| 64 | 64 | 2 | float32 |" in out
+    if "cuda" not in lorakern.devices() or not torch.cuda.is_available():
+        assert f"PyTorch {torch.__version__}: torch on the CPU (" in out
