@@ -95,3 +95,17 @@ def test_dask_settings_are_dask_settings_and_the_benchmarks():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert settings == module.QUIET
+
+
+def test_torch_extra_and_test_extra_resolve_the_same_torch():
+    """One torch requirement in both extras (the README's `.[torch]` and CI's `.[test]`), and
+    the README and docs/install.md give the CPU-only index for machines without a GPU."""
+    import tomllib
+
+    extras = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    torch_req = [r for r in extras["torch"] if r.startswith("torch")]
+    test_req = [r for r in extras["test"] if r.startswith("torch")]
+    assert torch_req == test_req and len(torch_req) == 1, (torch_req, test_req)
+    cpu = 'pip install ".[torch]" --extra-index-url https://download.pytorch.org/whl/cpu'
+    install = " ".join((README.parent / "docs" / "install.md").read_text().split())
+    assert cpu in _text() and cpu in install
