@@ -83,7 +83,7 @@ class History:
         trials = f", {int(np.sum(self.trials))} trials" if np.any(self.trials) else ""
         # the history holds values at V_0 .. V_{T-1}: J(V_T) is the FitResult's final_loss
         last = len(self) - 1
-        return (f"History({len(self)} steps, J(V_0) = {self.loss[0]:.6g} .. J(V_{last}) = "
+        return (f"History({len(self)} steps, loss at V_0..V_{last}: {self.loss[0]:.6g} -> "
                 f"{self.loss[-1]:.6g}, {eta}{trials}, {self.dtype}, lipschitz={self.lipschitz:g})")
 
 
@@ -194,6 +194,6 @@ class FitResult:
 
     def __repr__(self):
         return (f"FitResult(status={self.status!r}, steps={self.steps}, "
-                f"final_loss=J(V_{self.steps}) = {self.final_loss:.6g}, B={describe_array(self.B)}, "
+                f"final_loss={self.final_loss:.6g} at V_{self.steps}, B={describe_array(self.B)}, "
                 f"A={describe_array(self.A)}, seconds={self.seconds:.3g}, "
                 f"step_size={self.step_size!r})")

@@ -165,11 +165,11 @@ rng = np.random.default_rng(0)
 W0, Y = rng.standard_normal((40, 30)), rng.standard_normal((40, 30))
 B, A = lorakern.init_adapters(40, 30, rank=4, dtype=np.float64, seed=1, init="gaussian")
 problem = lorakern.Problem(W0, Y)
-lorakern.step(problem, B, A, device="cpu")
+lorakern.step(problem, B, A, device="cpu", step_size="theorem")
 seconds = time.perf_counter() - t0
 X, Yl = rng.standard_normal((50, 30)), rng.standard_normal((50, 40))
 linear = lorakern.LinearProblem(X, Yl, W0, loss="huber")
-lorakern.step(linear, B, A, device="cpu")
+lorakern.step(linear, B, A, device="cpu", step_size="theorem")
 from lorakern._cpu import linear_kernels
 fused = kernels.fused_kernel(problem.loss, False, False, kernels.SIMD)
 sweep = linear_kernels.sweep_kernel(linear.loss)

@@ -218,7 +218,7 @@ def test_spawned_pool_fits_to_the_same_bits():
              CASES["linear-squared"](np.float64), CASES["linear-cross_entropy"](np.float32)]
     serial = [lorakern.fit(p, B, A, steps=STEPS, device="cpu", step_size="theorem") for p, B, A in cases]
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(lorakern.fit, p, B, A, steps=STEPS, device="cpu")
+        futures = [pool.submit(lorakern.fit, p, B, A, steps=STEPS, device="cpu", step_size="theorem")
                    for p, B, A in cases]
         pooled = [f.result(timeout=120) for f in futures]
     for got, want in zip(pooled, serial):

@@ -81,8 +81,8 @@ def test_reprs_are_short_and_say_which_iterate():
         assert "\n" not in text and len(text) < 400, text
         assert "array([" not in text and "..." not in text, text  # no entries printed
     # History holds V_0 .. V_{T-1}; the result's final loss is J(V_T)
-    assert f"J(V_0) = " in repr(result.history) and f"J(V_{T - 1}) = " in repr(result.history)
-    assert f"final_loss=J(V_{T}) = {result.final_loss:.6g}" in repr(result)
+    assert f"loss at V_0..V_{T - 1}: {result.history.loss[0]:.6g} -> " in repr(result.history)
+    assert f"final_loss={result.final_loss:.6g} at V_{T}," in repr(result)
 
 
 def test_print_report_prints_the_summary(capsys):
