@@ -229,17 +229,21 @@ def compare_with(policy):
     return None
 
 
-def describe_policy(policy, problem) -> str:
+def describe_policy(policy, problem, device=None) -> str:
     """One line on the step size, from what the policy declares.
 
-    A policy may describe itself (``policy.describe(problem) -> str``); the built-in ones
-    are recognised by their parameters; any other by its name and its declared guarantee.
+    A policy may describe itself (``policy.describe(problem) -> str``, or with a ``device``
+    parameter ``describe(problem, device=...)``: what it runs there); the built-in ones are
+    recognised by their parameters; any other by its name and its declared guarantee.
     """
+    import inspect
+
     from .theory import policy_name
 
     own = getattr(policy, "describe", None)
     if callable(own):
-        return f"step size {own(problem)}"
+        takes_device = device is not None and "device" in inspect.signature(own).parameters
+        return f"step size {own(problem, device=device) if takes_device else own(problem)}"
     decrease = getattr(policy, "decrease", None)
     if getattr(policy, "constant", None) is not None and decrease is not None:
         return (f"step size eta_t = min{{1 / ({policy.constant:.4g} max(L, 1) (||V_t||^2 + ||G_t||_F)), 1}}"
@@ -301,7 +305,7 @@ def run(args, device: str, out=print) -> int:
     policy = as_policy(args.step_size)
     rank = demo.B.shape[1]
     out(f"lorakern demo: LoRA gradient descent on {demo.what}")
-    for line in demo.description + [describe_policy(policy, problem), device_line(device)]:
+    for line in demo.description + [describe_policy(policy, problem, device), device_line(device)]:
         out(line)
     compile_s, compiled = 0.0, []
     if device != "reference":

@@ -519,3 +519,18 @@ def test_bench_compares_with_torch_on_the_cpu(capsys):
     assert "numpy / torch" in out and "| 64 | 64 | 2 | float32 |" in out
     if "cuda" not in lorakern.devices() or not torch.cuda.is_available():
         assert f"PyTorch {torch.__version__}: torch on the CPU (" in out
+
+
+def test_the_certified_step_says_what_it_runs_on_the_device():
+    """On a device without the quartic pass (CUDA; here its host emulation) the demo's line
+    says the certified step backtracks, step by step from the host: never silently another."""
+    import lorakern
+    from lorakern._cuda import emulation
+
+    problem = demo.synthetic_problem(40, 30, 3).problem
+    on_cpu = demo.describe_policy(lorakern.Certified(), problem, "cpu")
+    assert "exact line search" in on_cpu and "from the host" not in on_cpu
+    if not emulation.available():
+        pytest.skip("no g++ for the CUDA host emulation")
+    on_cuda = demo.describe_policy(lorakern.Certified(), problem, emulation.device())
+    assert "backtracking (halving) line search" in on_cuda and "step by step from the host" in on_cuda
