@@ -34,6 +34,8 @@ STEPS = 2000
 EXPECTED_ACCURACY = 0.90
 HINT = ('pip install ".[digits]" in a clone of lorakern, for '
         'scikit-learn and its bundled digits data')
+#: W0's shape: 10 classes x (64 pixels and a bias)
+SHAPE = (10, 65)
 
 
 @dataclass
@@ -100,6 +102,7 @@ def digits_task(rank: int = 2, *, dtype="float32", seed: int = 0,
     problem = LinearProblem(Xs[train].astype(dtype), shifted[train], W0.astype(dtype),
                             loss="cross_entropy")
     m, n = W0.shape
+    assert (m, n) == SHAPE, (m, n)
     B, A = init_adapters(m, n, rank, dtype=dtype, seed=seed + 1, scale=1.0 / math.sqrt(rank * n))
     task = DigitsTask(problem=problem, B=B, A=A, W0=W0, X_test=Xs[test], y_test=shifted[test],
                       source_accuracy=float(np.mean(source.predict(Xs[test]) == y[test])),
@@ -210,10 +213,14 @@ def run_demo(args, parser) -> int:
         parser.error(str(exc))
     steps = STEPS if args.steps is None else args.steps
     rank = 2 if args.rank is None else args.rank
-    try:
-        task = digits_task(rank, dtype=args.dtype, seed=args.seed)
-    except ValueError as exc:  # a rank past what the 10 x 65 classifier can take
+    from .adapters import FIT_COPIES, check_rank_fits
+
+    try:  # a rank past what the 10 x 65 classifier can take: before any work
+        check_rank_fits(*SHAPE, rank, FIT_COPIES * np.dtype(args.dtype).itemsize,
+                        "the adapters, their gradients and iterates")
+    except ValueError as exc:
         parser.error(f"--rank: {exc}")
+    task = digits_task(rank, dtype=args.dtype, seed=args.seed)
     try:
         device = _dispatch.resolve(args.device, *task.problem.arrays()).name
     except _dispatch.DeviceUnavailableError as exc:
