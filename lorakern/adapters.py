@@ -47,6 +47,9 @@ RANK_CEILING = 64
 #: iterate and the last finite one (fit's divergence guard); init_adapters draws in float64
 #: and converts, so it holds one float64 copy beside the result
 FIT_COPIES = 4
+#: below this many bytes the memory available is not read (/proc/meminfo costs tens of
+#: microseconds, which a small step would pay at every call)
+MEMORY_CHECK_FROM = 2**28
 
 
 def available_memory() -> int | None:
@@ -75,7 +78,10 @@ def check_rank_fits(m: int, n: int, rank: int, bytes_per_entry: int, what: str) 
     if rank > RANK_CEILING * k:
         raise ValueError(f"rank {rank} is more than {RANK_CEILING}x min(m, n) = {k} (W0 is "
                          f"{m}x{n}): BA can have rank at most {k}, so use rank <= {k}")
-    need, have = (m + n) * rank * bytes_per_entry, available_memory()
+    need = (m + n) * rank * bytes_per_entry
+    if need < MEMORY_CHECK_FROM:
+        return
+    have = available_memory()
     if have is not None and need > have:
         raise ValueError(f"rank {rank} does not fit in memory: {what} (B {m}x{rank}, A "
                          f"{rank}x{n}) need about {need / 2**30:.3g} GiB and "
