@@ -172,7 +172,7 @@ def _fit(c, steps):
     import lorakern
 
     _, B, A = _engine(c)
-    return lambda: lorakern.fit(c.problem(), B, A, steps=steps, device="cuda")
+    return lambda: lorakern.fit(c.problem(), B, A, steps=steps, device="cuda", step_size="theorem")
 
 
 def _single_steps(c, steps):

@@ -534,7 +534,7 @@ def sanitize(device="cuda"):
             for shape, dtype, loss, masked in cases:
                 problem, B, A = make_case(shape, np.dtype(dtype), loss=loss, masked=masked, seed=1, delta=0.5)
                 compare_pass(problem, B, A, device)
-                lorakern.fit(problem, B, A, steps=2, device=device)
+                lorakern.fit(problem, B, A, steps=2, device=device, step_size="theorem")
                 print(f"sanitize: {kernel} {'x'.join(map(str, shape))} {dtype} {loss}"
                       f"{' masked' if masked else ''}: ok", flush=True)
     finally:

@@ -137,8 +137,8 @@ def child_fused(cases=None, kernel=None):
             data = problem.data(device, kernels)
             got = float(kernels.loss_pass(problem, data, B, A))
             assert_close(got, reference.loss_pass(problem, None, B, A), dtype, "loss_pass")
-            fit = lorakern.fit(problem, B, A, steps=2, device=device)  # run_steps: pass and tail
-            want = lorakern.fit(problem, B, A, steps=2, device="reference")
+            fit = lorakern.fit(problem, B, A, steps=2, device=device, step_size="theorem")  # run_steps: pass and tail
+            want = lorakern.fit(problem, B, A, steps=2, device="reference", step_size="theorem")
             assert_close(fit.history.loss, want.history.loss, dtype, "history.loss", 10)
             assert_close(device.to_host(fit.B), want.B, dtype, "B", 10)
         finally:

@@ -3,12 +3,14 @@
     >>> import lorakern
     >>> problem = lorakern.Problem(W0, Y)
     >>> B, A = lorakern.init_adapters(m, n, rank=16, dtype=W0.dtype, seed=0)
-    >>> result = lorakern.fit(problem, B, A, steps=100, device="cpu", step_size="certified")
+    >>> result = lorakern.fit(problem, B, A, steps=100, device="cpu")
     >>> lorakern.theory.check(result).all_hold   # Lemma 2 and Theorem 3 on the run
     True
 
-``step_size="certified"`` is the step to fit with (a line search keeping Lemma 2's
-decrease with eta >= eta_t); the default, "theorem", is the paper's eta_t itself.
+The default step, ``step_size="certified"``, is the one to fit with (a line search keeping
+Lemma 2's decrease with eta >= eta_t); ``step_size="theorem"`` is the paper's eta_t itself
+(the default until 2026-12: name it to reproduce the paper, or to run a GPU fit as one
+device-side loop).
 
 ``LinearProblem(X, Y, W0, loss=...)`` is LoRA of a linear layer applied to data (inputs X,
 outputs X (W0 + BA)^T); ``step`` and ``fit`` take either kind (docs/linear.md).

@@ -194,9 +194,11 @@ def kernels(kind: str, dev: Device) -> Kernels:
 
 
 def devices() -> tuple[str, ...]:
-    """The devices that work on this machine, e.g. ('cpu',) or ('cpu', 'cuda')."""
+    """The devices that work on this machine, every name ``step`` and ``fit`` accept as
+    ``device=`` here: ('cpu', 'reference') or ('cpu', 'cuda', 'reference'). ("auto" picks
+    one of them by where the arrays live; "cuda:<i>" names GPU i of "cuda".)"""
     found = []
-    for name in ("cpu", "cuda"):
+    for name in ("cpu", "cuda", "reference"):
         try:
             device(name)
         except DeviceUnavailableError:

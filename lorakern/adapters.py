@@ -34,8 +34,59 @@ def check_adapters(problem, B, A, stacklevel: int = 4):
         raise ValueError(f"B is {mb}x{rb} and A is {ra}x{na}: their ranks differ ({rb} != {ra})")
     if rb < 1:
         raise ValueError("the rank r must be at least 1")
+    check_rank_fits(m, n, rb, FIT_COPIES * problem.dtype.itemsize, "a fit's adapters, "
+                    "gradients and iterates")
     warn_rank(m, n, rb, stacklevel=stacklevel + 1)
     return B, A
+
+
+#: the largest rank accepted, as a multiple of min(m, n): BA has rank at most min(m, n), so
+#: a rank past this is a mistake (a typo, m and r swapped), refused before any allocation
+RANK_CEILING = 64
+#: copies of the adapters' size a fit holds at once: B and A, their gradients, the next
+#: iterate and the last finite one (fit's divergence guard); init_adapters draws in float64
+#: and converts, so it holds one float64 copy beside the result
+FIT_COPIES = 4
+#: below this many bytes the memory available is not read (/proc/meminfo costs tens of
+#: microseconds, which a small step would pay at every call)
+MEMORY_CHECK_FROM = 2**28
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation here: MemAvailable of /proc/meminfo
+    (Linux: free plus reclaimable), else the free physical pages (os.sysconf), else None."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_rank_fits(m: int, n: int, rank: int, bytes_per_entry: int, what: str) -> None:
+    """ValueError, before anything is allocated, if ``rank`` is past RANK_CEILING x min(m, n)
+    or if (m + n) rank ``bytes_per_entry`` bytes (the adapters and the copies ``what`` needs)
+    exceed the memory available here."""
+    k = min(m, n)
+    if rank > RANK_CEILING * k:
+        raise ValueError(f"rank {rank} is more than {RANK_CEILING}x min(m, n) = {k} (W0 is "
+                         f"{m}x{n}): BA can have rank at most {k}, so use rank <= {k}")
+    need = (m + n) * rank * bytes_per_entry
+    if need < MEMORY_CHECK_FROM:
+        return
+    have = available_memory()
+    if have is not None and need > have:
+        raise ValueError(f"rank {rank} does not fit in memory: {what} (B {m}x{rank}, A "
+                         f"{rank}x{n}) need about {need / 2**30:.3g} GiB and "
+                         f"{have / 2**30:.3g} GiB is available: rank <= "
+                         f"{have // ((m + n) * bytes_per_entry)} fits")
 
 
 def warn_rank(m: int, n: int, rank: int, stacklevel: int) -> None:
@@ -107,7 +158,9 @@ def init_adapters(m: int, n: int, rank: int, *, dtype=np.float32, seed=None, ini
 
     Raises
     ------
-    TypeError, ValueError : an argument that is not what is listed above, named.
+    TypeError, ValueError : an argument that is not what is listed above, named; ValueError
+        also for a rank past ``RANK_CEILING`` x min(m, n), or whose adapters would not fit in
+        the memory available (checked before anything is allocated).
 
     Warns
     -----
@@ -135,6 +188,8 @@ def init_adapters(m: int, n: int, rank: int, *, dtype=np.float32, seed=None, ini
         raise TypeError(f"like must be None or an array (a torch tensor, a JAX, NumPy or CuPy "
                         f"array) whose kind and device B and A take, got "
                         f"{type(like).__name__}")
+    # the result, and the float64 draw it is converted from
+    check_rank_fits(int(m), int(n), int(rank), dtype.itemsize + 8, "the adapters")
     warn_rank(int(m), int(n), int(rank), stacklevel=3)
     # default_rng returns a Generator it is given unchanged: the caller's, advanced below
     rng = np.random.default_rng(seed)

@@ -49,7 +49,8 @@ class Impl:
         ``LinearCase``: the squared-loss LinearProblem with its certified L).
     norm : the Theorem policy's ||G|| it uses ("exact", or "bound" for the linear kind).
     loss, masked : the problem it solves (for ``check`` against the reference).
-    needs : None (runs on the CPU), "cuda" (lorakern's CUDA device) or "torch" (PyTorch with CUDA).
+    needs : None (runs on the CPU), "cuda" (lorakern's CUDA device) or "torch" (PyTorch: on
+        the GPU where there is one, else on the CPU).
     max_elements : the largest m * n it is timed at (a slow reference), inf for no limit.
     tolerance : the name in lorakern.testing.FACTORS that ``check`` compares it with. The
         plain NumPy step needs no more than the kernels: its worst error against the
@@ -78,7 +79,7 @@ def _lorakern_host(device: str, loss: str, masked: bool):
         problem, B, A = case.problem(loss, masked), case.B, case.A
 
         def run():
-            result = descent.step(problem, B, A, device=device)
+            result = descent.step(problem, B, A, device=device, step_size="theorem")
             return result.B, result.A, result.eta
 
         return run
@@ -141,12 +142,27 @@ def _cupy_library(case: Case):
         cast=lambda eta, like: eta.astype(like.dtype))
 
 
-def _torch_library(case: Case):
+def _torch_on_gpu() -> bool:
+    """Whether "torch" runs on the GPU here: PyTorch sees CUDA and lorakern has a CUDA device."""
     import torch
 
-    gpu = case.on("torch")
+    from ._dispatch import devices
+
+    return torch.cuda.is_available() and "cuda" in devices()
+
+
+def _torch_library(case: Case, cpu: bool = False):
+    """The plain step in PyTorch: on the GPU where there is one (``case.on``), else (or with
+    ``cpu``) on the CPU, over the case's NumPy arrays without a copy (``torch.from_numpy``)
+    and on PyTorch's own CPU threads, as a CPU user's PyTorch step runs."""
+    import torch
+
+    if cpu or not _torch_on_gpu():
+        arrays = SimpleNamespace(**{k: torch.from_numpy(getattr(case, k)) for k in ("R", "B", "A")})
+    else:
+        arrays = case.on("torch")
     return SimpleNamespace(
-        arrays=(gpu.R, gpu.B, gpu.A),
+        arrays=(arrays.R, arrays.B, arrays.A),
         norm_sq=lambda x: torch.linalg.vector_norm(x) ** 2,
         xp=SimpleNamespace(sqrt=torch.sqrt, maximum=lambda x, low: torch.clamp(x, min=low)),
         cast=lambda eta, like: eta)
@@ -229,7 +245,9 @@ COMPARISONS: dict[str, Impl] = {
     "lorakern-cuda": Impl(_lorakern_cuda, needs="cuda"),
     "lorakern-cuda-loop": Impl(_lorakern_cuda_loop, needs="cuda"),
     "cupy": Impl(_plain(_cupy_library), needs="cuda"),
+    # PyTorch's plain step: on the GPU where lorakern and PyTorch see one, else on the CPU
     "torch": Impl(_plain(_torch_library), needs="torch"),
+    "torch-cpu": Impl(_plain(lambda case: _torch_library(case, cpu=True)), needs="torch"),
     # the linear kind (benchmarks/bench_linear.py): exact ||G||_F and Theorem(norm="bound")
     "linear-numpy": Impl(_plain_linear, kind="linear"),
     "linear-lorakern-cpu": Impl(_lorakern_linear("exact"), kind="linear"),
@@ -244,19 +262,16 @@ def unavailable(name: str) -> str | None:
     needs = COMPARISONS[name].needs
     if needs is None:
         return None
+    if needs == "torch":  # on the GPU where there is one, else on the CPU
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            return f'{name} needs PyTorch: pip install ".[torch]" in a clone of lorakern'
+        return None
     from ._dispatch import devices
 
     if "cuda" not in devices():
         return f"{name} needs a CUDA device (lorakern.devices() has no 'cuda')"
-    if needs == "torch":
-        import importlib.util
-
-        if importlib.util.find_spec("torch") is None:
-            return f"{name} needs PyTorch"
-        import torch
-
-        if not torch.cuda.is_available():
-            return f"{name} needs PyTorch with CUDA"
     return None
 
 
@@ -575,6 +590,15 @@ def table(sizes=((4096, 4096),), ranks=(4, 16, 64), dtypes=("float32", "float64"
     ]
     if repeat is not None and repeat < MIN_ROUNDS:
         lines.append(f"Only {repeat} round(s): the spread means little below {MIN_ROUNDS}.")
+    torch_rows = [name for name in impls if COMPARISONS[name].needs == "torch"]
+    if torch_rows:  # where PyTorch ran: its device is not in the name
+        import torch
+
+        where = {name: "cpu" if name == "torch-cpu" or not _torch_on_gpu() else "cuda"
+                 for name in torch_rows}
+        lines.append("PyTorch " + torch.__version__ + ": " + ", ".join(
+            f"{name} on the {'GPU' if dev == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'}"
+            for name, dev in where.items()) + ".")
     skipped = sorted({n for rec in records for n in list(impls) + [peer] if n not in rec["times"]})
     if skipped:
         lines.append("'-': " + ", ".join(f"{s} not timed above {COMPARISONS[s].max_elements:,} elements"

@@ -46,6 +46,17 @@ def _positive(convert, what: str):
 
 
 _positive_int = _positive(int, "a positive integer")
+
+
+def _seed(text: str) -> int:
+    """A seed: a non-negative integer (NumPy's generators take no negative seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
+    return value
 _positive_float = _positive(float, "a positive finite number")
 
 
@@ -82,7 +93,7 @@ def _cmd_demo(args, parser) -> int:
         if why is not None:
             parser.error(f"--plot: {why}")
     if args.step_size is None:
-        args.step_size = "theorem" if args.problem == "digits" else "certified"
+        args.step_size = "certified"
     if args.step_size == "exact" and (args.loss != "squared" or args.problem == "digits"):
         parser.error(f"--step-size exact needs the squared loss of the synthetic problem (then "
                      f"J(V - eta grad J) is a quartic in eta); use --step-size certified, which "
@@ -93,6 +104,13 @@ def _cmd_demo(args, parser) -> int:
         return run_demo(args, parser)
     args.steps = 300 if args.steps is None else args.steps
     args.rank = 8 if args.rank is None else args.rank
+    from .adapters import FIT_COPIES, check_rank_fits
+
+    try:  # a rank whose adapters cannot be allocated fails here, before any work
+        check_rank_fits(args.m, args.n, args.rank, FIT_COPIES * (8 if args.dtype == "float64" else 4),
+                        "the adapters, their gradients and iterates")
+    except ValueError as exc:
+        parser.error(f"--rank: {exc}")
     try:
         # the built-in problems are NumPy arrays: "auto" is the CPU
         device = _dispatch.resolve(args.device).name
@@ -156,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "or Y = sign(W0 + S) for the logistic loss), start LoRA from B = 0, run "
                     "gradient descent with a progress bar, print t, J, eta, ||grad J||^2, ||V||^2 "
                     "at about 10 steps, and check Lemma 2 at every step and Theorem 3's bound. "
-                    "Exit code 1 if an inequality the step size guarantees failed.",
+                    "Exit code 1 if an inequality the step size guarantees failed or the fit "
+                    "diverged (the loss stopped being finite), with the reason on stderr; 2 for "
+                    "a bad option.",
         formatter_class=_Help)
     demo.add_argument("--problem", choices=sorted(PROBLEMS) + ["digits"], default="synthetic",
                       help="synthetic: the planted matrix problem below; digits: fine-tune a "
@@ -172,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive_int, default=None,
                       help="gradient steps T; default 300, 2000 for digits")
     demo.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="data type")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the problem (adapters use seed + 1)")
+    demo.add_argument("--seed", type=_seed, default=0,
+                      help="seed of the problem, a non-negative integer (adapters use seed + 1)")
     demo.add_argument("--loss", choices=sorted(LOSSES), default="squared",
                       help="entrywise loss; logistic fits labels sign(W0 + S)")
     demo.add_argument("--delta", type=_positive_float, default=1.0, help="Huber threshold")
@@ -183,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--step-size", type=_step_size, default=None,
                       metavar="{certified,theorem,exact,armijo,ETA}",
                       help="certified: the fastest step with the paper's guarantees (a line "
-                           "search taking Lemma 2's decrease with eta >= eta_t; the default, "
-                           "'theorem' for digits); theorem: the paper's eta_t; exact: the "
+                           "search taking Lemma 2's decrease with eta >= eta_t; the default); "
+                           "theorem: the paper's eta_t, to reproduce the paper; exact: the "
                            "certified exact line search (squared loss only); Armijo "
                            "backtracking; or a constant ETA")
     demo.add_argument("--plot", metavar="FILE.png", default=None,
@@ -214,18 +235,40 @@ def build_parser() -> argparse.ArgumentParser:
                             "fit in about 2 s, at least 9 and at most 101 (cheap rows get more)")
     bench.add_argument("--impls", nargs="+", default=None, metavar="NAME",
                        help="implementations from lorakern.benchmarking.COMPARISONS "
-                            "(default: lorakern-cpu numpy)")
+                            "(default: lorakern-cpu numpy; torch: PyTorch's step, on the GPU "
+                            "where there is one, else on the CPU; torch-cpu: on the CPU)")
     bench.add_argument("--peer", default=None, metavar="NAME",
                        help="the implementation the ratios are against (default: numpy)")
     bench.set_defaults(run=_cmd_bench, parser=bench)
     return parser
 
 
+def _plain_warnings():
+    """A ``warnings.showwarning`` that prints "lorakern: warning: <message>" on stderr, each
+    message once: a command-line user needs the problem in their options, not the file and
+    line of lorakern (or of site-packages) that noticed it."""
+    import sys
+
+    said = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if text not in said:
+            said.add(text)
+            print(f"lorakern: warning: {text}", file=sys.stderr if file is None else file)
+
+    return show
+
+
 def main(argv=None) -> int:
     """Run the command line with ``argv`` (default sys.argv[1:]); returns the exit code."""
+    import warnings
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        return args.run(args, args.parser)
+        with warnings.catch_warnings():
+            warnings.showwarning = _plain_warnings()
+            return args.run(args, args.parser)
     except SystemExit as exc:  # argparse: --help, --version (0) and usage errors (2)
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2

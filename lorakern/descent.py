@@ -36,7 +36,7 @@ def _start(problem, B, A, device, step_size):
         return engine, policy, engine.asarray(B), engine.asarray(A)
 
 
-def step(problem, B, A, *, device="auto", step_size="theorem") -> StepResult:
+def step(problem, B, A, *, device="auto", step_size="certified") -> StepResult:
     """One step of LoRA gradient descent.
 
     Parameters
@@ -47,9 +47,11 @@ def step(problem, B, A, *, device="auto", step_size="theorem") -> StepResult:
         arrays), read without a copy (the step works on its own copy, as for NumPy arrays).
     device : "cpu", "cuda", "cuda:<i>" (GPU i; "cuda" is "cuda:0"), "reference", "auto"
         (where the arrays live), a ``torch.device`` (by its name), or a Device object.
-    step_size : "theorem" (the paper's eta_t), "certified" (a line search keeping Lemma 2's
-        decrease with eta >= eta_t; "exact" forces its quartic search), "armijo", a positive
-        float, or a policy object.
+    step_size : "certified" (the default: a line search keeping Lemma 2's decrease with
+        eta >= eta_t; "exact" forces its quartic search), "theorem" (the paper's eta_t
+        literally: to reproduce the paper, or for a GPU fit run as one device-side loop),
+        "armijo", a positive float, or a policy object. Until 2026-12 the default was
+        "theorem", whose steps are short: pass it by name to get the old behaviour.
 
     Returns
     -------
@@ -85,14 +87,18 @@ def _check_fit_args(steps, tol, check_every):
     return positive_int("check_every", check_every, allow_none=True)
 
 
-def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
+def fit(problem, B, A, *, steps: int, device="auto", step_size="certified",
         tol: float | None = None, progress: bool = False, check_every: int | None = None,
         state: dict | None = None, callback=None, callback_every: int = 1) -> FitResult:
     """Run ``steps`` steps of LoRA gradient descent from (B, A).
 
     Parameters
     ----------
-    problem, B, A, device, step_size : as for ``step``.
+    problem, B, A, device, step_size : as for ``step``. The default, "certified", is a line
+        search: it needs J at its trial points on the host at every step, so on a GPU it runs
+        the step-by-step loop (one host round trip per step). "theorem" (the paper's eta_t)
+        and a constant eta are the steps a GPU runs as one device-side loop, the whole fit
+        without the host; name one of them for that (``_fit_on_device``).
     steps : the number of steps T (>= 0).
     tol : stop early, before stepping, once grad_sq <= tol at the current iterate.
     progress : show progress on stderr: a bar redrawn in place on a terminal; elsewhere (a
@@ -116,6 +122,9 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
         iterate V_T is the returned result, not a callback. A callback needs the host
         between steps, so a fit with one runs the step-by-step loop, never a device-side
         loop (CUDA's ``run_steps``), and on a GPU waits for the host every k steps.
+        If the callback raises any other exception, the fit stops and the exception
+        propagates with the fit so far attached as ``exc.result``: a FitResult of the steps
+        taken, status "stopped", V_t as its iterate (resume from it as from any result).
     callback_every : k above, a positive integer.
 
     Returns
@@ -161,9 +170,16 @@ def fit(problem, B, A, *, steps: int, device="auto", step_size="theorem",
         callback = _presenting(callback, back if library(B) in RETURNERS else _read_only)
     engine, policy, B, A = _start(problem, B, A, device, step_size)
     state = check_state(state, policy)  # a copy: the caller's dict is never changed
-    with DeferredInterrupt() as stop, engine.scope():  # "cuda:i": GPU i current meanwhile
-        result = _fit(engine, policy, B, A, steps, tol, progress, check_every, stop,
-                      state, callback, callback_every)
+    try:
+        with DeferredInterrupt() as stop, engine.scope():  # "cuda:i": GPU i current meanwhile
+            result = _fit(engine, policy, B, A, steps, tol, progress, check_every, stop,
+                          state, callback, callback_every)
+    except Exception as exc:  # the callback raised: its exception carries the fit so far
+        so_far = getattr(exc, "result", None)
+        if isinstance(so_far, FitResult) and getattr(exc, "_lorakern_fit", None) is so_far:
+            so_far.B, so_far.A = back(so_far.B), back(so_far.A)
+            del exc._lorakern_fit
+        raise
     result.B, result.A = back(result.B), back(result.A)  # torch in, torch out
     if result.status == "interrupted":
         warnings.warn(f"fit was interrupted (Ctrl-C) after {result.steps} of {steps} steps and "
@@ -211,7 +227,7 @@ def _fit(engine, policy, B, A, steps, tol, progress, check_every, stop, state, c
     status, t0 = "completed", time.perf_counter()
     # V_{t-1} while J(V_t) is checked; kept on the device so no step waits for the host
     B_kept, A_kept, finite = B, A, xp.asarray(True)
-    last = None
+    last = raised = None
     for t in range(steps):
         if stop.requested:  # Ctrl-C: V_t, the last completed iterate, is the answer
             status = "interrupted"
@@ -232,7 +248,12 @@ def _fit(engine, policy, B, A, steps, tol, progress, check_every, stop, state, c
             if not bool(finite):
                 status = "diverged"
                 break
-            if _call_back(callback, t, B, A, p, rows["eta"][-1], t0):
+            try:
+                stop_here = _call_back(callback, t, B, A, p, rows["eta"][-1], t0)
+            except Exception as exc:  # propagated below, with the steps taken attached
+                status, last, raised = "stopped", p, exc
+                break
+            if stop_here:
                 status, last = "stopped", p
                 break
         eta, trials = policy.choose(engine, B, A, p, state)
@@ -265,9 +286,18 @@ def _fit(engine, policy, B, A, steps, tol, progress, check_every, stop, state, c
             _warn_diverged(steps_taken, stacklevel=4)
     if bar:
         bar.close(steps_taken, final_loss, status)
-    return FitResult(B=B, A=A, final_loss=final_loss, steps=steps_taken, history=history,
-                     status=status, seconds=time.perf_counter() - t0, step_size=policy,
-                     state=state, W0=getattr(problem, "W0", None))
+    result = FitResult(B=B, A=A, final_loss=final_loss, steps=steps_taken, history=history,
+                       status=status, seconds=time.perf_counter() - t0, step_size=policy,
+                       state=state, W0=getattr(problem, "W0", None))
+    if raised is not None:
+        # the callback's exception, with the fit so far: ``exc.result`` (fit() hands its B and
+        # A back as the caller's kind of array; the marker tells it the result is this fit's)
+        try:
+            raised.result = raised._lorakern_fit = result
+        except AttributeError:  # an exception type that takes no attributes: as it is
+            pass
+        raise raised
+    return result
 
 
 def _call_back(callback, t, B, A, p, eta, t0) -> bool:

@@ -3,6 +3,10 @@
 ``PassResult`` is what every kernel's ``fused_pass`` hands back. Its scalars live where the
 device keeps them: Python floats on a host device, 0-d float64 device arrays on a GPU (so a
 step never waits for the host); ``Device.to_host`` brings them back when the driver looks.
+
+Equality is identity: ``==`` on a StepResult, History, FitResult or FitProgress is ``is``
+(they hold arrays, whose ``==`` is elementwise; compare fields with ``np.array_equal`` to
+compare by value). Their reprs are one line and never print an array's entries.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 
-@dataclass
+@dataclass(eq=False)
 class PassResult:
     """Gradients and norms at V_t = (B_t, A_t), from one fused pass over the data."""
 
@@ -31,7 +35,7 @@ def describe_array(x) -> str:
     return f"{type(x).__name__}({shape or 'scalar'}, {getattr(x, 'dtype', '?')})"
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class StepResult:
     """One step from V_t: the new iterate and the step's numbers, all of the input iterate."""
 
@@ -50,7 +54,7 @@ class StepResult:
                 f"B={describe_array(self.B)}, A={describe_array(self.A)})")
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class History:
     """One entry per step t = 0..T-1, values at V_t (float64 arrays; trials int64)."""
 
@@ -77,8 +81,10 @@ class History:
         eta = (f"eta={self.eta[0]:.4g}" if np.all(self.eta == self.eta[0]) else
                f"eta in [{np.min(self.eta):.4g}, {np.max(self.eta):.4g}]")
         trials = f", {int(np.sum(self.trials))} trials" if np.any(self.trials) else ""
-        return (f"History({len(self)} steps, loss {self.loss[0]:.6g} -> {self.loss[-1]:.6g}, "
-                f"{eta}{trials}, {self.dtype}, lipschitz={self.lipschitz:g})")
+        # the history holds values at V_0 .. V_{T-1}: J(V_T) is the FitResult's final_loss
+        last = len(self) - 1
+        return (f"History({len(self)} steps, loss at V_0..V_{last}: {self.loss[0]:.6g} -> "
+                f"{self.loss[-1]:.6g}, {eta}{trials}, {self.dtype}, lipschitz={self.lipschitz:g})")
 
 
 #: the per-step columns of a History
@@ -98,7 +104,7 @@ def history_from_columns(table, *, dtype, lipschitz) -> History:
                    dtype=np.dtype(dtype), lipschitz=lipschitz)
 
 
-@dataclass
+@dataclass(eq=False)
 class DeviceRun:
     """What a device-side loop (``Kernels.run_steps``) returns."""
 
@@ -110,7 +116,7 @@ class DeviceRun:
     A_prev: object = None          # returns if J(V_T) itself is not finite
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class FitProgress:
     """What fit's ``callback`` receives at V_t, between steps t - 1 and t."""
 
@@ -128,7 +134,7 @@ class FitProgress:
                 f"A={describe_array(self.A)})")
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class FitResult:
     """The iterate V_T after ``steps`` steps, J(V_T), the history, and why the loop ended.
 
@@ -188,6 +194,6 @@ class FitResult:
 
     def __repr__(self):
         return (f"FitResult(status={self.status!r}, steps={self.steps}, "
-                f"final_loss={self.final_loss:.6g}, B={describe_array(self.B)}, "
+                f"final_loss={self.final_loss:.6g} at V_{self.steps}, B={describe_array(self.B)}, "
                 f"A={describe_array(self.A)}, seconds={self.seconds:.3g}, "
                 f"step_size={self.step_size!r})")

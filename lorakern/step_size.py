@@ -313,20 +313,41 @@ class Certified:
         a2, a3, a4 = (float(a) for a in engine.line_quartic(B, A, p.grad_B, p.grad_A))
         eta = exact_step(float(p.loss), float(p.grad_sq), a2, a3, a4, eta_theorem,
                          max(self.cap, eta_theorem))
+        # kept as the backtracking keeps it: the exact search does not read it, but a fit
+        # resumed where the search backtracks (a mask, another device) starts at twice it
+        state["eta"] = eta
         return engine.xp.asarray(eta), 1
 
     def device_loop(self, problem):
         self.exact_for(problem)  # a loss the exact search cannot take fails before the fit
         return None
 
-    def describe(self, problem) -> str:
+    def describe(self, problem, device=None) -> str:
+        """One line on the search this policy runs on ``problem`` (on ``device``, a name or a
+        Device, when given: a device without the quartic pass, CUDA, backtracks)."""
         search = self.search
-        if search == "auto":  # what the loss allows (a device without the pass backtracks)
-            search = "exact" if self.exact_for(problem) else "backtrack"
+        if search == "auto":  # what the loss and the device allow
+            on = None
+            if device is not None:
+                from types import SimpleNamespace
+
+                from . import _dispatch
+
+                dev = _dispatch.device(device) if isinstance(device, str) else device
+                has = getattr(_dispatch.kernels(problem.kind, dev), "line_quartic", None) is not None
+                on = SimpleNamespace(has_line_quartic=has, device=dev)
+            search = "exact" if self.exact_for(problem, on) else "backtrack"
         how = {"exact": "exact line search on the quartic J(V - eta grad J)",
                "backtrack": "backtracking (halving) line search"}[search]
+        dev = device if device is None or not isinstance(device, str) else None
+        if isinstance(device, str):
+            from . import _dispatch
+
+            dev = _dispatch.device(device)
+        host = ("" if dev is None or getattr(dev, "host_scalars", True) else
+                "; step by step from the host (the device-side loop runs 'theorem' or a constant)")
         return (f"certified: {how}, eta in [eta_t, {self.cap:g}] with J(V_t+1) <= J(V_t) - "
-                f"eta/5 ||grad J||^2 (Lemma 2's decrease, eta >= the theorem's eta_t)")
+                f"eta/5 ||grad J||^2 (Lemma 2's decrease, eta >= the theorem's eta_t){host}")
 
 
 def exact_step(loss, grad_sq, a2, a3, a4, lo, hi, c=LEMMA2_DECREASE) -> float:

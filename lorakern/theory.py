@@ -34,9 +34,14 @@ RTOL = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-12}
 NOTHING_TO_CHECK = "nothing to check: the run took 0 steps (no inequality has a step to test)"
 
 
-@dataclass
+@dataclass(eq=False)
 class Report:
-    """What held: per-step Lemma 2 (``lemma2`` is a bool per step), Theorem 3's bound."""
+    """What held: per-step Lemma 2 (``lemma2`` is a bool per step), Theorem 3's bound.
+
+    ``print(report)`` prints ``summary()``; the repr is one line. For a policy that declares
+    no decrease (a constant eta) ``guaranteed`` is False: the inequalities are checked with
+    Lemma 2's c = 1/5 for reference, and ``all_hold`` says whether they happened to hold.
+    """
 
     lemma2: np.ndarray          # bool per step: J(V_{t+1}) <= J(V_t) - c eta_t ||grad J||^2
     lemma2_slack: np.ndarray    # J(V_t) - c eta_t ||grad J||^2 - J(V_{t+1}): >= -tol if held
@@ -54,6 +59,19 @@ class Report:
     #: whether the paper's v_growth bound is guaranteed (eta <= eta_t); all_hold ignores
     #: v_growth where it is not
     growth_guaranteed: bool = True
+    #: whether the run's policy guarantees the inequalities (False: checked for reference)
+    guaranteed: bool = True
+    #: the policy's short name, for the summary of a run without a guarantee
+    policy: str = ""
+
+    def __str__(self):
+        return self.summary()
+
+    def __repr__(self):
+        steps = len(self.lemma2)
+        return (f"Report(all_hold={self.all_hold}, {steps} steps, Lemma 2 held at "
+                f"{int(np.sum(self.lemma2))}/{steps}, theorem3={self.theorem3}"
+                + ("" if self.guaranteed else ", no guarantee: checked for reference") + ")")
 
     @property
     def all_hold(self) -> bool:
@@ -74,7 +92,10 @@ class Report:
         floor = "" if self.eta_floor is None else (
             "; eta >= eta_t at every step" if self.eta_floor.all() else
             f"; eta < eta_t at {int((~self.eta_floor).sum())} step(s), FAILED")
-        return (f"{lemma} ({len(self.lemma2)} steps); Theorem 3 {verdict}: "
+        head = "" if self.guaranteed else (
+            f"no guarantee for a {self.policy or 'policy without a declared decrease'} step; "
+            f"checked for reference with Lemma 2's c = 1/5: ")
+        return (f"{head}{lemma} ({len(self.lemma2)} steps); Theorem 3 {verdict}: "
                 f"min ||grad J||^2 = {self.theorem3_lhs:.4g} <= {self.theorem3_bound:.4g}; "
                 f"||V_t||^2 growth bound {growth}; ||V_t|| growth bound "
                 f"{'held' if self.norm_growth else 'FAILED'}{floor}")
@@ -97,12 +118,16 @@ def check(result, *, l_star: float = 0.0, decrease: float | None = None,
 
     Returns
     -------
-    Report. For a policy with ``eta_floor`` (Theorem, Armijo, Certified) ``eta_floor``
+    Report (``print(report)`` prints its summary). For a policy that declares no decrease
+    (a constant eta) ``report.guaranteed`` is False and the summary says so: the
+    inequalities are then checked with c = 1/5 for reference, as ``lorakern demo`` does.
+    For a policy with ``eta_floor`` (Theorem, Armijo, Certified) ``eta_floor``
     says per step whether eta >= eta_t (eq. 8 with that constant, recomputed from the
     history); the paper's ||V_t||^2 growth bound counts in ``all_hold`` only for a policy
     with ``constant`` (its eta never exceeds eta_t).
     """
     policy = getattr(result, "step_size", None)
+    guaranteed = policy is None or getattr(policy, "decrease", None) is not None
     if decrease is None:
         decrease = getattr(policy, "decrease", None) or LEMMA2_DECREASE
     if constant is None:
@@ -111,12 +136,15 @@ def check(result, *, l_star: float = 0.0, decrease: float | None = None,
         raise ValueError(f"decrease must be positive and finite, got {decrease}")
     h = result.history
     loss_next = np.append(h.loss[1:], result.final_loss)
-    return check_arrays(h.loss, loss_next, h.eta, h.grad_sq, h.v_sq, l_star=l_star,
-                        decrease=decrease, constant=constant, lipschitz=h.lipschitz,
-                        rtol=RTOL[np.dtype(h.dtype)] if rtol is None else rtol,
-                        g_norm=h.g_norm, eta_floor=getattr(policy, "eta_floor", None),
-                        growth_guaranteed=policy is None or
-                        getattr(policy, "constant", None) is not None)
+    report = check_arrays(h.loss, loss_next, h.eta, h.grad_sq, h.v_sq, l_star=l_star,
+                          decrease=decrease, constant=constant, lipschitz=h.lipschitz,
+                          rtol=RTOL[np.dtype(h.dtype)] if rtol is None else rtol,
+                          g_norm=h.g_norm, eta_floor=getattr(policy, "eta_floor", None),
+                          growth_guaranteed=policy is None or
+                          getattr(policy, "constant", None) is not None)
+    report.guaranteed = guaranteed
+    report.policy = "" if policy is None else policy_name(policy)
+    return report
 
 
 #: eta >= eta_t is checked up to this relative slack: eta_t recomputed from the history may
@@ -213,7 +241,9 @@ def verdict(result) -> tuple[list[str], bool]:
             f"yes, at all {steps} steps (up to {h.dtype} rounding)" if mono
             else f"NO, it first rose at t = {first}"))
         lines.append(f"          for reference, Lemma 2's inequality (c = 1/5) held at "
-                     f"{int(ref.lemma2.sum())}/{steps} steps")
+                     f"{int(ref.lemma2.sum())}/{steps} steps, Theorem 3's bound "
+                     + ("held" if ref.theorem3 else "did not hold")
+                     + f" (theory.check(result).all_hold: {ref.all_hold})")
         if result.status == "diverged":
             lines.append(f"          the loss stopped being finite after step {result.steps}")
         return lines, True

@@ -28,9 +28,10 @@ LOSS_NAMES = ("squared", "huber", "logistic")
 #: is found: the generic tests run the CUDA launcher and kernels through it without a GPU
 EMULATED = emulation.device() if emulation.available() else None
 
-#: the devices the generic tests run on: those this machine has ('cpu', and 'cuda' where a GPU
-#: works), and the emulated CUDA device
-DEVICES = lorakern.devices() + ((EMULATED,) if EMULATED is not None else ())
+#: the devices the generic tests run on: the kernels this machine has ('cpu', and 'cuda' where
+#: a GPU works; not 'reference', the truth they are compared with), and the emulated CUDA device
+DEVICES = (tuple(d for d in lorakern.devices() if d != "reference")
+           + ((EMULATED,) if EMULATED is not None else ()))
 
 #: the largest problem (m * n) a device runs in the tests: the emulation runs a block's 256
 #: threads one after another and switches all of them at every __syncthreads (~0.3 ms), so it

@@ -80,10 +80,26 @@ def test_gpu_entries_say_why_they_cannot_run():
 
     if "cuda" in lorakern.devices():
         pytest.skip("this machine has a CUDA device")
-    for name in ("lorakern-cuda", "lorakern-cuda-loop", "cupy", "torch"):
+    for name in ("lorakern-cuda", "lorakern-cuda-loop", "cupy"):
         assert "needs a CUDA device" in unavailable(name)
     with pytest.raises(ValueError, match="cupy needs a CUDA device"):
         benchmarking.table(sizes=((8, 8),), ranks=(1,), dtypes=("float32",), impls=("cupy",))
+
+
+@pytest.mark.parametrize("name", ["torch", "torch-cpu"])
+def test_torch_runs_on_the_cpu_without_a_gpu(name):
+    """`lorakern bench --impls torch` on a CPU-only machine compares with PyTorch on the CPU:
+    the plain step in torch, checked against the reference like every entry."""
+    torch = pytest.importorskip("torch")
+    import lorakern
+
+    assert unavailable(name) is None
+    for dtype in ("float32", "float64"):
+        case = Case(40, 31, 3, dtype, seed=5)
+        out = COMPARISONS[name](case)()
+        if name == "torch-cpu" or "cuda" not in lorakern.devices() or not torch.cuda.is_available():
+            assert out[0].device.type == "cpu"
+        check(name, case, out)
 
 
 def test_case_is_make_case():

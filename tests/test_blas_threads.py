@@ -83,7 +83,7 @@ for enabled in (True, False):
     Bt, At, products = B, A, []
     for _ in range(3):
         products.append((a @ b).tobytes())
-        result = lorakern.fit(problem, Bt, At, steps=1, device="cpu")
+        result = lorakern.fit(problem, Bt, At, steps=1, device="cpu", step_size="theorem")
         Bt, At = result.B, result.A
     runs.append((Bt.tobytes(), At.tobytes(), products))
 out["fit_quieted"] = calls[:3]

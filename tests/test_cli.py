@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import types
@@ -174,15 +175,37 @@ def test_demo_constant(capsys):
     assert_demo_output(out)
     assert "constant eta = 0.001" in out and "a constant step has none" in out
     assert "loss decreased monotonically: yes, at all 20 steps" in out
-    assert "no guarantee to check (constant step)" in out
+    # the words of theory.check(result).summary() for the same run: no guarantee, and the
+    # inequalities checked for reference (here they held)
+    assert "verdict   no guarantee for the constant step; checked for reference, every inequality held" in out
+
+
+def test_constant_step_cli_and_theory_check_agree():
+    """A stable constant step: theory.check says all_hold, and says (as the CLI does) that a
+    constant step has no guarantee and the inequalities were checked for reference."""
+    import lorakern
+
+    args = demo_args(1e-3)
+    lines = []
+    assert demo.run(args, "reference", out=lambda *a, **k: lines.append(" ".join(map(str, a)))) == 0
+    problem = demo.synthetic_problem(40, 30, 3).problem
+    B, A = demo.synthetic_problem(40, 30, 3).B, demo.synthetic_problem(40, 30, 3).A
+    report = theory.check(lorakern.fit(problem, B, A, steps=20, device="reference", step_size=1e-3))
+    assert report.all_hold and not report.guaranteed
+    assert str(report).startswith("no guarantee for a constant step; checked for reference")
+    assert "no guarantee for the constant step; checked for reference, every inequality held" in lines[-1]
 
 
 @pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
-def test_demo_constant_that_diverges_is_reported_not_failed(capsys):
-    with pytest.warns(RuntimeWarning, match="stopped being finite"):
-        code, out, err = run_main(capsys, "demo", *SMALL, "--device", "reference", "--step-size", "1e3")
-    assert code == 0, out + err
+def test_demo_constant_that_diverges_exits_1_with_the_reason(capsys):
+    """A constant step that diverges: the fit's warning printed plainly (no file path), the
+    verdict and a one-line reason on stderr, exit code 1."""
+    code, out, err = run_main(capsys, "demo", *SMALL, "--device", "reference", "--step-size", "1e3")
+    assert code == 1, out + err
     assert "loss decreased monotonically: NO" in out and "stopped being finite" in out
+    assert "verdict   the fit diverged: the loss stopped being finite after step" in out
+    assert "lorakern: warning: the loss stopped being finite" in err and ".py:" not in err
+    assert err.strip().splitlines()[-1].startswith("lorakern demo: the fit diverged: ")
 
 
 @pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
@@ -191,11 +214,11 @@ def test_demo_exits_1_when_a_guarantee_fails(capsys, monkeypatch):
     from lorakern import step_size
 
     monkeypatch.setattr(step_size, "THEOREM", step_size.Theorem(constant=5e-3))
-    with pytest.warns(RuntimeWarning):  # it also diverges
-        code, out, err = run_main(capsys, "demo", *SMALL, "--device", "reference",
-                                  "--step-size", "theorem")
+    code, out, err = run_main(capsys, "demo", *SMALL, "--device", "reference",
+                              "--step-size", "theorem")
     assert code == 1, out + err
     assert "FAILED" in out and "verdict   a guaranteed inequality FAILED" in out
+    assert "stopped being finite" in err  # it also diverges
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -207,11 +230,51 @@ def test_demo_exits_1_when_a_guarantee_fails(capsys, monkeypatch):
     (["--loss", "hinge"], "--loss: invalid choice"),
     (["--step-size", "exact", "--loss", "huber"], "--step-size exact needs the squared loss"),
     (["--device", "tpu"], "--device: invalid choice"),
+    (["--seed", "-1"], "--seed: expected a non-negative integer, got -1"),
+    (["--seed", "1.5"], "--seed: expected a non-negative integer"),
+    (["--m", "-5"], "--m: expected a positive integer, got -5"),
+    (["--n", "0"], "--n: expected a positive integer, got 0"),
+    (["--steps", "-3"], "--steps: expected a positive integer"),
+    (["--delta", "-1"], "--delta: expected a positive finite number"),
+    (["--rank", "100000"], "--rank: rank 100000 is more than 64x min(m, n) = 384"),
+    (["--problem", "digits", "--rank", "100000"], "--rank: rank 100000 is more than 64x"),
+    (["--m", "1000000000", "--n", "1000000000", "--rank", "100000"], "--rank: rank 100000 does not fit in memory"),
 ])
 def test_demo_bad_arguments_exit_2(capsys, argv, message):
+    """argparse's two lines (usage, then the error naming the option), no traceback."""
+    if "digits" in argv:
+        pytest.importorskip("sklearn")
     code, out, err = run_main(capsys, "demo", *argv)
     assert code == 2
     assert message in err and err.strip().splitlines()[-1].startswith("lorakern demo: error:")
+    assert "Traceback" not in err
+
+
+@pytest.mark.filterwarnings("default::lorakern.InputWarning")
+def test_rank_above_min_warns_once_about_the_users_problem(capsys):
+    """--rank past min(m, n): one plain warning about the user's problem (not the warm-up's
+    tiny one, no file path), a header saying J* = 0 plainly, and the gap read as a value."""
+    code, out, err = run_main(capsys, "demo", "--m", "40", "--n", "30", "--rank", "50",
+                              "--steps", "5")
+    assert code == 0, out + err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert warnings == ["lorakern: warning: rank 50 is above min(m, n) = 30 (W0 is 40x30): BA can "
+                        "have rank at most 30, so the adapters are rank-deficient by construction; "
+                        "rank 30 fits the same weights for less"], err
+    assert "J* = 0 (rank 50 >= min(m, n) = 30: BA can equal Y - W0 exactly" in out
+    assert "noise keeps it above 0" not in out
+    assert re.search(r"optimum   J\* = 0 at rank 50: J\(V_T\) is [\d.e+]+ above it", out), out
+
+
+def test_gap_words_read_right():
+    assert demo.gap_words(100.5, 100.0) == "J(V_T) is 0.5 % above it (within 1 %)"
+    assert demo.gap_words(150.0, 100.0) == "J(V_T) is 50 % above it"
+    assert demo.gap_words(4390.0, 100.0) == "J(V_T) is 43.9x it"
+    # a float32 J a few ulps below the float64 J*: rounding, not a negative gap
+    below = demo.gap_words(100.0 * (1 - 3e-9), 100.0)
+    assert below == "J(V_T) is at it to rounding, |J(V_T) - J*| / J* = 3.0e-09 (within 1 %)"
+    assert " % above" not in below
+    assert demo.gap_words(2.5, 0.0) == "J(V_T) is 2.5 above it"
 
 
 def test_help(capsys):
@@ -340,7 +403,7 @@ def demo_args(step_size, **extra):
                 "(not guaranteed for halved)"], "every guaranteed inequality held"),
     (Tiny(), ["step size tiny (Tiny: no descent guarantee; runs a host loop)",
               "a tiny step has none", "loss decreased monotonically: yes"],
-     "no guarantee to check (tiny step)"),
+     "no guarantee for the tiny step; checked for reference, every inequality held"),
 ])
 def test_demo_with_a_user_defined_policy(capsys, tmp_path, policy, says, verdict):
     lines = []
@@ -443,3 +506,31 @@ def test_bench_real_table(capsys):
     assert "Only 1 round(s)" in out
     code, out, err = run_main(capsys, "bench", "--m", "64", "--impls", "nope", "--repeat", "1")
     assert code == 2 and "unknown implementation" in err
+
+
+def test_bench_compares_with_torch_on_the_cpu(capsys):
+    """`bench --impls torch` without a GPU times PyTorch's step on the CPU (not an error)."""
+    torch = pytest.importorskip("torch")
+    import lorakern
+
+    code, out, err = run_main(capsys, "bench", "--m", "64", "--ranks", "2", "--dtypes", "float32",
+                              "--impls", "lorakern-cpu", "torch", "--repeat", "1")
+    assert code == 0, err
+    assert "numpy / torch" in out and "| 64 | 64 | 2 | float32 |" in out
+    if "cuda" not in lorakern.devices() or not torch.cuda.is_available():
+        assert f"PyTorch {torch.__version__}: torch on the CPU (" in out
+
+
+def test_the_certified_step_says_what_it_runs_on_the_device():
+    """On a device without the quartic pass (CUDA; here its host emulation) the demo's line
+    says the certified step backtracks, step by step from the host: never silently another."""
+    import lorakern
+    from lorakern._cuda import emulation
+
+    problem = demo.synthetic_problem(40, 30, 3).problem
+    on_cpu = demo.describe_policy(lorakern.Certified(), problem, "cpu")
+    assert "exact line search" in on_cpu and "from the host" not in on_cpu
+    if not emulation.available():
+        pytest.skip("no g++ for the CUDA host emulation")
+    on_cuda = demo.describe_policy(lorakern.Certified(), problem, emulation.device())
+    assert "backtracking (halving) line search" in on_cuda and "step by step from the host" in on_cuda

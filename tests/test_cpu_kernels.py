@@ -165,11 +165,11 @@ rng = np.random.default_rng(0)
 W0, Y = rng.standard_normal((40, 30)), rng.standard_normal((40, 30))
 B, A = lorakern.init_adapters(40, 30, rank=4, dtype=np.float64, seed=1, init="gaussian")
 problem = lorakern.Problem(W0, Y)
-lorakern.step(problem, B, A, device="cpu")
+lorakern.step(problem, B, A, device="cpu", step_size="theorem")
 seconds = time.perf_counter() - t0
 X, Yl = rng.standard_normal((50, 30)), rng.standard_normal((50, 40))
 linear = lorakern.LinearProblem(X, Yl, W0, loss="huber")
-lorakern.step(linear, B, A, device="cpu")
+lorakern.step(linear, B, A, device="cpu", step_size="theorem")
 from lorakern._cpu import linear_kernels
 fused = kernels.fused_kernel(problem.loss, False, False, kernels.SIMD)
 sweep = linear_kernels.sweep_kernel(linear.loss)
@@ -212,7 +212,7 @@ def test_blas_threads_untouched():
 
     problem, B, A = make_case((67, 131, 9), np.float32, seed=33)
     before = pools()
-    lorakern.step(problem, B, A, device="cpu")
+    lorakern.step(problem, B, A, device="cpu", step_size="theorem")
     lorakern.fit(problem, B, A, steps=2, device="cpu", step_size="armijo")
     assert pools() == before
 

@@ -206,8 +206,8 @@ def test_fit_matches_cpu_step_for_step(cuda, monkeypatch, dtype, loss):
     small_blocks(monkeypatch, rows=2, cols=1)
     shape, steps = ((37, 45, 3), 6) if cuda.emulated else ((257, 263, 17), 40)
     problem, B, A = make_problem(*shape, dtype, loss=loss, masked=loss == "logistic")
-    got = lorakern.fit(problem, B, A, steps=steps, device=cuda.device)
-    want = lorakern.fit(problem, B, A, steps=steps, device="cpu")
+    got = lorakern.fit(problem, B, A, steps=steps, device=cuda.device, step_size="theorem")
+    want = lorakern.fit(problem, B, A, steps=steps, device="cpu", step_size="theorem")
     assert got.steps == want.steps == steps
     factor = FIT_FACTOR[np.dtype(dtype)]
     for name in ("loss", "eta", "grad_sq", "v_sq", "g_norm"):
@@ -360,7 +360,7 @@ def test_cupy_inputs_stay_and_numpy_inputs_copy_once():
     assert data.x.data.ptr == on_gpu.R.data.ptr  # no copy
     first = problem.data(device, cuda_kernels)
     assert isinstance(first.x, cupy.ndarray) and problem.data(device, cuda_kernels) is first
-    result = lorakern.step(on_gpu, cupy.asarray(B), cupy.asarray(A))  # device="auto" picks cuda
+    result = lorakern.step(on_gpu, cupy.asarray(B), cupy.asarray(A), step_size="theorem")  # device="auto" picks cuda
     assert isinstance(result.B, cupy.ndarray)
 
 
@@ -423,7 +423,7 @@ def test_importing_the_backend_does_not_import_cupy():
             "assert 'cupy' not in sys.modules, 'cupy imported'\n"
             "if emu.available():\n"
             "    p = lorakern.Problem(np.ones((3, 4)), np.zeros((3, 4)))\n"
-            "    lorakern.step(p, np.ones((3, 1)), np.ones((1, 4)), device=emu.device())\n"
+            "    lorakern.step(p, np.ones((3, 1)), np.ones((1, 4)), device=emu.device(), step_size='theorem')\n"
             "    assert 'cupy' not in sys.modules, 'the emulated device imported cupy'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
                           env={**os.environ, "PYTHONPATH": root}, timeout=300)
@@ -433,6 +433,29 @@ def test_importing_the_backend_does_not_import_cupy():
 @pytest.mark.skipif(CUDA, reason="checks the error on a machine without a usable GPU")
 def test_cuda_device_unavailable_here():
     with pytest.raises(lorakern.DeviceUnavailableError):
-        lorakern.step(*make_problem(4, 4, 1, np.float32), device="cuda")
+        lorakern.step(*make_problem(4, 4, 1, np.float32), device="cuda", step_size="theorem")
     assert "cuda" not in lorakern.devices()
     assert "cuda-emulated" not in lorakern.devices()  # a test device, never offered to users
+
+
+def test_default_certified_fit_runs_the_host_loop(cuda, monkeypatch):
+    """The default step, "certified", is a line search: on CUDA fit runs the step-by-step loop
+    (never run_steps, and never another step in its place), backtracking (CUDA has no quartic
+    pass), and takes the reference's backtracking etas; naming "theorem" runs the device loop."""
+    small_blocks(monkeypatch, rows=1, cols=2)
+    problem, B, A = make_problem(37, 45, 3, np.float64)
+    calls = []
+    real = cuda_kernels.run_steps
+    monkeypatch.setattr(cuda_kernels, "run_steps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = lorakern.fit(problem, B, A, steps=5, device=cuda.device)
+    assert not calls and isinstance(got.step_size, lorakern.Certified)
+    assert got.status == "completed" and got.steps == 5 and got.history.trials.sum() > 0
+    want = lorakern.fit(problem, B, A, steps=5, device="reference",
+                        step_size=lorakern.Certified(search="backtrack"))
+    np.testing.assert_allclose(got.history.eta, want.history.eta, rtol=1e-12)
+    np.testing.assert_allclose(got.history.loss, want.history.loss, rtol=1e-12)
+    assert lorakern.theory.check(got).all_hold
+    with pytest.raises(ValueError, match="no quartic pass"):  # said, not silently swapped
+        lorakern.fit(problem, B, A, steps=1, device=cuda.device, step_size="exact")
+    lorakern.fit(problem, B, A, steps=2, device=cuda.device, step_size="theorem")
+    assert calls  # the theorem's step: one device-side loop

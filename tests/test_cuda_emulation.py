@@ -435,7 +435,7 @@ def test_emulated_device_is_for_tests_only():
     assert "cuda-emulated" not in lorakern.devices()
     assert "cuda-emulated" not in lorakern._dispatch.DEVICES
     with pytest.raises(ValueError, match="unknown device 'cuda-emulated'"):
-        lorakern.step(*make_case((3, 4, 1), np.float64), device="cuda-emulated")
+        lorakern.step(*make_case((3, 4, 1), np.float64), device="cuda-emulated", step_size="theorem")
     assert isinstance(device, lorakern._dispatch.Device)
 
 

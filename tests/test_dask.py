@@ -87,12 +87,12 @@ def _assert_fits_close(got, want, dtype, factor=DRIFT):
 def test_fit_matches_one_machine(client, loss, masked):
     sharded, local, B, A = _pair(loss=loss, masked=masked, seed=3)
     assert len(sharded.shards) == len(ROW_CHUNKS)
-    got = lorakern.fit(sharded, B, A, steps=STEPS, device="cpu")
-    want = lorakern.fit(local, B, A, steps=STEPS, device="cpu")
+    got = lorakern.fit(sharded, B, A, steps=STEPS, device="cpu", step_size="theorem")
+    want = lorakern.fit(local, B, A, steps=STEPS, device="cpu", step_size="theorem")
     _assert_fits_close(got, want, np.float32)
     assert lorakern.theory.check(got).all_hold
     # the same shard layout gives the same bits, run after run
-    again = lorakern.fit(sharded, B, A, steps=STEPS, device="cpu")
+    again = lorakern.fit(sharded, B, A, steps=STEPS, device="cpu", step_size="theorem")
     assert_bitwise(again.B, got.B, "B")
     assert_bitwise(again.A, got.A, "A")
     assert_bitwise(again.history.loss, got.history.loss, "history.loss")
@@ -106,9 +106,9 @@ def test_many_shards_merge_in_a_tree(client):
     chunks = (3,) * 12 + (1,)  # 13 shards > FAN_IN = 8
     assert len(chunks) > matrix.FAN_IN
     sharded, local, B, A = _pair(seed=12, chunks=chunks)
-    got = lorakern.fit(sharded, B, A, steps=STEPS, device="cpu")
-    _assert_fits_close(got, lorakern.fit(local, B, A, steps=STEPS, device="cpu"), np.float32)
-    again = lorakern.fit(sharded, B, A, steps=STEPS, device="cpu")
+    got = lorakern.fit(sharded, B, A, steps=STEPS, device="cpu", step_size="theorem")
+    _assert_fits_close(got, lorakern.fit(local, B, A, steps=STEPS, device="cpu", step_size="theorem"), np.float32)
+    again = lorakern.fit(sharded, B, A, steps=STEPS, device="cpu", step_size="theorem")
     assert_bitwise(again.B, got.B, "B")
     assert_bitwise(again.A, got.A, "A")
 
@@ -116,8 +116,8 @@ def test_many_shards_merge_in_a_tree(client):
 def test_wraps_any_device(client):
     """device="reference" on a dask problem: the NumPy reference's pass on every shard."""
     sharded, local, B, A = _pair(seed=13, dtype=np.float64, loss="huber", masked=True)
-    got = lorakern.fit(sharded, B, A, steps=4, device="reference")
-    _assert_fits_close(got, lorakern.fit(local, B, A, steps=4, device="reference"), np.float64)
+    got = lorakern.fit(sharded, B, A, steps=4, device="reference", step_size="theorem")
+    _assert_fits_close(got, lorakern.fit(local, B, A, steps=4, device="reference", step_size="theorem"), np.float64)
 
 
 def test_table_entries_follow_the_protocols(client):
@@ -153,7 +153,7 @@ def test_step_armijo_and_column_chunks(client):
     want = lorakern.fit(lorakern.Problem(W0, Y), B, A, steps=4, device="cpu", step_size="armijo")
     _assert_fits_close(got, want, np.float32)
     assert got.history.trials.sum() > 0  # the line search ran loss-only passes
-    s = lorakern.step(sharded, B, A, device="auto")
+    s = lorakern.step(sharded, B, A, device="auto", step_size="theorem")
     assert isinstance(s.B, np.ndarray) and isinstance(s.loss, float)
 
 
@@ -167,8 +167,8 @@ def test_problem_from_zarr(client, tmp_path):
                                da.from_zarr(str(tmp_path / "y.zarr")))
     assert [hi - lo for lo, hi in sharded.shards.bounds] == [10, 10, 10, M - 30]
     B, A = random_adapters(M, N, R, np.float32, seed=10)
-    got = lorakern.fit(sharded, B, A, steps=STEPS, device="cpu")
-    want = lorakern.fit(lorakern.Problem(W0, Y), B, A, steps=STEPS, device="cpu")
+    got = lorakern.fit(sharded, B, A, steps=STEPS, device="cpu", step_size="theorem")
+    want = lorakern.fit(lorakern.Problem(W0, Y), B, A, steps=STEPS, device="cpu", step_size="theorem")
     _assert_fits_close(got, want, np.float32)
 
 
@@ -186,7 +186,7 @@ def test_no_data_moves_and_graph_does_not_grow(client, monkeypatch, watch_s):
     if watch_s is not None:
         monkeypatch.setattr(dask_matrix, "WATCH_S", watch_s)
     sharded, _, B, A = _pair(seed=6)
-    lorakern.fit(sharded, B, A, steps=1, device="cpu")  # the shards are built and placed
+    lorakern.fit(sharded, B, A, steps=1, device="cpu", step_size="theorem")  # the shards are built and placed
 
     def shard_keys_received(dask_worker):
         return [str(k) for log in dask_worker.transfer_incoming_log for k in log["keys"]
@@ -201,7 +201,7 @@ def test_no_data_moves_and_graph_does_not_grow(client, monkeypatch, watch_s):
     tasks_before = held()
     gc.disable()
     try:
-        lorakern.fit(sharded, B, A, steps=30, device="cpu")
+        lorakern.fit(sharded, B, A, steps=30, device="cpu", step_size="theorem")
         assert client.run(shard_keys_received) == before, "a shard moved between workers"
         # the scheduler forgets released tasks asynchronously (slowly on a busy machine): give
         # it a few seconds to settle before counting
@@ -239,12 +239,12 @@ def test_bad_input(client):
     sharded = lorakern.Problem(_dask(W0), _dask(Y))
     with pytest.raises(ValueError, match="A must have n"):
         lorakern.fit(sharded, np.zeros((M, R), np.float32), np.zeros((R, N + 1), np.float32),
-                     steps=1)
+                     steps=1, step_size="theorem")
     with pytest.raises(ValueError, match="unknown device"):
-        lorakern.fit(sharded, *random_adapters(M, N, R, np.float32), steps=1, device="tpu")
+        lorakern.fit(sharded, *random_adapters(M, N, R, np.float32), steps=1, device="tpu", step_size="theorem")
     if "cuda" not in lorakern.devices():  # the workers (this machine) have no GPU either
         with pytest.raises(lorakern.DeviceUnavailableError, match="can not run device 'cuda'"):
-            lorakern.fit(sharded, *random_adapters(M, N, R, np.float32), steps=1, device="cuda")
+            lorakern.fit(sharded, *random_adapters(M, N, R, np.float32), steps=1, device="cuda", step_size="theorem")
 
 
 @pytest.mark.parametrize("dtype, steps, eta", [
@@ -312,10 +312,10 @@ def test_closed_client_is_a_clear_error(client):
     dev = DaskDevice(other, "cpu")
     other.close()
     with pytest.raises(lorakern.DeviceUnavailableError, match="not connected"):
-        lorakern.fit(sharded, B, A, steps=1, device=dev)
+        lorakern.fit(sharded, B, A, steps=1, device=dev, step_size="theorem")
     with pytest.raises(ValueError, match="another Dask client"):  # shards live on `client`
         with distributed.Client(client.scheduler.address, set_as_default=False) as third:
-            lorakern.fit(sharded, B, A, steps=1, device=DaskDevice(third, "cpu"))
+            lorakern.fit(sharded, B, A, steps=1, device=DaskDevice(third, "cpu"), step_size="theorem")
 
 
 def test_larger_than_one_workers_memory(client):
@@ -330,7 +330,7 @@ def test_larger_than_one_workers_memory(client):
     assert W0.nbytes + Y.nbytes > MEMORY_LIMIT
     sharded = lorakern.Problem(W0, Y)
     B, A = random_adapters(m, n, r, np.float64, seed=11)
-    result = lorakern.fit(sharded, B, A, steps=3, device="cpu")
+    result = lorakern.fit(sharded, B, A, steps=3, device="cpu", step_size="theorem")
     held = client.run_on_scheduler(lambda dask_scheduler: {
         ws.address: sum(ts.nbytes for ts in ws.has_what if "lorakern-shard" in str(ts.key))
         for ws in dask_scheduler.workers.values()})
@@ -379,7 +379,7 @@ def test_worker_killed_mid_fit(client):
     import psutil
 
     sharded, _, B, A = _pair(seed=9)
-    undisturbed = lorakern.fit(sharded, B, A, steps=STEPS, device="cpu")
+    undisturbed = lorakern.fit(sharded, B, A, steps=STEPS, device="cpu", step_size="theorem")
     cluster = client.cluster
     policy = _KillWorkerAt(3, client, cluster, sharded.shards.futures[0])
     got = lorakern.fit(sharded, B, A, steps=STEPS, device="cpu", step_size=policy)

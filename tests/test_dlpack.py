@@ -42,9 +42,9 @@ def test_dlpack_producer_in_numpy_out(dtype):
     """A Problem and adapters given as bare DLPack producers step exactly as NumPy arrays do;
     an unknown library's results come back as NumPy."""
     X, Y, W0, B, A = _linear(dtype, seed=1)
-    want = lorakern.step(lorakern.LinearProblem(X, Y, W0), B, A, device="cpu")
+    want = lorakern.step(lorakern.LinearProblem(X, Y, W0), B, A, device="cpu", step_size="theorem")
     got = lorakern.step(lorakern.LinearProblem(Producer(X), Producer(Y), Producer(W0)),
-                        Producer(B), Producer(A), device="cpu")
+                        Producer(B), Producer(A), device="cpu", step_size="theorem")
     assert isinstance(got.B, np.ndarray)
     assert_bitwise(got.B, want.B, "B")
     assert_bitwise(got.A, want.A, "A")
@@ -113,7 +113,7 @@ def test_parse_device(name, parsed):
 def test_bad_device_names(name, error, words):
     X, Y, W0, B, A = _linear(np.float64)
     with pytest.raises(error, match=words):
-        lorakern.step(lorakern.LinearProblem(X, Y, W0), B, A, device=name)
+        lorakern.step(lorakern.LinearProblem(X, Y, W0), B, A, device=name, step_size="theorem")
 
 
 def test_cuda_index_unavailable_here_is_clear():
@@ -121,9 +121,9 @@ def test_cuda_index_unavailable_here_is_clear():
         pytest.skip("a GPU is available: the error path is checked by the next test")
     X, Y, W0, B, A = _linear(np.float64)
     with pytest.raises(lorakern.DeviceUnavailableError, match=r"device='cuda:1' \(GPU 1\)"):
-        lorakern.step(lorakern.LinearProblem(X, Y, W0), B, A, device="cuda:1")
+        lorakern.step(lorakern.LinearProblem(X, Y, W0), B, A, device="cuda:1", step_size="theorem")
     with pytest.raises(lorakern.DeviceUnavailableError, match=r"device='cuda:0' \(GPU 0\)"):
-        lorakern.step(lorakern.LinearProblem(X, Y, W0), B, A, device="cuda:0")
+        lorakern.step(lorakern.LinearProblem(X, Y, W0), B, A, device="cuda:0", step_size="theorem")
 
 
 def test_cuda_index_past_the_gpus(monkeypatch):
@@ -152,9 +152,9 @@ def test_torch_in_torch_out(dtype):
     before = [t.detach().clone() for t in (tX, tY, tW0, tB, tA)]
     problem_np, problem_t = lorakern.LinearProblem(X, Y, W0), lorakern.LinearProblem(tX, tY, tW0)
     cases = [
-        (lorakern.step(problem_np, B, A, device="cpu"), lorakern.step(problem_t, tB, tA, device="cpu")),
-        (lorakern.fit(problem_np, B, A, steps=3, device="cpu"),
-         lorakern.fit(problem_t, tB, tA, steps=3, device="cpu")),
+        (lorakern.step(problem_np, B, A, device="cpu", step_size="theorem"), lorakern.step(problem_t, tB, tA, device="cpu", step_size="theorem")),
+        (lorakern.fit(problem_np, B, A, steps=3, device="cpu", step_size="theorem"),
+         lorakern.fit(problem_t, tB, tA, steps=3, device="cpu", step_size="theorem")),
         (reference.step(problem_np, B, A), reference.step(problem_t, tB, tA)),
     ]
     for want, got in cases:
@@ -185,9 +185,9 @@ def test_torch_matrix_problem_and_init_adapters():
     for not_an_array in (torch.device("cpu"), torch.float64, 3):  # like= names an array
         with pytest.raises(TypeError, match="like must be None or an array"):
             lorakern.init_adapters(9, 8, 2, dtype=np.float64, like=not_an_array)
-    want = lorakern.step(lorakern.Problem(W0, Y, mask=mask), B, A, device="cpu")
+    want = lorakern.step(lorakern.Problem(W0, Y, mask=mask), B, A, device="cpu", step_size="theorem")
     got = lorakern.step(lorakern.Problem(torch.from_numpy(W0), torch.from_numpy(Y),
-                                         mask=torch.from_numpy(mask)), tB, tA, device="cpu")
+                                         mask=torch.from_numpy(mask)), tB, tA, device="cpu", step_size="theorem")
     assert_bitwise(got.B.numpy(), want.B, "B")
 
 
@@ -230,13 +230,13 @@ def test_torch_device_objects_are_taken_by_name():
     X, Y, W0, B, A = _linear(np.float64, seed=9)
     problem = lorakern.LinearProblem(X, Y, W0)
     tB, tA = torch.from_numpy(B), torch.from_numpy(A)
-    got = lorakern.step(problem, tB, tA, device=tB.device)
-    assert_bitwise(got.B.numpy(), lorakern.step(problem, B, A, device="cpu").B, "B")
+    got = lorakern.step(problem, tB, tA, device=tB.device, step_size="theorem")
+    assert_bitwise(got.B.numpy(), lorakern.step(problem, B, A, device="cpu", step_size="theorem").B, "B")
     with pytest.raises(ValueError, match="unknown device 'meta'"):
-        lorakern.step(problem, tB, tA, device=torch.device("meta"))
+        lorakern.step(problem, tB, tA, device=torch.device("meta"), step_size="theorem")
     if "cuda" not in lorakern.devices():
         with pytest.raises(lorakern.DeviceUnavailableError, match=r"device='cuda:1' \(GPU 1\)"):
-            lorakern.step(problem, tB, tA, device=torch.device("cuda", 1))
+            lorakern.step(problem, tB, tA, device=torch.device("cuda", 1), step_size="theorem")
 
 
 def test_torch_dtype_errors_say_the_torch_conversion():
@@ -249,7 +249,7 @@ def test_torch_dtype_errors_say_the_torch_conversion():
     tB, tA = torch.from_numpy(B).float(), torch.from_numpy(A)
     before = tB.clone()
     with pytest.raises(TypeError, match=r"B has dtype float32 .*B\.to\(torch\.float64\)"):
-        lorakern.fit(problem, tB, tA, steps=2, device="cpu")
+        lorakern.fit(problem, tB, tA, steps=2, device="cpu", step_size="theorem")
     assert torch.equal(tB, before)
     with pytest.raises(TypeError, match=r"A\.to\(torch\.float64\)"):
         lorakern.merge(torch.from_numpy(W0), torch.from_numpy(B), tA.float())
@@ -258,9 +258,9 @@ def test_torch_dtype_errors_say_the_torch_conversion():
     with pytest.raises(TypeError, match=r"Y\.to\(torch\.float64\)"):
         lorakern.Problem(torch.from_numpy(W0), torch.from_numpy(W0).float())
     with pytest.raises(TypeError, match=r"np\.asarray\(B, dtype=np\.float64\)"):
-        lorakern.step(problem, B.tolist(), A, device="cpu")
+        lorakern.step(problem, B.tolist(), A, device="cpu", step_size="theorem")
     with pytest.raises(TypeError, match=r"B\.astype\(np\.float64\)"):  # NumPy: astype
-        lorakern.step(problem, B.astype(np.float32), A, device="cpu")
+        lorakern.step(problem, B.astype(np.float32), A, device="cpu", step_size="theorem")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -269,13 +269,13 @@ def test_torch_cuda_in_cuda_out(dtype):
     if not torch.cuda.is_available() or "cuda" not in lorakern.devices():
         pytest.skip("needs a CUDA GPU visible to both PyTorch and CuPy")
     X, Y, W0, B, A = _linear(dtype, seed=6)
-    want = lorakern.step(lorakern.LinearProblem(X, Y, W0), B, A, device="cpu")
+    want = lorakern.step(lorakern.LinearProblem(X, Y, W0), B, A, device="cpu", step_size="theorem")
     dev = torch.device("cuda:0")
     t = [torch.from_numpy(a).to(dev) for a in (X, Y, W0, B, A)]
-    got = lorakern.step(lorakern.LinearProblem(*t[:3]), t[3], t[4])  # device="auto": cuda:0
+    got = lorakern.step(lorakern.LinearProblem(*t[:3]), t[3], t[4], step_size="theorem")  # device="auto": cuda:0
     assert got.B.device == dev and got.A.device == dev
     assert_close(got.B.cpu().numpy(), want.B, dtype, "B")
-    got = lorakern.step(lorakern.LinearProblem(*t[:3]), t[3], t[4], device="cpu")
+    got = lorakern.step(lorakern.LinearProblem(*t[:3]), t[3], t[4], device="cpu", step_size="theorem")
     assert got.B.device == dev  # results go back to the input's device
 
 
@@ -287,7 +287,7 @@ def test_torch_fit_callback_and_merge():
     seen = []
     result = lorakern.fit(problem, torch.from_numpy(B), torch.from_numpy(A), steps=4,
                           device="cpu", callback=lambda info: seen.append(type(info.B)),
-                          callback_every=2)
+                          callback_every=2, step_size="theorem")
     assert seen and all(kind is torch.Tensor for kind in seen)
     merged = lorakern.merge(torch.from_numpy(W0), result.B, result.A)
     assert isinstance(merged, torch.Tensor)

@@ -61,7 +61,7 @@ def test_lipschitz_below_and_above_one(device, dtype, lipschitz, small_tiles):
     problem, B, A = make_case((37, 101, 5), dtype, seed=4, lipschitz=lipschitz, device=device)
     got, _ = compare_step(problem, B, A, device)
     # eta uses max(L, 1): L = 0.3 gives the L = 1 step, L = 7 a seventh of it (eta < 1 here)
-    one = lorakern.step(lorakern.Problem(problem.R, np.zeros_like(problem.R)), B, A, device=device)
+    one = lorakern.step(lorakern.Problem(problem.R, np.zeros_like(problem.R)), B, A, device=device, step_size="theorem")
     assert one.eta < 1
     assert_close(got.eta, one.eta / max(lipschitz, 1.0), dtype, "eta")
 
@@ -105,8 +105,8 @@ def test_noncontiguous_inputs(device, dtype, small_tiles):
     W0, Y, _ = random_data((37, 101), dtype, seed=8)
     nc = lorakern.Problem(_noncontiguous(W0, True), _noncontiguous(Y, False))
     Bn, An = _noncontiguous(B, False), _noncontiguous(A, True)
-    got = lorakern.step(nc, Bn, An, device=device)
-    want = lorakern.step(lorakern.Problem(W0, Y), B, A, device=device)
+    got = lorakern.step(nc, Bn, An, device=device, step_size="theorem")
+    want = lorakern.step(lorakern.Problem(W0, Y), B, A, device=device, step_size="theorem")
     assert_bitwise(host(got.B), host(want.B), "B")
     assert_bitwise(host(got.A), host(want.A), "A")
     assert (got.eta, got.loss, got.grad_sq, got.v_sq) == (want.eta, want.loss, want.grad_sq, want.v_sq)
@@ -124,7 +124,7 @@ def test_deterministic(device, dtype):
     assert_bitwise(host(runs[0].grad_A), host(runs[1].grad_A), "grad_A")
     for name in ("loss", "g_sq", "grad_sq", "v_sq"):
         assert float(getattr(runs[0], name)) == float(getattr(runs[1], name)), name
-    s1, s2 = (lorakern.step(problem, B, A, device=device) for _ in range(2))
+    s1, s2 = (lorakern.step(problem, B, A, device=device, step_size="theorem") for _ in range(2))
     assert_bitwise(host(s1.B), host(s2.B), "B")
     assert_bitwise(host(s1.A), host(s2.A), "A")
     assert s1.eta == s2.eta
@@ -132,8 +132,8 @@ def test_deterministic(device, dtype):
 
 def test_auto_device_is_cpu_for_numpy():
     problem, B, A = make_case((7, 13, 3), np.float64, seed=10)
-    auto = lorakern.step(problem, B, A, device="auto")
-    cpu = lorakern.step(problem, B, A, device="cpu")
+    auto = lorakern.step(problem, B, A, device="auto", step_size="theorem")
+    cpu = lorakern.step(problem, B, A, device="cpu", step_size="theorem")
     assert type(auto.B) is np.ndarray
     assert_bitwise(auto.B, cpu.B, "B")
     assert_bitwise(auto.A, cpu.A, "A")
@@ -142,7 +142,7 @@ def test_auto_device_is_cpu_for_numpy():
 def test_reference_device_is_reference_step():
     """device='reference' (the generic step on the reference backend) == reference.step."""
     problem, B, A = make_case((7, 13, 3), np.float64, seed=11)
-    got = lorakern.step(problem, B, A, device="reference")
+    got = lorakern.step(problem, B, A, device="reference", step_size="theorem")
     want = reference.step(problem, B, A)
     assert_close(got.eta, want.eta, np.float64, "eta")
     assert_close(got.B, want.B, np.float64, "B")

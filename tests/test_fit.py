@@ -44,7 +44,7 @@ def test_history_is_the_steps(device, dtype, step_size):
     assert_bitwise(host(result.A), host(A_t), "A_T")
     assert host(result.B).dtype == dtype
     # final_loss = J(V_T), by the loss-only pass; the next step's loss is the same number
-    assert_close(result.final_loss, lorakern.step(problem, B_t, A_t, device=device).loss, dtype,
+    assert_close(result.final_loss, lorakern.step(problem, B_t, A_t, device=device, step_size="theorem").loss, dtype,
                  "final_loss", factor="same_kernel")
     assert result.seconds >= 0
 
@@ -53,11 +53,11 @@ def test_history_is_the_steps(device, dtype, step_size):
 def test_history_loss_at_next_iterate(device):
     """history.loss[t + 1] is J at the iterate of a fit that stopped after t + 1 steps."""
     problem, B, A = make_case(SHAPE, np.float64, seed=71, device=device)
-    long = lorakern.fit(problem, B, A, steps=6, device=device)
+    long = lorakern.fit(problem, B, A, steps=6, device=device, step_size="theorem")
     for t in range(5):
-        short = lorakern.fit(problem, B, A, steps=t + 1, device=device)
+        short = lorakern.fit(problem, B, A, steps=t + 1, device=device, step_size="theorem")
         assert_bitwise(short.history.loss, long.history.loss[:t + 1], "history.loss")
-        assert long.history.loss[t + 1] == lorakern.step(problem, short.B, short.A, device=device).loss
+        assert long.history.loss[t + 1] == lorakern.step(problem, short.B, short.A, device=device, step_size="theorem").loss
         assert_close(short.final_loss, long.history.loss[t + 1], np.float64, "final_loss", 0.01)
 
 
@@ -65,8 +65,8 @@ def test_history_loss_at_next_iterate(device):
 def test_fit_matches_reference_fit(device):
     """fit on the device follows fit on the reference, step for step (fp64, tight)."""
     problem, B, A = make_case((257, 263, 17), np.float64, seed=72, device=device)
-    got = lorakern.fit(problem, B, A, steps=15, device=device)
-    want = lorakern.fit(problem, B, A, steps=15, device="reference")
+    got = lorakern.fit(problem, B, A, steps=15, device=device, step_size="theorem")
+    want = lorakern.fit(problem, B, A, steps=15, device="reference", step_size="theorem")
     for name in FIELDS[:-1]:
         assert_close(getattr(got.history, name), getattr(want.history, name), np.float64, name)
     assert_close(host(got.B), want.B, np.float64, "B_T")
@@ -92,10 +92,10 @@ def test_tol_stops_early(device):
     for name in FIELDS:
         assert_bitwise(getattr(result.history, name), getattr(full.history, name)[:stop], name)
     assert result.final_loss == full.history.loss[stop]  # J(V_stop), from the same pass
-    s = lorakern.step(problem, result.B, result.A, device=device)
+    s = lorakern.step(problem, result.B, result.A, device=device, step_size="theorem")
     assert s.grad_sq <= tol and s.loss == result.final_loss
     # tol already met at V_0: no step at all
-    at_start = lorakern.fit(problem, B, A, steps=30, device=device, tol=np.inf, check_every=1)
+    at_start = lorakern.fit(problem, B, A, steps=30, device=device, tol=np.inf, check_every=1, step_size="theorem")
     assert at_start.status == "converged" and at_start.steps == 0 and len(at_start.history) == 0
     assert_bitwise(host(at_start.B), B, "B")
     assert at_start.final_loss == full.history.loss[0]
@@ -104,11 +104,11 @@ def test_tol_stops_early(device):
 @pytest.mark.parametrize("device", ALL)
 def test_zero_steps(device):
     problem, B, A = make_case(SHAPE, np.float64, seed=74, device=device)
-    result = lorakern.fit(problem, B, A, steps=0, device=device)
+    result = lorakern.fit(problem, B, A, steps=0, device=device, step_size="theorem")
     assert result.status == "completed" and result.steps == 0 and len(result.history) == 0
     assert_bitwise(host(result.B), B, "B")
     assert_bitwise(host(result.A), A, "A")
-    assert_close(result.final_loss, lorakern.step(problem, B, A, device=device).loss, np.float64,
+    assert_close(result.final_loss, lorakern.step(problem, B, A, device=device, step_size="theorem").loss, np.float64,
                  "final_loss", 0.01)
 
 
@@ -164,7 +164,7 @@ def test_last_step_diverges(device, device_loop, monkeypatch):
 def test_progress_bar(capsys):
     problem, B, A = make_case(SHAPE, np.float64, seed=76)
     lorakern.fit(problem, B, A, steps=5, device="cpu" if "cpu" in DEVICES else "reference",
-                 progress=True)
+                 progress=True, step_size="theorem")
     err = capsys.readouterr().err
     assert "5/5 steps" in err and "loss" in err
 

@@ -104,7 +104,7 @@ def test_ctrl_c_returns_the_steps_taken(monkeypatch, capsys, kind, dtype):
     with pytest.warns(lorakern.FitInterrupted,
                       match=rf"after 5 of {STEPS} steps.*fit\(problem, result.B, result.A, "
                             rf"steps={STEPS - 5}, step_size=result.step_size, state=result.state\)"):
-        got = lorakern.fit(problem, B, A, steps=STEPS, device="cpu")
+        got = lorakern.fit(problem, B, A, steps=STEPS, device="cpu", step_size="theorem")
     assert "stopping at the end of this step" in capsys.readouterr().err
     assert seen[0] is not signal.default_int_handler  # fit's handler was in place
     assert got.status == "interrupted" and got.steps == 5 and len(got.history) == 5
@@ -113,15 +113,15 @@ def test_ctrl_c_returns_the_steps_taken(monkeypatch, capsys, kind, dtype):
     monkeypatch.undo()
 
     # the iterate is that of an uninterrupted fit of as many steps, its loss and history too
-    want = lorakern.fit(problem, B, A, steps=5, device="cpu")
+    want = lorakern.fit(problem, B, A, steps=5, device="cpu", step_size="theorem")
     assert want.status == "completed"
     assert_same_run(got, want)
     # the theory check covers the steps taken, and they keep the paper's guarantees
     report = lorakern.theory.check(got)
     assert report.lemma2.size == 5 and report.all_hold
     # resuming as the warning says continues the same iterates, bit for bit
-    rest = lorakern.fit(problem, got.B, got.A, steps=STEPS - 5, device="cpu")
-    full = lorakern.fit(problem, B, A, steps=STEPS, device="cpu")
+    rest = lorakern.fit(problem, got.B, got.A, steps=STEPS - 5, device="cpu", step_size="theorem")
+    full = lorakern.fit(problem, B, A, steps=STEPS, device="cpu", step_size="theorem")
     assert_bitwise(rest.B, full.B, "resumed B")
     assert_bitwise(rest.A, full.A, "resumed A")
     assert_bitwise(np.concatenate([got.history.loss, rest.history.loss]), full.history.loss,
@@ -167,7 +167,7 @@ def test_ctrl_c_with_the_certified_step_a_callback_and_progress(monkeypatch, cap
     assert_same_run(got, lorakern.fit(problem, B, A, steps=8, device="cpu", step_size=policy))
     report = lorakern.theory.check(got)
     assert report.all_hold and report.eta_floor.size == 8 and report.eta_floor.all()
-    assert set(got.state) == ({"eta"} if search == "backtrack" else set())
+    assert set(got.state) == {"eta"}  # both searches keep the last eta taken
     rest = lorakern.fit(problem, got.B, got.A, steps=STEPS - 8, device="cpu",
                         step_size=got.step_size, state=got.state)
     full = lorakern.fit(problem, B, A, steps=STEPS, device="cpu", step_size=policy)
@@ -181,10 +181,10 @@ def test_ctrl_c_during_the_first_step(monkeypatch):
     problem, B, A = matrix_case(np.float32)
     sigint_during_pass(monkeypatch, call=1)
     with pytest.warns(lorakern.FitInterrupted, match="after 1 of"):
-        got = lorakern.fit(problem, B, A, steps=STEPS, device="cpu")
+        got = lorakern.fit(problem, B, A, steps=STEPS, device="cpu", step_size="theorem")
     monkeypatch.undo()
     assert got.steps == 1
-    assert_same_run(got, lorakern.fit(problem, B, A, steps=1, device="cpu"))
+    assert_same_run(got, lorakern.fit(problem, B, A, steps=1, device="cpu", step_size="theorem"))
 
 
 def test_second_ctrl_c_raises_at_once(monkeypatch):
@@ -192,15 +192,15 @@ def test_second_ctrl_c_raises_at_once(monkeypatch):
     B0, A0 = B.copy(), A.copy()
     sigint_during_pass(monkeypatch, call=3, times=2)
     with pytest.raises(KeyboardInterrupt):
-        lorakern.fit(problem, B, A, steps=STEPS, device="cpu")
+        lorakern.fit(problem, B, A, steps=STEPS, device="cpu", step_size="theorem")
     assert_bitwise(B, B0, "caller's B")
     assert_bitwise(A, A0, "caller's A")
     # (the fixture checks that the default handler is back)
     monkeypatch.undo()
     # nothing half-written is left in the problem: it fits as a fresh one does
     fresh, _, _ = matrix_case(np.float64)
-    assert_same_run(lorakern.fit(problem, B, A, steps=4, device="cpu"),
-                    lorakern.fit(fresh, B, A, steps=4, device="cpu"))
+    assert_same_run(lorakern.fit(problem, B, A, steps=4, device="cpu", step_size="theorem"),
+                    lorakern.fit(fresh, B, A, steps=4, device="cpu", step_size="theorem"))
 
 
 def test_pool_threads_are_waited_for_through_ctrl_c():
@@ -232,7 +232,7 @@ def test_normal_fit_installs_and_restores(monkeypatch):
     B0, A0 = B.copy(), A.copy()
     seen = []
     sigint_during_pass(monkeypatch, call=0, seen=seen)  # never signals
-    got = lorakern.fit(problem, B, A, steps=4, device="cpu")
+    got = lorakern.fit(problem, B, A, steps=4, device="cpu", step_size="theorem")
     assert got.status == "completed" and got.steps == 4
     assert len(seen) == 4 and all(h is not signal.default_int_handler for h in seen)
     assert_bitwise(B, B0, "caller's B")
@@ -250,7 +250,7 @@ def test_program_handler_is_left_in_charge(monkeypatch):
     previous = signal.signal(signal.SIGINT, mine)
     try:
         sigint_during_pass(monkeypatch, call=2)
-        got = lorakern.fit(problem, B, A, steps=4, device="cpu")
+        got = lorakern.fit(problem, B, A, steps=4, device="cpu", step_size="theorem")
         assert signal.getsignal(signal.SIGINT) is mine
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -262,7 +262,7 @@ def test_off_the_main_thread_signals_are_untouched(monkeypatch):
     seen, out = [], {}
     sigint_during_pass(monkeypatch, call=0, seen=seen)
     worker = threading.Thread(target=lambda: out.update(
-        result=lorakern.fit(problem, B, A, steps=3, device="cpu")))
+        result=lorakern.fit(problem, B, A, steps=3, device="cpu", step_size="theorem")))
     worker.start()
     worker.join()
     assert out["result"].status == "completed" and out["result"].steps == 3
@@ -290,12 +290,12 @@ def test_device_loop_stops_between_chunks(monkeypatch):
 
     monkeypatch.setattr(launch.Plan, "fused", fused)
     with pytest.warns(lorakern.FitInterrupted, match="after 6 of 40 steps"):
-        got = lorakern.fit(problem, B, A, steps=40, device=EMULATED)
+        got = lorakern.fit(problem, B, A, steps=40, device=EMULATED, step_size="theorem")
     monkeypatch.setattr(launch.Plan, "fused", real)
     assert got.status == "interrupted" and got.steps == 6 and len(got.history) == 6
     assert_bitwise(B, B0, "caller's B")
     assert_bitwise(A, A0, "caller's A")
-    want = lorakern.fit(problem, B, A, steps=6, device=EMULATED)
+    want = lorakern.fit(problem, B, A, steps=6, device=EMULATED, step_size="theorem")
     assert_same_run(got, want, EMULATED)
     report = lorakern.theory.check(got)
     assert report.lemma2.size == 6 and report.all_hold
@@ -371,7 +371,7 @@ CHILD = textwrap.dedent("""
     _dispatch.Engine.fused_pass = fused_pass
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = lorakern.fit(problem, B, A, steps=10**7, device="cpu")
+        result = lorakern.fit(problem, B, A, steps=10**7, device="cpu", step_size="theorem")
     report = lorakern.theory.check(result)
     np.savez(sys.argv[1], B=result.B, A=result.A, steps=result.steps, status=result.status,
              final_loss=result.final_loss, history_len=len(result.history),
@@ -416,7 +416,7 @@ def test_sigint_from_outside(tmp_path):
     assert warning.startswith("FitInterrupted:") and f"steps={10**7 - steps}" in warning
 
     problem, B, A = make_case((160, 120, 8), np.float64, loss="squared", seed=7)
-    want = lorakern.fit(problem, B, A, steps=steps, device="cpu")
+    want = lorakern.fit(problem, B, A, steps=steps, device="cpu", step_size="theorem")
     assert want.status == "completed" and want.steps == steps
     assert_bitwise(got["B"], want.B, "B")
     assert_bitwise(got["A"], want.A, "A")

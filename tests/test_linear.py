@@ -374,7 +374,7 @@ def test_strategies_change_g_sq_only(dtype, device, small_parts):
     for strategy in ("tiles", "gram", "moments"):
         problem, B, A = make_linear(shape, dtype, "squared", seed=17, norm_strategy=strategy)
         passes[strategy] = linear_pass(problem, device, B, A)[1]
-        fits[strategy] = lorakern.fit(problem, B, A, steps=12, device=device_of(device))
+        fits[strategy] = lorakern.fit(problem, B, A, steps=12, device=device_of(device), step_size="theorem")
     first = passes["tiles"]
     for strategy in ("gram", "moments"):
         for name in ("grad_B", "grad_A", "loss", "grad_sq", "v_sq"):
@@ -512,8 +512,8 @@ def test_fitted_histories_satisfy_the_paper(loss, dtype, device, norm, small_par
 def test_fit_follows_the_reference(device, small_parts):
     """A fit's trajectory step for step against the reference's (rounding compounds: 100x)."""
     problem, B, A = make_linear((40, 21, 10, 3), np.float64, "cross_entropy", seed=13)
-    got = lorakern.fit(problem, B, A, steps=15, device=device_of(device))
-    want = lorakern.fit(problem, B, A, steps=15, device="reference")
+    got = lorakern.fit(problem, B, A, steps=15, device=device_of(device), step_size="theorem")
+    want = lorakern.fit(problem, B, A, steps=15, device="reference", step_size="theorem")
     for name in ("loss", "eta", "grad_sq", "v_sq", "g_norm"):
         assert_close(getattr(got.history, name), getattr(want.history, name), np.float64, name, 100)
     assert_close(host(got.B), want.B, np.float64, "B_T", 100)
@@ -549,7 +549,7 @@ def test_inputs_are_never_modified(small_parts):
     X, Y, W0 = problem.X.copy(), problem.Y.copy(), problem.W0.copy()
     B0, A0 = B.copy(), A.copy()
     for device in ("reference", "cpu", STUB):
-        lorakern.fit(problem, B, A, steps=2, device=device)
+        lorakern.fit(problem, B, A, steps=2, device=device, step_size="theorem")
         lorakern.step(problem, B, A, device=device, step_size=lorakern.Theorem(norm="bound"))
     for a, b in ((X, problem.X), (Y, problem.Y), (W0, problem.W0), (B0, B), (A0, A)):
         assert_bitwise(b, a)

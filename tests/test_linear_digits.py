@@ -34,7 +34,7 @@ def test_fine_tuning_reaches_the_stated_accuracy(digits):
     assert planted == pytest.approx(task.source_accuracy)  # W* = Pi W0 solves the shift
     assert np.linalg.matrix_rank(task.planted - task.W0) == 2
     assert task.problem.lipschitz == pytest.approx(1.0, rel=1e-5)
-    runs = digits.run(task, device="cpu")
+    runs = digits.run(task, device="cpu", step_size="theorem")
     assert list(runs) == ["theorem (norm=exact)", "theorem (norm=bound)", "armijo"]
     for label in ("theorem (norm=exact)", "theorem (norm=bound)"):
         result = runs[label]
@@ -74,7 +74,14 @@ def test_cli_digits_demo(digits, capsys):
     assert code == 0, out
     assert "load_digits: 1797 images" in out and "W* - W0 has rank 2" in out
     assert re.search(r"accuracy  held-out, shifted task: before \d+\.\d% \(W0\), after \d+\.\d%", out)
-    assert out.count("Lemma 2 held at every step (30 steps)") == 3
+    # the default step (certified) first, then the theorem's with both norms and Armijo
+    assert "fit       30 steps with certified, then the comparison runs" in out
+    assert out.count("Lemma 2 held at every step (30 steps)") == 4
+    # each run's sum of steps says which eta it is: eq. (8)'s eta_t, or the eta taken
+    assert re.search(r"certified .*, sum of eta taken = [\d.]+ \(the theorem's sum eta_t at "
+                     r"those iterates: [\d.]+\)", out), out
+    assert re.search(r"theorem \(norm=exact\) .*, sum of eta_t taken \(eq. 8\) = [\d.]+", out)
+    assert "sum eta_t =" not in out
     assert "verdict   every guaranteed inequality held" in out
 
 

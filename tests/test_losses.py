@@ -101,7 +101,7 @@ def test_logistic_large_margins(device, dtype, small_tiles):
     assert np.isfinite([float(got.loss), float(got.g_sq), float(got.grad_sq)]).all()
     assert np.isfinite(host(got.grad_B)).all() and np.isfinite(host(got.grad_A)).all()
     compare_pass(problem, B, A, device)
-    step = lorakern.step(problem, B, A, device=device)
+    step = lorakern.step(problem, B, A, device=device, step_size="theorem")
     assert np.isfinite(host(step.B)).all() and math.isfinite(step.eta)
 
 
@@ -124,8 +124,8 @@ def test_all_true_mask_fit_equals_unmasked_fit(device):
     problem, B, A = make_case(SHAPE, np.float64, seed=23, device=device)
     W0, Y, _ = random_data(SHAPE[:2], np.float64, seed=23)
     masked = lorakern.Problem(W0, Y, mask=np.ones(SHAPE[:2], bool))
-    got = lorakern.fit(masked, B, A, steps=10, device=device)
-    want = lorakern.fit(problem, B, A, steps=10, device=device)
+    got = lorakern.fit(masked, B, A, steps=10, device=device, step_size="theorem")
+    want = lorakern.fit(problem, B, A, steps=10, device=device, step_size="theorem")
     for name in ("loss", "eta", "grad_sq", "v_sq", "g_norm"):
         assert_close(getattr(got.history, name), getattr(want.history, name), np.float64, name, "same_kernel")
     assert_close(host(got.B), host(want.B), np.float64, "B", 0.01)
@@ -143,8 +143,8 @@ def test_masked_out_entries_do_not_matter(device, loss, small_tiles):
     off = ~mask
     Yb[off] = -Yb[off] if loss == "logistic" else Yb[off] + 100.0
     W0b[off] += 50.0
-    one = lorakern.step(lorakern.Problem(W0, Y, loss=loss, mask=mask), B, A, device=device)
-    two = lorakern.step(lorakern.Problem(W0b, Yb, loss=loss, mask=mask), B, A, device=device)
+    one = lorakern.step(lorakern.Problem(W0, Y, loss=loss, mask=mask), B, A, device=device, step_size="theorem")
+    two = lorakern.step(lorakern.Problem(W0b, Yb, loss=loss, mask=mask), B, A, device=device, step_size="theorem")
     assert_bitwise(host(one.B), host(two.B), "B")
     assert_bitwise(host(one.A), host(two.A), "A")
     assert (one.loss, one.eta, one.grad_sq, one.g_norm) == (two.loss, two.eta, two.grad_sq, two.g_norm)
@@ -156,11 +156,11 @@ def test_mask_selects_entries(device, small_tiles):
     W0, Y, mask = random_data(SHAPE[:2], np.float64, seed=25, masked=True)
     _, B, A = make_case(SHAPE, np.float64, seed=25, device=device)
     Z = W0 + B @ A
-    step = lorakern.step(lorakern.Problem(W0, Y, mask=mask), B, A, device=device)
+    step = lorakern.step(lorakern.Problem(W0, Y, mask=mask), B, A, device=device, step_size="theorem")
     assert_close(step.loss, 0.5 * np.sum((Z - Y)[mask] ** 2), np.float64, "loss")
     with pytest.warns(lorakern.InputWarning, match="mask is False everywhere"):
         nothing = lorakern.Problem(W0, Y, mask=np.zeros_like(mask))  # empty on purpose
-    empty = lorakern.step(nothing, B, A, device=device)
+    empty = lorakern.step(nothing, B, A, device=device, step_size="theorem")
     assert empty.loss == 0.0 and empty.grad_sq == 0.0 and empty.g_norm == 0.0
     assert_bitwise(host(empty.B), B, "B")
 

@@ -72,7 +72,7 @@ def assert_same_fit(got, want):
 @pytest.mark.parametrize("fitted", [False, True])
 def test_problem_round_trip_fits_to_the_same_bits(case, dtype, fitted):
     problem, B, A = CASES[case](dtype)
-    want = lorakern.fit(problem, B, A, steps=STEPS, device="cpu")
+    want = lorakern.fit(problem, B, A, steps=STEPS, device="cpu", step_size="theorem")
     if not fitted:
         problem, B, A = CASES[case](dtype)  # never fitted: no device cache, no Gram yet
     if fitted:  # what must stay behind is there: the device's data (with a lock), the Gram
@@ -88,10 +88,10 @@ def test_problem_round_trip_fits_to_the_same_bits(case, dtype, fitted):
     # the data travel: the pickle is the arrays' bytes and a little more, never the
     # device's copies (which would double it) nor the Gram
     assert data_bytes(problem) <= len(blob) <= data_bytes(problem) + 2048, (len(blob), data_bytes(problem))
-    assert_same_fit(lorakern.fit(back, B, A, steps=STEPS, device="cpu"), want)
+    assert_same_fit(lorakern.fit(back, B, A, steps=STEPS, device="cpu", step_size="theorem"), want)
     # the original keeps working after it was pickled, and so do copies of it
-    assert_same_fit(lorakern.fit(problem, B, A, steps=STEPS, device="cpu"), want)
-    assert_same_fit(lorakern.fit(copy.deepcopy(problem), B, A, steps=STEPS, device="cpu"), want)
+    assert_same_fit(lorakern.fit(problem, B, A, steps=STEPS, device="cpu", step_size="theorem"), want)
+    assert_same_fit(lorakern.fit(copy.deepcopy(problem), B, A, steps=STEPS, device="cpu", step_size="theorem"), want)
 
 
 
@@ -106,13 +106,13 @@ def test_linear_pickle_drops_the_moments(dtype):
     B = (0.5 * rng.standard_normal((m, r))).astype(dtype)
     A = (0.5 * rng.standard_normal((r, n))).astype(dtype)
     problem = lorakern.LinearProblem(X, Y, W0, norm_strategy="moments")
-    want = lorakern.fit(problem, B, A, steps=STEPS, device="cpu")
+    want = lorakern.fit(problem, B, A, steps=STEPS, device="cpu", step_size="theorem")
     C0, Sigma = problem.__dict__["moments"]
     blob = pickle.dumps(problem)
     assert len(blob) <= data_bytes(problem) + 2048 < data_bytes(problem) + C0.nbytes, len(blob)
     back = pickle.loads(blob)
     assert "moments" not in back.__dict__
-    assert_same_fit(lorakern.fit(back, B, A, steps=STEPS, device="cpu"), want)
+    assert_same_fit(lorakern.fit(back, B, A, steps=STEPS, device="cpu", step_size="theorem"), want)
     assert_bitwise(back.__dict__["moments"][0], C0, "C0 remade")
     assert_bitwise(back.__dict__["moments"][1], Sigma, "Sigma remade")
 
@@ -126,14 +126,14 @@ def test_linear_pickle_from_before_the_norm_option():
     back = lorakern.LinearProblem.__new__(lorakern.LinearProblem)
     back.__setstate__(state)
     assert back.norm_strategy == problem.norm_strategy
-    assert_same_fit(lorakern.fit(back, B, A, steps=STEPS, device="cpu"),
-                    lorakern.fit(problem, B, A, steps=STEPS, device="cpu"))
+    assert_same_fit(lorakern.fit(back, B, A, steps=STEPS, device="cpu", step_size="theorem"),
+                    lorakern.fit(problem, B, A, steps=STEPS, device="cpu", step_size="theorem"))
 
 def test_pickle_size_is_the_data():
     """A 300 x 200 float32 problem fitted once pickles to its residual's 240 000 bytes plus
     under 1 KB (the device's copy of the data and its workspace stay behind)."""
     problem, B, A = make_case((300, 200, 8), np.float32, seed=3)
-    lorakern.fit(problem, B, A, steps=2, device="cpu")
+    lorakern.fit(problem, B, A, steps=2, device="cpu", step_size="theorem")
     blob = pickle.dumps(problem)
     assert problem.R.nbytes == 300 * 200 * 4
     assert problem.R.nbytes < len(blob) < problem.R.nbytes + 1024, len(blob)
@@ -144,7 +144,7 @@ def test_fit_result_keeps_no_problem():
     nothing else of it: dropping the problem frees its data and what a device prepared,
     and the result pickles to its iterate and history, not to the problem's data."""
     problem, B, A = make_case((300, 200, 8), np.float32, seed=3)
-    result = lorakern.fit(problem, B, A, steps=2, device="cpu")
+    result = lorakern.fit(problem, B, A, steps=2, device="cpu", step_size="theorem")
     assert result.W0 is None  # the squared loss keeps only W0 - Y
     blob = pickle.dumps(result)
     iterate = result.B.nbytes + result.A.nbytes
@@ -155,7 +155,7 @@ def test_fit_result_keeps_no_problem():
     assert alive() is None, "a FitResult kept its problem (and its m x n data) alive"
 
     problem, B, A = matrix_case(np.float64, "logistic", seed=1)
-    result = lorakern.fit(problem, B, A, steps=2, device="cpu")
+    result = lorakern.fit(problem, B, A, steps=2, device="cpu", step_size="theorem")
     assert result.W0 is problem.W0  # the problem's own array, not a copy
     back = pickle.loads(pickle.dumps(result))
     assert_bitwise(back.merged(), result.merged(), "merged after a round trip")
@@ -190,7 +190,7 @@ def test_losses_round_trip():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_results_round_trip(dtype):
     problem, B, A = matrix_case(dtype, "huber", seed=4)
-    s = lorakern.step(problem, B, A, device="cpu")
+    s = lorakern.step(problem, B, A, device="cpu", step_size="theorem")
     back = pickle.loads(pickle.dumps(s))
     assert isinstance(back, lorakern.StepResult)
     assert_bitwise(back.B, s.B, "B")
@@ -216,9 +216,9 @@ def test_spawned_pool_fits_to_the_same_bits():
     receives the problems pickled) equal the same fits done here, bit for bit."""
     cases = [CASES["matrix-squared"](np.float32), CASES["matrix-logistic-masked"](np.float64),
              CASES["linear-squared"](np.float64), CASES["linear-cross_entropy"](np.float32)]
-    serial = [lorakern.fit(p, B, A, steps=STEPS, device="cpu") for p, B, A in cases]
+    serial = [lorakern.fit(p, B, A, steps=STEPS, device="cpu", step_size="theorem") for p, B, A in cases]
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(lorakern.fit, p, B, A, steps=STEPS, device="cpu")
+        futures = [pool.submit(lorakern.fit, p, B, A, steps=STEPS, device="cpu", step_size="theorem")
                    for p, B, A in cases]
         pooled = [f.result(timeout=120) for f in futures]
     for got, want in zip(pooled, serial):

@@ -18,23 +18,8 @@ def test_quick_start_has_two_commands():
     assert commands == ['pip install . && lorakern demo', 'pip install ".[test]" && pytest']
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_python_examples_run(capsys):
-    namespace = {}
-    # the blocks build on each other, in order; ```py blocks (More than one machine) need a
-    # Dask cluster and are not run here (tests/test_dask.py runs that code on a LocalCluster)
-    import importlib.util
-
-    torch = importlib.util.find_spec("torch") is not None
-    for block in _blocks("python"):
-        if "import torch" in block and not torch:
-            continue  # "With PyTorch" needs the torch extra (in ".[test]")
-        exec(compile(block, str(README), "exec"), namespace)
-    assert namespace["report"].all_hold
-    assert namespace["result"].history.loss[-1] < namespace["result"].history.loss[0]
-    if torch:  # the optimizer's loop and lorakern.fit on the same layer's tensors
-        assert type(namespace["tensor_fit"].B).__name__ == "Tensor"
-        assert namespace["tensor_fit"].final_loss < namespace["loss_t"].item()
+# The Python blocks themselves run in tests/test_docs.py: each alone, in a fresh interpreter,
+# with the numbers they quote checked against what they print.
 
 
 # -- what a new reader needs (issue 12, item 8) ----------------------------------------------
@@ -110,3 +95,17 @@ def test_dask_settings_are_dask_settings_and_the_benchmarks():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert settings == module.QUIET
+
+
+def test_torch_extra_and_test_extra_resolve_the_same_torch():
+    """One torch requirement in both extras (the README's `.[torch]` and CI's `.[test]`), and
+    the README and docs/install.md give the CPU-only index for machines without a GPU."""
+    import tomllib
+
+    extras = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    torch_req = [r for r in extras["torch"] if r.startswith("torch")]
+    test_req = [r for r in extras["test"] if r.startswith("torch")]
+    assert torch_req == test_req and len(torch_req) == 1, (torch_req, test_req)
+    cpu = 'pip install ".[torch]" --extra-index-url https://download.pytorch.org/whl/cpu'
+    install = " ".join((README.parent / "docs" / "install.md").read_text().split())
+    assert cpu in _text() and cpu in install

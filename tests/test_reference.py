@@ -64,7 +64,7 @@ def test_eta_is_one_at_a_stationary_zero(device):
     problem = lorakern.Problem(W0, W0.copy())
     B, A = np.zeros((7, 3)), np.zeros((3, 13))
     with np.errstate(all="raise"):
-        got = lorakern.step(problem, B, A, device=device)
+        got = lorakern.step(problem, B, A, device=device, step_size="theorem")
     assert (got.eta, got.loss, got.grad_sq, got.v_sq, got.g_norm) == (1.0, 0.0, 0.0, 0.0, 0.0)
     assert not host(got.B).any() and not host(got.A).any()
     with np.errstate(all="raise"):
@@ -97,10 +97,10 @@ def test_problem_keeps_its_own_copy(device):
     W0, Y, mask = random_data((9, 11), np.float64, seed=34, masked=True)
     _, B, A = make_case((9, 11, 3), np.float64, seed=34)
     problem = lorakern.Problem(W0, Y, mask=mask)
-    want = lorakern.step(problem, B, A, device=device)
+    want = lorakern.step(problem, B, A, device=device, step_size="theorem")
     W0 += 1.0
     Y *= 2.0
     mask[...] = ~mask
-    got = lorakern.step(problem, B, A, device=device)
+    got = lorakern.step(problem, B, A, device=device, step_size="theorem")
     assert_bitwise(host(got.B), host(want.B), "B")
     assert got.loss == want.loss

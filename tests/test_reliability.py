@@ -67,7 +67,7 @@ def test_finite_run_stays_completed(setup, monkeypatch, device, device_loop):
     W0, B, A = setup
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no divergence warning
-        result = lorakern.fit(lorakern.Problem(W0, W0 + 1), B, A, steps=3, device=device)
+        result = lorakern.fit(lorakern.Problem(W0, W0 + 1), B, A, steps=3, device=device, step_size="theorem")
     assert result.status == "completed" and result.steps == 3 and math.isfinite(result.final_loss)
 
 
@@ -115,7 +115,7 @@ def test_other_masked_arrays_are_refused(setup, where):
     value = {"mask": hide, "B": B, "linear X": X, "linear classes": classes}[where]
     hidden = np.ma.masked_array(value, mask=hide)
     call = {"mask": lambda: lorakern.Problem(W0, W0 + 1, mask=hidden),
-            "B": lambda: lorakern.step(problem, hidden, A, device="reference"),
+            "B": lambda: lorakern.step(problem, hidden, A, device="reference", step_size="theorem"),
             "linear X": lambda: lorakern.LinearProblem(hidden, classes, W0, loss="cross_entropy"),
             "linear classes": lambda: lorakern.LinearProblem(X, hidden, W0, loss="cross_entropy")}
     name = {"mask": "mask", "B": "B", "linear X": "X", "linear classes": "Y"}[where]

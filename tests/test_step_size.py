@@ -44,7 +44,7 @@ def test_theorem_constant(device, constant, lipschitz):
     want = min(1.0 / (constant * max(lipschitz, 1.0) * (got.v_sq + got.g_norm)), 1.0)
     assert want < 1  # not capped here, so the constant shows
     assert_close(got.eta, want, np.float64, "eta")
-    default = lorakern.step(problem, B, A, device=device)
+    default = lorakern.step(problem, B, A, device=device, step_size="theorem")
     assert_close(got.eta * constant, default.eta * 5 * math.sqrt(2), np.float64, "eta * constant")
     assert lorakern.step(problem, B, A, device=device, step_size=Theorem()).eta == default.eta
 
@@ -54,7 +54,7 @@ def test_theorem_eta_capped_at_one():
     problem, B, A = make_case((7, 13, 3), np.float64, seed=42, scale=1e-3, adapter_scale=1e-3)
     assert reference.step(problem, B, A).eta == 1.0
     for device in DEVICES:
-        assert lorakern.step(problem, B, A, device=device).eta == 1.0
+        assert lorakern.step(problem, B, A, device=device, step_size="theorem").eta == 1.0
 
 
 def theorem_eta(history):
@@ -101,7 +101,7 @@ def test_armijo_condition_every_step(device, dtype, policy):
 def test_armijo_cap_below_theorem_takes_theorem(device):
     """A cap at or below eta_t: no trial is spent, the theorem's eta is taken."""
     problem, B, A = make_case(SHAPE, np.float64, seed=47, device=device)
-    theorem = lorakern.step(problem, B, A, device=device)
+    theorem = lorakern.step(problem, B, A, device=device, step_size="theorem")
     got = lorakern.step(problem, B, A, device=device, step_size=Armijo(cap=theorem.eta / 2))
     assert got.trials == 0 and got.eta == theorem.eta
 
@@ -110,7 +110,7 @@ def test_armijo_cap_below_theorem_takes_theorem(device):
 def test_armijo_takes_larger_steps_than_theorem(device):
     problem, B, A = make_case(SHAPE, np.float64, seed=44, device=device)
     armijo = lorakern.fit(problem, B, A, steps=10, device=device, step_size="armijo")
-    theorem = lorakern.fit(problem, B, A, steps=10, device=device)
+    theorem = lorakern.fit(problem, B, A, steps=10, device=device, step_size="theorem")
     assert armijo.history.eta.min() > theorem.history.eta.max()
     assert armijo.final_loss < theorem.final_loss
 
@@ -120,7 +120,7 @@ def test_armijo_falls_back_to_theorem(device):
     """Out of trials (one trial of a far too long step): the theorem's eta is taken."""
     problem, B, A = make_case(SHAPE, np.float64, seed=45, device=device)
     got = lorakern.step(problem, B, A, device=device, step_size=Armijo(cap=1e6, max_trials=1))
-    want = lorakern.step(problem, B, A, device=device)
+    want = lorakern.step(problem, B, A, device=device, step_size="theorem")
     assert got.trials == 1
     assert got.eta == want.eta
     assert_bitwise(host(got.B), host(want.B), "B")

@@ -54,13 +54,13 @@ def test_missing_pair_names_what_exists(monkeypatch):
     monkeypatch.setattr(problem, "kind", "tensor", raising=False)
     monkeypatch.setitem(KERNELS, ("tensor", "reference"), "lorakern.reference.matrix")
     with pytest.raises(lorakern.DeviceUnavailableError, match=r"'tensor' has no kernels for device 'cpu'.*reference"):
-        lorakern.step(problem, B, A, device="cpu")
+        lorakern.step(problem, B, A, device="cpu", step_size="theorem")
 
 
 def test_unknown_device_object_is_a_type_error():
     problem, B, A = make_case((5, 4, 2), np.float64)
     with pytest.raises(TypeError, match="device must be a string"):
-        lorakern.step(problem, B, A, device=object())
+        lorakern.step(problem, B, A, device=object(), step_size="theorem")
 
 
 def test_problem_data_is_prepared_once_per_device():
@@ -101,7 +101,7 @@ def test_user_defined_policy(device):
     problem, B, A = make_case((23, 17, 3), np.float64, seed=4)
     assert isinstance(HalfTheorem(), StepSize)
     half = lorakern.fit(problem, B, A, steps=8, device=device, step_size=HalfTheorem())
-    full = lorakern.fit(problem, B, A, steps=8, device=device)
+    full = lorakern.fit(problem, B, A, steps=8, device=device, step_size="theorem")
     assert half.step_size == HalfTheorem()
     np.testing.assert_allclose(half.history.eta[0], 0.5 * full.history.eta[0], rtol=1e-15)
     assert theory.check(half).all_hold

@@ -84,7 +84,7 @@ def test_armijo_histories_satisfy_sufficient_decrease(case, cap, c):
 @pytest.fixture(scope="module")
 def fitted():
     problem, B, A = make_case((9, 11, 3), np.float64, seed=50)
-    result = lorakern.fit(problem, B, A, steps=20, device="reference")
+    result = lorakern.fit(problem, B, A, steps=20, device="reference", step_size="theorem")
     assert theory.check(result).all_hold
     return result
 
@@ -138,7 +138,7 @@ def test_checker_reports_theorem3_and_growth_failures():
 
 def test_checker_empty_history():
     problem, B, A = make_case((3, 4, 1), np.float64, seed=51)
-    result = lorakern.fit(problem, B, A, steps=0, device="reference")
+    result = lorakern.fit(problem, B, A, steps=0, device="reference", step_size="theorem")
     assert theory.check(result).all_hold
 
 

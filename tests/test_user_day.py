@@ -29,7 +29,7 @@ def test_merged_squared_loss_needs_w0(dtype):
     problem = lorakern.Problem(W0, Y)
     assert problem.W0 is None
     B, A = lorakern.init_adapters(m, n, r, dtype=dtype, seed=4, init="gaussian")
-    result = lorakern.fit(problem, B, A, steps=3, device="reference")
+    result = lorakern.fit(problem, B, A, steps=3, device="reference", step_size="theorem")
     with pytest.raises(ValueError, match=r"keeps only the residual W0 - Y.*result.merged\(W0\)"):
         result.merged()
     W0_before = W0.copy()
@@ -47,10 +47,10 @@ def test_merged_takes_the_problems_own_w0():
     X, Y = rng.standard_normal((50, 9)), rng.standard_normal((50, 6))
     W0 = rng.standard_normal((6, 9))
     B, A = lorakern.init_adapters(6, 9, 2, dtype=np.float64, seed=rng, init="gaussian")
-    result = lorakern.fit(lorakern.LinearProblem(X, Y, W0), B, A, steps=2, device="reference")
+    result = lorakern.fit(lorakern.LinearProblem(X, Y, W0), B, A, steps=2, device="reference", step_size="theorem")
     assert_bitwise(result.merged(), W0 + result.B @ result.A, "linear merged")
     problem, B, A = make_case((8, 7, 2), np.float64, loss="logistic", seed=6)
-    result = lorakern.fit(problem, B, A, steps=2, device="reference")
+    result = lorakern.fit(problem, B, A, steps=2, device="reference", step_size="theorem")
     assert_bitwise(result.merged(), problem.W0 + result.B @ result.A, "logistic merged")
 
 
@@ -115,8 +115,8 @@ def test_chained_device_loop_fits_are_one_fit():
     """The theorem step on the (emulated) CUDA device runs the device-side loop: chained, too,
     it ends where one fit does."""
     problem, B, A = make_case((21, 17, 2), np.float64, seed=12)
-    one = lorakern.fit(problem, B, A, steps=6, device=EMULATED)
-    first = lorakern.fit(problem, B, A, steps=3, device=EMULATED)
+    one = lorakern.fit(problem, B, A, steps=6, device=EMULATED, step_size="theorem")
+    first = lorakern.fit(problem, B, A, steps=3, device=EMULATED, step_size="theorem")
     second = lorakern.fit(problem, first.B, first.A, steps=3, device=EMULATED,
                           step_size=first.step_size, state=first.state)
     assert_bitwise(host(second.B), host(one.B), "B")
@@ -126,7 +126,7 @@ def test_chained_device_loop_fits_are_one_fit():
 def test_state_must_be_a_dict():
     problem, B, A = make_case((6, 5, 2), np.float64)
     with pytest.raises(TypeError, match="state must be None or a dict"):
-        lorakern.fit(problem, B, A, steps=2, device="reference", state=0.5)
+        lorakern.fit(problem, B, A, steps=2, device="reference", state=0.5, step_size="theorem")
 
 
 @pytest.mark.parametrize("step_size, state, error, words", [
@@ -187,17 +187,17 @@ def test_callback_stops_the_fit(how):
         return None
 
     result = lorakern.fit(problem, B, A, steps=10, device="cpu", callback=stop_at_4,
-                          callback_every=2)
-    full = lorakern.fit(problem, B, A, steps=4, device="cpu")
+                          callback_every=2, step_size="theorem")
+    full = lorakern.fit(problem, B, A, steps=4, device="cpu", step_size="theorem")
     assert (result.status, result.steps, len(result.history)) == ("stopped", 4, 4)
     assert_bitwise(result.B, full.B, "B = V_4")
     assert_bitwise(result.A, full.A, "A = V_4")
-    assert result.final_loss == lorakern.fit(problem, B, A, steps=5, device="cpu").history.loss[4]
+    assert result.final_loss == lorakern.fit(problem, B, A, steps=5, device="cpu", step_size="theorem").history.loss[4]
 
 
 def test_callback_truthy_but_not_true_does_not_stop():
     problem, B, A = make_case(SHAPE, np.float64, seed=15)
-    result = lorakern.fit(problem, B, A, steps=5, device="cpu", callback=lambda info: "logged")
+    result = lorakern.fit(problem, B, A, steps=5, device="cpu", callback=lambda info: "logged", step_size="theorem")
     assert result.status == "completed" and result.steps == 5
 
 
@@ -213,13 +213,13 @@ def test_callback_cannot_write_into_the_fit(device):
         info.B *= 0.5
 
     with pytest.raises(ValueError, match="read-only"):
-        lorakern.fit(problem, B, A, steps=5, device=device, callback=scale_in_place)
+        lorakern.fit(problem, B, A, steps=5, device=device, callback=scale_in_place, step_size="theorem")
     assert_bitwise(B, B0, "caller's B")
     assert_bitwise(A, A0, "caller's A")
     seen = []
     read = lorakern.fit(problem, B, A, steps=5, device=device,
-                        callback=lambda info: seen.append(float(info.B.sum())))
-    plain = lorakern.fit(problem, B, A, steps=5, device=device)
+                        callback=lambda info: seen.append(float(info.B.sum())), step_size="theorem")
+    plain = lorakern.fit(problem, B, A, steps=5, device=device, step_size="theorem")
     assert len(seen) == 4 and np.array_equal(read.B, plain.B) and np.array_equal(read.A, plain.A)
 
 
@@ -229,7 +229,7 @@ def test_callback_runs_the_host_loop_on_cuda():
     problem, B, A = make_case((21, 17, 2), np.float64, seed=16)
     seen = []
     result = lorakern.fit(problem, B, A, steps=4, device=EMULATED,
-                          callback=lambda info: seen.append((info.t, info.loss)))
+                          callback=lambda info: seen.append((info.t, info.loss)), step_size="theorem")
     assert [t for t, _ in seen] == [1, 2, 3]
     assert [loss for _, loss in seen] == list(result.history.loss[1:])
 
@@ -250,9 +250,9 @@ def test_callback_bad_arguments(kwargs, error, match):
 def test_progress_off_a_terminal_prints_lines_with_an_eta(capsys):
     """stderr captured by pytest is no terminal: a whole line at every tenth of the steps."""
     problem, B, A = make_case(SHAPE, np.float64, seed=17)
-    lorakern.fit(problem, B, A, steps=1, device="cpu")  # compiled before the clock starts
+    lorakern.fit(problem, B, A, steps=1, device="cpu", step_size="theorem")  # compiled before the clock starts
     capsys.readouterr()
-    lorakern.fit(problem, B, A, steps=20, device="cpu", progress=True)
+    lorakern.fit(problem, B, A, steps=20, device="cpu", progress=True, step_size="theorem")
     err = capsys.readouterr().err
     assert "\r" not in err
     lines = err.splitlines()
@@ -268,7 +268,7 @@ def test_progress_last_line_says_why_the_fit_ended(capsys):
     problem, B, A = make_case(SHAPE, np.float64, seed=17)
     capsys.readouterr()
     result = lorakern.fit(problem, B, A, steps=20, device="cpu", progress=True,
-                          callback=lambda info: info.t == 5)
+                          callback=lambda info: info.t == 5, step_size="theorem")
     assert result.status == "stopped"
     assert capsys.readouterr().err.splitlines()[-1].startswith("fit stopped  5/20 steps")
 
@@ -315,9 +315,9 @@ def test_reprs_summarise():
     history = repr(result.history)
     assert history.startswith("History(3 steps, loss ") and "float32" in history
     assert len(history) < 200, history
-    assert repr(lorakern.fit(problem, B, A, steps=0, device="reference").history).startswith(
+    assert repr(lorakern.fit(problem, B, A, steps=0, device="reference", step_size="theorem").history).startswith(
         "History(0 steps")
-    step = repr(lorakern.step(problem, B, A, device="reference"))
+    step = repr(lorakern.step(problem, B, A, device="reference", step_size="theorem"))
     assert "B=ndarray(120x4, float32)" in step and len(step) < 300, step
 
 
@@ -346,7 +346,7 @@ def test_all_false_mask_warns():
         problem = lorakern.Problem(W0, Y, mask=np.zeros((6, 5), bool))
     assert record[0].filename == __file__  # at the caller's line
     B, A = lorakern.init_adapters(6, 5, 2, dtype=np.float64, seed=1, init="gaussian")
-    assert lorakern.step(problem, B, A, device="reference").loss == 0.0
+    assert lorakern.step(problem, B, A, device="reference", step_size="theorem").loss == 0.0
     some = np.zeros((6, 5), bool)
     some[2, 3] = True
     with warnings.catch_warnings():
@@ -360,8 +360,8 @@ def test_rank_above_min_m_n_warns():
     assert rec[0].filename == __file__
     W0, Y, _ = random_data((8, 5), np.float64, seed=23)
     problem = lorakern.Problem(W0, Y)
-    for run in (lambda: lorakern.fit(problem, B, A, steps=1, device="reference"),
-                lambda: lorakern.step(problem, B, A, device="reference")):
+    for run in (lambda: lorakern.fit(problem, B, A, steps=1, device="reference", step_size="theorem"),
+                lambda: lorakern.step(problem, B, A, device="reference", step_size="theorem")):
         with pytest.warns(lorakern.InputWarning, match="rank-deficient") as rec:
             run()
         assert rec[0].filename == __file__
@@ -369,18 +369,18 @@ def test_rank_above_min_m_n_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         B, A = lorakern.init_adapters(8, 5, 5, dtype=np.float64, seed=1, init="gaussian")
-        lorakern.fit(problem, B, A, steps=1, device="reference")
+        lorakern.fit(problem, B, A, steps=1, device="reference", step_size="theorem")
 
 
 # -- a 0-step check --------------------------------------------------------------------------
 
 def test_zero_step_check_says_nothing_to_check():
     problem, B, A = make_case((6, 5, 2), np.float64, seed=24)
-    result = lorakern.fit(problem, B, A, steps=0, device="reference")
+    result = lorakern.fit(problem, B, A, steps=0, device="reference", step_size="theorem")
     summary = theory.check(result).summary()
     assert summary.startswith("nothing to check") and "nan" not in summary, summary
     lines, ok = theory.verdict(result)
     assert ok and len(lines) == 1 and "nothing to check" in lines[0]
     # one step has something to check
     assert "Lemma 2 held" in theory.check(lorakern.fit(problem, B, A, steps=1,
-                                                       device="reference")).summary()
+                                                       device="reference", step_size="theorem")).summary()

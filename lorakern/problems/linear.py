@@ -445,12 +445,18 @@ def _check_classes(Y, N, m, xp):
     if dtype is None or not hasattr(Y, "shape"):
         raise TypeError(f"Y must be an (N,) integer array of class indices for "
                         f"cross_entropy, got {type(Y).__name__}")
+    # the fix that matches the array given: one-hot (or probability) rows -> their argmax
+    one_hot = Y.ndim == 2 and Y.shape[1] == m
+    fix = ("if its rows are one-hot (or class probabilities) pass Y.argmax(axis=1), the class "
+           "index of each row" if one_hot else
+           "convert it with Y.astype(np.int64) if it holds whole numbers" if Y.ndim == 1 else
+           "pass an (N,) integer array of class indices")
     if dtype.kind not in "iu":
         raise TypeError(f"Y must hold integer class indices for cross_entropy, got dtype "
-                        f"{dtype}; convert it with Y.astype(np.int64) if it holds whole numbers")
+                        f"{dtype} of shape {tuple(Y.shape)}; {fix}")
     if Y.ndim != 1:
         raise ValueError(f"Y must be 1-D (one class index per sample) for cross_entropy, "
-                         f"got shape {tuple(Y.shape)}")
+                         f"got shape {tuple(Y.shape)}; {fix}")
     if Y.shape[0] != N:
         raise ValueError(f"Y has {Y.shape[0]} labels but X has {N} rows: one label per sample")
     lo, hi = int(Y.min()), int(Y.max())
