@@ -28,6 +28,7 @@ import numpy as np
 from .._host import ordered_sum
 from ..results import PassResult
 from . import blas_threads, linear_kernels as lk, workers
+from .compiling import call
 
 #: rows per part of the sweep, at least; at most MAX_PARTS parts. The parts, not the
 #: threads, fix the order of the sums, so the result does not depend on the thread count.
@@ -94,8 +95,8 @@ def _sweep(problem, data, B, A, with_grad: bool, store: bool):
     gBt = gA = None
     if with_grad:
         gBt, gA = np.empty((r4, m), dt), np.empty((r4, n), dt)
-        lk.merge(parts_B, gBt)
-        lk.merge(parts_A, gA)
+        call(lk.merge, parts_B, gBt)
+        call(lk.merge, parts_A, gA)
     return gBt, gA, loss_sum / N, d_sq
 
 
@@ -123,7 +124,7 @@ def moments_norm_sq(C0, Sigma, B, A) -> float:
     r = B.shape[1]
     B64, A64 = B.astype(np.float64), A.astype(np.float64)
     if r * n * (n + m) < SERIAL_WORK:
-        return lk.moments_norm_sq(C0, Sigma, B64, A64)
+        return call(lk.moments_norm_sq, C0, Sigma, B64, A64)
     AS = np.empty((r, n))
 
     def columns_of_AS(t):                  # A Sigma, columns t NORM_TILE..
@@ -135,7 +136,7 @@ def moments_norm_sq(C0, Sigma, B, A) -> float:
         rows = slice(t * NORM_TILE, (t + 1) * NORM_TILE)
         T = B64[rows] @ AS                 # rows t NORM_TILE.. of B (A Sigma)
         T += C0[rows]                      # ... of N G = C0 + B A Sigma
-        return lk.sq_sum(T)
+        return call(lk.sq_sum, T)
 
     with blas_threads.one_thread() as alone:
         on_workers(columns_of_AS, -(-n // NORM_TILE), alone, 2.0 * r * n * n)
@@ -154,7 +155,7 @@ def delta_x_norm_sq(D, X, K=None) -> float:
     small = N * m * min(N, X.shape[1]) < SERIAL_WORK  # serial loops, no BLAS threads
     if K is not None:
         if small:
-            return lk.gram_norm_sq(D, K)
+            return call(lk.gram_norm_sq, D, K)
         # <Delta Delta^T, K> by blocks (I, J), J <= I, of NORM_TILE rows: K and Delta Delta^T
         # are symmetric, so a block below the diagonal counts twice (an exact doubling)
         tiles = -(-N // NORM_TILE)
@@ -163,17 +164,17 @@ def delta_x_norm_sq(D, X, K=None) -> float:
         def block(t):
             i0, j0 = blocks[t][0] * NORM_TILE, blocks[t][1] * NORM_TILE
             S = D[i0:i0 + NORM_TILE] @ D[j0:j0 + NORM_TILE].T   # a block of Delta Delta^T
-            return (1.0 if i0 == j0 else 2.0) * lk.block_dot(S, K, i0, j0)
+            return (1.0 if i0 == j0 else 2.0) * call(lk.block_dot, S, K, i0, j0)
 
         flops = 1.0 * N * N * m
     else:
         if small:
-            return lk.tiles_norm_sq(D, X, NORM_TILE)
+            return call(lk.tiles_norm_sq, D, X, NORM_TILE)
         blocks = range(0, X.shape[1], NORM_TILE)
 
         def block(t):                      # an m x NORM_TILE tile of Delta^T X, squared
             j0 = blocks[t]
-            return lk.sq_sum(D.T @ X[:, j0:j0 + NORM_TILE])
+            return call(lk.sq_sum, D.T @ X[:, j0:j0 + NORM_TILE])
 
         flops = 2.0 * N * m * X.shape[1]
     with blas_threads.one_thread() as alone:
@@ -211,8 +212,8 @@ def fused_pass(problem, data, B, A, *, norm="exact"):
     g_sq = (exact_norm_sq(problem, data, B, A, strategy) / float(N) ** 2 if strategy
             else float(problem.norm_bound_sq(d_sq, J)))
     return PassResult(grad_B=grad_B, grad_A=grad_A, loss=J, g_sq=g_sq,
-                      grad_sq=lk.sq_sum(grad_B) + lk.sq_sum(grad_A),
-                      v_sq=lk.sq_sum(A) + lk.sq_sum(B))
+                      grad_sq=call(lk.sq_sum, grad_B) + call(lk.sq_sum, grad_A),
+                      v_sq=call(lk.sq_sum, A) + call(lk.sq_sum, B))
 
 
 def loss_pass(problem, data, B, A):

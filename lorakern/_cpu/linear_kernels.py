@@ -72,7 +72,10 @@ def sweep_kernel(loss):
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True)
 def merge(parts, out):
     """out = the sum of the parts' partials (parts[p] has out's shape), in part order."""
-    out[:, :] = parts[0]
+    first = parts[0]
+    for k in range(out.shape[0]):  # loops, not out[:, :] = parts[0] (kernels.COPY_BY_LOOP)
+        for j in range(out.shape[1]):
+            out[k, j] = first[k, j]
     for p in range(1, parts.shape[0]):
         part = parts[p]
         for k in range(out.shape[0]):
