@@ -4,6 +4,8 @@ another process busy on one core (issue 31, item 3).
     python benchmarks/linear_threads.py                      # the cases below, 9 rounds
     python benchmarks/linear_threads.py --rounds 11 --out benchmarks/results/linear-threads-<date>.md
     python benchmarks/linear_threads.py --no-busy            # the same on a machine left alone
+    python benchmarks/linear_threads.py --no-busy --against /tmp/old   # this tree against another
+                                                             # checkout (git worktree), both default
 
 Two worker processes hold the same problems, one started with the environment as it is
 (OpenBLAS's default threads), one with OPENBLAS_NUM_THREADS=1; this script starts and stops
@@ -68,8 +70,8 @@ for line in sys.stdin:
 BUSY_LABEL = 'One core kept busy by `python -c "while True: pass"`'
 
 
-def start_worker(cases, one_thread: bool) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def start_worker(cases, one_thread: bool, root: Path = ROOT) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(root))
     if one_thread:
         env["OPENBLAS_NUM_THREADS"] = "1"
     else:
@@ -83,6 +85,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--no-busy", action="store_true", help="no busy process")
     parser.add_argument("--small-only", action="store_true", help="only the small size")
+    parser.add_argument("--against", metavar="DIR", default=None,
+                        help="time the lorakern of DIR (another checkout), default threads, in "
+                             "place of OPENBLAS_NUM_THREADS=1")
     parser.add_argument("--out", help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     sizes = SIZES[1:] if args.small_only else SIZES
@@ -91,7 +96,9 @@ def main(argv=None) -> int:
     busy = None if args.no_busy else subprocess.Popen([sys.executable, "-c", "while True: pass"])
     workers = {}
     try:
-        workers = {"default": start_worker(cases, False), "one": start_worker(cases, True)}
+        other = (start_worker(cases, False, Path(args.against)) if args.against
+                 else start_worker(cases, True))
+        workers = {"default": start_worker(cases, False), "one": other}
         strategies = {name: json.loads(w.stdout.readline()) for name, w in workers.items()}
         times = {name: [[] for _ in cases] for name in workers}
         for k in range(args.rounds):
@@ -110,13 +117,14 @@ def main(argv=None) -> int:
             busy.kill()
             busy.wait()
 
+    peer = f"{args.against} (default threads)" if args.against else "OPENBLAS_NUM_THREADS=1"
     lines = [f"Machine: {machine_line()}. Date: {now()}.",
              f"`python benchmarks/linear_threads.py {' '.join(argv or sys.argv[1:])}`".replace(" `", "`"),
              f"{'No other process' if args.no_busy else BUSY_LABEL}; "
              f"{args.rounds} interleaved rounds after one warm-up step each. Cells: median ms "
-             f"(min-max); ratio: default / one thread, round by round, median (quartiles).",
+             f"(min-max); ratio: default threads / {peer}, round by round, median (quartiles).",
              "",
-             "| N | n = m | r | dtype | loss | norm (strategy) | default threads | OPENBLAS_NUM_THREADS=1 | ratio |",
+             f"| N | n = m | r | dtype | loss | norm (strategy) | default threads | {peer} | ratio |",
              "|---:|---:|---:|---|---|---|---:|---:|---:|"]
     worst = 0.0
     for i, (N, n, m, r, dtype, loss, norm) in enumerate(cases):
@@ -128,7 +136,7 @@ def main(argv=None) -> int:
                      f"{1e3 * d.median:.2f} ({1e3 * d.lo:.2f}-{1e3 * d.hi:.2f}) | "
                      f"{1e3 * o.median:.2f} ({1e3 * o.lo:.2f}-{1e3 * o.hi:.2f}) | "
                      f"{ratio.median:.2f} ({ratio.q1:.2f}-{ratio.q3:.2f}) |")
-    lines += ["", f"Largest median ratio: {worst:.2f} (goal: <= 1.3)."]
+    lines += ["", f"Largest median ratio: {worst:.2f}" + ("." if args.against else " (goal: <= 1.3).")]
     text = "\n".join(lines)
     print(text)
     if args.out:
