@@ -478,7 +478,7 @@ def test_warmup_fills_the_cache_a_second_process_reads(tmp_path):
     cold = subprocess.run([sys.executable, "-c", COUNT_COMPILES], capture_output=True, text=True,
                           env={**env, "NUMBA_CACHE_DIR": str(tmp_path / "empty")}, timeout=600)
     assert cold.returncode == 0, cold.stderr[-3000:]
-    assert "work" in cold.stdout.strip().split("compiled:")[1].split(","), cold.stdout  # the kernel
+    assert "work" in cold.stdout.split("compiled:")[1].strip().split(","), cold.stdout  # the kernel
 
     warm = subprocess.run([sys.executable, "-m", "lorakern", "warmup", "--kind", "matrix", "--loss",
                            "huber", "--dtype", "float64"], capture_output=True, text=True,
