@@ -34,13 +34,16 @@ import lorakern
 warnings.simplefilter("ignore")
 starts, compiles = {}, []
 
+def key(ev):
+    return id(ev.data["dispatcher"]), str(ev.data["args"])
+
 class Timer(event.Listener):
     def on_start(self, ev):
-        starts[id(ev)] = time.perf_counter()
+        starts[key(ev)] = time.perf_counter()
 
     def on_end(self, ev):
         name = ev.data["dispatcher"].py_func.__qualname__
-        compiles.append((name, time.perf_counter() - starts.pop(id(ev), time.perf_counter())))
+        compiles.append((name, time.perf_counter() - starts.pop(key(ev))))
 
 event.register("numba:compile", Timer())
 rng = np.random.default_rng(0)

@@ -67,6 +67,7 @@ for line in sys.stdin:
 """
 
 
+QUIET_LABEL = "No busy process started (the machine's other jobs ran as they did)"
 BUSY_LABEL = 'One core kept busy by `python -c "while True: pass"`'
 
 
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
     peer = f"{args.against} (default threads)" if args.against else "OPENBLAS_NUM_THREADS=1"
     lines = [f"Machine: {machine_line()}. Date: {now()}.",
              f"`python benchmarks/linear_threads.py {' '.join(argv or sys.argv[1:])}`".replace(" `", "`"),
-             f"{'No other process' if args.no_busy else BUSY_LABEL}; "
+             f"{QUIET_LABEL if args.no_busy else BUSY_LABEL}; "
              f"{args.rounds} interleaved rounds after one warm-up step each. Cells: median ms "
              f"(min-max); ratio: default threads / {peer}, round by round, median (quartiles).",
              "",
