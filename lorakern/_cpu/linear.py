@@ -10,8 +10,9 @@ One fused pass at V = (B, A), the problem's Z0 = X W0^T (- Y) prepared once:
 
 so X and Z0 are read once, the gradients cost O(N r (m + n)) and no m x n matrix is formed.
 The exact norm's BLAS products run tile by tile on the same workers, each on one OpenBLAS
-thread (``on_workers``, blas_threads.one_thread): OpenBLAS's own threads, which split a
-product evenly and spin while they wait, lost 3-8x on a machine with one core busy.
+thread (``on_workers``, blas_threads.one_thread): on OpenBLAS's own threads, which split a
+product evenly and spin while they wait, a step took up to 66x its one-thread time with
+another process busy on one of 2 cores (benchmarks/NOTES.md, 2026-12-07).
 The exact norm ||Delta^T X||_F^2 comes either from Delta, which the sweep then keeps (N x m, a
 workspace made once): as <Delta Delta^T, X X^T> (a syrk, N^2 m / 2 multiply-adds, against the
 float64 X X^T) or from column tiles of Delta^T X (N m n), each squared and discarded; or, for
