@@ -78,16 +78,19 @@ def run_task(task: Task) -> tuple[Task, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the small problems' own notes are not the user's
         if task.kind == "matrix":
-            m, n, r = 40, 30, 3
+            m, n = 40, 30
             W0 = rng.standard_normal((m, n)).astype(dtype)
             Y = rng.standard_normal((m, n)).astype(dtype)
             if task.loss == "logistic":
                 Y = np.where(Y >= 0, 1, -1).astype(dtype)
             mask = rng.random((m, n)) < 0.5 if task.masked else None
             problem = lorakern.Problem(W0, Y, loss=task.loss, mask=mask)
-            B, A = lorakern.init_adapters(m, n, rank=r, dtype=dtype, seed=1, init="gaussian")
-            for step_size in ("theorem", "certified", "armijo"):
-                lorakern.fit(problem, B, A, steps=2, device="cpu", step_size=step_size)
+            # a rank of 4 and one not a multiple of 4: the gradients the certified step's
+            # quartic reads are then C-contiguous and strided, two signatures
+            for r in (3, 4):
+                B, A = lorakern.init_adapters(m, n, rank=r, dtype=dtype, seed=1, init="gaussian")
+                for step_size in ("theorem", "certified", "armijo"):
+                    lorakern.fit(problem, B, A, steps=2, device="cpu", step_size=step_size)
         else:
             strategies = ("moments", "gram", "tiles") if task.loss == "squared" else ("gram", "tiles")
             # N m min(N, n) on each side of _cpu/linear.py's SERIAL_WORK: serial loops, BLAS tiles
