@@ -43,7 +43,9 @@ ENABLED = os.environ.get("LORAKERN_QUIET_BLAS", "1") != "0"
 #: passes of fewer flops (6 m n r for the matrix kind) are left alone: the shutdown and the
 #: restart of the threads cost ~0.1 ms together, under 2 % of a pass this large
 MIN_FLOPS = 4e8
-#: the prefix of lorakern's pool threads (workers.py), which never call BLAS
+#: the prefix of lorakern's threads: the pool's (workers.py), which call BLAS only inside a
+#: pass that the caller waits for (linear.on_workers), never while ``quiet`` runs, and a
+#: compile's (compiling.py), which never does
 POOL_PREFIX = "lorakern-cpu"
 
 _found: list | None = None  # (blas_thread_shutdown_, blas_cpu_number) of each OpenBLAS, once
