@@ -138,7 +138,10 @@ def _cmd_warmup(args, parser) -> int:
                          "(add --kind linear)")
     else:
         tasks = DEFAULT_TASKS
-    warm(tasks, jobs=args.jobs)
+    try:
+        warm(tasks, jobs=args.jobs)
+    except KeyboardInterrupt:  # warm said what was done; no traceback
+        return 130
     return 0
 
 

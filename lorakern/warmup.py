@@ -15,9 +15,9 @@ kernels are cached already only loads them (about a second).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 
@@ -106,6 +106,12 @@ def run_task(task: Task) -> tuple[Task, float]:
     return task, time.perf_counter() - start
 
 
+def _leave_sigint_to_the_parent() -> None:
+    """A worker ignores Ctrl-C (the terminal sends it to the whole process group): the
+    parent ends the workers at once (Pool.terminate) and says what was done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def warm(tasks=DEFAULT_TASKS, jobs: int | None = None, progress=sys.stderr) -> dict[Task, float]:
     """Run ``tasks`` in ``jobs`` processes at once (default: the cores this process may use),
     showing one progress line on ``progress`` (None: silent); {task: seconds}."""
@@ -129,11 +135,19 @@ def warm(tasks=DEFAULT_TASKS, jobs: int | None = None, progress=sys.stderr) -> d
 
     show("")
     # spawn, not fork: a fresh interpreter per worker, whatever threads this one has
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-        for future in as_completed([pool.submit(run_task, task) for task in tasks]):
-            task, seconds = future.result()
+    pool = get_context("spawn").Pool(jobs, initializer=_leave_sigint_to_the_parent)
+    try:
+        for task, seconds in pool.imap_unordered(run_task, tasks):
             done[task] = seconds
             show(f" (last: {task}, {seconds:.1f} s)")
+        pool.close()
+    except BaseException:  # Ctrl-C: the workers are ended at once, not waited for
+        pool.terminate()
+        if progress is not None:
+            progress.write(f"\nlorakern warmup: stopped; the {len(done)} finished are cached\n")
+        raise
+    finally:
+        pool.join()
     if progress is not None:
         progress.write("\n")
         progress.flush()

@@ -509,3 +509,30 @@ def test_warmup_tasks():
 def test_warmup_bad_arguments_exit_2(capsys, argv, message):
     code, out, err = run_main(capsys, *argv)
     assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_warmup_stops_at_ctrl_c(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) ends `lorakern warmup` and
+    its worker processes at once: exit code 130, a line saying so, no traceback."""
+    import signal
+    import time
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from lorakern.cli import main; raise SystemExit(main(['warmup']))")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        time.sleep(4.0)  # the workers start and compile (the whole set takes far longer)
+        assert child.poll() is None, child.communicate()
+        sent = time.perf_counter()
+        os.killpg(child.pid, signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+        waited = time.perf_counter() - sent
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+    assert child.returncode == 130 and "lorakern warmup: stopped" in err, err
+    assert "Traceback" not in err and waited < 5, (waited, err)
