@@ -17,7 +17,11 @@ from __future__ import annotations
 import sys
 import threading
 
-from numba._dispatcher import compute_fingerprint
+try:  # Numba's C function behind its own dispatch (not public API: checked, with a fallback)
+    from numba._dispatcher import compute_fingerprint
+except ImportError:  # pragma: no cover - a Numba without it: every check takes typeof's path
+    def compute_fingerprint(value):
+        raise TypeError("no fingerprints in this Numba")
 
 from .. import _interrupt
 
