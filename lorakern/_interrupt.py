@@ -29,6 +29,16 @@ import sys
 import threading
 
 
+_active: "DeferredInterrupt | None" = None  # the installed handler's block, if any
+
+
+def stop_requested() -> bool:
+    """Whether a fit's first Ctrl-C has asked its loop to stop (what a wait that cannot end
+    at a step boundary, such as a kernel compile (_cpu/compiling.py), polls)."""
+    block = _active
+    return block is not None and block.requested
+
+
 class FitInterrupted(UserWarning):
     """fit was stopped by Ctrl-C (SIGINT) and returned the steps it had taken."""
 
@@ -52,13 +62,15 @@ class DeferredInterrupt:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         except ValueError:  # not the main interpreter: signals are not ours to set
             return self
-        self.installed = True
+        global _active
+        self.installed, _active = True, self
         return self
 
     def __exit__(self, *exc) -> None:
+        global _active
         if self.installed:
             signal.signal(signal.SIGINT, self._previous)
-            self.installed = False
+            self.installed, _active = False, None
 
     def _handle(self, signum, frame):
         if self.requested:

@@ -142,6 +142,27 @@ def _cmd_bench(args, parser) -> int:
     return 0
 
 
+# -- warmup ------------------------------------------------------------------------------
+
+def _cmd_warmup(args, parser) -> int:
+    from .warmup import DEFAULT_TASKS, tasks_for, warm
+
+    named = (args.kinds, args.losses, args.dtypes) != (None, None, None) or args.mask
+    if named:
+        tasks = tasks_for(args.kinds or ["matrix"], args.losses or ["squared"],
+                          args.dtypes or ["float32"], args.mask)
+        if not tasks:
+            parser.error("nothing to compile: the matrix kind has no cross_entropy loss "
+                         "(add --kind linear)")
+    else:
+        tasks = DEFAULT_TASKS
+    try:
+        warm(tasks, jobs=args.jobs)
+    except KeyboardInterrupt:  # warm said what was done; no traceback
+        return 130
+    return 0
+
+
 # -- the parser --------------------------------------------------------------------------
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -166,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  lorakern demo --observed 0.3 --plot demo.png\n  lorakern bench --m 1024 --ranks 4 16",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lorakern {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,warmup}")
 
     demo = sub.add_parser(
         "demo", help="fit a built-in synthetic problem and check the paper's inequalities",
@@ -240,6 +261,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--peer", default=None, metavar="NAME",
                        help="the implementation the ratios are against (default: numpy)")
     bench.set_defaults(run=_cmd_bench, parser=bench)
+
+    warmup = sub.add_parser(
+        "warmup", help="compile the CPU kernels ahead of time into the on-disk cache",
+        description="Compile the kernels that first fits of the named kinds, losses and dtypes "
+                    "use, one process per (kind, loss, dtype, mask) and as many at once as "
+                    "there are cores, into the on-disk cache that later processes load "
+                    "(lorakern.warmup). Without options: what the README's examples use "
+                    "(matrix squared float32 and float64, huber, a mask; linear cross_entropy); "
+                    "with any, the product of --kind, --loss and --dtype (defaults matrix, "
+                    "squared, float32), masked too with --mask.",
+        formatter_class=_Help)
+    warmup.add_argument("--kind", dest="kinds", nargs="+", choices=("matrix", "linear"),
+                        default=None, help="problem kinds")
+    warmup.add_argument("--loss", dest="losses", nargs="+", default=None,
+                        choices=sorted(set(LOSSES) | {"cross_entropy"}), help="losses")
+    warmup.add_argument("--dtype", "--dtypes", dest="dtypes", nargs="+", default=None,
+                        choices=("float32", "float64"), help="data types")
+    warmup.add_argument("--mask", action="store_true",
+                        help="also the masked kernels (matrix completion; the matrix kind)")
+    warmup.add_argument("--jobs", type=_positive_int, default=None,
+                        help="processes at once (default: the cores)")
+    warmup.set_defaults(run=_cmd_warmup, parser=warmup)
     return parser
 
 

@@ -70,6 +70,24 @@ for _ in range(400):
     blas_threads.quiet(big)
 out["rss_growth_kib"] = rss_kib() - rss
 
+# one_thread: OpenBLAS on one thread inside, no thread started or ended, the count put back
+before = openblas()
+first = a @ b
+tasks_before = tasks()
+with blas_threads.one_thread() as done:
+    out["one_thread_done"] = done
+    out["one_thread_inside"] = openblas()
+    out["one_thread_same_bits"] = (a @ b).tobytes() == first.tobytes()
+    out["one_thread_tasks"] = tasks() - tasks_before
+out["one_thread_after"] = openblas() == before
+event = threading.Event()
+other = threading.Thread(target=event.wait)
+other.start()
+with blas_threads.one_thread() as done:
+    out["one_thread_with_other_thread"] = done
+event.set()
+other.join()
+
 # a fit large enough to do it, with a NumPy product between its steps, against one without it
 calls = []
 quiet = blas_threads.quiet
@@ -123,6 +141,63 @@ def test_never_beside_another_python_thread(pthreads_openblas):
     r = pthreads_openblas
     assert r["with_other_thread"] is False
     assert r["tasks_other_thread"] == r["tasks_running"] + 1  # the pool left running
+
+
+def test_one_thread(pthreads_openblas):
+    """Inside one_thread OpenBLAS reports one thread and computes the same bits; no thread is
+    started or ended; the count comes back; beside another Python thread it is not done."""
+    r = pthreads_openblas
+    assert r["one_thread_done"] is True
+    assert [n for _, n in r["one_thread_inside"]] == [1] * len(r["openblas"]), r
+    assert r["one_thread_same_bits"] and r["one_thread_tasks"] == 0 and r["one_thread_after"], r
+    assert r["one_thread_with_other_thread"] is False
+
+
+LINEAR = r"""
+import hashlib, json, sys
+import numpy as np
+import lorakern
+from lorakern._cpu import blas_threads, workers
+from lorakern._dispatch import bind
+from lorakern.testing import random_linear_data
+
+digests = {}
+# sizes above _cpu/linear.py's SERIAL_WORK: the exact norm's BLAS tiles on the workers
+for strategy, (N, n, m, r) in (("moments", (64, 520, 512, 8)), ("gram", (300, 160, 150, 4)),
+                               ("tiles", (300, 160, 150, 4))):
+    rng = np.random.default_rng([N, n, m, r])
+    X, Y, W0 = random_linear_data(rng, N, n, m, np.float32, loss="squared")
+    B = (0.1 * rng.standard_normal((m, r))).astype(np.float32)
+    A = (0.1 * rng.standard_normal((r, n))).astype(np.float32)
+    problem = lorakern.LinearProblem(X, Y, W0, norm_strategy=strategy)
+    if strategy == "moments":  # made once, by BLAS's own threads: not what is compared here
+        with blas_threads.one_thread():
+            problem.moments
+    engine = bind(problem, "cpu")
+    for count in (workers.count(), 1, 3):
+        workers.count = lambda count=count: count
+        p = engine.fused_pass(engine.asarray(B), engine.asarray(A))
+        digests[f"{strategy} workers {count}"] = float(p.g_sq).hex()
+print(json.dumps(digests))
+"""
+
+
+def test_linear_norm_does_not_depend_on_blas_threads():
+    """The linear kind's exact norm (moments, Gram, tiles, on the BLAS path) gives the same bits
+    with OpenBLAS's default threads and with OPENBLAS_NUM_THREADS=1, on 1, 3 or all workers.
+    (The moments C0 and Sigma, made once per problem by threaded BLAS products, can differ in
+    the last bit between thread counts; the script makes them on one thread in both runs.)"""
+    import os
+
+    runs = []
+    for env in ({}, {"OPENBLAS_NUM_THREADS": "1"}):
+        proc = subprocess.run([sys.executable, "-c", LINEAR], capture_output=True, text=True,
+                              timeout=600, cwd=ROOT, env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert runs[0] == runs[1], runs
+    for strategy in ("moments", "gram", "tiles"):
+        assert len({v for k, v in runs[0].items() if k.startswith(strategy)}) == 1, runs[0]
 
 
 def test_small_passes_left_alone(pthreads_openblas):

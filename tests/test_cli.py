@@ -1,4 +1,5 @@
-"""The command line: `lorakern demo` and `lorakern bench`, run in-process through cli.main.
+"""The command line: `lorakern demo`, `lorakern bench` and `lorakern warmup`, run in-process
+through cli.main (warmup's cache also from subprocesses).
 
 Most demo runs use device="reference" (NumPy): they test the command, not the kernels, and
 need no Numba compile. One run and the plot use the CPU backend with the squared float32
@@ -534,3 +535,95 @@ def test_the_certified_step_says_what_it_runs_on_the_device():
         pytest.skip("no g++ for the CUDA host emulation")
     on_cuda = demo.describe_policy(lorakern.Certified(), problem, emulation.device())
     assert "backtracking (halving) line search" in on_cuda and "step by step from the host" in on_cuda
+
+
+# ---- warmup ----------------------------------------------------------------------------------
+COUNT_COMPILES = """
+import sys, numpy as np, lorakern
+from numba.core import event
+
+compiled = []
+class Count(event.Listener):
+    def on_start(self, ev):
+        compiled.append(ev.data["dispatcher"].py_func.__qualname__)
+    def on_end(self, ev):
+        pass
+event.register("numba:compile", Count())
+rng = np.random.default_rng(5)
+W0 = rng.standard_normal((70, 50)); Y = rng.standard_normal((70, 50))
+problem = lorakern.Problem(W0, Y, loss="huber", delta=0.5)
+B, A = lorakern.init_adapters(70, 50, rank=4, dtype=np.float64, seed=2, init="gaussian")
+for step_size in ("theorem", "certified", "armijo"):
+    lorakern.fit(problem, B, A, steps=3, device="cpu", step_size=step_size)
+print("compiled:", ",".join(compiled))
+"""
+
+
+def test_warmup_fills_the_cache_a_second_process_reads(tmp_path):
+    """`lorakern warmup` for one family (matrix huber float64) in a fresh cache: it reports
+    its progress, and a second process fitting such a problem (another shape, each step
+    size) compiles nothing. Without the warmup the same process does compile (the count
+    is not vacuous)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    cold = subprocess.run([sys.executable, "-c", COUNT_COMPILES], capture_output=True, text=True,
+                          env={**env, "NUMBA_CACHE_DIR": str(tmp_path / "empty")}, timeout=600)
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    assert "work" in cold.stdout.split("compiled:")[1].strip().split(","), cold.stdout  # the kernel
+
+    warm = subprocess.run([sys.executable, "-m", "lorakern", "warmup", "--kind", "matrix", "--loss",
+                           "huber", "--dtype", "float64"], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=tmp_path)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert "1/1 compiled" in warm.stderr and "matrix huber float64" in warm.stderr, warm.stderr
+
+    after = subprocess.run([sys.executable, "-c", COUNT_COMPILES], capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert after.returncode == 0, after.stderr[-3000:]
+    assert after.stdout.strip() == "compiled:", after.stdout
+
+
+def test_warmup_tasks():
+    from lorakern.warmup import DEFAULT_TASKS, Task, tasks_for
+
+    got = tasks_for(["matrix", "linear"], ["squared", "cross_entropy"], ["float64"], mask=True)
+    assert got == [Task("matrix", "squared", "float64"), Task("matrix", "squared", "float64", True),
+                   Task("linear", "squared", "float64"), Task("linear", "cross_entropy", "float64")]
+    assert Task("linear", "cross_entropy", "float32") in DEFAULT_TASKS
+    assert str(Task("matrix", "huber", "float32", True)) == "matrix huber float32 masked"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["warmup", "--kind", "matrix", "--loss", "cross_entropy"], "nothing to compile"),
+    (["warmup", "--dtype", "float16"], "invalid choice"),
+    (["warmup", "--jobs", "0"], "positive integer")])
+def test_warmup_bad_arguments_exit_2(capsys, argv, message):
+    code, out, err = run_main(capsys, *argv)
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_warmup_stops_at_ctrl_c(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) ends `lorakern warmup` and
+    its worker processes at once: exit code 130, a line saying so, no traceback."""
+    import signal
+    import time
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from lorakern.cli import main; raise SystemExit(main(['warmup']))")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        time.sleep(4.0)  # the workers start and compile (the whole set takes far longer)
+        assert child.poll() is None, child.communicate()
+        sent = time.perf_counter()
+        os.killpg(child.pid, signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+        waited = time.perf_counter() - sent
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+    assert child.returncode == 130 and "lorakern warmup: stopped" in err, err
+    assert "Traceback" not in err and waited < 5, (waited, err)

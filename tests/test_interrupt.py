@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -423,3 +424,51 @@ def test_sigint_from_outside(tmp_path):
     assert_bitwise(got["final_loss"], np.float64(want.final_loss), "final_loss")
     assert_bitwise(got["loss"], want.history.loss, "history.loss")
     assert_bitwise(got["eta"], want.history.eta, "history.eta")
+
+
+COMPILING_CHILD = textwrap.dedent("""
+    import signal, sys, time
+    import numpy as np
+    import lorakern
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # not the SIG_IGN a background parent passes on
+    rng = np.random.default_rng(0)
+    W0 = rng.standard_normal((40, 30)).astype(np.float32)
+    Y = rng.standard_normal((40, 30)).astype(np.float32)
+    B, A = lorakern.init_adapters(40, 30, rank=3, dtype=np.float32, seed=1)
+    problem = lorakern.Problem(W0, Y, loss=sys.argv[1])
+    print("compiling", flush=True)
+    start = time.perf_counter()
+    try:
+        lorakern.{call}
+    finally:
+        print(f"left after {{time.perf_counter() - start:.2f}} s", flush=True)
+    print("done", flush=True)
+""")
+
+
+@pytest.mark.parametrize("call", ["fit(problem, B, A, steps=3, device='cpu')",
+                                  "step(problem, B, A, device='cpu')"], ids=["fit", "step"])
+def test_sigint_during_a_compile(tmp_path, call):
+    """Ctrl-C while the first step's kernel compiles (an empty Numba cache: seconds of
+    compiling) ends the process within a second or two, with a KeyboardInterrupt, in fit
+    (whose handler defers the first Ctrl-C to a step boundary) and in step (Python's)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    child = subprocess.Popen([sys.executable, "-c", COMPILING_CHILD.format(call=call), "huber"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             cwd=tmp_path)
+    try:
+        assert child.stdout.readline().strip() == "compiling", child.stderr.read()
+        time.sleep(1.0)  # into the compile, which takes several seconds from an empty cache
+        assert child.poll() is None, "the compile ended within a second: nothing was tested"
+        sent = time.perf_counter()
+        child.send_signal(signal.SIGINT)
+        stdout, stderr = child.communicate(timeout=60)
+        waited = time.perf_counter() - sent
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert "KeyboardInterrupt" in stderr and "done" not in stdout, (stdout, stderr)
+    assert waited < 2.5, f"the process took {waited:.2f} s to stop after SIGINT"

@@ -121,7 +121,8 @@ def work(counter, X, Z0, Yl, cls, A, Bt, delta, zero, with_grad, store, D, parts
                         loss_sum += value
                         d_sq += g * g
                 if store:
-                    D[i, :] = row
+                    for j in range(m):  # a loop, not D[i, :] = row (kernels.COPY_BY_LOOP)
+                        D[i, j] = row[j]
             if not with_grad:
                 continue
             # ---- phases 2 and 3 in one sweep per rank k, sharing the loads of Delta:

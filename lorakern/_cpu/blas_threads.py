@@ -16,6 +16,20 @@ while no Python thread exists but the caller and lorakern's own pool (one that m
 inside OpenBLAS at that moment could deadlock with the shutdown; Dask workers, Jupyter and
 threaded programs therefore never get it). ``ENABLED = False``, or LORAKERN_QUIET_BLAS=0 in
 the environment, turns it off.
+
+``one_thread`` is the other half: a block in which every OpenBLAS call runs on its caller's
+thread alone, under the same conditions. The linear kind's exact norm runs its products in
+it, tile by tile on lorakern's own workers (_cpu/linear.py). A threaded OpenBLAS call splits
+its work evenly between its threads and its caller spins until the last is done: with
+another process busy on one of 2 cores, (8 x 1024) @ (1024 x 1024) in float64 took 24 ms
+on 2 threads against 0.75 ms on one, (16 x 4096) @ (4096 x 4096) 85-92 ms against 20-24
+(benchmarks/NOTES.md, "The linear kind on a busy machine"); lorakern's workers take tiles
+from a counter, so a worker whose core is busy takes fewer. The block writes OpenBLAS's
+``blas_cpu_number`` (the count each call reads, through ``num_cpu_avail``; what
+``openblas_get_num_threads`` returns) and puts it back: ``openblas_set_num_threads`` would
+start the threads that ``quiet`` ended, and a new thread spins before it sleeps, and on a
+busy core each start and end waits for a time slice (a step of the small case of
+benchmarks/linear_threads.py took 3x longer that way).
 """
 from __future__ import annotations
 
@@ -23,15 +37,18 @@ import ctypes
 import os
 import sys
 import threading
+from contextlib import contextmanager
 
 ENABLED = os.environ.get("LORAKERN_QUIET_BLAS", "1") != "0"
 #: passes of fewer flops (6 m n r for the matrix kind) are left alone: the shutdown and the
 #: restart of the threads cost ~0.1 ms together, under 2 % of a pass this large
 MIN_FLOPS = 4e8
-#: the prefix of lorakern's pool threads (workers.py), which never call BLAS
+#: the prefix of lorakern's threads: the pool's (workers.py), which call BLAS only inside a
+#: pass that the caller waits for (linear.on_workers), never while ``quiet`` runs, and a
+#: compile's (compiling.py), which never does
 POOL_PREFIX = "lorakern-cpu"
 
-_shutdowns: list | None = None  # blas_thread_shutdown_ of each OpenBLAS found, once
+_found: list | None = None  # (blas_thread_shutdown_, blas_cpu_number) of each OpenBLAS, once
 _lock = threading.Lock()
 
 
@@ -62,6 +79,8 @@ def _symbol(lib, stem: str):
 
 
 def _find() -> list:
+    """(blas_thread_shutdown_, its blas_cpu_number as a ctypes int or None) of each pthreads
+    OpenBLAS in the process."""
     found = []
     for path in _openblas_paths():
         try:
@@ -75,8 +94,21 @@ def _find() -> list:
         if parallel() != 1:  # 0: single-threaded build, 2: OpenMP threads (not OpenBLAS's own)
             continue
         shutdown.restype = ctypes.c_int
-        found.append(shutdown)
+        try:
+            count = ctypes.c_int.in_dll(lib, "blas_cpu_number")
+        except ValueError:  # not exported by this build: one_thread is not done
+            count = None
+        found.append((shutdown, count))
     return found
+
+
+def _openblas() -> list:
+    global _found
+    if _found is None:
+        with _lock:
+            if _found is None:
+                _found = _find()
+    return _found
 
 
 def _alone() -> bool:
@@ -89,15 +121,32 @@ def _alone() -> bool:
 def quiet(flops: float) -> bool:
     """End OpenBLAS's idle threads before a pass of ``flops``, where that is safe and worth
     it; whether it was done."""
-    global _shutdowns
     if not ENABLED or flops < MIN_FLOPS:
         return False
-    if _shutdowns is None:
-        with _lock:
-            if _shutdowns is None:
-                _shutdowns = _find()
-    if not _shutdowns or not _alone():
+    found = _openblas()
+    if not found or not _alone():
         return False
-    for shutdown in _shutdowns:
+    for shutdown, _ in found:
         shutdown()
     return True
+
+
+@contextmanager
+def one_thread():
+    """``with one_thread() as done:`` every OpenBLAS call of the block runs on its caller's
+    thread alone, where that is safe (Linux, a pthreads OpenBLAS that exports
+    ``blas_cpu_number``, no Python thread but this one and lorakern's pool, ENABLED);
+    ``done`` says whether it was done. OpenBLAS's threads are neither started nor ended; its
+    count is put back on leaving, whatever happens inside."""
+    found = _openblas() if ENABLED else []
+    if not found or any(count is None for _, count in found) or not _alone():
+        yield False
+        return
+    before = [count.value for _, count in found]
+    for _, count in found:
+        count.value = 1
+    try:
+        yield True
+    finally:
+        for (_, count), value in zip(found, before):
+            count.value = value

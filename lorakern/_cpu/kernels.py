@@ -298,6 +298,12 @@ def squared_pointwise(t, y, delta):
     return 0.5 * t * t, t
 
 
+#: COPY_BY_LOOP. The kernels copy arrays with loops, never ``dst[:] = src``: Numba compiles an
+#: array-to-slice assignment with its shape-mismatch error message, an f-string of the two
+#: shapes, which drags Numba's whole string implementation (str, join, repr of ints) into the
+#: kernel's compile: 7.5 s of a first squared fp32 kernel's 19 s and 4.4 s of the linear
+#: kind's first compile (issue 31; a scalar fill such as ``out[:] = 0.0`` does not do it).
+
 # ---- the merge: partials added in unit order, by the thread that finishes a tile's or a
 # panel's last unit; the norms of each tile and panel in float64 -----------------------------
 
@@ -309,7 +315,9 @@ def merge_tile(gA_parts, Ap, grad_A, j0, j1, norms):
     v_sq = 0.0
     for k in range(grad_A.shape[0]):
         dst = grad_A[k, j0:j1]
-        dst[:] = gA_parts[0, k, j0:j1]
+        first = gA_parts[0, k, j0:j1]
+        for j in range(j1 - j0):  # a loop, not dst[:] = ...: see COPY_BY_LOOP
+            dst[j] = first[j]
         for p in range(1, gA_parts.shape[0]):
             src = gA_parts[p, k, j0:j1]
             for j in range(j1 - j0):
@@ -330,7 +338,9 @@ def merge_panel(gB_parts, Bp, grad_B, i0, i1, norms):
     v_sq = 0.0
     for i in range(i0, i1):
         dst = grad_B[i]
-        dst[:] = gB_parts[0, i]
+        first = gB_parts[0, i]
+        for k in range(r4):  # a loop, not dst[:] = ...: see COPY_BY_LOOP
+            dst[k] = first[k]
         for q in range(1, gB_parts.shape[0]):
             src = gB_parts[q, i]
             for k in range(r4):

@@ -9,6 +9,10 @@ One fused pass at V = (B, A), the problem's Z0 = X W0^T (- Y) prepared once:
     ||G||_F^2              exact (problem.norm_strategy_for("cpu", r)) or the certified bound
 
 so X and Z0 are read once, the gradients cost O(N r (m + n)) and no m x n matrix is formed.
+The exact norm's BLAS products run tile by tile on the same workers, each on one OpenBLAS
+thread (``on_workers``, blas_threads.one_thread): on OpenBLAS's own threads, which split a
+product evenly and spin while they wait, a step took up to 66x its one-thread time with
+another process busy on one of 2 cores (benchmarks/NOTES.md, 2026-12-07).
 The exact norm ||Delta^T X||_F^2 comes either from Delta, which the sweep then keeps (N x m, a
 workspace made once): as <Delta Delta^T, X X^T> (a syrk, N^2 m / 2 multiply-adds, against the
 float64 X X^T) or from column tiles of Delta^T X (N m n), each squared and discarded; or, for
@@ -17,13 +21,15 @@ tiles of B (A Sigma); the kept C0 is the only m x n matrix), without Delta.
 """
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import numpy as np
 
 from .._host import ordered_sum
 from ..results import PassResult
-from . import linear_kernels as lk, workers
+from . import blas_threads, linear_kernels as lk, workers
+from .compiling import call
 
 #: rows per part of the sweep, at least; at most MAX_PARTS parts. The parts, not the
 #: threads, fix the order of the sums, so the result does not depend on the thread count.
@@ -37,8 +43,11 @@ MAX_PARTS = 64
 #: on two on this shared 2-core machine)
 SERIAL_WORK = 1 << 22
 #: columns of X per tile of Delta^T X in the "tiles" norm strategy (an m x NORM_TILE block),
-#: and rows per tile of C0 + B (A Sigma) in the "moments" one (NORM_TILE x n, float64)
-NORM_TILE = 512
+#: rows per tile of C0 + B (A Sigma) and columns of A Sigma in the "moments" one
+#: (NORM_TILE x n, float64), rows of the blocks of Delta Delta^T in the "gram" one. The tiles
+#: are the work units of the exact norm's workers, each product on one BLAS thread
+#: (``on_workers``): 256 gives 2 tiles at n = 512 and 16 at 4096.
+NORM_TILE = 256
 
 
 def prepare(problem, device):
@@ -87,8 +96,8 @@ def _sweep(problem, data, B, A, with_grad: bool, store: bool):
     gBt = gA = None
     if with_grad:
         gBt, gA = np.empty((r4, m), dt), np.empty((r4, n), dt)
-        lk.merge(parts_B, gBt)
-        lk.merge(parts_A, gA)
+        call(lk.merge, parts_B, gBt)
+        call(lk.merge, parts_A, gA)
     return gBt, gA, loss_sum / N, d_sq
 
 
@@ -116,14 +125,23 @@ def moments_norm_sq(C0, Sigma, B, A) -> float:
     r = B.shape[1]
     B64, A64 = B.astype(np.float64), A.astype(np.float64)
     if r * n * (n + m) < SERIAL_WORK:
-        return lk.moments_norm_sq(C0, Sigma, B64, A64)
-    AS = A64 @ Sigma
-    total = 0.0
-    for i0 in range(0, m, NORM_TILE):
-        T = B64[i0:i0 + NORM_TILE] @ AS    # rows i0.. of B (A Sigma)
-        T += C0[i0:i0 + NORM_TILE]         # ... of N G = C0 + B A Sigma
-        total += lk.sq_sum(T)
-    return total
+        return call(lk.moments_norm_sq, C0, Sigma, B64, A64)
+    AS = np.empty((r, n))
+
+    def columns_of_AS(t):                  # A Sigma, columns t NORM_TILE..
+        cols = slice(t * NORM_TILE, (t + 1) * NORM_TILE)
+        AS[:, cols] = A64 @ Sigma[:, cols]
+        return 0.0
+
+    def tile_sq(t):
+        rows = slice(t * NORM_TILE, (t + 1) * NORM_TILE)
+        T = B64[rows] @ AS                 # rows t NORM_TILE.. of B (A Sigma)
+        T += C0[rows]                      # ... of N G = C0 + B A Sigma
+        return call(lk.sq_sum, T)
+
+    with blas_threads.one_thread() as alone:
+        on_workers(columns_of_AS, -(-n // NORM_TILE), alone, 2.0 * r * n * n)
+        return on_workers(tile_sq, -(-m // NORM_TILE), alone, 2.0 * m * n * r)
 
 
 def delta_x_norm_sq(D, X, K=None) -> float:
@@ -138,14 +156,49 @@ def delta_x_norm_sq(D, X, K=None) -> float:
     small = N * m * min(N, X.shape[1]) < SERIAL_WORK  # serial loops, no BLAS threads
     if K is not None:
         if small:
-            return lk.gram_norm_sq(D, K)
-        return lk.frob_dot(D @ D.T, K)  # <Delta Delta^T, X X^T>
-    if small:
-        return lk.tiles_norm_sq(D, X, NORM_TILE)
-    total = 0.0
-    for j0 in range(0, X.shape[1], NORM_TILE):
-        total += lk.sq_sum(D.T @ X[:, j0:j0 + NORM_TILE])  # an m x NORM_TILE tile of Delta^T X
-    return total
+            return call(lk.gram_norm_sq, D, K)
+        # <Delta Delta^T, K> by blocks (I, J), J <= I, of NORM_TILE rows: K and Delta Delta^T
+        # are symmetric, so a block below the diagonal counts twice (an exact doubling)
+        tiles = -(-N // NORM_TILE)
+        blocks = [(i, j) for i in range(tiles) for j in range(i + 1)]
+
+        def block(t):
+            i0, j0 = blocks[t][0] * NORM_TILE, blocks[t][1] * NORM_TILE
+            S = D[i0:i0 + NORM_TILE] @ D[j0:j0 + NORM_TILE].T   # a block of Delta Delta^T
+            return (1.0 if i0 == j0 else 2.0) * call(lk.block_dot, S, K, i0, j0)
+
+        flops = 1.0 * N * N * m
+    else:
+        if small:
+            return call(lk.tiles_norm_sq, D, X, NORM_TILE)
+        blocks = range(0, X.shape[1], NORM_TILE)
+
+        def block(t):                      # an m x NORM_TILE tile of Delta^T X, squared
+            j0 = blocks[t]
+            return call(lk.sq_sum, D.T @ X[:, j0:j0 + NORM_TILE])
+
+        flops = 2.0 * N * m * X.shape[1]
+    with blas_threads.one_thread() as alone:
+        return on_workers(block, len(blocks), alone, flops)
+
+
+def on_workers(tile, count: int, alone: bool, flops: float) -> float:
+    """The float64 sum, in tile order, of ``tile(t)`` for t < count: the tiles taken from a
+    counter by the pool's workers (workers.run) when ``alone`` (inside
+    blas_threads.one_thread: each product on its worker's thread), else all on this thread
+    with BLAS's own threads. The tiles, not the workers, fix the order of the sums and each
+    product's bits, so the result does not depend on the thread count."""
+    sums = np.zeros(count)
+    next_tile = itertools.count().__next__   # atomic under the GIL
+
+    def work():
+        t = next_tile()
+        while t < count:
+            sums[t] = tile(t)
+            t = next_tile()
+
+    workers.run(work, (), min(workers.count(), count) if alone else 1, flops)
+    return ordered_sum(sums)
 
 
 def fused_pass(problem, data, B, A, *, norm="exact"):
@@ -160,8 +213,8 @@ def fused_pass(problem, data, B, A, *, norm="exact"):
     g_sq = (exact_norm_sq(problem, data, B, A, strategy) / float(N) ** 2 if strategy
             else float(problem.norm_bound_sq(d_sq, J)))
     return PassResult(grad_B=grad_B, grad_A=grad_A, loss=J, g_sq=g_sq,
-                      grad_sq=lk.sq_sum(grad_B) + lk.sq_sum(grad_A),
-                      v_sq=lk.sq_sum(A) + lk.sq_sum(B))
+                      grad_sq=call(lk.sq_sum, grad_B) + call(lk.sq_sum, grad_A),
+                      v_sq=call(lk.sq_sum, A) + call(lk.sq_sum, B))
 
 
 def loss_pass(problem, data, B, A):

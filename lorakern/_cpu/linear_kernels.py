@@ -72,7 +72,10 @@ def sweep_kernel(loss):
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True)
 def merge(parts, out):
     """out = the sum of the parts' partials (parts[p] has out's shape), in part order."""
-    out[:, :] = parts[0]
+    first = parts[0]
+    for k in range(out.shape[0]):  # loops, not out[:, :] = parts[0] (kernels.COPY_BY_LOOP)
+        for j in range(out.shape[1]):
+            out[k, j] = first[k, j]
     for p in range(1, parts.shape[0]):
         part = parts[p]
         for k in range(out.shape[0]):
@@ -92,12 +95,12 @@ def sq_sum(a):
 
 
 @numba.njit(fastmath=FASTMATH, nogil=True, cache=True)
-def frob_dot(M, K):
-    """<M, K> = sum_ij M_ij K_ij in float64, in a fixed order."""
+def block_dot(S, K, i0, j0):
+    """<S, K[i0:, j0:] (S's shape)> in float64, in a fixed order: a block of <M, K>."""
     s = 0.0
-    for i in range(M.shape[0]):
-        for j in range(M.shape[1]):
-            s += np.float64(M[i, j]) * np.float64(K[i, j])
+    for i in range(S.shape[0]):
+        for j in range(S.shape[1]):
+            s += np.float64(S[i, j]) * K[i0 + i, j0 + j]
     return s
 
 

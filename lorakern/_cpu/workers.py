@@ -13,7 +13,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from . import blas_threads, threads
+from . import blas_threads, compiling, threads
 
 #: Workers of a pass: threads() of them, WORKERS_PER_CORE per core when threads() is every
 #: core of the machine. More workers than cores get a larger share of a core that another
@@ -55,6 +55,8 @@ def run(work, args, workers: int, flops: float = 0.0) -> None:
     kept between passes (its idle threads sleep; they never spin). A pass of ``flops``
     first ends OpenBLAS's idle threads where that is safe and worth it (blas_threads.py)."""
     global _pool
+    if hasattr(work, "overloads"):  # a Numba dispatcher: a first call compiles, stoppably
+        compiling.ensure(work, args)
     blas_threads.quiet(flops)
     futures = []
     if workers > 1:
