@@ -50,6 +50,7 @@ loading the cubin into a CUDA module (kept as bytes instead) and the per-device 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -268,6 +269,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     arch = args.arch
+    if not args.list and importlib.util.find_spec("cupy") is None:
+        print('precompile: CuPy is not installed (pip install ".[cuda]" in a clone of lorakern)',
+              file=sys.stderr)
+        return 2
     if arch is None and not args.list:
         arch = device_arch()
         if arch is None:
