@@ -32,14 +32,16 @@ Python API (for ci/gpu.sh's helpers)::
 
     from lorakern._cuda import launch, precompile
     report = precompile.precompile(list(launch.all_modules("sm_90")), jobs=16, arch="sm_90")
-    # report: {"modules", "compiled", "cached", "failed": [(label, log)], "seconds", "arch", "jobs"}
+    # report: {"modules", "compiled", "cached", "failed": [(label, log)], "seconds", "arch", "jobs",
+    #          "per_module": {label: s}, "cpu_per_module": {label: CPU s}}; summary(report): the line
 
 ``modules`` is any list of (label, code, names) as ``launch.all_modules`` yields them (extra
 modules such as gpu_probe.py's ``(label, launch.warp_source() + PROBE_SOURCE, NAMES)`` may be
 appended: the runtime compiles ``launch.keyed_source(code, names)`` with ``launch.OPTIONS``, and so
-does this). A GPU script should run it first, with its own time limit (about
-``modules x 1.7 s / jobs`` + 10 s of start-up on an H100 machine's CPUs; measured numbers in
-benchmarks/NOTES.md), then run the steps that load the modules.
+does this). A GPU script should run it first, with its own time limit, then the steps that load
+the modules. Cost: NVRTC 13.5 took 542 CPU-seconds for the 284 sm_90 modules (median 1.7 s, max
+5.6 s a module; benchmarks/NOTES.md, 2026-12-07), so about 35 s on 16 free cores plus a few
+seconds of start-up: give it a limit of 90-120 s.
 
 How it compiles without a GPU: the workers call CuPy's own compile path
 (``cupy._core.core.compile_with_cache``, what ``cupy.RawModule`` calls, with CuPy's options and an
