@@ -68,7 +68,8 @@ def test_trajectory_equals_fit_of_linear_problem(dtype, N, scaling):
         etas.append(opt.last.eta)
     root = math.sqrt(scaling)
     fit = lorakern.fit(lorakern.LinearProblem(X, Y, W0, lipschitz=L),
-                       (root * B0).astype(dtype), (root * A0).astype(dtype), steps=T, device="cpu")
+                       (root * B0).astype(dtype), (root * A0).astype(dtype), steps=T, device="cpu",
+                       step_size="theorem")
     factor = 1.0 if dtype == np.float64 else 10.0  # T steps of fp32 autograd against the sweep
     assert_close(np.array(etas), fit.history.eta, dtype, "eta", factor)
     assert_close(root * layer.lora_B.detach().numpy(), fit.B, dtype, "B", factor)
@@ -83,7 +84,8 @@ def test_first_step_numbers_equal_lorakern_step():
     opt = LoRAStepOptimizer(layer, lipschitz=2.0)
     loss_fn().backward()
     opt.step()
-    want = lorakern.step(lorakern.LinearProblem(X, Y, W0, lipschitz=2.0), B0, A0, device="cpu")
+    want = lorakern.step(lorakern.LinearProblem(X, Y, W0, lipschitz=2.0), B0, A0, device="cpu",
+                         step_size="theorem")
     for name in ("g_norm", "v_sq", "grad_sq", "eta"):
         assert_close(getattr(opt.last, name), getattr(want, name), np.float64, name)
 
@@ -233,7 +235,8 @@ def test_gradient_accumulation_sums_the_micro_batches():
     for rows in (slice(0, 25), slice(25, 40)):
         (0.5 * torch.sum((layer(tX[rows]) - tY[rows]) ** 2) / 40).backward()
     opt.step()
-    want = lorakern.step(lorakern.LinearProblem(X, Y, W0, lipschitz=1.0), B0, A0, device="cpu")
+    want = lorakern.step(lorakern.LinearProblem(X, Y, W0, lipschitz=1.0), B0, A0, device="cpu",
+                         step_size="theorem")
     assert_close(opt.last.g_norm, want.g_norm, np.float64, "||G||")
     assert_close(layer.lora_A.detach().numpy(), want.A, np.float64, "A")
 
@@ -300,7 +303,8 @@ def test_cuda_layers_use_the_cuda_norms():
     tX, tY = torch.from_numpy(X).cuda(), torch.from_numpy(Y).cuda()
     (0.5 * torch.sum((layer(tX) - tY) ** 2) / 40).backward()
     opt.step()
-    want = lorakern.step(lorakern.LinearProblem(X, Y, W0, lipschitz=1.0), B0, A0, device="cpu")
+    want = lorakern.step(lorakern.LinearProblem(X, Y, W0, lipschitz=1.0), B0, A0, device="cpu",
+                         step_size="theorem")
     assert_close(opt.last.g_norm, want.g_norm, np.float64, "||G||")
     assert_close(layer.lora_A.detach().cpu().numpy(), want.A, np.float64, "A")
 
