@@ -662,6 +662,9 @@ def table(out_dir: Path) -> str:
     calib = json.loads((out_dir / "calibrate.json").read_text()) if (out_dir / "calibrate.json").exists() else {}
     timing_ = json.loads((out_dir / "timing.json").read_text()) if (out_dir / "timing.json").exists() else {}
     lines = [f"# GPU probe, {calib.get('date', '?')}: {calib.get('device', {}).get('gpu', '?')}", ""]
+    steps = out_dir / "steps.txt"  # ci/gpu.sh's line per step: exit, seconds, limit, NVRTC misses
+    if steps.exists():
+        lines += [f"- {line.strip('= ')}" for line in steps.read_text().splitlines() if line.strip()] + [""]
     cvt, mma = calib.get("cvt", {}), calib.get("mma", {})
     lines += [f"- kernel cache: {calib.get('kernel_cache', {}).get('verdict', calib.get('kernel_cache'))}",
               f"- cvt.rna.tf32 over {cvt.get('inputs', '?')} inputs: {cvt.get('verdict', cvt.get('error', '?'))} "
@@ -721,12 +724,51 @@ def table(out_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def check_imports() -> list[str]:
+    """Every import statement of this file (the commands import inside their functions) resolved
+    here: a module or name that moved fails on this machine, not on the GPU's. CuPy and torch
+    are the GPU machine's (reported when absent here, not failed). Returns the problems."""
+    import ast
+    import importlib
+
+    optional = ("cupy", "torch")
+    problems = []
+    for node in ast.walk(ast.parse(Path(__file__).read_text())):
+        if isinstance(node, ast.Import):
+            pairs = [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            pairs = [(node.module, alias.name) for alias in node.names]
+        else:
+            continue
+        for module, name in pairs:
+            try:
+                found = importlib.import_module(module)
+                if name is not None and not hasattr(found, name):
+                    importlib.import_module(f"{module}.{name}")  # a submodule
+            except ImportError as exc:
+                if module.split(".")[0] in optional:
+                    print(f"gpu_probe dry run: {module} is not installed here (the GPU machine has it)")
+                else:
+                    problems.append(f"line {node.lineno}: {module}{'.' + name if name else ''}: {exc}")
+    return problems
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("calibrate", "timing", "linear", "table", "selftest", "sanitize"))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results/gpu-probe")))
+    parser.add_argument("--dry-run", action="store_true",
+                        help="no GPU: resolve every import of the commands; 'table' renders what --out holds")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.dry_run:
+        problems = check_imports()
+        for problem in problems:
+            print(f"gpu_probe dry run: cannot import {problem}")
+        if args.command == "table":
+            print(table(args.out))
+        print(f"gpu_probe dry run: {args.command}: {'ok' if not problems else 'FAILED'}")
+        sys.exit(1 if problems else 0)
     if args.command == "calibrate":
         calibrate(args.out)
     elif args.command == "timing":
