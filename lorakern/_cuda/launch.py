@@ -21,6 +21,7 @@ The tuning constants below are chosen on paper and by the compiler's register co
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -64,23 +65,37 @@ MMA_RANK_BOUNDS = (8, 16, 32, 64, 128)
 MMA_STAGES = (3, 2)
 
 # ---- compiled once per machine: CuPy's disk cache -----------------------------------------
-# NVRTC takes 1.5-2 s per module (one per dtype, loss, mask, rank bound and tile), so a module
+# NVRTC takes 1-2 s per module (one per dtype, loss, mask, rank bound and tile), so a module
 # must be compiled once per machine, not once per process. CuPy keeps each compiled module in
 # its kernel cache (``$CUPY_CACHE_DIR``, default ``~/.cupy/kernel_cache``; none when
-# ``CUPY_CACHE_IN_MEMORY=1``) under a hash of the source, the options, the architecture and
-# the NVRTC version. But CuPy *reads* that cache only for modules made without
-# ``name_expressions`` (cupy/cuda/compiler.py, _compile_with_cache_cuda: "We force recompiling
-# to retrieve C++ mangled names"), and our kernels are templates, named by name expressions.
-# So the first process compiles with the name expressions (CuPy writes the cubin to its cache)
-# and records their mangled names next to it (``lorakern-<digest>.names.json``); every later
-# process loads the module *without* name expressions (a cache hit: same source, same
-# options) and looks the kernels up by their mangled names. A stale or missing cache entry
-# (a kernel not found) falls back to compiling with the name expressions.
+# ``CUPY_CACHE_IN_MEMORY=1``) under a SHA-1 of the source, the options (CuPy adds
+# ``-ftz=true`` and its include directories; 13.x also ``--device-as-default-execution-space``
+# for NVRTC >= 12), the architecture, the NVRTC version and CuPy's header checksum. Our kernels
+# are templates, named by name expressions, and the two CuPy versions differ there
+# (cupy/cuda/compiler.py, _compile_with_cache_cuda):
+#
+# * CuPy >= 14 adds the sorted name expressions to the key and stores the mangled names in
+#   the entry (``_encode_cache_payload``): a module made with name expressions is read from the
+#   cache. We use that as it is (``native`` below).
+# * CuPy 13 keys by source and options only and *never reads* the cache for a module made with
+#   name expressions ("We force recompiling to retrieve C++ mangled names"). So the first
+#   process compiles with the name expressions (CuPy writes the cubin) and records the mangled
+#   names beside it (``lorakern-<digest>.names.json`` in CuPy's cache directory); every later
+#   process loads the module *without* name expressions (a cache hit: same source, same
+#   options) and looks the kernels up by their mangled names. A stale or missing entry (a
+#   kernel not found) falls back to compiling with the name expressions.
+#
+# One fused.cu serves every rank, tile and mask of a loss (and update<T> the squared loss's
+# source): on CuPy 13 those variants would share one cache key and overwrite each other's
+# entry. So NVRTC is given ``keyed_source(code, names)``: the module's source with its name
+# expressions appended as a comment, one key per variant on both versions.
 #
 # A hit needs the very same bytes in every process: module_source() and kernel_names() depend
 # only on the kernel files, the loss's body and the arguments (no dict order, id(), path, time or
-# float repr that could change), and OPTIONS is a constant; tests/test_cuda_compile.py checks
-# it in two processes with different hash seeds and working directories.
+# float repr that could change), and OPTIONS is a constant; tests/test_cuda_cache.py checks
+# it in two processes with different hash seeds and working directories, and
+# tests/test_cuda_cupy.py runs the loader through the real CuPy 13 and 14 cache code.
+# lorakern/_cuda/precompile.py fills the cache for a GPU run in parallel processes.
 
 
 def module_digest(code: str, names) -> str:
@@ -90,6 +105,79 @@ def module_digest(code: str, names) -> str:
         h.update(part.encode("utf-8"))
         h.update(b"\1")
     return h.hexdigest()
+
+
+def keyed_source(code: str, names) -> str:
+    """The source NVRTC compiles for a module: ``code`` with its name expressions appended as a
+    comment, so that each variant has a cache key of its own (CuPy 13 keys by source only)."""
+    return f"{code}\n// lorakern module: {'; '.join(names)}\n"
+
+
+def caches_name_expressions(compiler) -> bool:
+    """Whether this CuPy reads modules made with name expressions from its disk cache (CuPy
+    >= 14: the entry holds the mangled names, cupy/cuda/compiler.py _encode_cache_payload).
+    A feature probe, not a version test; where it errs (a later CuPy renames the helper) the
+    names-file path below still loads correctly, at one extra compile per process."""
+    return callable(getattr(compiler, "_encode_cache_payload", None))
+
+
+def cupy_cache_dir(compiler) -> Path | None:
+    """CuPy's kernel cache directory, or None where CuPy keeps none (CUPY_CACHE_IN_MEMORY) or
+    it cannot be told: 13.x has compiler.get_cache_dir(); 14.x dropped it (its disk backend
+    reads $CUPY_CACHE_DIR, default ~/.cupy/kernel_cache)."""
+    if os.environ.get("CUPY_CACHE_IN_MEMORY", "0") not in ("", "0"):
+        return None
+    try:
+        get = getattr(compiler, "get_cache_dir", None)
+        if callable(get):
+            return Path(get())
+        return Path(os.environ.get("CUPY_CACHE_DIR") or os.path.expanduser("~/.cupy/kernel_cache"))
+    except Exception:  # noqa: BLE001 - no cache directory: compile (the cache is an optimisation)
+        return None
+
+
+def names_path(cache_dir: Path | None, source: str, names) -> Path | None:
+    """Where the mangled names of a module are kept beside CuPy 13's cubin (None: nowhere)."""
+    if cache_dir is None:
+        return None
+    return cache_dir / f"lorakern-{module_digest(source, names)[:32]}.names.json"
+
+
+def read_names(path: Path | None, names) -> dict | None:
+    """The mangled names recorded at ``path`` for every name expression, or None (no file, a
+    partial or unreadable one)."""
+    if path is None:
+        return None
+    try:
+        mangled = json.loads(path.read_text())
+        if isinstance(mangled, dict) and all(isinstance(mangled.get(n), str) for n in names):
+            return {n: mangled[n] for n in names}
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def write_names(path: Path | None, mangled: dict) -> None:
+    """Record the mangled names (atomically: a temporary file renamed); a read-only or missing
+    cache directory records nothing (later processes then compile, as before)."""
+    if path is None:
+        return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(mangled, indent=0, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def count_entries(cache_dir: Path | None) -> int | None:
+    """Files in CuPy's cache directory (to tell a compile, which adds one, from a hit)."""
+    try:
+        return None if cache_dir is None else sum(1 for _ in os.scandir(cache_dir))
+    except OSError:
+        return None
 
 
 class CachedModule:
@@ -102,6 +190,7 @@ class CachedModule:
     def get_function(self, name: str):
         return self.raw.get_function(self.mangled[name])
 
+
 class CupyRuntime:
     """Kernels compiled by NVRTC through cupy.RawModule, launched on CuPy's current stream."""
 
@@ -110,12 +199,20 @@ class CupyRuntime:
 
     def __init__(self):
         import cupy
+        from cupy.cuda import compiler
 
         self.xp = cupy
         self._modules: dict = {}
-        #: modules loaded from CuPy's disk cache / compiled by NVRTC in this process
+        #: modules loaded from CuPy's disk cache / compiled by NVRTC in this process (where CuPy
+        #: caches name expressions itself: told apart by a new file in its cache directory)
         self.cache_hits = self.compiles = 0
         self._stream = None
+        self.native = caches_name_expressions(compiler)
+        self._compiler = compiler
+
+    @property
+    def cache_dir(self) -> Path | None:
+        return cupy_cache_dir(self._compiler)
 
     @cached_property
     def _attributes(self):
@@ -136,40 +233,43 @@ class CupyRuntime:
         return self._modules[key]
 
     def names_file(self, code: str, names) -> Path | None:
-        """Where the mangled names of this module are kept (CuPy's cache directory), or None
-        when CuPy keeps no disk cache."""
-        if os.environ.get("CUPY_CACHE_IN_MEMORY", "0") not in ("", "0"):
+        """Where the mangled names of this module are kept (CuPy 13: beside its cubin in CuPy's
+        cache directory), or None when they are not needed (CuPy >= 14 keeps them itself) or
+        CuPy keeps no disk cache."""
+        if self.native:
             return None
-        from cupy.cuda import compiler
-
-        return Path(compiler.get_cache_dir()) / f"lorakern-{module_digest(code, names)[:32]}.names.json"
+        return names_path(self.cache_dir, keyed_source(code, names), names)
 
     def _load(self, code: str, names: tuple[str, ...]):
         """The module from CuPy's disk cache where this machine compiled it before (see
-        "compiled once per machine" above), else compiled with the name expressions."""
+        "compiled once per machine" above), else compiled with the name expressions. Only
+        NVRTC's own errors (a kernel that does not compile) raise."""
+        source = keyed_source(code, names)
+        cache_dir = self.cache_dir
+        before = count_entries(cache_dir)
         path = self.names_file(code, names)
-        if path is not None and path.exists():
+        mangled = read_names(path, names)
+        if mangled is not None:
             try:
-                mangled = json.loads(path.read_text())
-                module = CachedModule(self.xp.RawModule(code=code, options=OPTIONS), mangled)
+                module = CachedModule(self.xp.RawModule(code=source, options=OPTIONS), mangled)
                 for name in names:  # loads the cached cubin; a kernel missing from it raises
                     module.get_function(name)
                 self.cache_hits += 1
                 return module
             except Exception:  # noqa: BLE001 - a stale entry: compile again below
-                pass
-        module = self.xp.RawModule(code=code, options=OPTIONS, name_expressions=names)
-        try:  # compiles (NVRTC), and CuPy writes its cache entry
-            mapping = module.module.mapping
-            mangled = {name: mapping[name] for name in names}
-        except (AttributeError, KeyError, TypeError):  # a CuPy without the mapping: no disk cache
-            mangled = None
-        if path is not None and mangled is not None:
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                before = count_entries(cache_dir)
+        module = self.xp.RawModule(code=source, options=OPTIONS, name_expressions=names)
+        for name in names:  # compiles (NVRTC) or, on CuPy >= 14, loads CuPy's entry
+            module.get_function(name)
+        if self.native:
+            after = count_entries(cache_dir)
+            if before is not None and after is not None and after == before:
+                self.cache_hits += 1
+                return module
+        else:
             try:
-                tmp.write_text(json.dumps(mangled, indent=0, sort_keys=True))
-                tmp.replace(path)
-            except OSError:  # a read-only cache: compile in every process, as before
+                write_names(path, {name: str(module.module.mapping[name]) for name in names})
+            except Exception:  # noqa: BLE001 - no mapping to record: later processes compile too
                 pass
         self.compiles += 1
         return module
@@ -293,14 +393,17 @@ def kernel_smem(kernel: str, itemsize: int, rk: int, bm: int, bn: int, grad: boo
 
 
 def choose_config(itemsize: int, rk: int, labels: bool, limit: int,
-                  kernel: str = "simt") -> tuple[int, int, int]:
-    """(BM, BN, stages): the first tile of TILES, and for the mma kernel the first of
-    MMA_STAGES, whose shared memory fits ``limit`` (fused.cu's kernel: always 2 stages)."""
-    for bm, bn in TILES:
-        for stages in (MMA_STAGES if check_kernel(kernel) == "mma" else (2,)):
-            if kernel_smem(kernel, itemsize, rk, bm, bn, True, labels, stages) <= limit:
-                return bm, bn, stages
-    raise ValueError(f"no tile in {TILES} fits {limit} bytes of shared memory at rank bound {rk}")
+                  kernel: str = "simt", tiles=None, stages=None) -> tuple[int, int, int]:
+    """(BM, BN, stages): the first tile of ``tiles`` (default TILES), and for the mma kernel the
+    first of ``stages`` (default MMA_STAGES), whose shared memory fits ``limit`` (fused.cu's
+    kernel: always 2 stages)."""
+    tiles = TILES if tiles is None else tiles
+    stage_choices = (MMA_STAGES if stages is None else stages) if check_kernel(kernel) == "mma" else (2,)
+    for bm, bn in tiles:
+        for st in stage_choices:
+            if kernel_smem(kernel, itemsize, rk, bm, bn, True, labels, st) <= limit:
+                return bm, bn, st
+    raise ValueError(f"no tile in {tiles} fits {limit} bytes of shared memory at rank bound {rk}")
 
 
 def choose_tile(itemsize: int, rk: int, labels: bool, limit: int, kernel: str = "simt") -> tuple[int, int]:
@@ -384,28 +487,77 @@ def module_source(loss, kernel: str = "simt") -> str:
     return f"{head}{common_source()}\n{kernel_source()}"
 
 
-def all_modules():
-    """(label, code, names) of every module the launcher can ask NVRTC for: each dtype, loss,
-    mask, rank bound and tile of a Plan, update_kernel's and linear_pointwise_kernel's (for the
-    cache checks)."""
+#: shared memory per block of each architecture a GPU run may have (the opt-in limit,
+#: cudaDevAttrMaxSharedMemoryPerBlockOptin: A100 and H100/H200); all_modules(arch) picks tiles
+#: against it as a Plan does on that GPU
+SMEM_LIMITS = {"sm_80": 166912, "sm_90": 232448}
+
+#: the (TILES, MMA_STAGES) settings a GPU run patches in besides the launcher's own (None: the
+#: module constant), each with the kernels, dtypes, losses, masks and rank bounds it is used at
+#: (None: all). The tests' small tiles (conftest.small_tiles, test_cuda*.small_blocks) for every
+#: variant; the mma kernel's knock-outs only where tests/test_cuda_mma.py and
+#: benchmarks/gpu_probe.py (timing) use them.
+RUN_SETTINGS = (
+    # (tiles, stages, kernels, dtypes, losses, masks, rank bounds)
+    (None, None, None, None, None, None, None),                      # the launcher's own choice
+    (((32, 32),), None, None, None, None, None, None),               # the tests' small tiles
+    (((32, 32),), (2,), ("mma",), None, ("squared",), (True,), (8, 128)),   # test_copy_stages(2)
+    (None, (2,), ("mma",), None, ("squared",), (False,), (16,)),    # gpu_probe's 2-stage knock-out
+    (((128, 64),), None, ("mma",), ("float32",), None, None, (8, 16, 32)),  # 128 x 64 (WIDE)
+)
+
+
+def _variants(arch: str | None):
+    """(dtype, loss, kernel, masked, rk, bm, bn, stages or None) of every fused module: all of
+    the launcher's variants (arch None), or those a GPU run on ``arch`` asks for."""
     from ..losses import LOSSES
 
     for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
         for loss in LOSSES.values():
             for kernel in KERNELS:
-                code = module_source(loss, kernel)
-                tag = "" if kernel == "simt" else f" kernel={kernel}"
                 for masked in (False, True):
                     for rk in (MMA_RANK_BOUNDS if kernel == "mma" else RANK_BOUNDS):
-                        for bm, bn in TILES:
-                            for stages in (MMA_STAGES if kernel == "mma" else (None,)):
-                                names = tuple(kernel_names(dtype, rk, bm, bn, loss.labels, masked,
-                                                           kernel, stages).values())
-                                st = "" if stages is None else f" stages={stages}"
-                                yield (f"{dtype} {loss.name} masked={masked} rk={rk} tile={bm}x{bn}{tag}{st}",
-                                       code, names)
-        yield (f"{dtype} update", module_source(LOSSES["squared"]),
-               (f"lorakern::update<{_ctype(dtype)}>",))
+                        if arch is None:
+                            for bm, bn in TILES:
+                                for stages in (MMA_STAGES if kernel == "mma" else (None,)):
+                                    yield dtype, loss, kernel, masked, rk, bm, bn, stages
+                            continue
+                        seen = set()
+                        for tiles, stages, *only in RUN_SETTINGS:
+                            wanted = (kernel, str(dtype), loss.name, masked, rk)
+                            if any(o is not None and w not in o for o, w in zip(only, wanted)):
+                                continue
+                            try:
+                                bm, bn, st = choose_config(dtype.itemsize, rk, loss.labels, SMEM_LIMITS[arch],
+                                                           kernel, tiles, stages)
+                            except ValueError:  # no tile of this setting fits: the run cannot ask for it
+                                continue
+                            config = (bm, bn, st if kernel == "mma" else None)
+                            if config not in seen:
+                                seen.add(config)
+                                yield (dtype, loss, kernel, masked, rk, *config)
+
+
+def all_modules(arch: str | None = None):
+    """(label, code, names) of every module the launcher can ask NVRTC for (arch None: each
+    dtype, loss, kernel, mask, rank bound, tile and copy-stage count of a Plan), or of every
+    module a GPU run on ``arch`` ("sm_80", "sm_90") asks for: the Plans at the tile the
+    launcher picks on that GPU and at the RUN_SETTINGS the tests and gpu_probe patch in; then
+    update_kernel's and linear_pointwise_kernel's modules. The single list: precompile.py
+    compiles it, tests/test_cuda_cache.py and tests/test_cuda_cupy.py check it."""
+    from ..losses import LOSSES
+
+    if arch is not None and arch not in SMEM_LIMITS:
+        raise ValueError(f"arch is one of {tuple(SMEM_LIMITS)}, got {arch!r}")
+    for dtype, loss, kernel, masked, rk, bm, bn, stages in _variants(arch):
+        names = tuple(kernel_names(dtype, rk, bm, bn, loss.labels, masked, kernel,
+                                   MMA_STAGES[0] if stages is None else stages).values())
+        tag = "" if kernel == "simt" else f" kernel={kernel}"
+        st = "" if stages is None else f" stages={stages}"
+        yield (f"{dtype} {loss.name} masked={masked} rk={rk} tile={bm}x{bn}{tag}{st}",
+               module_source(loss, kernel), names)
+    for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+        yield (f"{dtype} update", module_source(LOSSES["squared"]), (f"lorakern::update<{_ctype(dtype)}>",))
         for loss in LOSSES.values():  # the pointwise losses (cross-entropy is the linear kind's own)
             yield (f"{dtype} {loss.name} linear_pointwise", module_source(loss),
                    (f"lorakern::linear_pointwise<{_ctype(dtype)}, {_flag(bool(loss.labels))}>",))
