@@ -4,8 +4,9 @@
     python benchmarks/gpu_modules.py compile --jobs 16 [--warm-numba]
                                   # into CuPy's cache (on the GPU); --warm-numba: the Numba
                                   # kernels of the tests' CPU comparisons too, in parallel
-    python benchmarks/gpu_modules.py compile --dry-run --arch sm_90 [--sample]
-                                  # no GPU: NVRTC (CuPy) or nvcc; nothing cached
+    python benchmarks/gpu_modules.py compile --dry-run [--full] [--arch sm_90]
+                                  # no GPU: NVRTC's front end (CuPy; --full: cubins) or nvcc
+                                  # (one module of each kind); nothing cached
 
 A module is one (source, name expressions) pair: one fused pass's instance (kernel, dtype, loss,
 mask, rank bound, tile, copy stages) with its tail and finish, or update<T>, linear_pointwise<T>,
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -171,35 +172,26 @@ def unique(steps: dict) -> list:
 
 
 def sample(modules: list) -> list:
-    """One module of each kind (probe, simt fp32/fp64, mma fp32/fp64, update, pointwise): the
-    dry run's compile where minutes matter (CI)."""
+    """One module of each kind (the probe's; fused_pass, fused_pass_mma, update and
+    linear_pointwise, each fp32 and fp64): what nvcc compiles in a dry run without CuPy."""
     kinds = {}
     for mod in modules:
-        kinds.setdefault(" ".join(mod[0].split()[:2]), mod)
+        first = mod[2][0]
+        kinds.setdefault((first.split("<")[0], "double" in first), mod)
     return list(kinds.values())
 
 
 # ---- compiling ------------------------------------------------------------------------------------
-#: CuPy adds these to every NVRTC compile of a RawModule (cupy/cuda/compiler.py: -ftz=true in
-#: _compile_with_cache_cuda, --device-as-default-execution-space in _compile_using_nvrtc)
-CUPY_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
-
-
-def nvrtc_compile(item, arch: str) -> float:
-    """Compile one module through the real NVRTC with CuPy's options, no GPU needed (CuPy's
-    own NVRTC program class); seconds taken."""
-    from cupy.cuda import compiler
-
-    label, code, names = item
-    t0 = time.perf_counter()
-    prog = compiler._NVRTCProgram(code, "kern.cu", name_expressions=names, method="cubin")
-    prog.compile((*launch.OPTIONS, *CUPY_OPTIONS, f"-arch={arch}"))
-    return time.perf_counter() - t0
+def run_modules() -> list:
+    """What the first step compiles: launch.all_modules("sm_90") (the launcher's single list of
+    what a GPU run asks for) and this file's steps' modules beyond it (the probe's kernels; the
+    simt pass on 128 x 64 tiles that test_cuda_mma's accuracy check runs beside the mma one)."""
+    return unique({"launch.all_modules": list(launch.all_modules("sm_90")), **step_modules()})
 
 
 def nvcc_compile(item, arch: str) -> float:
     """Compile one module with nvcc to a cubin, its instances pinned as name expressions pin
-    them (tests/test_cuda_compile.py's way); seconds taken."""
+    them (tests/test_cuda_compile.py's way), with CuPy's -ftz=true; seconds taken."""
     label, code, names = item
     keep = "\n".join(f"__device__ void* lorakern_keep_{i} = (void*)&{name};" for i, name in enumerate(names))
     t0 = time.perf_counter()
@@ -213,52 +205,44 @@ def nvcc_compile(item, arch: str) -> float:
     return time.perf_counter() - t0
 
 
-def cupy_runtime_compile(item) -> float:
-    """Load one module through launch.CupyRuntime, as the later steps do (NVRTC, CuPy's disk
-    cache and lorakern's names beside it); needs the GPU. Seconds taken."""
-    label, code, names = item
-    t0 = time.perf_counter()
-    rt = launch.CupyRuntime()
-    module = rt.module(code, names)
-    for name in names:
-        module.get_function(name)
-    return time.perf_counter() - t0
-
-
-def _run(fn, items, jobs, *args):
-    """fn(item, *args) over items in `jobs` processes; [(label, seconds or exception)]."""
-    out = []
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = [(item[0], pool.submit(fn, item, *args)) for item in items]
-        for label, f in futures:
-            try:
-                out.append((label, f.result()))
-            except Exception as exc:  # noqa: BLE001 - every failure listed, then exit 1
-                out.append((label, exc))
-    return out
-
-
-def compile_modules(modules, jobs: int, arch: str | None, dry_run: bool):
-    """[(label, seconds or exception)] and how it compiled. On the GPU: the precompile entry
-    point of lorakern._cuda (where there is one), else launch.CupyRuntime in `jobs` processes.
-    Dry run: NVRTC through CuPy where CuPy imports, else nvcc, else nothing (said so)."""
-    if not dry_run:
-        try:
-            from lorakern._cuda.precompile import precompile
-        except ImportError:
-            return _run(cupy_runtime_compile, modules, jobs), "launch.CupyRuntime processes"
-        t0 = time.perf_counter()
-        precompile(modules, jobs, arch)
-        return [("all", time.perf_counter() - t0)], "lorakern._cuda.precompile"
-    arch = arch or "sm_90"
+def compile_modules(modules, jobs: int, arch: str | None, dry_run: bool, full: bool) -> tuple[list, str]:
+    """([(label, problem)] of the failures, what was done). On the GPU: lorakern._cuda.precompile
+    into CuPy's cache (the loader's own keys). Dry run: precompile's NVRTC front end (every
+    instance parsed and named; ``full``: whole cubins) for ``arch`` where CuPy imports, nothing
+    cached; else nvcc, one module of each kind; else nothing, said so."""
     try:
+        from lorakern._cuda import precompile
         import cupy.cuda.compiler  # noqa: F401 - imports without a GPU
-        return _run(nvrtc_compile, modules, jobs, arch), f"NVRTC (CuPy {sys.modules['cupy'].__version__}), {arch}"
-    except ImportError:
-        pass
+    except ImportError as exc:
+        if not dry_run:
+            return [("all", f"cannot precompile: {exc}")], "nothing"
+        precompile = None
+    if precompile is not None:
+        arch = arch or ("sm_90" if dry_run else None)
+        syntax_only = dry_run and not full
+        report = precompile.precompile(modules, jobs, arch, syntax_only=syntax_only)
+        line = precompile.summary(report, syntax_only)
+        if not dry_run and not report["failed"]:  # one module through CupyRuntime: a cache hit?
+            try:
+                line += f"; loader check: {precompile.loader_check(modules[0])}"
+            except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+                line += f"; loader check failed: {type(exc).__name__}: {exc}"
+        return report["failed"], line
+    arch = arch or "sm_90"
     if shutil.which("nvcc"):
-        return _run(nvcc_compile, modules, jobs, arch), f"nvcc, {arch}"
-    return None, "skipped: neither CuPy nor nvcc here (tests/test_cuda_compile.py compiles where nvcc is)"
+        todo = sample(modules)
+        failed = []
+        with ThreadPoolExecutor(max_workers=jobs) as pool:  # nvcc runs in its own processes
+            futures = [(item[0], pool.submit(nvcc_compile, item, arch)) for item in todo]
+            for label, future in futures:
+                try:
+                    future.result()
+                except Exception as exc:  # noqa: BLE001 - every failure listed, then exit 1
+                    failed.append((label, str(exc)))
+        return failed, (f"no CuPy here: nvcc compiled {len(todo) - len(failed)} of {len(todo)} modules "
+                        f"(one of each kind) for {arch}")
+    return [], (f"no CuPy and no nvcc here: {len(modules)} modules listed, none compiled "
+                f"(tests/test_cuda_compile.py compiles the sources where nvcc is)")
 
 
 #: the Numba kernels (cache=True: the next process loads them) that the GPU steps' CPU
@@ -284,43 +268,37 @@ def main(argv=None):
     parser.add_argument("command", choices=("list", "compile"))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--arch", default=None, help="e.g. sm_90 (default: the GPU's; sm_90 in a dry run)")
-    parser.add_argument("--dry-run", action="store_true", help="no GPU: compile only, nothing cached")
-    parser.add_argument("--sample", action="store_true", help="one module of each kind only")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="no GPU: NVRTC's front end over every module (nvcc: a sample), nothing cached")
+    parser.add_argument("--full", action="store_true", help="dry run: whole cubins, not the front end only")
     parser.add_argument("--warm-numba", action="store_true",
                         help="also fill Numba's cache with the CPU kernels the tests compare against")
     args = parser.parse_args(argv)
     steps = step_modules()
-    modules = unique(steps)
+    modules = run_modules()
     if args.command == "list":
         for step, mods in steps.items():
-            kinds = {}
+            kinds: dict = {}
             for label, _, _ in mods:
-                kinds[" ".join(label.split()[:2])] = kinds.get(" ".join(label.split()[:2]), 0) + 1
+                kind = " ".join(label.split()[:2])
+                kinds[kind] = kinds.get(kind, 0) + 1
             print(f"{step}: {len(mods)} modules ({', '.join(f'{k} {v}' for k, v in kinds.items())})")
-        print(f"distinct: {len(modules)}")
+        print(f"the steps: {len(unique(steps))} distinct; with launch.all_modules('sm_90'): {len(modules)}")
         return 0
-    todo = sample(modules) if args.sample else modules
     t0 = time.perf_counter()
     numba = None
     if args.warm_numba and not args.dry_run:  # one more process beside the NVRTC jobs
         numba = subprocess.Popen([sys.executable, "-c", WARM_NUMBA], env={**os.environ, "PYTHONPATH": str(ROOT)})
-    results, how = compile_modules(todo, max(1, args.jobs), args.arch, args.dry_run)
-    wall = time.perf_counter() - t0
+    failed, how = compile_modules(modules, max(1, args.jobs), args.arch, args.dry_run, args.full)
+    print(how, flush=True)
+    for label, problem in failed:
+        print(f"FAILED {label}: {str(problem)[-3000:]}")
     if numba is not None:
         rc = numba.wait()
         print(f"Numba's cache warmed (exit {rc}) in {time.perf_counter() - t0:.1f} s wall")
         if rc != 0:
             return 1
-    if results is None:
-        print(f"compile of {len(todo)} modules {how}")
-        return 0
-    bad = [(label, r) for label, r in results if isinstance(r, Exception)]
-    seconds = [r for _, r in results if not isinstance(r, Exception)]
-    print(f"compiled {len(todo) - len(bad)} of {len(todo)} modules by {how} in {wall:.1f} s wall, "
-          f"{args.jobs} jobs (module seconds: sum {sum(seconds):.1f}, max {max(seconds, default=0):.1f})")
-    for label, exc in bad:
-        print(f"FAILED {label}: {str(exc)[-2000:]}")
-    return 1 if bad else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 # The GPU session's one prepared script, on a machine with an NVIDIA GPU and CuPy: at most 8
 # minutes (480 s, every step at its limit), the table printed last. Results go to $OUT (the
 # device tool's folder) or to benchmarks/results/gpu-<date>/. In order, what it measures:
-#   1. precompile: every NVRTC module the later steps ask for (benchmarks/gpu_modules.py: ~94)
-#      compiled at once over the machine's cores into CuPy's disk cache, and the Numba kernels
+#   1. precompile: every NVRTC module the later steps ask for (benchmarks/gpu_modules.py:
+#      launch.all_modules("sm_90") and the probe's, 294) compiled at once over the machine's
+#      cores into CuPy's disk cache (lorakern._cuda.precompile), and the Numba kernels
 #      of the CPU comparisons warmed into Numba's cache beside it; each later step reports the
 #      modules it still had to compile ("compiled in the step").
 #   2. calibrate (benchmarks/gpu_probe.py): CuPy's kernel cache across two processes;
@@ -32,11 +33,11 @@
 #
 #   bash ci/gpu.sh              the run (on the GPU machine)
 #   bash ci/gpu.sh --plan       the steps, predictions and limits, checked (no GPU, no Python)
-#   bash ci/gpu.sh --dry-run    (or GPU_DRY_RUN=1) no GPU: the plan, the modules compiled for
-#                               sm_90 (NVRTC where CuPy imports, else nvcc, else skipped, said so;
-#                               GPU_DRY_RUN_SAMPLE=1: one module of each kind), every import of
-#                               the probe, every pytest line collected with its -k; stops before
-#                               the first launch
+#   bash ci/gpu.sh --dry-run    (or GPU_DRY_RUN=1) no GPU: the plan; every module of the first
+#                               step through NVRTC's front end for sm_90 where CuPy imports
+#                               (GPU_DRY_RUN_FULL=1: whole cubins), else one of each kind by nvcc,
+#                               else skipped, said so; every import of the probe; every pytest
+#                               line collected with its -k; stops before the first launch
 # GPU_SANITIZE=1 adds compute-sanitizer memcheck and racecheck (benchmarks/gpu_probe.py sanitize),
 # GPU_FULL=1 benchmarks/bench_cuda.py's CuPy and PyTorch comparisons: each several minutes, a run
 # of its own, outside the 480 s.
@@ -89,7 +90,7 @@ step() {
     if [ "$MODE" = dry ]; then
         case $kind in
             precompile) cmd=("$PY" benchmarks/gpu_modules.py compile --dry-run --arch sm_90 --jobs "$JOBS"
-                             ${GPU_DRY_RUN_SAMPLE:+--sample}) ;;
+                             ${GPU_DRY_RUN_FULL:+--full}) ;;
             probe) cmd+=(--dry-run) ;;
             pytest) cmd=("${PYTEST[@]}" "$@" --collect-only) ;;
         esac
@@ -121,7 +122,7 @@ step() {
 
 # the run: name, predicted seconds, limit, what (predictions: benchmarks/NOTES.md, 2026-12-07)
 steps() {
-    step precompile 30 60 precompile
+    step precompile 40 80 precompile
     step calibrate 20 40 probe calibrate
     step tests 25 50 pytest tests/test_cuda.py -k "not emulated"
     step timing 55 110 probe timing

@@ -80,12 +80,14 @@ def test_module_list_names_the_scripts_steps():
     steps = gpu_modules.step_modules()
     in_script = re.findall(r"^\s+step (\S+) \d+ \d+", SCRIPT.read_text(), re.M)
     assert set(steps) <= set(in_script), (set(steps), in_script)
-    modules = gpu_modules.unique(steps)
+    modules = gpu_modules.run_modules()
     assert len({(code, names) for _, code, names in modules}) == len(modules)
-    labels = [label for label, _, _ in modules]
+    keys = {(code, names) for _, code, names in modules}
+    assert all((code, names) in keys for mods in steps.values() for _, code, names in mods)
+    labels = [label for label, _, _ in gpu_modules.unique(steps)]
     # the timing's rows on both kernels, the 128 x 64 knock-out, the probe's own kernels
     assert any(l.startswith("simt float32 squared rk=16 tile=64x64") for l in labels), labels
     assert any(l.startswith("mma float32 squared rk=16 tile=128x64") for l in labels), labels
     assert "probe kernels" in labels
-    sample = gpu_modules.sample(modules)
-    assert {" ".join(l.split()[:2]) for l, _, _ in sample} == {" ".join(l.split()[:2]) for l in labels}
+    kinds = {(names[0].split("<")[0], "double" in names[0]) for _, _, names in gpu_modules.sample(modules)}
+    assert len(kinds) == 9 and ("lorakern::fused_pass_mma", True) in kinds, kinds
