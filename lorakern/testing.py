@@ -26,6 +26,8 @@ import numpy as np
 #: (~80 ulps of float32, ~4500 of float64). The CPU kernel's worst error over the shapes of
 #: test_equivalence and test_losses was 0.09x these (fp32 grad_A at 2053x1031 r16) and
 #: 0.03x (fp64 loss), so they leave room for summation order, not for a wrong result.
+#: On a GPU, CuPy compiles every kernel with ``-ftz=true`` (its NVRTC options): fp32 subnormals
+#: (|x| < 1.2e-38) flush to zero there, not in NumPy, Numba or the host emulation.
 RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
 #: named multiples of RTOL: what is compared, and why it needs more (or less) than one

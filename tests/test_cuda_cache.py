@@ -1,11 +1,11 @@
 """The NVRTC modules are compiled once per machine: CuPy's disk cache is hit in every later
 process (lorakern/_cuda/launch.py, "compiled once per machine").
 
-No GPU needed: the generated sources, options and name expressions are checked to be the
-same bytes in separate processes (hash seed, working directory), and CupyRuntime's use of the
-cache is checked against a stand-in for CuPy that behaves as cupy/cuda/compiler.py does (the
-disk cache is read only for modules made without name expressions). The real cache is
-checked on a GPU by benchmarks/gpu_probe.py (ci/gpu.sh).
+No GPU and no CuPy needed here: the generated sources, options and name expressions are the
+same bytes in separate processes (hash seed, working directory), and each variant has a source
+(so a cache key) of its own. CupyRuntime against the real CuPy 13 and 14 cache code (a second
+process compiles nothing): tests/test_cuda_cupy.py, in .ci/run's CuPy venvs; on a GPU:
+benchmarks/gpu_probe.py's kernel_cache probe (ci/gpu.sh).
 """
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
-
 
 import lorakern
 from lorakern._cuda import launch
@@ -89,92 +87,32 @@ def test_source_has_no_process_dependent_text():
             assert text not in code and all(text not in n for n in names)
 
 
-# ---- CupyRuntime against a stand-in for CuPy's compiler cache -----------------------------------
-class FakeCupy:
-    """CuPy's RawModule and disk cache as cupy/cuda/compiler.py has them: the cache file is
-    named by a hash of source and options; it is written after every compile and read only
-    when no name expressions are given; without them, NVRTC instantiates no template."""
-
-    def __init__(self, cache_dir: Path):
-        self.cache_dir, self.compiles, self.reads = cache_dir, 0, 0
-        fake = self
-
-        class RawModule:
-            def __init__(self, *, code, options=(), name_expressions=None):
-                self.code, self.options, self.names = code, options, name_expressions
-                self._mod = None
-
-            @property
-            def module(self):
-                if self._mod is None:
-                    self._mod = fake.compile_with_cache(self.code, self.options, self.names)
-                return self._mod
-
-            def get_function(self, name):
-                mangled = self.module.mapping.get(name, name) if self.names else name
-                if mangled not in self.module.kernels:
-                    raise RuntimeError(f"CUDA_ERROR_NOT_FOUND: named symbol not found: {name}")
-                return types.SimpleNamespace(name=mangled)
-
-        self.RawModule = RawModule
-        compiler = types.SimpleNamespace(get_cache_dir=lambda: str(cache_dir))
-        self.cuda = types.SimpleNamespace(compiler=compiler, Device=lambda: types.SimpleNamespace(id=0))
-
-    def compile_with_cache(self, code, options, names):
-        path = self.cache_dir / (launch.module_digest(code, ())[:16] + launch.module_digest("".join(options), ())[:8] + ".cubin")
-        if path.exists() and not names:
-            self.reads += 1
-            kernels = json.loads(path.read_text())
-            return types.SimpleNamespace(kernels=set(kernels), mapping={})
-        self.compiles += 1
-        mapping = {n: "_Z" + str(abs(hash(n))) for n in names or ()}
-        path.write_text(json.dumps(sorted(mapping.values())))
-        return types.SimpleNamespace(kernels=set(mapping.values()), mapping=mapping)
+# ---- one cache key per variant --------------------------------------------------------------------
+def test_each_variant_is_compiled_from_a_source_of_its_own():
+    """CuPy 13 keys its cache by source and options only, and one fused.cu serves every rank,
+    tile and mask of a loss (update<T> and linear_pointwise the squared loss's): keyed_source
+    puts the name expressions into the source, so that no two modules share a key. The
+    loader against the real CuPy cache: tests/test_cuda_cupy.py."""
+    for arch in (None, *launch.SMEM_LIMITS):
+        modules = list(launch.all_modules(arch))
+        assert len({label for label, _, _ in modules}) == len(modules)
+        assert len({launch.keyed_source(code, names) for _, code, names in modules}) == len(modules)
+        assert len({code for _, code, _ in modules}) < len(modules) / 10  # without it: shared
 
 
-def runtime_on(monkeypatch, fake):
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setitem(sys.modules, "cupy.cuda", fake.cuda)
-    monkeypatch.setitem(sys.modules, "cupy.cuda.compiler", fake.cuda.compiler)
-    return launch.CupyRuntime()
-
-
-def test_a_later_process_loads_from_the_disk_cache(tmp_path, monkeypatch):
-    monkeypatch.delenv("CUPY_CACHE_IN_MEMORY", raising=False)
-    fake = FakeCupy(tmp_path)
-    label, code, names = next(launch.all_modules())
-    first = runtime_on(monkeypatch, fake)  # the first process on this machine
-    module = first.module(code, names)
-    assert (first.compiles, first.cache_hits, fake.compiles) == (1, 0, 1)
-    assert first.kernel(module, names[0], 0).name.startswith("_Z")
-    assert first.names_file(code, names).exists()
-
-    later = runtime_on(monkeypatch, fake)  # a new process: a new runtime, the same disk
-    module = later.module(code, names)
-    assert (later.compiles, later.cache_hits, fake.compiles, fake.reads) == (0, 1, 1, 1)
-    assert [later.kernel(module, n, 0).name for n in names] == [first.kernel(first.module(code, names), n, 0).name
-                                                                for n in names]
-
-
-def test_a_stale_cache_entry_compiles_again(tmp_path, monkeypatch):
-    """The names file outlived CuPy's cubin (or the cubin lacks a kernel): compile again."""
-    monkeypatch.delenv("CUPY_CACHE_IN_MEMORY", raising=False)
-    fake = FakeCupy(tmp_path)
-    _, code, names = next(launch.all_modules())
-    runtime_on(monkeypatch, fake).module(code, names)
-    for cubin in tmp_path.glob("*.cubin"):
-        cubin.unlink()
-    later = runtime_on(monkeypatch, fake)
-    module = later.module(code, names)
-    assert (later.compiles, later.cache_hits) == (1, 0)
-    assert later.kernel(module, names[-1], 0).name.startswith("_Z")
-
-
-def test_no_disk_cache_in_memory_mode(tmp_path, monkeypatch):
-    monkeypatch.setenv("CUPY_CACHE_IN_MEMORY", "1")
-    fake = FakeCupy(tmp_path)
-    _, code, names = next(launch.all_modules())
-    rt = runtime_on(monkeypatch, fake)
-    assert rt.names_file(code, names) is None
-    rt.module(code, names)
-    assert not list(tmp_path.glob("lorakern-*"))
+def test_a_gpu_run_asks_for_the_launchers_tiles_and_the_tests():
+    """all_modules(arch): the tile the launcher picks on that GPU and the tests' 32 x 32 for
+    every variant, the mma knock-outs where tests and gpu_probe use them."""
+    for arch, limit in launch.SMEM_LIMITS.items():
+        labels = {label for label, _, _ in launch.all_modules(arch)}
+        for dtype in ("float32", "float64"):
+            for rk in launch.RANK_BOUNDS:
+                bm, bn, _ = launch.choose_config(4 if dtype == "float32" else 8, rk, False, limit)
+                assert f"{dtype} squared masked=True rk={rk} tile={bm}x{bn}" in labels
+                assert f"{dtype} huber masked=False rk={rk} tile=32x32" in labels
+        # 128 x 64 with labels fits sm_90's shared memory only (two X tiles: fused_mma.cu)
+        wide = any(label.startswith("float32 logistic masked=True rk=16 tile=128x64 kernel=mma") for label in labels)
+        assert wide == (arch == "sm_90")
+        assert any(label.startswith("float32 squared masked=True rk=32 tile=128x64 kernel=mma") for label in labels)
+        assert "float64 squared masked=True rk=8 tile=32x32 kernel=mma stages=2" in labels
+        assert not any("tile=128x64" in label and "float64" in label for label in labels)

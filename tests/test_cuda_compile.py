@@ -48,7 +48,7 @@ def spill_budget(name: str) -> int:
 
 #: shared memory per block each architecture allows (cudaDevAttrMaxSharedMemoryPerBlockOptin
 #: of the A100 and the H100): the launcher picks tiles against it
-SMEM_LIMIT = {"sm_80": 166912, "sm_90": 232448}
+SMEM_LIMIT = launch.SMEM_LIMITS
 
 
 #: the fused kernels (launch.KERNELS): fused.cu's "simt" and fused_mma.cu's "mma"

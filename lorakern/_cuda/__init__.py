@@ -61,7 +61,8 @@ def check_available():
     if importlib.util.find_spec("cupy") is None:
         raise DeviceUnavailableError(
             f"device='cuda' needs CuPy, which is not installed: {_INSTALL} installs CuPy "
-            f"for CUDA 12; for another CUDA version install the matching cupy-cudaXXx")
+            f"for CUDA 12 (CUDA 12 and 13 drivers run it); pip install \".[cuda13]\" installs CuPy "
+            f"built for CUDA 13")
     problem = _driver_problem()
     if problem is not None:
         raise DeviceUnavailableError(f"device='cuda' is unavailable: {problem}")

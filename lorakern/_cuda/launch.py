@@ -124,13 +124,17 @@ def caches_name_expressions(compiler) -> bool:
 def cupy_cache_dir(compiler) -> Path | None:
     """CuPy's kernel cache directory, or None where CuPy keeps none (CUPY_CACHE_IN_MEMORY) or
     it cannot be told: 13.x has compiler.get_cache_dir(); 14.x dropped it (its disk backend
-    reads $CUPY_CACHE_DIR, default ~/.cupy/kernel_cache)."""
+    read $CUPY_CACHE_DIR, default ~/.cupy/kernel_cache, when cupy.cuda.compiler was imported)."""
     if os.environ.get("CUPY_CACHE_IN_MEMORY", "0") not in ("", "0"):
         return None
     try:
         get = getattr(compiler, "get_cache_dir", None)
         if callable(get):
             return Path(get())
+        # 14.x: the disk backend made at import (it read $CUPY_CACHE_DIR then)
+        backend_dir = getattr(getattr(compiler, "_kernel_cache_backend", None), "_cache_dir", None)
+        if isinstance(backend_dir, str):
+            return Path(backend_dir)
         return Path(os.environ.get("CUPY_CACHE_DIR") or os.path.expanduser("~/.cupy/kernel_cache"))
     except Exception:  # noqa: BLE001 - no cache directory: compile (the cache is an optimisation)
         return None

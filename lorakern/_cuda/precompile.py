@@ -10,8 +10,10 @@ Command line (needs CuPy and NVRTC; a GPU only where no ``--arch`` is given)::
 * ``--list``: print the modules (one label a line: dtype, loss, mask, rank bound, tile...) and
   their count, compile nothing.
 * ``--dry-run``: NVRTC's front end only (``-fdevice-syntax-only``: every template instance is
-  parsed, instantiated and named, no code generated), in memory (``CUPY_CACHE_IN_MEMORY=1``):
-  nothing is written to the cache. ~0.1 s a module instead of 1-2 s; what CI runs.
+  parsed, instantiated and named, no code generated; static_asserts fire), one program per
+  distinct source holding the name expressions of all its modules, in memory
+  (``CUPY_CACHE_IN_MEMORY=1``): nothing is written to the cache. Seconds for the whole list
+  instead of minutes; what CI can afford.
 
 It prints one progress line (rewritten in place on a terminal) and, last, one summary line::
 
@@ -69,7 +71,7 @@ def arch_number(arch: str) -> str:
     return digits
 
 
-def compile_only(compiler) -> None:
+def compile_only(compiler, setattr=setattr) -> None:
     """Make CuPy's compile path usable without a GPU in this process: ``function.Module.load``
     keeps the cubin as bytes (``module.image``) instead of loading it into a CUDA context, and
     the ``-arch`` option is computed by the undecorated function instead of its per-device memo
@@ -92,13 +94,14 @@ def compile_only(compiler) -> None:
     shim = types.ModuleType(real.__name__)
     shim.__dict__.update(vars(real))
     shim.Module, shim._lorakern_compile_only = HostModule, True
-    compiler.function = shim
-    compiler._get_arch_for_options_for_nvrtc = arch_option
+    setattr(compiler, "function", shim)
+    setattr(compiler, "_get_arch_for_options_for_nvrtc", arch_option)
 
 
-def count_nvrtc(compiler) -> list:
-    """Count NVRTC compiles of non-empty sources in this process (CuPy compiles an empty
-    file once per option set to key its cache): returns the list each compile appends to."""
+def count_nvrtc(compiler, setattr=setattr) -> list:
+    """Count NVRTC compiles of non-empty sources in this process from now on (wraps the real
+    compiler._NVRTCProgram.compile; CuPy's empty-file probe, once per option set, is not
+    counted): returns the list each compile appends to."""
     calls: list = []
     program = compiler._NVRTCProgram
     real = program.compile
@@ -108,7 +111,7 @@ def count_nvrtc(compiler) -> list:
             calls.append(1)
         return real(self, *args, **kwargs)
 
-    program.compile = compile
+    setattr(program, "compile", compile)
     return calls
 
 
@@ -158,13 +161,15 @@ def _worker_init(syntax_only: bool):
 
 
 def _worker(task):
-    label, code, names, arch, syntax_only = task
+    """One task: (label, code, names, arch, syntax_only, modules it stands for) -> (label,
+    "compiled" | "cached" | "failed", seconds, message, modules)."""
+    label, code, names, arch, syntax_only, count = task
     start = time.perf_counter()
     try:
         _, compiled = compile_module(code, names, arch, syntax_only)
-        return label, ("compiled" if compiled else "cached"), time.perf_counter() - start, ""
+        return label, ("compiled" if compiled or syntax_only else "cached"), time.perf_counter() - start, "", count
     except Exception as exc:  # noqa: BLE001 - reported with the module's label
-        return label, "failed", time.perf_counter() - start, f"{type(exc).__name__}: {exc}"
+        return label, "failed", time.perf_counter() - start, f"{type(exc).__name__}: {exc}", count
 
 
 def device_arch() -> str | None:
@@ -209,7 +214,18 @@ def precompile(modules=None, jobs: int | None = None, arch: str | None = None, *
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(modules) or 1))
     report = {"modules": len(modules), "compiled": 0, "cached": 0, "failed": [], "arch": f"sm_{number}",
               "jobs": jobs, "per_module": {}}
-    tasks = [(label, code, tuple(names), number, syntax_only) for label, code, names in modules]
+    if syntax_only:  # one front-end program per distinct source, holding every name of its modules
+        groups: dict = {}
+        for label, code, names in modules:
+            groups.setdefault(code, ([], {}))
+            groups[code][0].append(label)
+            groups[code][1].update(dict.fromkeys(names))
+        tasks = [(f"{len(labels)} modules from {labels[0]}", code, tuple(names), number, True, len(labels))
+                 for code, (labels, names) in groups.items()]
+    else:
+        tasks = [(label, code, tuple(names), number, False, 1) for label, code, names in modules]
+    jobs = max(1, min(jobs, len(tasks)))
+    report["jobs"] = jobs
     # fork where there is one (no `if __name__ == "__main__"` needed in the caller's script):
     # the workers make no CUDA call (compile_only), so a CUDA context of this process does not
     # matter to them
@@ -218,12 +234,12 @@ def precompile(modules=None, jobs: int | None = None, arch: str | None = None, *
                              initargs=(syntax_only,)) as pool:
         futures = [pool.submit(_worker, task) for task in tasks]
         for done, future in enumerate(as_completed(futures), 1):
-            label, status, seconds, message = future.result()
+            label, status, seconds, message, count = future.result()
             report["per_module"][label] = seconds
             if status == "failed":
                 report["failed"].append((label, message))
             else:
-                report[status] += 1
+                report[status] += count
             if progress is not None and getattr(progress, "isatty", lambda: False)():
                 progress.write(f"\rprecompile: {done}/{len(tasks)} modules, {len(report['failed'])} failed, "
                                f"{time.perf_counter() - started:.0f} s")
