@@ -114,8 +114,9 @@ step() {
             ! -name '*.names.json' ! -name '*.tmp' 2>/dev/null | wc -l) modules"
         touch "$out/.precompiled"
     fi
-    echo "== $name: exit $rc after $((SECONDS - start)) s (predicted ${predicted} s, limit ${limit} s$compiled)" \
-        | tee -a "$out/steps.txt"
+    local line="== $name: exit $rc after $((SECONDS - start)) s (predicted ${predicted} s, limit ${limit} s$compiled)"
+    echo "$line" >> "$out/steps.txt"
+    [ "$name" = table ] && [ "$rc" -eq 0 ] || echo "$line"  # the table stays the last output
     [ "$rc" -eq 0 ] || status=1
     [ "$kind" = precompile ] && touch "$out/.precompiled"
 }

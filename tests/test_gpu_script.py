@@ -91,3 +91,33 @@ def test_module_list_names_the_scripts_steps():
     assert "probe kernels" in labels
     kinds = {(names[0].split("<")[0], "double" in names[0]) for _, _, names in gpu_modules.sample(modules)}
     assert len(kinds) == 9 and ("lorakern::fused_pass_mma", True) in kinds, kinds
+
+
+FAKE_PYTHON = """#!/bin/bash
+# a stand-in for python on ci/gpu.sh's run path (no GPU here): says what it was asked, exits 0;
+# the precompile writes a module into the cache, the tests step one more (a module it missed)
+echo "python $*"
+case "$*" in *gpu_modules.py*) touch "$CUPY_CACHE_DIR/first.cubin";; esac
+case "$*" in *tests/test_cuda.py*) touch "$CUPY_CACHE_DIR/late.cubin";; esac
+cat > /dev/null
+"""
+
+
+def test_the_run_path_with_a_stand_in_python(tmp_path):
+    """The GPU run's own bash (the steps in order with their limits, each step's line in
+    steps.txt with the modules CuPy's cache gained during it, the table last), with a stand-in
+    for python: a bash error there would cost a GPU run."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": str(fake), "OUT": str(out),
+           "CUPY_CACHE_DIR": str(cache)}
+    proc = subprocess.run([BASH, str(SCRIPT)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = (out / "steps.txt").read_text().splitlines()
+    names = [line.split()[1].rstrip(":") for line in steps]
+    assert names == ["precompile", "calibrate", "tests", "timing", "linear", "mma-tests", "torch", "table"]
+    assert "compiled in the step: 1 modules" in steps[2] and "compiled in the step: 0 modules" in steps[3]
+    assert "--warm-numba" in proc.stdout and "-o addopts= tests/test_cuda.py -k not emulated" in proc.stdout
+    assert proc.stdout.rstrip().splitlines()[-1] == f"python benchmarks/gpu_probe.py table --out {out}"
