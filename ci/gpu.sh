@@ -95,9 +95,11 @@ step() {
             pytest) cmd=("${PYTEST[@]}" "$@" --collect-only) ;;
         esac
         echo "== dry $name: ${cmd[*]}"
+        local start=$SECONDS
         "${cmd[@]}" > "$out/$name.log" 2>&1
         local rc=$?
         tail -3 "$out/$name.log"
+        echo "== dry $name: exit $rc after $((SECONDS - start)) s"
         # pytest exits 5 when nothing is collected (a -k or a path that selects nothing)
         [ "$rc" -eq 0 ] || { echo "== dry $name: FAILED (exit $rc)"; cat "$out/$name.log" | tail -30; status=1; }
         return

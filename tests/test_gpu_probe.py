@@ -71,6 +71,17 @@ def test_probe_cvt_on_the_emulation(probe):
     assert result["verdict"] == "bit-exact" and result["mismatches"] == 0, result
 
 
+def test_cvt_verdicts(probe):
+    """A mismatch on subnormal inputs only (the GPU's -ftz=true) is told from a rounding error."""
+    sub = ["0x00001000 -> 0x00000000 (expected 0x00002000)"]
+    assert probe.verdict_cvt(0, 0, [], 0, True) == "bit-exact"
+    assert probe.verdict_cvt(50, 0, sub, 50, True).startswith("bit-exact on normal inputs; 50")
+    assert probe.verdict_cvt(51, 0, sub, 50, True) == "DIFFERS"  # one normal input differs
+    assert probe.verdict_cvt(50, 0, ["0x3f801000 -> 0x3f800000 (expected 0x3f802000)"], 50, True) == "DIFFERS"
+    assert probe.verdict_cvt(50, 0, sub, 50, False) == "DIFFERS"  # not the whole range: unknown
+    assert probe.verdict_cvt(0, 1, [], 0, True) == "DIFFERS"
+
+
 def test_exact_round(probe):
     from fractions import Fraction
 
