@@ -116,3 +116,21 @@ def test_a_gpu_run_asks_for_the_launchers_tiles_and_the_tests():
         assert any(label.startswith("float32 squared masked=True rk=32 tile=128x64 kernel=mma") for label in labels)
         assert "float64 squared masked=True rk=8 tile=32x32 kernel=mma stages=2" in labels
         assert not any("tile=128x64" in label and "float64" in label for label in labels)
+
+
+def test_precompile_lists_the_gpu_runs_modules_without_cupy():
+    """``python -m lorakern._cuda.precompile --list`` prints all_modules(arch), one label a line
+    (no CuPy needed); compiling without CuPy says what to install."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for arch in launch.SMEM_LIMITS:
+        proc = subprocess.run([sys.executable, "-m", "lorakern._cuda.precompile", "--list", "--arch", arch],
+                              env=env, capture_output=True, text=True, timeout=120, check=True)
+        lines = proc.stdout.splitlines()
+        assert lines[:-1] == [label for label, _, _ in launch.all_modules(arch)]
+        assert lines[-1] == f"{len(lines) - 1} modules for {arch}"
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
+        proc = subprocess.run([sys.executable, "-m", "lorakern._cuda.precompile", "--arch", "sm_90"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "CuPy is not installed" in proc.stderr

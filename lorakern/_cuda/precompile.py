@@ -50,6 +50,7 @@ loading the cubin into a CUDA module (kept as bytes instead) and the per-device 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -162,14 +163,15 @@ def _worker_init(syntax_only: bool):
 
 def _worker(task):
     """One task: (label, code, names, arch, syntax_only, modules it stands for) -> (label,
-    "compiled" | "cached" | "failed", seconds, message, modules)."""
+    "compiled" | "cached" | "failed", seconds, message, modules, CPU seconds)."""
     label, code, names, arch, syntax_only, count = task
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()  # NVRTC runs in this process: its CPU time
     try:
         _, compiled = compile_module(code, names, arch, syntax_only)
-        return label, ("compiled" if compiled or syntax_only else "cached"), time.perf_counter() - start, "", count
+        status, message = ("compiled" if compiled or syntax_only else "cached"), ""
     except Exception as exc:  # noqa: BLE001 - reported with the module's label
-        return label, "failed", time.perf_counter() - start, f"{type(exc).__name__}: {exc}", count
+        status, message = "failed", f"{type(exc).__name__}: {exc}"
+    return label, status, time.perf_counter() - start, message, count, time.process_time() - cpu
 
 
 def device_arch() -> str | None:
@@ -201,7 +203,7 @@ def precompile(modules=None, jobs: int | None = None, arch: str | None = None, *
     CuPy's kernel cache. ``syntax_only``: NVRTC's front end only, nothing written (the dry
     run). ``progress``: a stream for the progress line (None: none). Returns {"modules",
     "compiled", "cached", "failed": [(label, message)], "seconds", "arch", "jobs", "per_module":
-    {label: seconds}}."""
+    {label: wall seconds}, "cpu_per_module": {label: CPU seconds of its worker}}."""
     started = time.perf_counter()
     if arch is None:
         arch = device_arch()
@@ -213,7 +215,7 @@ def precompile(modules=None, jobs: int | None = None, arch: str | None = None, *
     modules = list(modules)
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(modules) or 1))
     report = {"modules": len(modules), "compiled": 0, "cached": 0, "failed": [], "arch": f"sm_{number}",
-              "jobs": jobs, "per_module": {}}
+              "jobs": jobs, "per_module": {}, "cpu_per_module": {}}
     if syntax_only:  # one front-end program per distinct source, holding every name of its modules
         groups: dict = {}
         for label, code, names in modules:
@@ -234,8 +236,9 @@ def precompile(modules=None, jobs: int | None = None, arch: str | None = None, *
                              initargs=(syntax_only,)) as pool:
         futures = [pool.submit(_worker, task) for task in tasks]
         for done, future in enumerate(as_completed(futures), 1):
-            label, status, seconds, message, count = future.result()
+            label, status, seconds, message, count, cpu = future.result()
             report["per_module"][label] = seconds
+            report["cpu_per_module"][label] = cpu
             if status == "failed":
                 report["failed"].append((label, message))
             else:
@@ -268,6 +271,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     arch = args.arch
+    if not args.list and importlib.util.find_spec("cupy") is None:
+        print('precompile: CuPy is not installed (pip install ".[cuda]" in a clone of lorakern)',
+              file=sys.stderr)
+        return 2
     if arch is None and not args.list:
         arch = device_arch()
         if arch is None:
