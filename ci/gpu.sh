@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU session's one prepared script, on a machine with an NVIDIA GPU and CuPy: at most 8
 # minutes (480 s, every step at its limit), the table printed last. Results go to $OUT (the
-# device tool's folder) or to benchmarks/results/gpu-<date>/. In order, what it measures:
+# device tool's folder, which brings back 8 files) or to benchmarks/results/gpu-<date>/:
+# calibrate.json, timing.json, linear.json, table.md, steps.txt and logs.tgz (each step's log
+# and junit XML). In order, what it measures:
 #   1. precompile: every NVRTC module the later steps ask for (benchmarks/gpu_modules.py:
 #      launch.all_modules("sm_90") and the probe's, 294) compiled at once over the machine's
 #      cores into CuPy's disk cache (lorakern._cuda.precompile), and the Numba kernels
@@ -85,7 +87,7 @@ step() {
     case $kind in
         precompile) cmd=("$PY" benchmarks/gpu_modules.py compile --jobs "$JOBS" --warm-numba "$@") ;;
         probe) cmd=("$PY" benchmarks/gpu_probe.py "$@" --out "$out") ;;
-        pytest) cmd=("${PYTEST[@]}" "$@" --junitxml="$out/$name.xml") ;;
+        pytest) cmd=("${PYTEST[@]}" "$@" --junitxml="$logs/$name.xml") ;;
     esac
     if [ "$MODE" = dry ]; then
         case $kind in
@@ -96,31 +98,31 @@ step() {
         esac
         echo "== dry $name: ${cmd[*]}"
         local start=$SECONDS
-        "${cmd[@]}" > "$out/$name.log" 2>&1
+        "${cmd[@]}" > "$logs/$name.log" 2>&1
         local rc=$?
-        tail -3 "$out/$name.log"
+        tail -3 "$logs/$name.log"
         echo "== dry $name: exit $rc after $((SECONDS - start)) s"
         # pytest exits 5 when nothing is collected (a -k or a path that selects nothing)
-        [ "$rc" -eq 0 ] || { echo "== dry $name: FAILED (exit $rc)"; cat "$out/$name.log" | tail -30; status=1; }
+        [ "$rc" -eq 0 ] || { echo "== dry $name: FAILED (exit $rc)"; tail -30 "$logs/$name.log"; status=1; }
         return
     fi
     local start=$SECONDS
     echo "== $name (predicted ${predicted} s, limit ${limit} s)"
     local shown=40
     [ "$name" = table ] && shown=1000  # the table whole: the run's last output
-    timeout --kill-after=$GRACE "$limit" "${cmd[@]}" 2>&1 | tee "$out/$name.log" | tail -n $shown
+    timeout --kill-after=$GRACE "$limit" "${cmd[@]}" 2>&1 | tee "$logs/$name.log" | tail -n $shown
     local rc=${PIPESTATUS[0]}
     local compiled=""
-    if [ "$kind" != precompile ] && [ -e "$out/.precompiled" ]; then
-        compiled=", compiled in the step: $(find "$CUPY_CACHE_DIR" -type f -newer "$out/.precompiled" \
+    if [ "$kind" != precompile ] && [ -e "$marker" ]; then
+        compiled=", compiled in the step: $(find "$CUPY_CACHE_DIR" -type f -newer "$marker" \
             ! -name '*.names.json' ! -name '*.tmp' 2>/dev/null | wc -l) modules"
-        touch "$out/.precompiled"
+        touch "$marker"
     fi
     local line="== $name: exit $rc after $((SECONDS - start)) s (predicted ${predicted} s, limit ${limit} s$compiled)"
     echo "$line" >> "$out/steps.txt"
     [ "$name" = table ] && [ "$rc" -eq 0 ] || echo "$line"  # the table stays the last output
     [ "$rc" -eq 0 ] || status=1
-    [ "$kind" = precompile ] && touch "$out/.precompiled"
+    [ "$kind" = precompile ] && touch "$marker"
 }
 
 # the run: name, predicted seconds, limit, what (predictions: benchmarks/NOTES.md, 2026-12-07)
@@ -141,14 +143,14 @@ extras() {  # GPU_SANITIZE=1, GPU_FULL=1: outside the 480 s, before the table
         for tool in memcheck racecheck; do
             echo "== sanitize-$tool"
             timeout --kill-after=$GRACE 240 compute-sanitizer --tool "$tool" --error-exitcode 1 \
-                "$PY" benchmarks/gpu_probe.py sanitize 2>&1 | tee "$out/sanitize-$tool.log" | tail -20
+                "$PY" benchmarks/gpu_probe.py sanitize 2>&1 | tee "$logs/sanitize-$tool.log" | tail -20
             [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
         done
     fi
     if [ "${GPU_FULL:-0}" = 1 ]; then  # the CuPy and PyTorch comparisons too (several more minutes)
-        timeout 600 "${PYTEST[@]}" benchmarks/bench_cuda.py --benchmark-enable --benchmark-json="$out/bench.json" \
+        timeout 600 "${PYTEST[@]}" benchmarks/bench_cuda.py --benchmark-enable --benchmark-json="$logs/bench.json" \
             --benchmark-columns=median,iqr,rounds || status=1
-        "$PY" benchmarks/gpu_table.py "$out/bench.json" > "$out/bench.md" || status=1
+        "$PY" benchmarks/gpu_table.py "$logs/bench.json" > "$out/bench.md" || status=1
         cat "$out/bench.md"
     fi
     return 0
@@ -174,6 +176,7 @@ fi
 
 if [ "$MODE" = dry ]; then
     out=$(mktemp -d "${TMPDIR:-/tmp}/lorakern-gpu-dry.XXXXXX")
+    logs=$out
     echo "== dry run (no GPU): logs in $out"
     bash -n "$0" || status=1
     steps
@@ -181,8 +184,12 @@ if [ "$MODE" = dry ]; then
     exit $status
 fi
 
+# $OUT keeps few files (the device tool brings back 8): the probe's JSON files, table.md,
+# steps.txt and logs.tgz (every step's log and junit XML, nvidia-smi), packed at the end
 out="${OUT:-benchmarks/results/gpu-$(date -u +%Y-%m-%d)}"
-mkdir -p "$out"
+logs="$out/logs"
+mkdir -p "$out" "$logs"
+marker=$(mktemp "${TMPDIR:-/tmp}/lorakern-gpu-precompiled.XXXXXX") && rm -f "$marker"  # made by the precompile
 export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-$HOME/.cupy/kernel_cache}"
 mkdir -p "$CUPY_CACHE_DIR"
 "$PY" - <<'PY' || exit 1
@@ -196,7 +203,8 @@ if count < 1:
     sys.exit("ci/gpu.sh: no CUDA device")
 PY
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total \
-    --format=csv | tee "$out/nvidia-smi.txt"
+    --format=csv | tee "$logs/nvidia-smi.txt"
 
 steps
+tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$logs"
 exit $status

@@ -121,3 +121,5 @@ def test_the_run_path_with_a_stand_in_python(tmp_path):
     assert "compiled in the step: 1 modules" in steps[2] and "compiled in the step: 0 modules" in steps[3]
     assert "--warm-numba" in proc.stdout and "-o addopts= tests/test_cuda.py -k not emulated" in proc.stdout
     assert proc.stdout.rstrip().splitlines()[-1] == f"python benchmarks/gpu_probe.py table --out {out}"
+    # what comes back from the device tool's $OUT (8 files at most): the logs packed in one
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tgz", "steps.txt"]
