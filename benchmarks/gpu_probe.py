@@ -20,8 +20,10 @@ goes on), written to DIR/calibrate.json after every section:
   (the host emulation's), bit for bit; NaN inputs must give a NaN; the hand cases of
   tests/test_cuda_warp.py and what the hardware does with NaN payloads.
 * ``mma``: m16n8k8 TF32 and m8n8k4 f64 through warp.cuh's fragments: integer tiles must equal
-  NumPy exactly (the layouts), and random tiles are compared with the exact sum rounded to
-  nearest even and truncated: which accumulation the hardware has (the emulation's "rn"/"rz").
+  NumPy exactly (the layouts), and random tiles are compared with three accumulation models (the
+  emulation's "rn", "rz", "aligned"): the outputs unlike each model are counted and reported,
+  and the accumulation is the model(s) every output matches, or "neither". Nothing depends on
+  the answer: the accuracy tests (tests/test_cuda_mma.py) bound the error, whatever the model.
 * ``rates``: mma.sync TF32 and DMMA throughput (TFLOP/s) against warps per SM.
 * ``bandwidth``: reading an m x n array in tile order (64x64 and 128x64 fp32, 64x64 fp64
   tiles; several blocks per SM) and in whole rows, against a CuPy device-to-device copy.
@@ -126,18 +128,31 @@ HAND = [(0x3F800000, 0x3F800000), (0x3F800FFF, 0x3F800000), (0x3F801000, 0x3F802
 NANS = [0x7FC00000, 0x7F800001, 0xFF801FFF, 0x7FFFE000, 0x7FBFFFFF]
 
 
-def probe_cvt(dev, count=2**32, start=0) -> dict:
+#: the fp32 subnormal bit patterns, positive and negative: CuPy compiles with -ftz=true, so the
+#: probe counts their mismatches apart (a flush there is -ftz's, not the rounding's)
+SUBNORMALS = ((0x00000001, 0x007FFFFF), (0x80000001, 0x007FFFFF))  # (start, count)
+
+
+def probe_cvt(dev, count=2**32, start=0, subnormal_count=None) -> dict:
+    """cvt.rna.tf32 on `count` bit patterns from `start` against the model, then on the
+    subnormal patterns alone (the first `subnormal_count` of each sign; default all): the
+    verdict tells a mismatch on subnormal inputs only (-ftz) from one on normal inputs."""
     xp = dev.xp
     grid, block = (sm_count(dev) * 8, 256) if not dev.emulated else (2, 64)
     n = grid * block
-    mism, nanb = xp.zeros(n, np.uint64), xp.zeros(n, np.uint64)
-    first = xp.zeros(n, np.uint32)
+
+    def run(start, count):
+        mism, nanb = xp.zeros(n, np.uint64), xp.zeros(n, np.uint64)
+        first = xp.zeros(n, np.uint32)
+        dev.launch("cvt_exhaustive", grid, block, (np.uint64(start), np.uint64(count), mism, nanb, first))
+        dev.sync()
+        return dev.host(mism), dev.host(nanb), dev.host(first)
+
     t0 = time.perf_counter()
-    dev.launch("cvt_exhaustive", grid, block, (np.uint64(start), np.uint64(count), mism, nanb, first))
-    dev.sync()
+    mism, nanb, first = run(start, count)
     seconds = time.perf_counter() - t0
-    mism, nanb, first = dev.host(mism), dev.host(nanb), dev.host(first)
     firsts = sorted({int(f) for f, m in zip(first, mism) if m})[:8]
+    subnormal_bad = sum(int(run(lo, min(c, subnormal_count or c))[0].sum()) for lo, c in SUBNORMALS)
     inputs = np.array([i for i, _ in HAND] + NANS, np.uint32)
     out = xp.zeros(inputs.size, np.uint32)
     dev.launch("cvt_list", 1, 32, (xp.asarray(inputs), out, np.int32(inputs.size)))
@@ -147,8 +162,20 @@ def probe_cvt(dev, count=2**32, start=0) -> dict:
     return {"inputs": count, "mismatches": int(mism.sum()), "nan_not_nan": int(nanb.sum()),
             "first_mismatches": [f"0x{f:08x}" for f in firsts], "hand_cases_wrong": hand_bad,
             "nan_results": {f"0x{i:08x}": f"0x{int(g):08x}" for i, g in zip(NANS, got[len(HAND):])},
-            "seconds": round(seconds, 3),
-            "verdict": "bit-exact" if not mism.sum() and not nanb.sum() and not hand_bad else "DIFFERS"}
+            "seconds": round(seconds, 3), "subnormal_mismatches": subnormal_bad,
+            "verdict": verdict_cvt(int(mism.sum()), int(nanb.sum()), hand_bad, subnormal_bad,
+                                   count == 2**32)}
+
+
+def verdict_cvt(mismatches, nan_bad, hand_bad, subnormal_bad, whole) -> str:
+    """"bit-exact"; "bit-exact on normal inputs" when every mismatch of the whole range is a
+    subnormal input's (-ftz's flush); else "DIFFERS"."""
+    if not mismatches and not nan_bad and not hand_bad:
+        return "bit-exact"
+    subnormal_hand = all(int(case.split()[0], 16) & 0x7F800000 == 0 for case in hand_bad)
+    if whole and not nan_bad and mismatches == subnormal_bad and subnormal_hand:
+        return f"bit-exact on normal inputs; {subnormal_bad} subnormal inputs differ (-ftz)"
+    return "DIFFERS"
 
 
 # ---- mma: layouts and accumulation -----------------------------------------------------------
@@ -171,20 +198,47 @@ def exact_round(terms, bits: int, mode: str) -> float:
     return sign * float(q * ulp)
 
 
-def mma_models(A, B, C, bits):
-    """(RN, RZ) of each output: C + sum_k A B, exact products, one rounding."""
+#: the accumulation models the probe tells apart (emulation.MMA_ROUNDING's policies)
+MODELS = ("rn", "rz", "aligned")
+
+
+def aligned_truncate(terms, bits: int) -> float:
+    """The "aligned" model: each term truncated toward zero at the `bits`-th bit below the
+    largest term's leading bit, the exact sum of those truncated (emulation.h, mode 2)."""
+    terms = [Fraction(t) for t in terms]
+    largest = max(abs(t) for t in terms)
+    if largest == 0:
+        return 0.0
+    e = math.floor(math.log2(largest.numerator) - math.log2(largest.denominator))
+    while Fraction(2) ** e > largest:
+        e -= 1
+    while Fraction(2) ** (e + 1) <= largest:
+        e += 1
+    quantum = Fraction(2) ** (e - bits + 1)
+    kept = [(abs(t) // quantum) * quantum * (1 if t >= 0 else -1) for t in terms]
+    return exact_round(kept, bits, "rz")
+
+
+def mma_models(A, B, C, bits) -> dict:
+    """{model: outputs} of each output C + sum_k A B by each accumulation model of MODELS (exact
+    products; RN and RZ: one rounding of the exact sum; aligned: terms truncated first)."""
     m, n = C.shape
-    rn, rz = np.empty((m, n)), np.empty((m, n))
+    out = {model: np.empty((m, n)) for model in MODELS}
     for i in range(m):
         for j in range(n):
             terms = [Fraction(float(C[i, j]))] + [Fraction(float(A[i, k])) * Fraction(float(B[k, j]))
                                                  for k in range(A.shape[1])]
-            rn[i, j] = exact_round(terms, bits, "rn")
-            rz[i, j] = exact_round(terms, bits, "rz")
-    return rn, rz
+            out["rn"][i, j] = exact_round(terms, bits, "rn")
+            out["rz"][i, j] = exact_round(terms, bits, "rz")
+            out["aligned"][i, j] = aligned_truncate(terms, bits)
+    return out
 
 
 def probe_mma(dev, tiles=8) -> dict:
+    """Layouts on integer tiles (exact under every model), then which accumulation model the
+    hardware's random tiles match: the mismatch count against each model is reported as
+    measured; "neither" (no model matches every output) is a result, not an error, and nothing
+    downstream depends on the answer (the accuracy tests bound the error instead)."""
     xp, rng = dev.xp, np.random.default_rng(22)
     out = {}
     for kind, (m, n, k), dtype, bits in (("tf32", (16, 8, 8), np.float32, 24), ("f64", (8, 8, 4), np.float64, 53)):
@@ -198,7 +252,8 @@ def probe_mma(dev, tiles=8) -> dict:
         B = rng.integers(-8, 9, (tiles, k, n)).astype(dtype)
         C = rng.integers(-64, 65, (tiles, m, n)).astype(dtype)
         layout_ok = bool(np.array_equal(run(A, B, C), A @ B + C))
-        # random data with wide exponents, operands TF32 for the tf32 kind
+        # random data with wide exponents (no subnormal: |terms| >= ~1e-9), operands TF32 for the
+        # tf32 kind; C signed, so that sums cancel and the models differ
         A = rng.standard_normal((tiles, m, k)) * 2.0 ** rng.integers(-8, 9, (tiles, m, k))
         B = rng.standard_normal((tiles, k, n))
         C = rng.standard_normal((tiles, m, n)) * 4
@@ -206,16 +261,17 @@ def probe_mma(dev, tiles=8) -> dict:
         if kind == "tf32":
             A, B = emulation.tf32_rna(A), emulation.tf32_rna(B)
         D = run(A, B, C)
-        same = {"rn": 0, "rz": 0}
+        same = dict.fromkeys(MODELS, 0)
         for t in range(tiles):
-            rn, rz = mma_models(A[t], B[t], C[t], bits)
-            same["rn"] += int((D[t] == rn.astype(dtype)).sum())
-            same["rz"] += int((D[t] == rz.astype(dtype)).sum())
+            models = mma_models(A[t], B[t], C[t], bits)
+            for model in MODELS:
+                same[model] += int((D[t] == models[model].astype(dtype)).sum())
         total = D.size
-        policy = [p for p in ("rn", "rz") if same[p] == total]
+        matching = [p for p in MODELS if same[p] == total]
         out[kind] = {"layout_on_integers": "exact" if layout_ok else "WRONG",
-                     "random_outputs": total, "equal_to_rn": same["rn"], "equal_to_rz": same["rz"],
-                     "accumulation": policy[0] if len(policy) == 1 else ("rn = rz here" if policy else "neither")}
+                     "random_outputs": total, "equal_to": same,
+                     "mismatches": {p: total - same[p] for p in MODELS},
+                     "accumulation": " = ".join(matching) if matching else "neither"}
     return out
 
 
@@ -596,7 +652,8 @@ def calibrate(out_dir: Path, emulated=False):
     if not emulated:
         section(results, "kernel_cache", lambda: probe_kernel_cache(out_dir), path)
     section(results, "cvt", lambda: probe_cvt(dev, count=2**32 if not emulated else 2**14,
-                                              start=0 if not emulated else 0x3F7FE000), path)
+                                              start=0 if not emulated else 0x3F7FE000,
+                                              subnormal_count=None if not emulated else 2**10), path)
     section(results, "mma", lambda: probe_mma(dev, tiles=8 if not emulated else 2), path)
     section(results, "rates", lambda: probe_rates(dev), path)
     section(results, "bandwidth", lambda: probe_bandwidth(dev), path)
@@ -662,15 +719,20 @@ def table(out_dir: Path) -> str:
     calib = json.loads((out_dir / "calibrate.json").read_text()) if (out_dir / "calibrate.json").exists() else {}
     timing_ = json.loads((out_dir / "timing.json").read_text()) if (out_dir / "timing.json").exists() else {}
     lines = [f"# GPU probe, {calib.get('date', '?')}: {calib.get('device', {}).get('gpu', '?')}", ""]
+    steps = out_dir / "steps.txt"  # ci/gpu.sh's line per step: exit, seconds, limit, NVRTC misses
+    if steps.exists():
+        lines += [f"- {line.strip('= ')}" for line in steps.read_text().splitlines() if line.strip()] + [""]
     cvt, mma = calib.get("cvt", {}), calib.get("mma", {})
     lines += [f"- kernel cache: {calib.get('kernel_cache', {}).get('verdict', calib.get('kernel_cache'))}",
               f"- cvt.rna.tf32 over {cvt.get('inputs', '?')} inputs: {cvt.get('verdict', cvt.get('error', '?'))} "
-              f"(mismatches {cvt.get('mismatches')}, NaN not NaN {cvt.get('nan_not_nan')}, "
+              f"(mismatches {cvt.get('mismatches')}, of them on subnormal inputs "
+              f"{cvt.get('subnormal_mismatches')}, NaN not NaN {cvt.get('nan_not_nan')}, "
               f"NaN results {cvt.get('nan_results')})"]
     for kind in ("tf32", "f64"):
         v = mma.get(kind, {})
+        counts = ", ".join(f"{p} {n}" for p, n in (v.get("mismatches") or {}).items())
         lines.append(f"- mma {kind}: layout {v.get('layout_on_integers')}, accumulation {v.get('accumulation')} "
-                     f"(= RN {v.get('equal_to_rn')}, = RZ {v.get('equal_to_rz')} of {v.get('random_outputs')})")
+                     f"(outputs unlike each model, of {v.get('random_outputs')}: {counts or '?'})")
     for kind, v in calib.get("rates", {}).items():
         if isinstance(v, dict) and "best_tflops" in v:
             lines.append(f"- mma {kind} rate: {v['best_tflops']} TFLOP/s (by warps per SM {v['tflops_by_warps_per_sm']})")
@@ -721,12 +783,51 @@ def table(out_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def check_imports() -> list[str]:
+    """Every import statement of this file (the commands import inside their functions) resolved
+    here: a module or name that moved fails on this machine, not on the GPU's. CuPy and torch
+    are the GPU machine's (reported when absent here, not failed). Returns the problems."""
+    import ast
+    import importlib
+
+    optional = ("cupy", "torch")
+    problems = []
+    for node in ast.walk(ast.parse(Path(__file__).read_text())):
+        if isinstance(node, ast.Import):
+            pairs = [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            pairs = [(node.module, alias.name) for alias in node.names]
+        else:
+            continue
+        for module, name in pairs:
+            try:
+                found = importlib.import_module(module)
+                if name is not None and not hasattr(found, name):
+                    importlib.import_module(f"{module}.{name}")  # a submodule
+            except ImportError as exc:
+                if module.split(".")[0] in optional:
+                    print(f"gpu_probe dry run: {module} is not installed here (the GPU machine has it)")
+                else:
+                    problems.append(f"line {node.lineno}: {module}{'.' + name if name else ''}: {exc}")
+    return problems
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("calibrate", "timing", "linear", "table", "selftest", "sanitize"))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results/gpu-probe")))
+    parser.add_argument("--dry-run", action="store_true",
+                        help="no GPU: resolve every import of the commands; 'table' renders what --out holds")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.dry_run:
+        problems = check_imports()
+        for problem in problems:
+            print(f"gpu_probe dry run: cannot import {problem}")
+        if args.command == "table":
+            print(table(args.out))
+        print(f"gpu_probe dry run: {args.command}: {'ok' if not problems else 'FAILED'}")
+        sys.exit(1 if problems else 0)
     if args.command == "calibrate":
         calibrate(args.out)
     elif args.command == "timing":

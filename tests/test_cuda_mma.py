@@ -2,16 +2,22 @@
 NumPy reference and against today's kernel (fused.cu, "simt").
 
 Devices: ``gpu`` (CuPy and a CUDA device; skipped otherwise, by a runtime probe) and the host
-emulation under both accumulations an mma may have (``emulated-rn``: the exact sum of products
-rounded to nearest even; ``emulated-rz``: truncated; the PTX ISA does not say, so the accuracy
-tests run under both). Correctness tests that do not depend on the rounding run on ``gpu`` and
+emulation under three accumulations an mma may have (``emulated-rn``: the exact sum of products
+rounded to nearest even; ``emulated-rz``: truncated; ``emulated-aligned``: each product
+truncated at the largest term's last bit, then the sum truncated; the PTX ISA does not say, and
+benchmarks/gpu_probe.py measures which, if any, the GPU has: the accuracy tests run under all
+three and bound the error, so that a GPU whose model is none of them passes if it is as accurate
+as truncation). Correctness tests that do not depend on the rounding run on ``gpu`` and
 ``emulated-rn`` only, to keep the emulated time small (each mma is a rendezvous of 32 fibers).
+On random data nothing is compared bit for bit against the emulation: the same bits are asked
+only where the hardware guarantees them (the same kernel and launch run twice).
 
 * every loss x mask x dtype on odd shapes (tiles patched small: 32 x 32, super-tiles of 2 x 3,
   as conftest.small_tiles), ranks 1 .. 128, against the reference with the one tolerance table;
 * fp32 accuracy by the issue's rule: each output within max(1e-6, 20 x the error of the plain
-  fp32 FMA kernel, fused.cu on the same inputs) of the float64 reference, on random data and on
-  near-converged data (t ~ 0.01 R), every loss; fp64 (DMMA) within the fp64 tolerance;
+  fp32 FMA kernel, fused.cu on the same inputs, never taken below its expected size) of the
+  float64 reference, on random data and on near-converged data (t ~ 0.01 R), every loss (the
+  rule's derivation is above ``accuracy``); fp64 (DMMA) within the fp64 tolerance;
 * plain TF32 (LORAKERN_TF32_PASSES=1, a mutation of fused_mma.cu) fails that rule: the test can
   fail;
 * the same bits on every run; the step, run_steps and the loss-only pass on top of it.
@@ -55,7 +61,7 @@ CUDA = cuda_available()
 requires_gpu = pytest.mark.skipif(not CUDA, reason="no CUDA device (CuPy runtime probe)")
 requires_gxx = pytest.mark.skipif(not emulation.available(), reason="g++ not found")
 
-ROUNDING = ["gpu", "emulated-rn", "emulated-rz"]  # accuracy: every accumulation
+ROUNDING = ["gpu", "emulated-rn", "emulated-rz", "emulated-aligned"]  # accuracy: every model
 PLAIN = ["gpu", "emulated-rn"]                    # correctness that does not depend on it
 
 
@@ -249,7 +255,8 @@ def test_run_steps_on_the_mma_kernel(cuda, monkeypatch):
 
 # ---- fp32 accuracy: 3xTF32 against plain fp32 FMA, both against float64 ----------------------------
 def near_converged(shape, dtype, loss, seed):
-    """(problem, B, A) with t = base + BA ~ 0.01 R: W0 = -(BA) + 0.01 noise (entries of R ~ 1)."""
+    """(problem, B, A) with t = base + BA ~ 0.01 R: W0 = -(BA) + 0.01 noise (entries of R ~ 1).
+    Nothing subnormal in fp32 (-ftz=true on the GPU flushes those): |t| ~ 1e-2, products ~ 1."""
     m, n, r = shape
     rng = np.random.default_rng(seed)
     s = r ** -0.25
@@ -265,10 +272,11 @@ def near_converged(shape, dtype, loss, seed):
     return Problem(W0, Y, loss=loss, delta=delta), B, A
 
 
-def rebuild(problem, dtype=None, mask="same"):
-    """The same problem's data in ``dtype`` (exact for float32 -> float64), with ``mask``."""
+def rebuild(problem, dtype=None, mask="same", base=None):
+    """The same problem's data in ``dtype`` (exact for float32 -> float64), with ``mask`` (and
+    ``base`` in place of its own where given)."""
     dtype = problem.dtype if dtype is None else np.dtype(dtype)
-    base = np.asarray(problem.base).astype(dtype)
+    base = np.asarray(problem.base if base is None else base).astype(dtype)
     Y = np.asarray(problem.labels).astype(dtype) if problem.loss.labels else np.zeros_like(base)
     if isinstance(mask, str):
         mask = None if problem.mask is None else np.asarray(problem.mask).astype(bool)
@@ -289,11 +297,56 @@ def errors_against_float64(got, problem, B, A):
     return out
 
 
+# The accuracy rule (flash-attention's form): mma error <= max(FLOOR, K x the fp32 FMA kernel's
+# error), both against float64, with K = 20 and FLOOR = 1e-6 (the issue's goal). The FMA kernel's
+# error is the measured one, but never less than what its accumulation is *expected* to cause:
+# a measured error is one draw, and on an aggregate output (the loss, ||G||^2: sums over all m n
+# entries of t = base + B A) round-to-nearest's errors cancel, so the draw can sit at the output's
+# own last-bit rounding (~u), far under its spread. The expected size, derived: t's chain in
+# fused.cu is r FMAs from the base, s_k = base + sum_{k' <= k} B_ik' A_k'j, each rounding a
+# relative error uniform in [-u, u] of s_k (u = 2^-24): variance u^2 s_k^2 / 3, so t_ij is off by
+# about sigma_ij = u sqrt(sum_k s_k^2 / 3). fma_expected moves t by N(0, 1) x sigma (one fixed
+# draw, in float64) and takes each output's relative change. Why K x that covers truncation and any
+# model as accurate: an mma accumulating with truncation makes 3 ceil(r / 8) roundings of t's
+# chain (3xTF32: three mma per 8 ranks), each an error in [0, 2u) of the running sum, whose sign
+# changes along the chain (B A's partial sums wander around 0), so they add like a random walk of
+# 3 ceil(r / 8) steps of rms 2u / sqrt(3) against the FMA chain's r + 1 of rms u / sqrt(3): a
+# ratio of 2 sqrt(3 ceil(r / 8) / (r + 1)) <= 1.6 for r >= 8 (2.5 at r = 1), plus the 3xTF32
+# split's dropped terms (<= 3 x 2^-22 = 12 u of each product, whatever the model) and the
+# phases after t, which round as the FMA kernel's do. A model whose errors are no larger than
+# truncation's is then within a few times the FMA kernel's expected error: K = 20 leaves it a
+# margin of 5 or more. Measured in the emulation on this file's cases (2026-12-07; the largest
+# mma error over its bound): RN 0.11, RZ 0.30, "aligned" (terms truncated at the largest one's
+# last bit first, emulation.h) 0.40. Plain TF32 (one product: 2^-11 of each, ~2^13 u) is far
+# outside (test_plain_tf32_fails_the_accuracy_rule).
+# No input here is subnormal in fp32, nor any intermediate the expectations depend on: entries of
+# B, A, base are N(0, 1)-sized (>= ~1e-4 in practice; the smallest normal fp32 is 1.2e-38), and
+# NVRTC's -ftz=true (CuPy's option) flushes fp32 subnormals on the GPU but not in NumPy or the
+# emulation (docs/architecture.md, "Accuracy").
+U32 = 2.0**-24
+K_FMA, FLOOR = 20.0, 1e-6
+
+
+def fma_expected(problem, B, A, seed=0):
+    """{output: relative change} when t = base + B A moves by one N(0, 1) draw x sigma_ij =
+    u sqrt(sum_k s_k^2 / 3) (s_k: the FMA chain's partial sums from the base): the error an fp32
+    FMA chain over the rank is expected to make (see the rule above); float64 throughout."""
+    p64 = rebuild(problem, np.float64)
+    B64, A64 = B.astype(np.float64), A.astype(np.float64)
+    base = np.asarray(p64.base)
+    partial = base[:, :, None] + np.cumsum(B64[:, None, :] * A64.T[None, :, :], axis=2)  # m x n x r
+    sigma = U32 * np.sqrt((partial * partial).sum(axis=2) / 3)
+    moved = rebuild(p64, base=base + np.random.default_rng(seed).standard_normal(base.shape) * sigma)
+    return errors_against_float64(reference.fused_pass(moved, None, B64, A64), problem, B, A)
+
+
 def accuracy(cuda, problem, B, A):
-    """{output: (mma error, simt error, bound)} with bound = max(1e-6, 20 x simt error)."""
+    """{output: (mma error, simt error, bound)}, bound = max(FLOOR, K_FMA x max(simt error,
+    its expected size)) (the rule above)."""
     mma = errors_against_float64(run_pass(cuda, problem, B, A, "mma"), problem, B, A)
     simt = errors_against_float64(run_pass(cuda, problem, B, A, "simt"), problem, B, A)
-    return {k: (mma[k], simt[k], max(1e-6, 20 * simt[k])) for k in mma}
+    expected = fma_expected(problem, B, A)
+    return {k: (mma[k], simt[k], max(FLOOR, K_FMA * max(simt[k], expected[k]))) for k in mma}
 
 
 def assert_accurate(report):
@@ -379,6 +432,9 @@ def test_wide_tiles_run_steps_and_loss_pass(cuda, monkeypatch):
         runs = [cuda_kernels.run_steps(problem, data, B, A, 3, eta_fixed=0.01) for _ in range(2)]
     finally:
         launch.KERNEL = old
-    assert np.array_equal(runs[0].history, runs[1].history)
+    assert np.array_equal(runs[0].history, runs[1].history)  # the same kernels and launches
     assert np.array_equal(cuda.to_host(runs[0].B), cuda.to_host(runs[1].B))
-    assert run_pass(cuda, problem, B, A, grad=False) == run_pass(cuda, problem, B, A).loss
+    loss_only, full = run_pass(cuda, problem, B, A, grad=False), run_pass(cuda, problem, B, A).loss
+    if cuda.emulated:  # two instances of the kernel: a GPU's compiler may contract them apart
+        assert loss_only == full
+    assert_close(loss_only, full, np.float32, "loss-only pass", "same_kernel")

@@ -198,7 +198,7 @@ __global__ void shfl_masks(float* out, int mode)
 
 NAMES = ("convert", "coordinates", "mma_tf32", "mma_f64", "gemm_tf32", "gemm_fma", "divergent_mma",
          "warp_sum", "shfl_masks")
-POLICIES = ("rn", "rz")
+POLICIES = ("rn", "rz", "aligned")  # emulation.MMA_ROUNDING: the accumulation models
 
 
 @pytest.fixture(scope="module")
@@ -388,8 +388,13 @@ def test_mma_f64_on_integers_and_random_data(runtimes, kernels, policy):
     A, B, C = rng.standard_normal((8, 4)), rng.standard_normal((4, 8)), rng.standard_normal((8, 8))
     run(runtimes, kernels, policy, "mma_f64", tuple(map(dev.asarray, (A, B, C))) + (D, np.int32(0)))
     exact = (A.astype(np.longdouble) @ B.astype(np.longdouble) + C).astype(np.float64)
-    # rounded once: within one ulp of the exact sum (long double is exact enough to see it)
-    assert (np.abs(D.get() - exact) <= np.spacing(np.abs(exact))).all()
+    # rounded once: within one ulp of the exact sum (long double is exact enough to see it);
+    # aligned: each of the K + 1 terms may lose up to one ulp of the largest term first
+    limit = np.spacing(np.abs(exact))
+    if policy == "aligned":
+        largest = np.maximum(np.abs(C), np.abs(A[:, :, None] * B[None, :, :]).max(axis=1))
+        limit = limit + (A.shape[1] + 1) * np.spacing(largest)
+    assert (np.abs(D.get() - exact) <= limit).all()
 
 
 def test_a_wrong_f64_layout_fails(runtimes, kernels):
@@ -399,24 +404,30 @@ def test_a_wrong_f64_layout_fails(runtimes, kernels):
     assert not np.array_equal(D.get(), A @ B + C)
 
 
-def test_the_two_roundings_differ_where_they_should(runtimes, kernels):
-    """1 + (2^-12)(2^-12 + 2^-18) = 1 + 2^-24 + 2^-30: to nearest 1 + 2^-23, toward zero 1."""
+def test_the_roundings_differ_where_they_should(runtimes, kernels):
+    """Row 0: 1 + (2^-12)(2^-12 + 2^-18) = 1 + 2^-24 + 2^-30: to nearest 1 + 2^-23, toward zero
+    1, aligned 1 (the product truncated at 1's last bit, 2^-23). Row 1: 1 + 2^-24 + 2^-24 =
+    1 + 2^-23 exactly: RN and RZ keep it, aligned drops both products (each below 2^-23)."""
     A = np.zeros((16, 8), np.float32)
     B = np.zeros((8, 8), np.float32)
     A[0, 0], B[0, 0] = 2.0**-12, 2.0**-12 + 2.0**-18
+    A[1, 1], A[1, 2], B[1, 0], B[2, 0] = 2.0**-12, 2.0**-12, 2.0**-12, 2.0**-12
     C = np.ones((16, 8), np.float32)
     got = {}
     for policy in POLICIES:
         D = dev.zeros((16, 8), np.float32)
         run(runtimes, kernels, policy, "mma_tf32", tuple(map(dev.asarray, (A, B, C))) + (D, np.int32(0), np.int32(0)))
-        got[policy] = D.get()[0, 0]
-    assert got == {"rn": np.float32(1 + 2.0**-23), "rz": np.float32(1.0)}
+        got[policy] = (D.get()[0, 0], D.get()[1, 0])
+    one, above = np.float32(1.0), np.float32(1 + 2.0**-23)
+    assert got == {"rn": (above, above), "rz": (one, above), "aligned": (one, one)}
     A64, B64, C64 = np.zeros((8, 4)), np.zeros((4, 8)), np.ones((8, 8))
     A64[0, 0], B64[0, 0] = 1 + 2.0**-27, 2.0**-53
-    for policy, expected in (("rn", 1 + 2.0**-52), ("rz", 1.0)):
+    A64[1, 1], A64[1, 2], B64[1, 0], B64[2, 0] = 2.0**-27, 2.0**-27, 2.0**-26, 2.0**-26  # 2 x 2^-53
+    for policy, expected in (("rn", (1 + 2.0**-52, 1 + 2.0**-52)), ("rz", (1.0, 1 + 2.0**-52)),
+                             ("aligned", (1.0, 1.0))):
         D = dev.zeros((8, 8), np.float64)
         run(runtimes, kernels, policy, "mma_f64", tuple(map(dev.asarray, (A64, B64, C64))) + (D, np.int32(0)))
-        assert D.get()[0, 0] == expected
+        assert (D.get()[0, 0], D.get()[1, 0]) == expected, policy
 
 
 # ---- 3xTF32 against plain fp32 ------------------------------------------------------------------

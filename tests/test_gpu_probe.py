@@ -1,7 +1,7 @@
 """benchmarks/gpu_probe.py, the next GPU session's script, run on the host emulation: its
 kernels (warp.cuh + gpu_probe.cu) and its verdicts, so that the GPU's minutes are not spent on
 a bug of the script. Its exact-rounding model (Python fractions) and the emulation's (emulation.h's
-fixed-point sum) are two implementations of one definition; they must agree under both policies.
+fixed-point sum) are two implementations of one definition; they must agree under every policy.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lorakern._cuda import emulation
@@ -28,18 +29,57 @@ def probe():
     return module
 
 
-@pytest.mark.parametrize("policy", ["rn", "rz"])
+@pytest.mark.parametrize("policy", ["rn", "rz", "aligned"])
 def test_probe_finds_the_emulations_accumulation(probe, policy):
+    """The probe's models (Python fractions) and the emulation's (emulation.h's fixed-point
+    sums): one definition each, the same bits on every output; the other models differ on
+    some of the random tiles' outputs, so the probe tells them apart."""
     dev = probe.Device(True, mma_rounding=policy)
     result = probe.probe_mma(dev, tiles=2)
     for kind in ("tf32", "f64"):
         assert result[kind]["layout_on_integers"] == "exact"
         assert result[kind]["accumulation"] == policy, result
+        assert result[kind]["mismatches"][policy] == 0, result
+        assert all(n > 0 for p, n in result[kind]["mismatches"].items() if p != policy), result
+
+
+def test_probe_reports_neither(probe, monkeypatch):
+    """Hardware unlike every model: "neither", with the counts, and the table shows them."""
+    dev = probe.Device(True, mma_rounding="rn")
+    real = probe.mma_models
+    monkeypatch.setattr(probe, "mma_models", lambda A, B, C, bits: {
+        model: out * (1 + 2.0**-20) for model, out in real(A, B, C, bits).items()})  # off in fp32 too
+    result = probe.probe_mma(dev, tiles=1)
+    for kind in ("tf32", "f64"):
+        assert result[kind]["accumulation"] == "neither", result
+        assert min(result[kind]["mismatches"].values()) > 0, result
+
+
+def test_aligned_truncate(probe):
+    # 1 + 2^-24 + 2^-30: the largest term 1, its 24 bits end at 2^-23: both small terms dropped
+    assert probe.aligned_truncate([1.0, 2.0**-24, 2.0**-30], 24) == 1.0
+    # exact sum 1 + 2^-23 (RZ keeps it); aligned: each half truncated away first
+    assert probe.exact_round([1.0, 2.0**-24, 2.0**-24], 24, "rz") == 1 + 2.0**-23
+    assert probe.aligned_truncate([1.0, 2.0**-24, 2.0**-24], 24) == 1.0
+    # negative terms truncate toward zero too: -(2^-24 + 2^-40) -> 0 at 1's alignment
+    assert probe.aligned_truncate([1.0, -(2.0**-24 + 2.0**-40)], 24) == 1.0
+    assert probe.exact_round([1.0, -(2.0**-24 + 2.0**-40)], 24, "rz") == 1 - 2.0**-23
 
 
 def test_probe_cvt_on_the_emulation(probe):
     result = probe.probe_cvt(probe.Device(True), count=2**13, start=0x7F7FF000)  # up to the NaNs
     assert result["verdict"] == "bit-exact" and result["mismatches"] == 0, result
+
+
+def test_cvt_verdicts(probe):
+    """A mismatch on subnormal inputs only (the GPU's -ftz=true) is told from a rounding error."""
+    sub = ["0x00001000 -> 0x00000000 (expected 0x00002000)"]
+    assert probe.verdict_cvt(0, 0, [], 0, True) == "bit-exact"
+    assert probe.verdict_cvt(50, 0, sub, 50, True).startswith("bit-exact on normal inputs; 50")
+    assert probe.verdict_cvt(51, 0, sub, 50, True) == "DIFFERS"  # one normal input differs
+    assert probe.verdict_cvt(50, 0, ["0x3f801000 -> 0x3f800000 (expected 0x3f802000)"], 50, True) == "DIFFERS"
+    assert probe.verdict_cvt(50, 0, sub, 50, False) == "DIFFERS"  # not the whole range: unknown
+    assert probe.verdict_cvt(0, 1, [], 0, True) == "DIFFERS"
 
 
 def test_exact_round(probe):

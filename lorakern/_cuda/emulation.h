@@ -42,8 +42,10 @@
 //   mma           warp.cuh's models gather the 32 lanes' fragments through the PTX ISA's
 //                   coordinate functions, reject .tf32 operands whose 13 low bits are not zero
 //                   (a missing cvt.rna.tf32), form every product exactly and round the sum once,
-//                   by the policy HostRuntime(mma_rounding="rn" | "rz") sets: the PTX ISA does
-//                   not specify the accumulation's rounding, so tests run under both.
+//                   by the policy HostRuntime(mma_rounding="rn" | "rz" | "aligned") sets: the
+//                   PTX ISA does not specify the accumulation's rounding, so tests run under
+//                   all three ("aligned": the terms aligned to the largest one's exponent and
+//                   truncated there before the sum, as tensor cores are reported to add).
 //
 // What it cannot check: timing, memory order between blocks (they run one after another; the
 // block order above catches what depends on which runs first),
@@ -104,12 +106,17 @@ void copy_async_wait_all();
 using Combine = const char* (*)(void* const* in, void* const* out, unsigned mask);
 void warp_collective(const char* what, const char* file, int line, unsigned mask, bool aligned, bool orders_memory,
                      void* in, void* out, Combine combine);
-// the rounding of an mma's sum (HostRuntime(mma_rounding=...)): 0 to nearest even, 1 toward zero
+// the rounding of an mma's sum (HostRuntime(mma_rounding=...)): 0 to nearest even, 1 toward zero,
+// 2 aligned and truncated (each term first truncated to the `precision` bits below the largest
+// term's leading bit, then the exact sum of those toward zero)
 int mma_rounding();
-// terms[0] + ... + terms[n-1], exactly, rounded once to a binary floating-point number of
-// `precision` bits (24: float, 53: double) to nearest even, or toward zero; every term finite
-// (else the plain double sum: NaN and inf propagate)
-double exact_sum(const double* terms, int n, int precision, bool toward_zero);
+// terms[0] + ... + terms[n-1] rounded once to a binary floating-point number of `precision` bits
+// (24: float, 53: double) by `mode` (mma_rounding()'s): 0 the exact sum to nearest even, 1 the
+// exact sum toward zero, 2 the terms aligned to the largest one's exponent and truncated there,
+// then summed exactly and truncated; every term finite (else the plain double sum: NaN and inf
+// propagate)
+// (`group`: consecutive doubles that make one term, e.g. an exact product as p + e)
+double exact_sum(const double* terms, int n, int precision, int mode, int group = 1);
 
 using Thunk = void (*)(void* kernel, void** args);
 int launch(Thunk thunk, void* kernel, unsigned grid, unsigned block, unsigned smem, void** args, double timeout);
@@ -666,9 +673,22 @@ struct ExactSum {
         const int r = p % 32;
         return r != 0 && (limb[p / 32] & ((std::int64_t(1) << r) - 1)) != 0;
     }
+
+    int highest() const  // the position of the leading bit of a normalized magnitude, -1 if zero
+    {
+        for (int i = LIMBS - 1; i >= 0; --i)
+            if (limb[i] != 0) return 32 * i + 63 - __builtin_clzll((unsigned long long)limb[i]);
+        return -1;
+    }
+
+    void clear_below(int p)  // a normalized magnitude truncated: the bits below position p zeroed
+    {
+        for (int i = 0; i < std::min(std::max(p, 0) / 32, LIMBS); ++i) limb[i] = 0;
+        if (p > 0 && p / 32 < LIMBS) limb[p / 32] &= ~((std::int64_t(1) << (p % 32)) - 1);
+    }
 };
 
-double exact_sum(const double* terms, int n, int precision, bool toward_zero)
+double exact_sum(const double* terms, int n, int precision, int mode, int group)
 {
     bool finite = true, all_zero = true;
     double plain = 0;
@@ -678,12 +698,30 @@ double exact_sum(const double* terms, int n, int precision, bool toward_zero)
         plain += terms[i];
     }
     if (!finite || all_zero) return plain;  // NaN, inf; a sum of zeros keeps IEEE's sign of zero
+    const bool toward_zero = mode != 0;
     ExactSum acc;
-    for (int i = 0; i < n; ++i) acc.add(terms[i]);
+    if (mode == 2) {
+        // a fixed-point adder as wide as the format, aligned to the largest term: each term (a
+        // group of `group` doubles: one exact product) keeps the `precision` bits from the
+        // largest term's leading bit down, truncated toward zero; their exact sum is truncated
+        ExactSum parts[16];
+        int signs[16], top = -1;
+        const int count = n / group;
+        if (count > 16) return std::nan("");  // the mma models pass at most 9 terms
+        for (int t = 0; t < count; ++t) {
+            for (int j = 0; j < group; ++j) parts[t].add(terms[t * group + j]);
+            signs[t] = parts[t].normalize();
+            top = std::max(top, parts[t].highest());
+        }
+        for (int t = 0; t < count; ++t) {
+            parts[t].clear_below(top - (precision - 1));
+            for (int i = 0; i < ExactSum::LIMBS; ++i) acc.limb[i] += signs[t] * parts[t].limb[i];
+        }
+    } else {
+        for (int i = 0; i < n; ++i) acc.add(terms[i]);
+    }
     const int sign = acc.normalize();
-    int high = -1;
-    for (int i = ExactSum::LIMBS - 1; i >= 0 && high < 0; --i)
-        if (acc.limb[i] != 0) high = 32 * i + 63 - __builtin_clzll((unsigned long long)acc.limb[i]);
+    const int high = acc.highest();
     if (high < 0) return 0.0;  // an exact zero: +0 (to nearest and toward zero alike)
     // the format's smallest ulp (subnormals) and largest exponent, as bit positions
     const int min_ulp = precision == 24 ? 1074 - 149 : 0;

@@ -17,8 +17,12 @@ a .tf32 mma operand that was never converted) instead of hanging.
 Its arrays are ``DeviceArray``s (``HostRuntime.xp``, a NumPy namespace whose results are
 DeviceArrays): like CuPy arrays they refuse to be filled from, or combined with, a host NumPy
 array, and kernels take only them, so host/device mix-ups fail here as they fail on a GPU.
-``HostRuntime(mma_rounding="rn" | "rz")`` picks how an emulated mma (warp.cuh) rounds its exact
-sum of products; the PTX ISA leaves it open, so tests run under both. ``HostRuntime(block_order=
+``HostRuntime(mma_rounding="rn" | "rz" | "aligned")`` picks how an emulated mma (warp.cuh) adds
+its exact products: the exact sum rounded to nearest even or toward zero, or every term first
+aligned to the largest one's exponent and truncated there (the format's bits below its leading
+bit), then summed and truncated: how tensor cores are reported to add (Fasi, Higham, Mikaitis
+and Pranesh 2021, "Numerical behavior of NVIDIA tensor cores"). The PTX ISA leaves it open, so
+the accuracy tests run under all three. ``HostRuntime(block_order=
 "forward" | "reverse")`` picks the order the blocks of a grid run in: a cross-block race (a block
 reading what another writes in the same launch) gives different bits under the two. ``tf32_rna`` and
 ``split_tf32`` are NumPy models of warp.cuh's conversion and 3xTF32 split. ``HostRuntime(flags=["-fsanitize=thread"])`` builds ThreadSanitizer
@@ -53,7 +57,7 @@ TIMEOUT = float(os.environ.get("LORAKERN_EMULATION_TIMEOUT", "5"))
 
 
 #: HostRuntime(mma_rounding=...): the emulated mma's rounding of its exact sum
-MMA_ROUNDING = {"rn": 0, "rz": 1}
+MMA_ROUNDING = {"rn": 0, "rz": 1, "aligned": 2}
 #: HostRuntime(block_order=...): the order the blocks of a grid run in, one after another
 BLOCK_ORDERS = {"forward": 0, "reverse": 1}
 
@@ -174,8 +178,10 @@ class HostRuntime:
         ``["-O0", "-g"]`` to debug a kernel); also read from ``$LORAKERN_EMULATION_FLAGS``.
     timeout : seconds a CUDA thread may run without reaching a barrier before the launch fails.
     cache : where built modules are kept (keyed by a digest of source and flags).
-    mma_rounding : how an emulated mma (warp.cuh) rounds its exact sum of products: "rn" (to
-        nearest even) or "rz" (toward zero). The PTX ISA does not say; tests run under both.
+    mma_rounding : how an emulated mma (warp.cuh) adds its exact products: "rn" (the exact sum
+        to nearest even), "rz" (toward zero) or "aligned" (each term truncated at the largest
+        one's last bit, then the sum truncated). The PTX ISA does not say; accuracy tests run
+        under all three.
     block_order : "forward" (blocks 0, 1, ...) or "reverse": the blocks of a grid run one after
         another, so a kernel whose block reads what another block of the same launch writes
         gives different results under the two; tests require the same bits under both.

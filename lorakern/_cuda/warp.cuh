@@ -101,7 +101,7 @@ __device__ __forceinline__ Tf32Split split_tf32(float x)
 // ---- mma ------------------------------------------------------------------------------------
 #if defined(LORAKERN_HOST_EMULATION)
 // the emulation's models: gather the lanes' fragments through the coordinate function, check
-// the operands, sum each output's products exactly and round once (lk_emu::mma_rounding()),
+// the operands, sum each output's exact products and round by lk_emu::mma_rounding()'s policy,
 // scatter
 struct MmaM16N8K8Tf32Regs {
     u32 a[4], b[2];
@@ -136,7 +136,7 @@ inline const char* mma_m16n8k8_tf32_model(void* const* in, void* const* out, uns
             for (int k = 0; k < F::K; ++k)  // TF32 x TF32: 22 significant bits, exact in double
                 terms[k + 1] = (double)A[rc.row][k] * (double)B[k][rc.col];
             static_cast<float*>(out[lane])[i] =
-                (float)lk_emu::exact_sum(terms, F::K + 1, 24, lk_emu::mma_rounding() == 1);
+                (float)lk_emu::exact_sum(terms, F::K + 1, 24, lk_emu::mma_rounding());
         }
     return nullptr;
 }
@@ -158,14 +158,14 @@ inline const char* mma_m8n8k4_f64_model(void* const* in, void* const* out, unsig
     for (u32 lane = 0; lane < 32; ++lane)
         for (int i = 0; i < F::C_REGS; ++i) {
             const RowCol rc = F::c(lane, i);
-            double terms[2 * F::K + 1] = {C[rc.row][rc.col]};
+            double terms[2 * F::K + 2] = {C[rc.row][rc.col], 0.0};  // pairs: c + 0, then p + e
             for (int k = 0; k < F::K; ++k) {  // each product exactly, as p + e (TwoProduct)
                 const double p = A[rc.row][k] * B[k][rc.col];
-                terms[2 * k + 1] = p;
-                terms[2 * k + 2] = std::isfinite(p) ? std::fma(A[rc.row][k], B[k][rc.col], -p) : 0.0;
+                terms[2 * k + 2] = p;
+                terms[2 * k + 3] = std::isfinite(p) ? std::fma(A[rc.row][k], B[k][rc.col], -p) : 0.0;
             }
             static_cast<double*>(out[lane])[i] =
-                lk_emu::exact_sum(terms, 2 * F::K + 1, 53, lk_emu::mma_rounding() == 1);
+                lk_emu::exact_sum(terms, 2 * F::K + 2, 53, lk_emu::mma_rounding(), 2);
         }
     return nullptr;
 }
