@@ -26,6 +26,8 @@ class StepInfo:
     grad_sq: float      # ||grad J(V')||^2
     loss: float | None  # the closure's loss at V_t, if a closure was given
     trials: int         # closure calls of the line search beyond the first
+    trial_losses: tuple = ()  # the loss at each trial (forward only); the last one is
+                              # J(V_{t+1}) when a trial was accepted (eta > eta_theorem)
 
 
 class LoRAStepOptimizer(torch.optim.Optimizer):
@@ -41,7 +43,11 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         which code computes it) or "bound" (a certified upper bound, cheaper; a smaller
         eta_t).
     adapter : the PEFT adapter to train (default: the active ones).
-    cap, c, max_trials : the line search of ``step(closure)``, as ``lorakern.Armijo``.
+    cap, c, max_trials : the line search of ``step(closure)`` (``search.LineSearch``:
+        forward-only trials, c = 1/5 by default so every accepted step is certified).
+    line_search : "model" (``search.LineSearch``: the first trial from the last step's
+        quadratic model, a guard on ||V'||^2) or "halving" (``lorakern.Armijo``'s: twice the
+        last eta, halved; c = 1e-4 is its usual constant).
 
     Attributes
     ----------
@@ -58,15 +64,19 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, *, lipschitz: float = 1.0, norm: str = "exact",
-                 adapter: str | None = None, cap: float = 1.0, c: float = 1e-4,
-                 max_trials: int = 60):
+                 adapter: str | None = None, cap: float = 1.0, c: float = search.LEMMA2_C,
+                 max_trials: int = 20, line_search: str = "model"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if norm not in ("exact", "bound"):
             raise ValueError(f"norm must be 'exact' or 'bound', got {norm!r}")
         self.lipschitz = positive_float("lipschitz", lipschitz)
         self.norm = norm
+        if line_search not in ("model", "halving"):
+            raise ValueError(f"line_search must be 'model' or 'halving', got {line_search!r}")
         self.armijo = Armijo(cap=cap, c=c, max_trials=max_trials)  # validates them
+        self.line_search = (search.LineSearch(cap=cap, c=c, max_trials=max_trials)
+                            if line_search == "model" else None)
         found = lora_layers(model, adapter)
         if not found and adapter is not None and lora_layers(model):
             raise ValueError(f"no LoRA layer of {type(model).__name__} has an active adapter "
@@ -130,14 +140,14 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         grads = [(B, A, s, _grad(B), _grad(A)) for layer in self.layers
                  for B, A, s in layer.pairs]
         old = [(B.detach().clone(), A.detach().clone()) for B, A, *_ in grads]
-        eta, trials = eta_theorem, 0
+        eta, losses = eta_theorem, ()
         if closure is not None:
-            eta, trials = self._line_search(closure, item(loss), grads, old, grad_sq,
-                                            eta_theorem)
+            eta, losses = self._line_search(closure, item(loss), grads, old, grad_sq,
+                                            eta_theorem, v_sq)
         self._update(grads, old, eta)
         self.last = StepInfo(eta=eta, eta_theorem=eta_theorem, g_norm=g_norm, v_sq=v_sq,
                              grad_sq=grad_sq, loss=None if loss is None else item(loss),
-                             trials=trials)
+                             trials=len(losses), trial_losses=tuple(losses))
         self.capture.clear()
         return loss
 
@@ -148,20 +158,31 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
             B.copy_(B0 - gB * (eta / s))
             A.copy_(A0 - gA * (eta / s))
 
-    def _line_search(self, closure, loss0, grads, old, grad_sq, eta_theorem):
-        """search.armijo with the trials' gradients and captures kept away from V_t's."""
+    def _line_search(self, closure, loss0, grads, old, grad_sq, eta_theorem, v_sq):
+        """The search with forward-only trials, p.grad and the captures of V_t kept."""
         saved = [(B.grad, A.grad) for B, A, *_ in grads]
         self.capture.enabled = False
+
+        def loss_at(eta):  # forward only; under DDP: all-reduce the value here
+            self._update(grads, old, eta)
+            return search.trial_loss(closure)
+
         try:
-            eta, trials = search.armijo(closure, loss0, grad_sq, eta_theorem,
-                                        move=lambda eta: self._update(grads, old, eta),
+            if self.line_search is not None:
+                v_dot_grad = sum(float(torch.sum(B0.double() * gB.double()))
+                                 + float(torch.sum(A0.double() * gA.double()))
+                                 for (_, _, _, gB, gA), (B0, A0) in zip(grads, old))
+                eta, losses = self.line_search.search(loss_at, loss0, grad_sq, eta_theorem,
+                                                      v_sq=v_sq, v_dot_grad=v_dot_grad)
+                return eta, losses
+            eta, losses = search.armijo(loss_at, loss0, grad_sq, eta_theorem,
                                         armijo=self.armijo, eta_prev=self._eta_prev)
+            self._eta_prev = eta  # as lorakern.Armijo keeps it
+            return eta, losses
         finally:
             self.capture.enabled = True
             for (B, A, *_), (gB, gA) in zip(grads, saved):
                 B.grad, A.grad = gB, gA
-        self._eta_prev = eta  # as lorakern.Armijo keeps it
-        return eta, trials
 
 
 
