@@ -4,6 +4,7 @@ All in float64, with each layer's scaling s_l folded in as the package docstring
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -44,11 +45,11 @@ def g_sq(layers, norm: str) -> float:
 
 
 def layer_norm_sq(D, X, norm: str) -> float:
-    """||D^T X||_F^2 (norm="exact") or (sum_i ||d_i|| ||x_i||)^2 raised by BOUND_MARGIN."""
+    """||D^T X||_F^2, or an upper bound of it that is tight to float32 rounding (norm="exact"
+    on float32/bf16/fp16 rows), or (sum_i ||d_i|| ||x_i||)^2 raised by its rounding
+    (norm="bound"). Never below the true value but for float64 rounding (module docstring)."""
     if norm == "bound":
-        # U = sum_i ||delta_i|| ||x_i|| >= ||sum_i delta_i x_i^T||_F (package docstring)
-        U = (D.double().norm(dim=1) * X.double().norm(dim=1)).sum().item()
-        return (U * (1.0 + BOUND_MARGIN)) ** 2
+        return row_norm_sum(D, X) ** 2
     if D.dtype not in (torch.float32, torch.float64):  # bf16/fp16: what Numba/CuPy read
         D = D.float()
     if X.dtype != D.dtype:
@@ -58,6 +59,8 @@ def layer_norm_sq(D, X, norm: str) -> float:
     # the Gram identity costs N^2 (m + n) / 2 multiply-adds (X X^T is new every step),
     # the tiles of Delta^T X cost N m n: take the cheaper one
     gram = N * (m + n) < 2 * m * n
+    if not D.is_cuda and D.dtype == torch.float32 and not gram:
+        return float32_norm_sq(D, X)
     if not D.is_cuda and N * m * min(N, n) < TORCH_NORM_WORK:
         # float64 products: each entry of Delta^T X (or of Delta Delta^T and X X^T) is
         # accumulated in float64 from exact products of the float32/float64 inputs
@@ -84,6 +87,47 @@ def layer_norm_sq(D, X, norm: str) -> float:
         X64 = X_arr.astype(np.float64)
         K = X64 @ X64.T
     return float(cpu_linear.delta_x_norm_sq(D_arr, X_arr, K))
+
+
+def row_norm_sum(D, X) -> float:
+    """U = sum_i ||d_i|| ||x_i|| >= ||D^T X||_F, raised by its rounding: a certified bound.
+
+    The row norms are taken in the rows' precision (float32 for float32/bf16/fp16 rows: each
+    norm's relative error is below (k/2 + 2) u_32 for k entries, so their product's below
+    (m + n + 8) / 2 u_32 <= (max(m, n) + 4) 2^-23 relative), their products and the sum in
+    float64 (relative error below N 2^-53, inside BOUND_MARGIN). O(N (m + n)) work.
+    """
+    if D.dtype not in (torch.float32, torch.float64):
+        D = D.float()
+    if X.dtype != D.dtype:
+        X = X.to(D.dtype)
+    d = torch.linalg.vector_norm(D, dim=1).double()
+    x = torch.linalg.vector_norm(X, dim=1).double()
+    U = float(torch.dot(d, x))
+    raise_by = BOUND_MARGIN
+    if D.dtype != torch.float64:
+        raise_by += (max(D.shape[1], X.shape[1]) + 4) * 2.0 ** -23
+    return U * (1.0 + raise_by)
+
+
+def float32_norm_sq(D, X) -> float:
+    """An upper bound of ||D^T X||_F^2 from the float32 product, tight to float32 rounding.
+
+    fl(D^T X) = D^T X + E with |E| <= gamma_N |D|^T |X| entrywise for any order of the N
+    float32 multiply-adds of an entry (blocked, FMA: gamma_N = N u / (1 - N u), u = 2^-24), so
+    ||E||_F <= gamma_N || |D|^T |X| ||_F <= gamma_N sum_i ||d_i|| ||x_i|| = gamma_N U and
+    ||D^T X||_F <= ||fl(D^T X)||_F + gamma_N U. ||fl(D^T X)||_F is summed in float64 from the
+    float32 entries (relative error below m n 2^-53, inside the factor 1 + 2^-40). The bound
+    is what eta_t reads: a larger ||G|| gives a smaller eta_t, which keeps Lemma 2 (module
+    docstring of lorakern.torch). One float32 GEMM of N m n multiply-adds, about a third of
+    the float64 one's time on the CPU, and O(N (m + n)) for U.
+    """
+    N = D.shape[0]
+    u = 2.0 ** -24
+    gamma = N * u / (1.0 - N * u)
+    G = (D.T @ X).double()
+    value = math.sqrt(float(torch.sum(G * G))) * (1.0 + 2.0 ** -40)
+    return (value + gamma * row_norm_sum(D, X)) ** 2
 
 
 def v_and_grad_sq(layers):
