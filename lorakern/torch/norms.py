@@ -4,7 +4,6 @@ All in float64, with each layer's scaling s_l folded in as the package docstring
 """
 from __future__ import annotations
 
-import math
 import sys
 
 import numpy as np
@@ -92,22 +91,14 @@ def layer_norm_sq(D, X, norm: str) -> float:
 def row_norm_sum(D, X) -> float:
     """U = sum_i ||d_i|| ||x_i|| >= ||D^T X||_F, raised by its rounding: a certified bound.
 
-    The row norms are taken in the rows' precision (float32 for float32/bf16/fp16 rows: each
-    norm's relative error is below (k/2 + 2) u_32 for k entries, so their product's below
-    (m + n + 8) / 2 u_32 <= (max(m, n) + 4) 2^-23 relative), their products and the sum in
-    float64 (relative error below N 2^-53, inside BOUND_MARGIN). O(N (m + n)) work.
+    All in float64 (each row cast as it is read): relative error below (N + max(m, n) + 4)
+    2^-53, inside BOUND_MARGIN for N, m, n < 2^30. O(N (m + n)) work.
     """
-    if D.dtype not in (torch.float32, torch.float64):
-        D = D.float()
-    if X.dtype != D.dtype:
-        X = X.to(D.dtype)
-    d = torch.linalg.vector_norm(D, dim=1).double()
-    x = torch.linalg.vector_norm(X, dim=1).double()
-    U = float(torch.dot(d, x))
-    raise_by = BOUND_MARGIN
-    if D.dtype != torch.float64:
-        raise_by += (max(D.shape[1], X.shape[1]) + 4) * 2.0 ** -23
-    return U * (1.0 + raise_by)
+    # row norms in float64 from the rows' values: a float64 cast of each row, then its sum
+    # of squares (relative error below (k + 2) 2^-53 for k entries)
+    d = torch.linalg.vector_norm(D, dim=1, dtype=torch.float64)
+    x = torch.linalg.vector_norm(X, dim=1, dtype=torch.float64)
+    return float(torch.dot(d, x)) * (1.0 + BOUND_MARGIN)
 
 
 def float32_norm_sq(D, X) -> float:
@@ -125,18 +116,37 @@ def float32_norm_sq(D, X) -> float:
     N = D.shape[0]
     u = 2.0 ** -24
     gamma = N * u / (1.0 - N * u)
-    G = (D.T @ X).double()
-    value = math.sqrt(float(torch.sum(G * G))) * (1.0 + 2.0 ** -40)
+    G = D.T @ X
+    value = float(torch.linalg.vector_norm(G, dtype=torch.float64)) * (1.0 + 2.0 ** -40)
     return (value + gamma * row_norm_sum(D, X)) ** 2
 
 
 def v_and_grad_sq(layers):
-    """(||V'||^2, ||grad J(V')||^2), float64, scaling folded in (package docstring)."""
-    v_sq = grad_sq = 0.0
+    """(||V'||^2, ||grad J(V')||^2), float64, scaling folded in (package docstring).
+
+    One ``torch._foreach_norm`` over all A, B and their gradients (each cast to float64
+    before its sum of squares, as ``sq``) and one read of the results: the per-tensor
+    reductions and reads were ~0.5 ms a step on the 12 tensors of a 2-layer GPT-2.
+    """
+    tensors, weights = [], []  # ||t||^2 enters v_sq with weight s, grad_sq with 1/s
     for layer in layers:
         for B, A, s in layer.pairs:
-            v_sq += s * (sq(A) + sq(B))
-            grad_sq += (sq(A.grad) + sq(B.grad)) / s
+            for t, w in ((A, (s, 0.0)), (B, (s, 0.0)), (A.grad, (0.0, 1.0 / s)),
+                         (B.grad, (0.0, 1.0 / s))):
+                if t is not None:
+                    tensors.append(t.detach())
+                    weights.append(w)
+    if not tensors:
+        return 0.0, 0.0
+    by_device = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    v_sq = grad_sq = 0.0
+    for indices in by_device.values():
+        found = torch._foreach_norm([tensors[i] for i in indices], 2, dtype=torch.float64)
+        for i, value in zip(indices, torch.stack(found).tolist()):
+            v_sq += weights[i][0] * value * value
+            grad_sq += weights[i][1] * value * value
     return v_sq, grad_sq
 
 
