@@ -10,7 +10,8 @@ their own forward and backward (not timed), ``opt.step()`` of lorakern's optimiz
 (the eta_t step: ||G||, ||V'||^2, ||grad||^2, the update) with the exact norm in float32
 products raised by their rounding bound (the default), the same norm from float64 products
 (the route before it), and norm="bound"; and the line search's ``step(closure)`` whole
-(gradient pass plus forward-only trials). Median ms of ``--rounds`` rounds (5 timed calls
+(gradient pass plus forward-only trials); the closure alone (a gradient pass) and a trial
+(the closure forward-only) give the passes a step of one trial costs. Median ms of ``--rounds`` rounds (5 timed calls
 each) with the quartiles, and the ratio of the median to AdamW's median training step.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lorakern.torch import LoRAStepOptimizer, norms
+from lorakern.torch import LoRAStepOptimizer, norms, search
 
 HERE = Path(__file__).resolve().parent
 
@@ -103,8 +104,19 @@ def main(argv=None):
                 ms.append(1e3 * (time.perf_counter() - t0))
             return ms
 
+        def gradient_pass():
+            opt.zero_grad()
+            loss = task.loss_fn(lk_model, data)
+            loss.backward()
+            return loss
+
+        def trial_pass():
+            search.trial_loss(gradient_pass)
+
         variants = {
             "AdamW training step (fwd + bwd + step)": lambda: timed(adam_step),
+            "the closure: a gradient pass (fwd + bwd)": lambda: timed(gradient_pass),
+            "a trial: the closure forward-only": lambda: timed(trial_pass),
             "AdamW step() alone": None,
             "lorakern step(): exact, float32 + bound (default)": lambda: own_step("exact"),
             "lorakern step(): exact, float64 products (before)":
@@ -135,6 +147,10 @@ def main(argv=None):
             q = statistics.quantiles(ms, n=4)
             med = statistics.median(ms)
             print(f"| {name} | {med:.2f} | {q[0]:.2f}-{q[2]:.2f} | {med / ref:.1%} |")
+        trial = statistics.median(times["a trial: the closure forward-only"])
+        full = statistics.median(times["the closure: a gradient pass (fwd + bwd)"])
+        print(f"\na forward-only trial costs {trial / full:.2f} of a gradient pass: a step of "
+              f"one trial takes {1 + trial / full:.2f} passes")
     print(f"\nload average after: {os.getloadavg()}")
 
 
