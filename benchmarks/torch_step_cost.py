@@ -10,7 +10,8 @@ their own forward and backward (not timed), ``opt.step()`` of lorakern's optimiz
 (the eta_t step: ||G||, ||V'||^2, ||grad||^2, the update) with the exact norm in float32
 products raised by their rounding bound (the default), the same norm from float64 products
 (the route before it), and norm="bound"; and the line search's ``step(closure)`` whole
-(gradient pass plus forward-only trials); the closure alone (a gradient pass) and a trial
+(gradient pass plus forward-only trials), and its own time (less the closure's calls) with
+the exact norm and with norm="lazy"; the closure alone (a gradient pass) and a trial
 (the closure forward-only) give the passes a step of one trial costs. Median ms of ``--rounds`` rounds (5 timed calls
 each) with the quartiles, and the ratio of the median to AdamW's median training step.
 """
@@ -83,17 +84,26 @@ def main(argv=None):
             opt.norm = "exact"
             return ms
 
-        def closure_step():
+        def closure_step(norm, own=False):
+            """step(closure)'s time, whole or less the closure's calls (its own time)."""
+            inside = [0.0]
+
             def closure():
+                t0 = time.perf_counter()
                 opt.zero_grad()
                 loss = task.loss_fn(lk_model, data)
                 loss.backward()
+                inside[0] += time.perf_counter() - t0
                 return loss
+            opt.norm = norm
             ms = []
             for _ in range(args.calls):
+                inside[0] = 0.0
                 t0 = time.perf_counter()
                 opt.step(closure)
-                ms.append(1e3 * (time.perf_counter() - t0))
+                spent = time.perf_counter() - t0
+                ms.append(1e3 * (spent - inside[0] if own else spent))
+            opt.norm = "exact"
             return ms
 
         def timed(fn):
@@ -122,7 +132,12 @@ def main(argv=None):
             "lorakern step(): exact, float64 products (before)":
                 lambda: own_step("exact", float64_route),
             "lorakern step(): norm='bound'": lambda: own_step("bound"),
-            "lorakern step(closure) whole (gradient pass + trials)": closure_step,
+            "lorakern step(closure) whole (gradient pass + trials)":
+                lambda: closure_step("exact"),
+            "lorakern step(closure) less its closure calls: exact":
+                lambda: closure_step("exact", own=True),
+            "lorakern step(closure) less its closure calls: norm='lazy'":
+                lambda: closure_step("lazy", own=True),
         }
         times = {name: [] for name in variants}
         for name, fn in variants.items():  # warm up

@@ -347,3 +347,55 @@ def test_speed_example_quick_mode():
             if run["method"] == "lorakern":
                 assert len(run["infos"]) == len(run["step_ms"]) > 0
                 assert example.certificate_violations(run) == [], name
+
+
+# ---- norm="lazy": the exact norm only when the search comes near eta_t ------------------------------
+def test_lazy_norm_takes_the_same_steps_and_skips_the_norm(monkeypatch):
+    """norm="lazy" moves the adapters bit for bit as norm="exact"; it computes ||G|| only on
+    the steps whose trials came down to eq. (8) with ||G|| = 0, and its eta_theorem (that
+    ceiling, elsewhere) is >= the exact run's eta_t, which eta exceeds."""
+    calls = []
+    real = norms.layer_norm_sq
+
+    def counted(D, X, norm):
+        calls.append(norm)
+        return real(D, X, norm)
+
+    monkeypatch.setattr(norms, "layer_norm_sq", counted)
+    runs = {}
+    for norm in ("exact", "lazy"):
+        calls.clear()
+        records, final, opt = _run(15, 16, seed=4, norm=norm)
+        runs[norm] = ([info for info, _ in records], len(calls),
+                      [p.detach().clone() for p in opt.param_groups[0]["params"]])
+    (exact, exact_calls, exact_params), (lazy, lazy_calls, lazy_params) = runs.values()
+    assert all(torch.equal(p, q) for p, q in zip(exact_params, lazy_params))
+    assert exact_calls == 2 * 15 and lazy_calls < exact_calls
+    for e, z in zip(exact, lazy):
+        assert z.eta == e.eta and z.eta_theorem >= e.eta_theorem and z.eta >= z.eta_theorem
+        assert (z.g_norm is None) == (z.eta_theorem != e.eta_theorem)
+
+
+def test_lazy_norm_computes_eta_t_when_the_search_needs_it():
+    """A loss that never decreases along the trials: the search comes down to eta_t, so the
+    lazy run computes ||G|| and takes exactly the exact run's eta_t."""
+    etas = {}
+    for norm in ("exact", "lazy"):
+        model, x, y = _task(seed=5)
+        opt = LoRAStepOptimizer(model, norm=norm)
+        state = {"first": True}
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            if state["first"]:
+                state["first"] = False
+                return loss
+            return loss + 10.0  # every trial looks worse than V_t
+
+        opt.step(closure)
+        assert opt.last.trials > 0 and opt.last.eta == opt.last.eta_theorem
+        assert opt.last.g_norm is not None
+        etas[norm] = opt.last.eta
+    assert etas["lazy"] == etas["exact"]

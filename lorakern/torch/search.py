@@ -144,20 +144,28 @@ class LineSearch:
             eta = min(eta, self.eta_star)
         return min(eta, self.cap)
 
-    def search(self, loss_at, loss0: float, grad_sq: float, eta_theorem: float, *,
-               v_sq: float = 0.0, v_dot_grad: float = 0.0):
+    def search(self, loss_at, loss0: float, grad_sq: float, eta_theorem, *,
+               v_sq: float = 0.0, v_dot_grad: float = 0.0, eta_ceiling: float | None = None):
         """(eta, trial losses): the accepted eta and phi at each trial, in order.
 
         ``loss_at(eta)`` puts the parameters at V' - eta grad and returns the loss there
         (forward only, already reduced over ranks). The caller puts the parameters at the
         returned eta afterwards. ``v_sq`` = ||V'||^2 and ``v_dot_grad`` = <V', grad J(V')>
-        give the guard (module docstring).
+        give the guard (module docstring). ``eta_theorem`` is eta_t, or a zero-argument
+        callable that computes it; with ``eta_ceiling`` (an upper bound of eta_t, such as
+        eq. 8 with ||G|| = 0) it is called only when a trial does not exceed the ceiling,
+        i.e. when the search comes near eta_t (the norm ||G|| is eta_t's only use here).
         """
+        theorem = _Lazy(eta_theorem)
+
+        def above_floor(eta):  # eta > eta_t, asking for eta_t only when the ceiling can't say
+            return (eta_ceiling is not None and eta > eta_ceiling) or eta > theorem()
+
         losses = []
         if not (math.isfinite(loss0) and grad_sq > 0.0):
-            return self._accept(eta_theorem, None, loss0, grad_sq), losses
+            return self._accept(theorem(), None, loss0, grad_sq), losses
         eta = self._inside_guard(self.first_trial(), v_sq, v_dot_grad, grad_sq)
-        while eta > eta_theorem and len(losses) < self.max_trials:
+        while len(losses) < self.max_trials and above_floor(eta):
             value = float(loss_at(eta))
             losses.append(value)
             if value <= loss0 - self.c * eta * grad_sq:  # False for nan
@@ -166,7 +174,7 @@ class LineSearch:
             excess = value - loss0 + eta * grad_sq
             step = grad_sq * eta * eta / (2.0 * excess) if math.isfinite(excess) else 0.0
             eta = min(max(step, eta / 100.0), eta / 2.0)
-        return self._accept(eta_theorem, None, loss0, grad_sq), losses
+        return self._accept(theorem(), None, loss0, grad_sq), losses
 
     def _inside_guard(self, eta, v_sq, v_dot_grad, grad_sq):
         """The largest eta' <= eta with ||V' - eta' grad||^2 <= v_growth ||V'||^2."""
@@ -184,6 +192,18 @@ class LineSearch:
             if rho < 1.0:
                 self.eta_star = eta / (2.0 * (1.0 - rho))  # phi's minimiser if quadratic
         return eta
+
+
+class _Lazy:
+    """A float, or a zero-argument callable evaluated once on first use."""
+
+    def __init__(self, value):
+        self.value, self.call = (None, value) if callable(value) else (float(value), None)
+
+    def __call__(self) -> float:
+        if self.value is None:
+            self.value = float(self.call())
+        return self.value
 
 
 def armijo(loss_at, loss0: float, grad_sq: float, eta_theorem: float, *, armijo, eta_prev):
