@@ -11,9 +11,10 @@ their own forward and backward (not timed), ``opt.step()`` of lorakern's optimiz
 products raised by their rounding bound (the default), the same norm from float64 products
 (the route before it), and norm="bound"; and the line search's ``step(closure)`` whole
 (gradient pass plus forward-only trials), and its own time (less the closure's calls) with
-the exact norm and with norm="lazy"; the closure alone (a gradient pass) and a trial
-(the closure forward-only) give the passes a step of one trial costs. Median ms of ``--rounds`` rounds (5 timed calls
-each) with the quartiles, and the ratio of the median to AdamW's median training step.
+the exact norm and with norm="lazy"; the closure alone (a gradient pass) and a trial (the
+closure forward-only) give the passes a step of one trial costs. Median ms of ``--rounds``
+rounds (``--calls`` timed calls each) with the quartiles, and the ratio of the median to AdamW's
+median training step.
 """
 from __future__ import annotations
 
