@@ -33,8 +33,8 @@ hook on the layer's output keeps Delta_l. ``step()`` then computes
         <Delta Delta^T, X X^T> or from Delta^T X, whichever costs fewer multiply-adds. CPU
         float32 (bf16, fp16) rows: one float32 product Delta^T X, its norm raised by the
         product's rounding bound gamma_N sum_i ||delta_i|| ||x_i|| (norms.float32_norm_sq:
-        never below the true value, ~1e-3 above it at N = 3328; a third of the float64
-        products' time); CPU float64 rows, and the Gram route, under TORCH_NORM_WORK
+        never below the true value, ~1e-3 above it at N = 3328; a half to a third of
+        the float64 products' time); CPU float64 rows, and the Gram route, under TORCH_NORM_WORK
         multiply-adds (N m min(N, n)): two float64 torch products on the model's own torch
         threads; larger ones: the linear kind's kernels
         (lorakern._cpu.linear.delta_x_norm_sq: BLAS products, Numba's ordered sums); CUDA
@@ -74,7 +74,10 @@ accepted when J(V' - eta grad) <= J(V') - eta/5 ||grad J(V')||^2 (Armijo with Le
 certified: eta >= eta_t and the decrease eta/5 ||grad J||^2 on the step's batch. A guard
 keeps a trial from growing ||V'||^2 beyond 1.25 times its value (mini-batches). The
 trials' gradients and captures are discarded and p.grad is left as it was at V_t.
-``line_search="halving"`` runs ``lorakern.Armijo``'s search instead.
+``line_search="halving"`` runs ``lorakern.Armijo``'s search instead. With ``norm="lazy"``
+the search computes ||G|| only if a trial comes down to eq. (8) with ||G|| = 0 (an upper
+bound of eta_t: an accepted eta beyond it is >= eta_t whatever ||G|| is), which makes
+``step(closure)``'s own cost a few percent of a training step (benchmarks/NOTES.md).
 
 Not covered by the theory, and refused with a ValueError: LoRA dropout > 0 (the adapter's
 input is then not the layer's input), DoRA (``use_dora``: a normalised weight, not W0 + s BA),
