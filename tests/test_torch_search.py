@@ -122,6 +122,10 @@ def test_trial_keeps_the_gradients_and_sees_the_flag():
 
     def closure():
         flags.append(search.in_trial())
+        if flags[-1]:
+            grads = [p.grad for p in opt.param_groups[0]["params"]]
+            opt.zero_grad()  # a no-op inside a trial
+            assert all(g is p.grad for g, p in zip(grads, opt.param_groups[0]["params"]))
         return inner()
 
     opt.step(closure)

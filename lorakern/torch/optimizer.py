@@ -110,7 +110,15 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         self.capture.remove()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients and what the hooks kept (X and Delta of the last passes)."""
+        """Clear the gradients and what the hooks kept (X and Delta of the last passes).
+
+        Inside a forward-only trial of ``step(closure)`` (``search.in_trial()``) it does
+        nothing: the trial computes no gradient, and the gradients of V_t stay for the
+        update (a ``model.zero_grad()`` in the closure still zeroes the other parameters'
+        gradients in every trial; the LoRA pairs' are restored after the search).
+        """
+        if search.in_trial():
+            return
         super().zero_grad(set_to_none=set_to_none)
         self.capture.clear()
 
