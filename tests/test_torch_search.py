@@ -74,8 +74,9 @@ class Counter:
 
     def _fwd(self, module, args, output):
         self.forward += 1
-        if output.requires_grad:
-            output.register_hook(self._bwd)
+        out = output if torch.is_tensor(output) else output[0]  # a transformers output
+        if out.requires_grad:
+            out.register_hook(self._bwd)
 
     def _bwd(self, *args):
         self.backward += 1
@@ -86,12 +87,44 @@ class Counter:
 
 
 # ---- forward-only trials ------------------------------------------------------------------------
-def test_trials_are_forward_only():
+def _gpt2_case():
+    """A tiny GPT-2 from a config (no download) with PEFT LoRA on c_attn and c_proj; the
+    closure's loss is the language-model loss of 8 random sequences."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    import warnings
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=20, n_positions=12, n_embd=16, n_layer=1,
+                                     n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     bos_token_id=0, eos_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(transformers.GPT2LMHeadModel(config), peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], lora_dropout=0.0,
+            fan_in_fan_out=True))
+    tokens = torch.randint(0, 20, (8, 12))
+    opt = LoRAStepOptimizer(model)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        return loss
+
+    return model, opt, closure
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gpt2"])
+def test_trials_are_forward_only(kind):
     """step(closure) runs the closure once with its backward, then one forward per trial and
     no backward; torch.autograd.backward is torch's own again afterwards."""
-    model, x, y = _task()
-    opt = LoRAStepOptimizer(model)
-    closure = _closure(opt, model, x, y)
+    if kind == "gpt2":
+        model, opt, closure = _gpt2_case()
+    else:
+        model, x, y = _task()
+        opt = LoRAStepOptimizer(model)
+        closure = _closure(opt, model, x, y)
     count = Counter(model)
     original = torch.autograd.backward
     seen = []
