@@ -202,9 +202,7 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
 
         try:
             if self.line_search is not None:
-                v_dot_grad = sum(float(torch.sum(B0.double() * gB.double()))
-                                 + float(torch.sum(A0.double() * gA.double()))
-                                 for (_, _, _, gB, gA), (B0, A0) in zip(grads, old))
+                v_dot_grad = norms.v_dot_grad(grads, old)
                 eta, losses = self.line_search.search(loss_at, loss0, grad_sq, eta_theorem,
                                                       v_sq=v_sq, v_dot_grad=v_dot_grad,
                                                       eta_ceiling=ceiling)
