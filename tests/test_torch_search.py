@@ -438,18 +438,3 @@ def test_lazy_norm_computes_eta_t_when_the_search_needs_it():
         etas[norm] = opt.last.eta
     assert etas["lazy"] == etas["exact"]
 
-
-def test_layers_of_one_shape_are_batched_to_the_same_bound():
-    """rows_g_sq puts float32 layers of one shape through one batched product: the same sum
-    as one float32_norm_sq call a layer but for the float32 rounding of the products (a
-    batched product blocks its sums differently: both are certified bounds), >= the float64
-    value."""
-    gen = torch.Generator().manual_seed(7)
-    shapes = [(301, 23, 11), (301, 23, 11), (301, 23, 11), (64, 9, 40)]
-    rows = [(torch.randn(N, n, generator=gen), torch.randn(N, m, generator=gen) + 0.1)
-            for N, m, n in shapes]  # (X, D) as kept_rows gives them
-    batched = norms.rows_g_sq(rows + [None], "exact")
-    one_by_one = sum(norms.float32_norm_sq(D, X) for X, D in rows)
-    exact = sum(float(torch.sum((D.double().T @ X.double()) ** 2)) for X, D in rows)
-    assert batched == pytest.approx(one_by_one, rel=1e-5)
-    assert exact <= batched <= exact * 1.01

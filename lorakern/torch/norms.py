@@ -48,36 +48,8 @@ def kept_rows(layers) -> list:
 
 
 def rows_g_sq(rows, norm: str) -> float:
-    """sum over kept_rows' entries of ||Delta^T X||_F^2 (or the bound's square).
-
-    The float32 route's layers of one shape (a transformer's blocks repeat theirs) go
-    through ``float32_norm_sq`` together, as one batched product: the same bound as one
-    call a layer but for the float32 rounding of the products (each a certified bound), in
-    fewer torch calls (their fixed cost is most of the norm at small N).
-    """
-    total, groups = 0.0, {}
-    for X, D in (r for r in rows if r is not None):
-        if norm == "exact" and _float32_route(D, X):
-            groups.setdefault((tuple(D.shape), tuple(X.shape)), []).append((D.float(),
-                                                                            X.float()))
-        else:
-            total += layer_norm_sq(D, X, norm)
-    for members in groups.values():
-        if len(members) == 1:
-            total += float32_norm_sq(*members[0])
-        else:
-            total += float32_norm_sq(torch.stack([D for D, _ in members]),
-                                     torch.stack([X for _, X in members]))
-    return total
-
-
-def _float32_route(D, X) -> bool:
-    """Whether layer_norm_sq takes the float32 product for these rows (CPU, float32 or
-    narrower, the tiles cheaper than the Gram identity)."""
-    N, m = D.shape
-    n = X.shape[1]
-    return (not D.is_cuda and D.dtype != torch.float64 and X.dtype != torch.float64
-            and not N * (m + n) < 2 * m * n)
+    """sum over kept_rows' entries of ||Delta^T X||_F^2 (or the bound's square)."""
+    return sum(layer_norm_sq(D, X, norm) for X, D in (r for r in rows if r is not None))
 
 
 def layer_norm_sq(D, X, norm: str) -> float:
@@ -148,9 +120,7 @@ def row_norm_sum(D, X) -> float:
 
 
 def float32_norm_sq(D, X) -> float:
-    """An upper bound of ||D^T X||_F^2 from the float32 product, tight to float32 rounding;
-    D (N x m) and X (N x n) float32, or stacks of k layers' (k x N x m, k x N x n): then
-    the sum of the k layers' bounds.
+    """An upper bound of ||D^T X||_F^2 from the float32 product, tight to float32 rounding.
 
     fl(D^T X) = D^T X + E with |E| <= gamma_N |D|^T |X| entrywise for any order of the N
     float32 multiply-adds of an entry (blocked, FMA: gamma_N = N u / (1 - N u), u = 2^-24), so
@@ -158,20 +128,15 @@ def float32_norm_sq(D, X) -> float:
     ||D^T X||_F <= ||fl(D^T X)||_F + gamma_N U. ||fl(D^T X)||_F is summed in float64 from the
     float32 entries (relative error below m n 2^-53, inside the factor 1 + 2^-40). The bound
     is what eta_t reads: a larger ||G|| gives a smaller eta_t, which keeps Lemma 2 (module
-    docstring of lorakern.torch). One float32 GEMM of N m n multiply-adds, a half to a third
-    of the float64 one's time on the CPU, and O(N (m + n)) for U (row_norm_sum's rounding).
+    docstring of lorakern.torch). One float32 GEMM of N m n multiply-adds, about a third of
+    the float64 one's time on the CPU, and O(N (m + n)) for U.
     """
-    N = D.shape[-2]
+    N = D.shape[0]
     u = 2.0 ** -24
     gamma = N * u / (1.0 - N * u)
-    G = D.transpose(-2, -1) @ X
-    norms_G = torch.linalg.vector_norm(G, dim=(-2, -1), dtype=torch.float64).reshape(-1)
-    d = torch.linalg.vector_norm(D, dim=-1).double()  # row norms: row_norm_sum's rounding
-    x = torch.linalg.vector_norm(X, dim=-1).double()
-    U = (d * x).sum(dim=-1).reshape(-1)
-    U = U * (1.0 + BOUND_MARGIN + (max(D.shape[-1], X.shape[-1]) + 4) * 2.0 ** -23)
-    bound = norms_G * (1.0 + 2.0 ** -40) + gamma * U
-    return float(torch.sum(bound * bound))
+    G = D.T @ X
+    value = float(torch.linalg.vector_norm(G, dtype=torch.float64)) * (1.0 + 2.0 ** -40)
+    return (value + gamma * row_norm_sum(D, X)) ** 2
 
 
 def v_and_grad_sq(layers):
