@@ -15,6 +15,10 @@ final losses must agree to rounding; the script checks it and prints the medians
 rounds with their quartiles, in ms per step of wall time, and the median of the process's
 CPU time per step (all its threads: BLAS and OpenMP threads that spin count there too; another
 job on a shared machine moves the wall time more than the CPU time).
+
+Since 2026-12-07 float32 rows (these) take one float32 product whatever TORCH_NORM_WORK is, so
+"before" and "after" here run the same code; benchmarks/torch_step_cost.py compares the norm's
+routes as they are now.
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@
    works the same way).
 3. The adapters are fine-tuned, full batch, with
      - ``LoRAStepOptimizer``: the paper's eta_t (no learning rate to tune; L = 1),
-     - the same with ``step(closure)``: Armijo backtracking that stops at eta_t (each trial
-       is one more forward and backward pass through the closure, hence its time),
+     - the same with ``step(closure)``: the certified line search (each trial is one more
+       forward pass through the closure, its backward skipped; it stops at eta_t),
      - SGD and Adam, each at the best rate of a small grid (best final training loss).
    The table gives the held-out accuracy on the mirrored digits, the final training loss,
    the steps and the time; ``--plot FILE`` draws the loss curves (needs matplotlib).

@@ -91,9 +91,10 @@ def test_first_step_numbers_equal_lorakern_step():
 
 
 def test_line_search_equals_armijo_fit():
-    """step(closure) runs lorakern.Armijo's search: the same etas and trials as fit(Armijo)."""
+    """step(closure) with line_search="halving" runs lorakern.Armijo's search: the same etas
+    and trials as fit(Armijo) (the default search is tests/test_torch_search.py's)."""
     X, Y, W0, B0, A0, layer, loss_fn = _layer_case(np.float64, 40, 1.0, seed=2)
-    opt = LoRAStepOptimizer(layer, lipschitz=1.0)
+    opt = LoRAStepOptimizer(layer, lipschitz=1.0, line_search="halving", c=1e-4, max_trials=60)
 
     def closure():
         opt.zero_grad()

@@ -31,9 +31,12 @@ hook on the layer's output keeps Delta_l. ``step()`` then computes
 
     ||G||_F = (sum_l ||Delta_l^T X_l||_F^2)^(1/2)            exact: by the Gram identity
         <Delta Delta^T, X X^T> or from Delta^T X, whichever costs fewer multiply-adds. CPU
-        layers of under TORCH_NORM_WORK multiply-adds (N m min(N, n)): two float64 torch
-        products on the model's own torch threads (float64 accumulation, as lorakern's
-        serial kernels); larger CPU layers: the linear kind's kernels
+        float32 (bf16, fp16) rows: one float32 product Delta^T X, its norm raised by the
+        product's rounding bound gamma_N sum_i ||delta_i|| ||x_i|| (norms.float32_norm_sq:
+        never below the true value, ~1e-3 above it at N = 3328; a half to a third of
+        the float64 products' time); CPU float64 rows, and the Gram route, under TORCH_NORM_WORK
+        multiply-adds (N m min(N, n)): two float64 torch products on the model's own torch
+        threads; larger ones: the linear kind's kernels
         (lorakern._cpu.linear.delta_x_norm_sq: BLAS products, Numba's ordered sums); CUDA
         tensors: CuPy (lorakern._cuda.linear.delta_x_norm_sq)
     eta_t = min{1 / (5 sqrt(2) max(L, 1) (||V'||^2 + ||G||_F)), 1}       (eq. 8)
@@ -60,12 +63,21 @@ For one linear layer with the squared loss, L = sigma_max(X)^2 / N is what
 Cauchy-Schwarz); computed in float64 and raised by a rounding margin, O(N (m + n)) work. A
 larger norm only makes eta_t smaller, which keeps Lemma 2 (see LinearProblem's notes).
 
-**Line search.** ``step(closure)`` runs Armijo backtracking on the closure's loss, as
-``lorakern.Armijo`` does: the first trial is ``cap`` (or twice the last accepted eta), halved
-until J(V' - eta grad) <= J(V') - c eta ||grad J(V')||^2, and once it would fall to eta_t it
-takes eta_t (Lemma 2 gives it the decrease). Each trial calls the closure once (with
-gradients enabled, as PyTorch's closures expect; the gradients of the trials are discarded
-and p.grad is left as it was at V_t).
+**Line search.** ``step(closure)`` calls the closure once for the gradient at V_t, then
+searches along -grad J with forward-only trials (``search.py``: each trial calls the same
+closure under ``torch.no_grad()`` with its ``loss.backward()`` made a no-op, so an
+LBFGS-style closure works unchanged and a trial costs one forward pass). The first trial is
+the minimiser of the last step's quadratic model (at most twice the last eta and ``cap``),
+a rejected trial is followed by the minimiser of the quadratic through it, and a step is
+accepted when J(V' - eta grad) <= J(V') - eta/5 ||grad J(V')||^2 (Armijo with Lemma 2's c =
+1/5); once a trial would not exceed eta_t the search takes eta_t. So every step is
+certified: eta >= eta_t and the decrease eta/5 ||grad J||^2 on the step's batch. A guard
+keeps a trial from growing ||V'||^2 beyond 1.25 times its value (mini-batches). The
+trials' gradients and captures are discarded and p.grad is left as it was at V_t.
+``line_search="halving"`` runs ``lorakern.Armijo``'s search instead. With ``norm="lazy"``
+the search computes ||G|| only if a trial comes down to eq. (8) with ||G|| = 0 (an upper
+bound of eta_t: an accepted eta beyond it is >= eta_t whatever ||G|| is), which makes
+``step(closure)``'s own cost a few percent of a training step (benchmarks/NOTES.md).
 
 Not covered by the theory, and refused with a ValueError: LoRA dropout > 0 (the adapter's
 input is then not the layer's input), DoRA (``use_dora``: a normalised weight, not W0 + s BA),
