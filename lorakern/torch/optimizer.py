@@ -1,18 +1,28 @@
 """``LoRAStepOptimizer``: the paper's step on every LoRA pair of a model (package docstring)."""
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+import warnings
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .._validate import positive_float
 from ..step_size import Armijo, theorem_eta
-from . import norms, search
-from .capture import Capture, CapturedLayer
-from .layers import lora_layers
+from . import distributed, norms, search
+from .capture import Capture, Record, remove_handles
+from .layers import lora_layers, tap_groups
 from .search import item
+
+#: relative residual of p.grad against the captures' predicted gradients (after the best
+#: scalar) above which the captures are stale: float32/float64 gradients agree with the
+#: prediction to ~1e-6 (float32 rounding of two orderings of one sum); bf16/fp16 ones to
+#: their own rounding, ~4e-3
+MATCH_TOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.bfloat16: 5e-2,
+             torch.float16: 5e-2}
 
 
 @dataclass
@@ -20,12 +30,16 @@ class StepInfo:
     """The numbers of the last step, at the old iterate V'_t (scaling folded in)."""
 
     eta: float          # the step taken
-    eta_theorem: float  # eq. (8)
-    g_norm: float       # ||G||_F over all layers (or its bound, norm="bound")
+    eta_theorem: float  # eq. (8), from the applied gradients' ||G||
+    g_norm: float       # ||G||_F of the applied gradients (or its bound, norm="bound")
     v_sq: float         # ||V'||^2
-    grad_sq: float      # ||grad J(V')||^2
-    loss: float | None  # the closure's loss at V_t, if a closure was given
+    grad_sq: float      # ||grad J(V')||^2 of the applied gradients
+    loss: float | None  # the closure's loss at V_t (mean over ranks), if a closure was given
     trials: int         # closure calls of the line search beyond the first
+    lr: float = 1.0     # param_groups[0]["lr"], the multiplier of eta
+    grad_scale: float = 1.0   # p.grad / (the captures' gradients): 1/S after a GradScaler's
+    #                           unscale_, the clip factor after clip_grad_norm_, else 1
+    tried: list = field(default_factory=list)  # (eta, loss) of each line-search trial
 
 
 class LoRAStepOptimizer(torch.optim.Optimizer):
@@ -34,110 +48,211 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
     Parameters
     ----------
     model : an ``nn.Module`` holding PEFT LoRA layers or ``lorakern.torch.LoRALinear``s (see
-        the module docstring for what a step computes and how the scaling is folded in).
+        the package docstring for what a step computes and how the scaling is folded in),
+        possibly wrapped in ``DistributedDataParallel``.
+    lr : the multiplier of eta (``param_groups[0]["lr"]``, what schedulers write): the step
+        is lr * eta_t (with ``step(closure)``: the line search runs on lr * cap down to
+        lr * eta_t). lr = 1 is the paper's step; lr <= 1 keeps Lemma 2's decrease (its proof
+        only bounds eta from above); lr > 1 voids the certificate and warns once.
     lipschitz : the user's L (> 0); eta_t uses max(L, 1). A network's loss has no global L:
-        see the module docstring.
-    norm : "exact" (||Delta_l^T X_l||_F on the tensors' device; the module docstring says
-        which code computes it) or "bound" (a certified upper bound, cheaper; a smaller
-        eta_t).
+        see the package docstring. Kept in ``param_groups[0]["lipschitz"]``.
+    norm : "exact" (||Delta_l^T X_l||_F) or "bound" (a certified upper bound, cheaper in
+        memory and work; a smaller eta_t).
     adapter : the PEFT adapter to train (default: the active ones).
     cap, c, max_trials : the line search of ``step(closure)``, as ``lorakern.Armijo``.
+    others : the trainable parameters that are not LoRA adapters (PEFT's ``modules_to_save``
+        heads, a classifier) are refused unless given to a companion optimizer here: an
+        optimizer class or factory called with their list (``torch.optim.AdamW``,
+        ``functools.partial(torch.optim.AdamW, lr=1e-4)``), or an optimizer instance that
+        holds exactly them. It is stepped, zeroed and state-dicted with this one; its
+        param_groups follow this optimizer's own in ``param_groups`` (the same dicts, so a
+        scheduler sets its lr too and a GradScaler unscales its gradients).
+    process_group : "auto" (default): the group of a ``DistributedDataParallel`` model, else
+        torch.distributed's default group when it is initialised with several ranks, else
+        none; None: this process alone; or a ``ProcessGroup``. With a group, ||G|| is the
+        global one and the line search decides on the mean loss over ranks
+        (lorakern/torch/distributed.py). FSDP is refused (same module says why).
 
     Attributes
     ----------
-    device : "cpu" (the norms run in float64 torch products, or in lorakern's kernels for
-        large layers), "cuda:<i>" (CuPy), or "mixed" when the layers live on several devices.
-    last : StepInfo of the last step, or None.
+    device : "cpu", "cuda:<i>", or "mixed" when the layers live on several devices.
+    last : StepInfo of the last step, or None: for loggers, with the standard step
+        post-hooks (``register_step_post_hook``).
+    others : the companion optimizer, or None.
+    process_group : the group the step reduces over, or None.
 
     Raises
     ------
     TypeError : ``model`` is not an ``nn.Module``; an argument of the wrong type.
     ValueError : no LoRA layer in ``model`` (or none with the ``adapter`` named), or one the
-        theory does not cover (LoRA dropout, DoRA, embeddings, convolutions, a LoRA bias,
-        merged adapters); a bad argument's value.
+        theory does not cover (DoRA, embeddings, convolutions, a LoRA bias, merged
+        adapters); trainable parameters that are not LoRA adapters, named, without
+        ``others``; FSDP; a bad argument's value.
     """
 
-    def __init__(self, model: nn.Module, *, lipschitz: float = 1.0, norm: str = "exact",
-                 adapter: str | None = None, cap: float = 1.0, c: float = 1e-4,
-                 max_trials: int = 60):
+    def __init__(self, model: nn.Module, *, lr: float = 1.0, lipschitz: float = 1.0,
+                 norm: str = "exact", adapter: str | None = None, cap: float = 1.0,
+                 c: float = 1e-4, max_trials: int = 60, others=None,
+                 process_group="auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if norm not in ("exact", "bound"):
             raise ValueError(f"norm must be 'exact' or 'bound', got {norm!r}")
-        self.lipschitz = positive_float("lipschitz", lipschitz)
+        lipschitz = positive_float("lipschitz", lipschitz)
+        lr = positive_float("lr", lr)
         self.norm = norm
         self.armijo = Armijo(cap=cap, c=c, max_trials=max_trials)  # validates them
-        found = lora_layers(model, adapter)
-        if not found and adapter is not None and lora_layers(model):
+        self.process_group = distributed.resolve_group(model, process_group)
+        groups = tap_groups(model, adapter)
+        if not groups and adapter is not None and lora_layers(model):
             raise ValueError(f"no LoRA layer of {type(model).__name__} has an active adapter "
                              f"named {adapter!r}")
-        if not found:
+        if not groups:
             raise ValueError(f"no LoRA layer found in {type(model).__name__}: wrap its linear "
                              f"layers with peft.get_peft_model(model, LoraConfig(...)) or "
                              f"lorakern.torch.LoRALinear")
-        self.layers = [CapturedLayer(name, module, pairs) for name, module, pairs in found]
-        params = [p for layer in self.layers for B, A, _ in layer.pairs for p in (B, A)]
-        super().__init__(params, dict(lipschitz=self.lipschitz))
+        self.layers = [Record(name, module, pairs, scale, norm)
+                       for name, module, pairs, _, _, scale in groups]
+        params = [p for rec in self.layers for p in rec.params()]
+        self.others = _companion(model, params, others, adapter)
+        self._building = True
+        super().__init__(params, dict(lr=lr, lipschitz=lipschitz))
+        self._building = False
+        if self.others is not None:
+            self.param_groups.extend(self.others.param_groups)
         devices = sorted({str(p.device) for p in params})
         self.device = ("mixed" if len(devices) > 1 else
                        "cuda:%d" % params[0].device.index if params[0].is_cuda else devices[0])
         self.last: StepInfo | None = None
         self._eta_prev = None
-        self.capture = Capture(self.layers)
+        self._warned_lr = False
+        taps = [(rec, group[3], group[4]) for rec, group in zip(self.layers, groups)]
+        self.capture = Capture(self.layers, taps)
+        # the hooks go with the optimizer: they hold only a weakref to the Capture
+        self._finalizer = weakref.finalize(self, remove_handles, self.capture.handles)
+
+    @property
+    def lipschitz(self) -> float:
+        return float(self.param_groups[0]["lipschitz"])
 
     def remove_hooks(self) -> None:
         """Detach the optimizer from the model (its hooks); it cannot step afterwards."""
-        self.capture.remove()
+        self.capture.detach()
+
+    def add_param_group(self, param_group) -> None:
+        """Refused after construction: the step covers the LoRA pairs found in the model."""
+        if getattr(self, "_building", False):
+            return super().add_param_group(param_group)
+        raise ValueError("LoRAStepOptimizer does not take add_param_group: its step covers the "
+                         "LoRA pairs it found in the model; give other trainable parameters "
+                         "to a companion optimizer (others=torch.optim.AdamW)")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients and what the hooks kept (X and Delta of the last passes)."""
+        """Clear the gradients (the companion's too) and what the hooks kept."""
         super().zero_grad(set_to_none=set_to_none)
         self.capture.clear()
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self):
+        """torch's, for this optimizer's own group (lr, lipschitz), plus the line search's
+        state under "lorakern" and the companion's state_dict under "others"."""
+        groups = self.param_groups
+        self.param_groups = groups[:1]
+        try:
+            state = super().state_dict()
+        finally:
+            self.param_groups = groups
+        state["lorakern"] = {"eta_prev": self._eta_prev, "warned_lr": self._warned_lr}
+        if self.others is not None:
+            state["others"] = self.others.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("lorakern", {})
+        others = state_dict.pop("others", None)
+        if (others is None) != (self.others is None):
+            raise ValueError("the state_dict's companion optimizer ('others') does not match "
+                             "this optimizer's")
+        if others is not None:
+            self.others.load_state_dict(others)
+        groups = self.param_groups
+        self.param_groups = groups[:1]
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self.param_groups = self.param_groups[:1] + (
+                self.others.param_groups if self.others is not None else [])
+        self._eta_prev = extra.get("eta_prev")
+        self._warned_lr = extra.get("warned_lr", False)
 
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """One step on all LoRA pairs from the gradients and the kept X_l, Delta_l.
+        """One step on all LoRA pairs from the gradients and what the taps kept.
 
         Parameters
         ----------
         closure : None, or a callable that zeroes the gradients, runs the model, calls
             ``backward()`` and returns the loss (as for ``torch.optim.LBFGS``). Given, it is
-            called once at V_t and then once per trial of the Armijo line search (module
-            docstring); the step taken is at least eta_t.
+            called once at V_t and then once per trial of the Armijo line search (package
+            docstring); the step taken is at least lr * eta_t. Under a process group each
+            call's loss is replaced by its mean over ranks.
 
         Returns
         -------
         The closure's loss at V_t, or None. ``self.last`` holds the step's numbers
-        (``StepInfo``).
+        (``StepInfo``). The companion optimizer (``others``) steps too.
 
         Raises
         ------
-        RuntimeError : a layer has gradients but the hooks saw no forward pass or no backward
-            pass through it (the pass ran before the optimizer was made, or under no_grad).
+        RuntimeError : the hooks were removed or replaced by a newer optimizer; a layer has
+            gradients but the taps saw no pass through it; the gradients do not match the
+            kept passes up to a scalar (stale captures).
         DeviceUnavailableError : CUDA tensors without CuPy (``pip install ".[cuda]"``).
         """
         if not self.capture.attached:
-            raise RuntimeError("remove_hooks() was called: this optimizer cannot step")
+            raise RuntimeError("this optimizer's hooks were " + (
+                "replaced by a newer LoRAStepOptimizer on the same model" if
+                self.capture.replaced else "removed (remove_hooks())") + ": it cannot step")
+        device = self.layers[0].pairs[0][0].device
+        group = self.process_group
         loss = None
         if closure is not None:
             self.capture.clear()
             with torch.enable_grad():
                 loss = closure()
-        g_norm = math.sqrt(norms.g_sq(self.layers, self.norm))
+        loss0 = None if loss is None else distributed.global_mean(group, loss, device)
+        for rec in self.layers:      # passes whose gradients were zeroed since
+            if rec.passes and rec.grads_zeroed():
+                rec.clear()
+        _check_seen(self.layers)
+        if group is None:
+            g_sq = norms.g_sq(self.layers, self.norm)
+            preds = [rec.pred for rec in self.layers]
+        else:
+            g_sq, preds = distributed.reduce_records(group, self.layers, self.norm, device)
+        ratio = _grad_scale(self.layers, preds)
+        g_norm = abs(ratio) * math.sqrt(g_sq)
         v_sq, grad_sq = norms.v_and_grad_sq(self.layers)
+        lr = float(self.param_groups[0]["lr"])
+        if lr > 1.0 and not self._warned_lr:
+            warnings.warn(f"lr = {lr:g} > 1 multiplies eta_t past the theorem's step: "
+                          f"Lemma 2's decrease is no longer certified", stacklevel=2)
+            self._warned_lr = True
         eta_theorem = float(theorem_eta(v_sq, g_norm, max(self.lipschitz, 1.0)))  # eq. (8)
-        grads = [(B, A, s, _grad(B), _grad(A)) for layer in self.layers
-                 for B, A, s in layer.pairs]
+        grads = [(B, A, s, _grad(B), _grad(A)) for rec in self.layers for B, A, s in rec.pairs]
         old = [(B.detach().clone(), A.detach().clone()) for B, A, *_ in grads]
-        eta, trials = eta_theorem, 0
+        eta, trials, tried = lr * eta_theorem, 0, []
         if closure is not None:
-            eta, trials = self._line_search(closure, item(loss), grads, old, grad_sq,
-                                            eta_theorem)
+            eta, trials, tried = self._line_search(closure, loss0, grads, old, grad_sq,
+                                                   lr * eta_theorem, lr, device)
         self._update(grads, old, eta)
+        if self.others is not None:
+            self.others.step()
         self.last = StepInfo(eta=eta, eta_theorem=eta_theorem, g_norm=g_norm, v_sq=v_sq,
-                             grad_sq=grad_sq, loss=None if loss is None else item(loss),
-                             trials=trials)
+                             grad_sq=grad_sq, loss=loss0, trials=trials, lr=lr,
+                             grad_scale=ratio, tried=tried)
         self.capture.clear()
         return loss
 
@@ -148,22 +263,118 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
             B.copy_(B0 - gB * (eta / s))
             A.copy_(A0 - gA * (eta / s))
 
-    def _line_search(self, closure, loss0, grads, old, grad_sq, eta_theorem):
-        """search.armijo with the trials' gradients and captures kept away from V_t's."""
+    def _line_search(self, closure, loss0, grads, old, grad_sq, eta_floor, lr, device):
+        """search.armijo on lr * cap down to lr * eta_t, on the loss's mean over ranks, with
+        the trials' gradients and captures kept away from V_t's."""
         saved = [(B.grad, A.grad) for B, A, *_ in grads]
+        tried = []
+
+        def move(eta):
+            self._update(grads, old, eta)
+            tried.append([eta, None])
+
+        def loss_at():
+            value = distributed.global_mean(self.process_group, closure(), device)
+            tried[-1][1] = value
+            return value
+
+        armijo = dataclasses.replace(self.armijo, cap=lr * self.armijo.cap)
         self.capture.enabled = False
         try:
-            eta, trials = search.armijo(closure, loss0, grad_sq, eta_theorem,
-                                        move=lambda eta: self._update(grads, old, eta),
-                                        armijo=self.armijo, eta_prev=self._eta_prev)
+            eta, trials = search.armijo(loss_at, loss0, grad_sq, eta_floor, move=move,
+                                        armijo=armijo, eta_prev=self._eta_prev)
         finally:
             self.capture.enabled = True
             for (B, A, *_), (gB, gA) in zip(grads, saved):
                 B.grad, A.grad = gB, gA
         self._eta_prev = eta  # as lorakern.Armijo keeps it
-        return eta, trials
-
+        return eta, trials, [tuple(t) for t in tried]
 
 
 def _grad(p):
     return torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+
+
+def _check_seen(records) -> None:
+    """A layer with gradients must have had a pass through the taps."""
+    for rec in records:
+        if rec.passes or rec.grads_zeroed():
+            continue
+        raise RuntimeError(f"layer {rec.name!r} has gradients but no captured input: was the "
+                           f"forward pass run before the optimizer was made, or under "
+                           f"torch.no_grad(), or was the backward pass not run?")
+
+
+def _grad_scale(records, preds) -> float:
+    """p.grad against the gradients the kept passes predict: the scalar that maps one onto
+    the other (1/S after a GradScaler's unscale_, the factor of clip_grad_norm_; exactly 1
+    within rounding); anything beyond a scalar is stale data, an error."""
+    dot = pp = gg = 0.0
+    tol = 0.0
+    for rec, pred in zip(records, preds):
+        for (B, A, _), pair in zip(rec.pairs, pred or [None] * len(rec.pairs)):
+            for p, q in zip((B, A), pair or (None, None)):
+                g = None if p.grad is None else p.grad.detach().double()
+                tol = max(tol, MATCH_TOL.get(p.dtype, 5e-2))
+                if q is not None:
+                    q = q.double()
+                    pp += float(torch.sum(q * q))
+                    if g is not None:
+                        dot += float(torch.sum(g * q))
+                if g is not None:
+                    gg += float(torch.sum(g * g))
+    if gg == 0.0:
+        return 1.0
+    if pp == 0.0:
+        raise RuntimeError("the LoRA layers have gradients but the taps kept no pass with "
+                           "them: run forward and backward after the optimizer is made")
+    ratio = dot / pp
+    residual = math.sqrt(max(gg - dot * dot / pp, 0.0) / gg)
+    if residual > tol:
+        raise RuntimeError(f"the LoRA gradients do not match the passes the taps kept "
+                           f"(relative residual {residual:.2e} beyond one scalar): stale "
+                           f"captures, or gradients changed by something other than a "
+                           f"scaling (loss scaling and clipping are scalings)")
+    return 1.0 if abs(ratio - 1.0) <= tol else ratio
+
+
+def _companion(model, lora_params, others, adapter):
+    """The companion optimizer of the trainable non-LoRA parameters, or None; refuses them
+    without one, named."""
+    lora_ids = {id(p) for p in lora_params}
+    extra = [(name, p) for name, p in model.named_parameters()
+             if p.requires_grad and id(p) not in lora_ids]
+    if adapter is not None:  # another adapter's LoRA weights are not this optimizer's concern
+        extra = [(name, p) for name, p in extra if ".lora_" not in name]
+    if others is None:
+        if extra:
+            names = ", ".join(name for name, _ in extra[:8])
+            more = f" and {len(extra) - 8} more" if len(extra) > 8 else ""
+            raise ValueError(f"trainable parameters that are not LoRA adapters: {names}{more}; "
+                             f"the step covers LoRA pairs only: freeze them "
+                             f"(requires_grad_(False)) or give them to a companion optimizer, "
+                             f"LoRAStepOptimizer(model, others=torch.optim.AdamW)")
+        return None
+    params = [p for _, p in extra]
+    if isinstance(others, torch.optim.Optimizer):
+        held = {id(p) for g in others.param_groups for p in g["params"]}
+        if held & lora_ids:
+            raise ValueError("the companion optimizer (others=) holds LoRA adapters: it must "
+                             "hold only the trainable parameters that are not")
+        missing = [name for name, p in extra if id(p) not in held]
+        if missing or len(held) != len(params):
+            raise ValueError(f"the companion optimizer (others=) must hold exactly the "
+                             f"trainable parameters that are not LoRA adapters; missing: "
+                             f"{', '.join(missing[:8]) or 'none'}, extra: "
+                             f"{len(held) - (len(params) - len(missing))}")
+        return others
+    if not callable(others):
+        raise TypeError(f"others must be an optimizer, or an optimizer class or factory, got "
+                        f"{type(others).__name__}")
+    if not params:
+        raise ValueError("others= was given but every trainable parameter is a LoRA adapter")
+    companion = others(params)
+    if not isinstance(companion, torch.optim.Optimizer):
+        raise TypeError(f"others({len(params)} parameters) must return a torch.optim.Optimizer, "
+                        f"got {type(companion).__name__}")
+    return companion
