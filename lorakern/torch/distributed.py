@@ -94,10 +94,11 @@ def global_mean(group, value, device) -> float:
 
 
 def reduce_records(group, records, norm: str, device):
-    """(global ||G||^2, the global predicted gradients per Record) over the group.
+    """(global ||G||^2, the global predicted gradients per Record, the routes) over the group.
 
     The predicted gradients come back as [[grad_B, grad_A] per pair] per Record (float64,
-    averaged over ranks, zeros where no rank saw a pass).
+    averaged over ranks, zeros where no rank saw a pass); the routes say per Record whether
+    its rows were gathered ("rows") or its G or U all-reduced ("sum").
     """
     dist = torch.distributed
     world = dist.get_world_size(group)
@@ -151,7 +152,7 @@ def reduce_records(group, records, norm: str, device):
                                     counts_all[:, rows_records], device)
     result = torch.tensor([g_sq], **f64)
     dist.broadcast(result, src=dist.get_global_rank(group, 0), group=group)
-    return float(result[0]), preds
+    return float(result[0]), preds, tuple(route)
 
 
 def _dense(rec) -> torch.Tensor:

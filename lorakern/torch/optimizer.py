@@ -40,6 +40,8 @@ class StepInfo:
     grad_scale: float = 1.0   # p.grad / (the captures' gradients): 1/S after a GradScaler's
     #                           unscale_, the clip factor after clip_grad_norm_, else 1
     tried: list = field(default_factory=list)  # (eta, loss) of each line-search trial
+    reduction: tuple | None = None  # under a process group, per layer: "rows" gathered or
+    #                                 "sum" (G or U all-reduced); distributed.py
 
 
 class LoRAStepOptimizer(torch.optim.Optimizer):
@@ -229,9 +231,10 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         _check_seen(self.layers)
         if group is None:
             g_sq = norms.g_sq(self.layers, self.norm)
-            preds = [rec.pred for rec in self.layers]
+            preds, reduction = [rec.pred for rec in self.layers], None
         else:
-            g_sq, preds = distributed.reduce_records(group, self.layers, self.norm, device)
+            g_sq, preds, reduction = distributed.reduce_records(group, self.layers, self.norm,
+                                                                device)
         ratio = _grad_scale(self.layers, preds)
         g_norm = abs(ratio) * math.sqrt(g_sq)
         v_sq, grad_sq = norms.v_and_grad_sq(self.layers)
@@ -252,7 +255,7 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
             self.others.step()
         self.last = StepInfo(eta=eta, eta_theorem=eta_theorem, g_norm=g_norm, v_sq=v_sq,
                              grad_sq=grad_sq, loss=loss0, trials=trials, lr=lr,
-                             grad_scale=ratio, tried=tried)
+                             grad_scale=ratio, tried=tried, reduction=reduction)
         self.capture.clear()
         return loss
 
