@@ -183,15 +183,19 @@ def test_a_scalar_on_the_gradients_is_the_applied_scale():
     assert_close(opt.last.g_norm, 0.25 * fresh_opt.last.g_norm, np.float64, "||G||")
 
 
-def test_gradient_checkpointing_gives_the_same_step():
-    """torch.utils.checkpoint (non-reentrant) around the model: the taps' X is recomputed
-    like autograd's own saved tensors, and the step is the plain one's."""
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_step(reentrant):
+    """torch.utils.checkpoint around the model: non-reentrant, the taps' X is dropped and
+    recomputed like autograd's own saved tensors; reentrant, the first forward runs without
+    gradients (no tap) and the recomputation's taps see the backward. Either way the step is
+    the plain one's."""
     from torch.utils.checkpoint import checkpoint
 
     model = _lorakern_mlp()
     opt = LoRAStepOptimizer(model)
     x, y = _batch(4)
-    torch.mean((checkpoint(model, x, use_reentrant=False) - y) ** 2).backward()
+    x_in = x.clone().requires_grad_(reentrant)   # reentrant checkpoints need an input with grad
+    torch.mean((checkpoint(model, x_in, use_reentrant=reentrant) - y) ** 2).backward()
     opt.step()
     plain = _lorakern_mlp()
     plain_opt = LoRAStepOptimizer(plain)
@@ -259,3 +263,27 @@ def test_dropout_in_eval_mode_is_the_plain_step():
         _backward(m, 6)
         opt.step()
     assert_close(opts[0].last.g_norm, opts[1].last.g_norm, np.float64, "||G||")
+
+
+# ---- torch.compile -------------------------------------------------------------------------------
+def test_compiled_forward_has_no_graph_break_and_the_same_step():
+    """The taps are opaque custom ops: a PEFT model's forward traces into one graph (0 breaks,
+    torch._dynamo.explain), and the compiled model (AOTAutograd, backend "aot_eager": the
+    taps' backward runs inside the compiled backward) gives the eager step's ||G||."""
+    if not hasattr(torch.library, "custom_op"):
+        pytest.skip("torch < 2.4: the taps are an autograd.Function (eager only)")
+    model = _peft_mlp(0.0)
+    opt = LoRAStepOptimizer(model)
+    x, y = _batch(8)
+    explain = torch._dynamo.explain(lambda x: torch.mean((model(x) - y) ** 2))(x)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.mean((compiled(x) - y) ** 2).backward()
+    opt.step()
+    eager = _peft_mlp(0.0)
+    eager_opt = LoRAStepOptimizer(eager)
+    torch.mean((eager(x) - y) ** 2).backward()
+    eager_opt.step()
+    assert opt.last.g_norm > 0
+    assert_close(opt.last.g_norm, eager_opt.last.g_norm, np.float64, "||G|| compiled")

@@ -57,6 +57,9 @@ from torch import nn
 
 #: each tapped module -> weakref to the Capture that owns its hooks (one owner per module)
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+#: the live Records by an integer key: what a tap's graph node holds (an int: no reference to
+#: the Record, and a constant to torch.compile, which would unwrap a weakref argument)
+_RECORDS: "weakref.WeakValueDictionary[int, Record]" = weakref.WeakValueDictionary()
 
 
 def keep_rows(n_rows: int, m: int, n: int) -> bool:
@@ -89,6 +92,7 @@ class Record:
     pred: list | None = None                   # [grad_B, grad_A] predicted, per pair
     passes: int = 0                            # backward passes seen since the last clear
     pending: torch.Tensor | None = None        # lora_A's input between its hook and lora_B's
+    key: int = 0                               # its key in _RECORDS (set by Capture)
 
     @property
     def shape(self):
@@ -151,21 +155,67 @@ class Record:
 
 
 class _Tap(torch.autograd.Function):
-    """Identity on the adapter's output; saves X; its backward gives (X, Delta) to a Record."""
+    """Identity on the adapter's output; saves X; its backward gives (X, Delta) to a Record.
+
+    The eager path of torch < 2.4 (no ``torch.library.custom_op``); ``tap`` below otherwise."""
 
     @staticmethod
-    def forward(ctx, output, x, record_ref):
+    def forward(ctx, output, x, key):
         ctx.save_for_backward(x)
-        ctx.record_ref = record_ref
+        ctx.key = key
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        record = ctx.record_ref()
-        if record is not None:
-            record.on_backward(x, grad)
+        _give(ctx.key, x, grad)
         return grad, None, None
+
+
+def _give(key: int, x, grad) -> None:
+    record = _RECORDS.get(key)
+    if record is not None:
+        record.on_backward(x, grad)
+
+
+if hasattr(torch.library, "custom_op"):
+    # custom ops are opaque to torch.compile: the tap costs no graph break, and its backward
+    # (which has side effects: it fills a Record) runs as the opaque lorakern::tap_grad.
+    # Custom ops return new tensors: the output and the gradient are copied (N m numbers,
+    # the original output is freed at once: nothing saves it).
+    @torch.library.custom_op("lorakern::tap", mutates_args=())
+    def _tap_op(output: torch.Tensor, x: torch.Tensor, key: int) -> torch.Tensor:
+        return output.clone()
+
+    @_tap_op.register_fake
+    def _(output, x, key):
+        return torch.empty_like(output)
+
+    @torch.library.custom_op("lorakern::tap_grad", mutates_args=())
+    def _tap_grad_op(grad: torch.Tensor, x: torch.Tensor, key: int) -> torch.Tensor:
+        _give(key, x, grad)
+        return grad.clone()
+
+    @_tap_grad_op.register_fake
+    def _(grad, x, key):
+        return torch.empty_like(grad)
+
+    def _tap_setup(ctx, inputs, output):
+        _, x, key = inputs
+        ctx.save_for_backward(x)
+        ctx.key = key
+
+    def _tap_backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return _tap_grad_op(grad, x, ctx.key), None, None
+
+    _tap_op.register_autograd(_tap_backward, setup_context=_tap_setup)
+
+    def apply_tap(output, x, key: int):
+        return _tap_op(output, x, key)
+else:  # pragma: no cover - torch < 2.4
+    def apply_tap(output, x, key: int):
+        return _Tap.apply(output, x, key)
 
 
 def _first_tensor(args, kwargs):
@@ -193,6 +243,8 @@ class Capture:
                     old.detach(replaced=True)
                 _OWNERS[module] = me
             ref = weakref.ref(record)
+            record.key = id(record)
+            _RECORDS[record.key] = record
             if x_module is tap_module:
                 self.handles.append(tap_module.register_forward_hook(
                     _tap_hook(me, ref, from_pending=False), with_kwargs=True))
@@ -267,6 +319,6 @@ def _tap_hook(capture_ref, record_ref, from_pending: bool):
         else:
             _drop_stale(record)
             x = _first_tensor(args, kwargs)
-        return _Tap.apply(output, x, record_ref)
+        return apply_tap(output, x, record.key)
 
     return tap

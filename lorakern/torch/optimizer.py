@@ -149,6 +149,7 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
                          "LoRA pairs it found in the model; give other trainable parameters "
                          "to a companion optimizer (others=torch.optim.AdamW)")
 
+    @torch.compiler.disable
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients (the companion's too) and what the hooks kept."""
         super().zero_grad(set_to_none=set_to_none)
@@ -189,6 +190,9 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         self._warned_lr = extra.get("warned_lr", False)
 
     # -- the step --------------------------------------------------------------------------------
+    # the step is a host loop on float64 scalars (norms, eta, the line search's decisions):
+    # under torch.compile it runs eagerly, one graph break, as torch's own zero_grad does
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """One step on all LoRA pairs from the gradients and what the taps kept.
