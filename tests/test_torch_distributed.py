@@ -17,7 +17,6 @@ import pytest
 torch = pytest.importorskip("torch", reason="lorakern.torch needs torch: pip install '.[torch]'")
 dist = pytest.importorskip("torch.distributed")
 
-import lorakern.torch  # noqa: E402
 from lorakern.torch import LoRALinear, LoRAStepOptimizer  # noqa: E402
 
 nn = torch.nn

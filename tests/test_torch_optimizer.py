@@ -45,7 +45,8 @@ def _model(seed=0, dtype=torch.float64):
 
 def _batch(seed, dtype=torch.float64, rows=12):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, 7, generator=g).to(dtype), torch.randn(rows, 4, generator=g).to(dtype))
+    return (torch.randn(rows, 7, generator=g).to(dtype),
+            torch.randn(rows, 4, generator=g).to(dtype))
 
 
 def _loss(model, seed, dtype=torch.float64):
@@ -72,7 +73,7 @@ def _lora(model):
     return torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters() if "lora" in n])
 
 
-# ---- lr --------------------------------------------------------------------------------------------
+# ---- lr ------------------------------------------------------------------------------------------
 def test_lr_multiplies_eta():
     """lr = 1 (the default) is eta_t exactly; lr = 0.5 halves it (no warning); lr = 2
     warns that it voids the certificate."""
@@ -112,7 +113,7 @@ def test_schedulers_set_the_multiplier(make):
     assert len(set(lrs)) > 1 and max(lrs) <= 1.0
 
 
-# ---- state -----------------------------------------------------------------------------------------
+# ---- state ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("closure", [False, True], ids=["eta_t", "line_search"])
 def test_resumed_run_is_the_uninterrupted_one(closure):
     """3 steps, state_dict through torch.save, a new model and optimizer (built with other
@@ -146,7 +147,7 @@ def test_add_param_group_is_refused():
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
 
 
-# ---- parameters that are not LoRA adapters ----------------------------------------------------------
+# ---- parameters that are not LoRA adapters -------------------------------------------------------
 def _with_head():
     """LoRA on fc1, fc2 trainable in full (as PEFT's modules_to_save heads are)."""
     torch.manual_seed(0)
@@ -216,7 +217,7 @@ def test_companion_instance_must_hold_exactly_the_others():
         LoRAStepOptimizer(model, others=torch.optim.SGD(model.parameters(), lr=0.1))
 
 
-# ---- loss scaling, clipping, loggers ---------------------------------------------------------------
+# ---- loss scaling, clipping, loggers -------------------------------------------------------------
 def test_grad_scaler_gives_the_eta_of_the_unscaled_gradients():
     """torch.amp.GradScaler (scale 2^16): scale, backward, unscale_, step: eta and the step
     are those of the unscaled run."""
@@ -271,7 +272,7 @@ def test_step_post_hooks_see_every_step():
             assert tried[-1][1] is not None
 
 
-# ---- the HF Trainer ---------------------------------------------------------------------------------
+# ---- the HF Trainer ------------------------------------------------------------------------------
 def test_hf_trainer_runs_with_default_arguments(tmp_path):
     """transformers.Trainer(optimizers=(opt, None)) on a tiny GPT-2 from a config with PEFT
     LoRA (dropout 0.05, as recipes use): its default linear schedule sets lr, its default
@@ -304,3 +305,48 @@ def test_hf_trainer_runs_with_default_arguments(tmp_path):
         assert eta == lr * eta_t
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 4 and np.isfinite(result.training_loss)
+
+
+# ---- CUDA ----------------------------------------------------------------------------------------
+def _needs_cuda():
+    import lorakern
+    if not torch.cuda.is_available() or "cuda" not in lorakern.devices():
+        pytest.skip("needs a CUDA GPU visible to both PyTorch and CuPy")
+
+
+@pytest.mark.parametrize("rows", [4, 64], ids=["rows_kept", "G_kept"])
+def test_cuda_step_equals_the_cpu_step(rows):
+    """The same model on CUDA and on the CPU, float32: the same ||G|| (rel 1e-5) whether the
+    taps kept the rows (CuPy's norm) or G (a torch product on the GPU), lr and a scheduler,
+    and a resumed state_dict loaded onto the GPU."""
+    _needs_cuda()
+    cpu, gpu = _model(dtype=torch.float32), _model(dtype=torch.float32).cuda()
+    opts = [LoRAStepOptimizer(m, lr=0.5) for m in (cpu, gpu)]
+    assert opts[1].device == "cuda:0"
+    x, y = _batch(3, torch.float32, rows=rows)
+    for model, opt, dev in zip((cpu, gpu), opts, ("cpu", "cuda")):
+        torch.mean((model(x.to(dev)) - y.to(dev)) ** 2).backward()
+        opt.step()
+    assert_close(opts[1].last.g_norm, opts[0].last.g_norm, np.float32, "||G|| cuda")
+    assert opts[1].last.eta == 0.5 * opts[1].last.eta_theorem
+    resumed = LoRAStepOptimizer(gpu)
+    resumed.load_state_dict(opts[1].state_dict())
+    assert resumed.param_groups[0]["lr"] == 0.5
+
+
+def test_cuda_fp16_autocast_with_grad_scaler():
+    """fp16 autocast and torch.amp.GradScaler("cuda"): grad_scale is 1/S and the step's eta
+    is within fp16 rounding of the unscaled float32 run's."""
+    _needs_cuda()
+    model, plain = _model(dtype=torch.float32).cuda(), _model(dtype=torch.float32).cuda()
+    opt, plain_opt = LoRAStepOptimizer(model), LoRAStepOptimizer(plain)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 12)
+    x, y = (t.cuda() for t in _batch(4, torch.float32))
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = torch.mean((model(x).float() - y) ** 2)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    torch.mean((plain(x) - y) ** 2).backward()
+    plain_opt.step()
+    assert abs(opt.last.grad_scale * 2.0 ** 12 - 1.0) < 5e-2
+    assert abs(opt.last.eta / plain_opt.last.eta - 1.0) < 5e-2

@@ -62,6 +62,9 @@ _OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDi
 _RECORDS: "weakref.WeakValueDictionary[int, Record]" = weakref.WeakValueDictionary()
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
 def keep_rows(n_rows: int, m: int, n: int) -> bool:
     """Keep the rows (X, Delta) rather than G: they are no more numbers than G's m n."""
     return n_rows * (m + n) <= m * n
@@ -93,6 +96,7 @@ class Record:
     passes: int = 0                            # backward passes seen since the last clear
     pending: torch.Tensor | None = None        # lora_A's input between its hook and lora_B's
     key: int = 0                               # its key in _RECORDS (set by Capture)
+    half: bool = False                         # a pass's X or Delta was bf16/fp16 (autocast)
 
     @property
     def shape(self):
@@ -101,7 +105,7 @@ class Record:
 
     def clear(self) -> None:
         self.rows, self.n_rows, self.dense, self.bound = [], 0, None, 0.0
-        self.pred, self.passes, self.pending = None, 0, None
+        self.pred, self.passes, self.pending, self.half = None, 0, None, False
 
     def params(self):
         return [p for B, A, _ in self.pairs for p in (B, A)]
@@ -115,6 +119,7 @@ class Record:
         """The tap's backward: X (.. x n) and D (.. x m) of one pass, kept per the plan."""
         X = X.detach().reshape(-1, X.shape[-1])
         D = D.detach().reshape(-1, D.shape[-1])
+        self.half = self.half or X.dtype in HALF or D.dtype in HALF
         dtype = acc_dtype(X, D, *self.params())
         Xa, Da = X.to(dtype), D.to(dtype)
         # the gradients these rows give autograd: grad_B = s Delta^T X A^T, grad_A = s B^T Delta^T X
@@ -225,8 +230,8 @@ def _first_tensor(args, kwargs):
 class Capture:
     """The taps on a list of Records; ``enabled`` off keeps the line search's trials out.
 
-    Holds its Records; the hooks hold a weakref to it. ``owner`` names the optimizer in
-    errors.
+    Holds its Records; the hooks hold only a weakref to it (and to each Record), the taps'
+    graph nodes an integer key. ``replaced``: a newer Capture took over its modules.
     """
 
     def __init__(self, records: list[Record], taps: list[tuple[Record, nn.Module, nn.Module]]):

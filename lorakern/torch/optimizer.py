@@ -15,7 +15,6 @@ from ..step_size import Armijo, theorem_eta
 from . import distributed, norms, search
 from .capture import Capture, Record, remove_handles
 from .layers import lora_layers, tap_groups
-from .search import item
 
 #: relative residual of p.grad against the captures' predicted gradients (after the best
 #: scalar) above which the captures are stale: float32/float64 gradients agree with the
@@ -319,6 +318,8 @@ def _grad_scale(records, preds) -> float:
     dot = pp = gg = 0.0
     tol = 0.0
     for rec, pred in zip(records, preds):
+        if rec.half:  # autograd's products ran in bf16/fp16 (autocast): their rounding
+            tol = max(tol, MATCH_TOL[torch.bfloat16])
         for (B, A, _), pair in zip(rec.pairs, pred or [None] * len(rec.pairs)):
             for p, q in zip((B, A), pair or (None, None)):
                 g = None if p.grad is None else p.grad.detach().double()
