@@ -3,7 +3,7 @@
 One spawn runs every scenario (a spawn costs seconds): the global ||G|| against one process
 on the concatenated batch, eta the same bits on both ranks, replicas the same bits after
 several steps, and step(closure) with a large cap (the ranks' local losses differ, so only a
-decision on the global loss keeps their trials, and DDP's all-reduces, paired).
+decision on the global loss keeps their trials, and DDP's all-reduces, paired); FSDP refused.
 """
 from __future__ import annotations
 
@@ -109,6 +109,16 @@ def _worker(rank, port, out_dir):
             trials.append((opt.last.trials, opt.last.eta, opt.last.loss))
         result["closure"] = dict(trials=trials, params=_flat(base),
                                  full_loss=float(_loss(base, X, Y)))
+        # FSDP2 runs here (CPU, gloo) and shards the pairs: refused, with the reason
+        from torch.distributed.fsdp import fully_shard
+
+        sharded = _model()
+        fully_shard(sharded)
+        try:
+            LoRAStepOptimizer(sharded)
+            result["fsdp"] = "accepted"
+        except ValueError as exc:
+            result["fsdp"] = str(exc)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -151,6 +161,11 @@ def test_ddp_routes_cover_both_reductions(ranks):
     """fc1's rows are gathered, fc2's G is all-reduced (distributed.py): both ran above."""
     assert ranks[0]["exact"]["routes"] == ("rows", "sum")
     assert ranks[0]["bound"]["routes"] == ("sum", "sum")
+
+
+def test_fsdp_is_refused_with_its_reason(ranks):
+    assert "does not run under FSDP" in ranks[0]["fsdp"]
+    assert "shards each LoRA pair's B and A" in ranks[0]["fsdp"]
 
 
 def test_ddp_line_search_decides_on_the_global_loss(ranks):

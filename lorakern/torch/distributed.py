@@ -30,10 +30,15 @@ that it returns the mean over ranks (one float64 all-reduce a trial); every rank
 the same decisions and runs the same trials, so the trials' collectives (DDP's gradient
 all-reduce in a closure's backward) pair up and nothing can deadlock.
 
-**FSDP** is refused: it shards each LoRA pair's B and A across ranks (flat parameters or
-DTensor shards), while the step reads whole pairs (||V'||^2 per pair, the predicted
-gradients s Delta^T X A^T). The adapters are small: wrap the model with DDP, or keep the
-adapters out of FSDP's sharding and reduce their gradients yourself with DDP semantics.
+**FSDP** is refused, with a ValueError at construction. Both of torch 2.13's run on the CPU
+with gloo (tried: ``FullyShardedDataParallel(model, device_id=cpu, use_orig_params=True)``
+and ``fully_shard(model)`` run a LoRALinear model's forward and backward in one process),
+but they shard each LoRA pair's B and A across ranks (flat parameters, or DTensor shards)
+while this step reads whole pairs: ||V'||^2 per pair and the predicted gradients s Delta^T X
+A^T that check p.grad. Supporting it would take the pairs' ``full_tensor()`` (r (m + n) a
+layer: small) for those two, the same G reduction as DDP's (activations are not sharded),
+and the update on the local shards; not done. The adapters are small: wrap the model with
+DDP, or keep the adapters out of FSDP's sharding (``ignored_params``).
 """
 from __future__ import annotations
 
