@@ -33,9 +33,10 @@ flattened), m x n the layer:
   rows folded into it. Either way at most min(N (m + n), m n) numbers; gradient accumulation
   sums into G exactly.
 - norm="bound": one float64, U = sum_i ||delta_i|| ||x_i|| (additive over passes).
-- always: the gradients the kept data predicts, grad_B = s Delta^T X A^T and grad_A = s B^T
-  Delta^T X (r (m + n) numbers; O(N r (m + n)) work a pass, the work of autograd's own LoRA
-  backward), which ``step()`` compares with ``p.grad``.
+- and ``step()`` compares ``p.grad`` with the gradients the kept data predicts, grad_B = s
+  G A^T and grad_A = s B^T G: from G (O(m n r)) or the rows (O(N r (m + n))); with
+  norm="bound" the taps sum them as the passes come (r (m + n) numbers, the work of
+  autograd's own LoRA backward).
 
 **Lifecycle.** The hooks close over a ``weakref`` to the ``Capture``, never the optimizer;
 ``weakref.finalize`` on the optimizer removes them, so ``del opt`` detaches the model. A
@@ -122,20 +123,9 @@ class Record:
         self.half = self.half or X.dtype in HALF or D.dtype in HALF
         dtype = acc_dtype(X, D, *self.params())
         Xa, Da = X.to(dtype), D.to(dtype)
-        # the gradients these rows give autograd: grad_B = s Delta^T X A^T, grad_A = s B^T Delta^T X
-        preds = []
-        for B, A, s in self.pairs:
-            k = s * self.scale
-            preds.append([k * (Da.T @ (Xa @ A.detach().to(dtype).T)),
-                          k * ((Da @ B.detach().to(dtype)).T @ Xa)])
-        if self.pred is None:
-            self.pred = preds
-        else:
-            for old, new in zip(self.pred, preds):
-                old[0] += new[0]
-                old[1] += new[1]
         self.passes += 1
-        if self.norm == "bound":
+        if self.norm == "bound":  # no G and no rows are kept: predict the gradients now
+            self._add_pred(self._pred_from_rows(Xa, Da))
             self.bound += float((D.double().norm(dim=1) * X.double().norm(dim=1)).sum())
             return
         m, n = D.shape[1], X.shape[1]
@@ -149,6 +139,37 @@ class Record:
                 self.dense.addmm_(d_old.to(dtype).T, x_old.to(dtype))
             self.rows, self.n_rows = [], 0
         self.dense.addmm_(Da.T, Xa.to(self.dense.dtype))
+
+    def _pred_from_rows(self, X, D):
+        """grad_B = s Delta^T X A^T, grad_A = s B^T Delta^T X per pair: O(N r (m + n))."""
+        out = []
+        for B, A, s in self.pairs:
+            k = s * self.scale
+            out.append([k * (D.T @ (X @ A.detach().to(X.dtype).T)),
+                        k * ((D @ B.detach().to(X.dtype)).T @ X)])
+        return out
+
+    def _add_pred(self, preds) -> None:
+        if self.pred is None:
+            self.pred = preds
+            return
+        for old, new in zip(self.pred, preds):
+            old[0] += new[0]
+            old[1] += new[1]
+
+    def predicted(self):
+        """The gradients the kept passes give autograd, [[grad_B, grad_A] per pair], or None:
+        from G (O(m n r)), from the rows (O(N r (m + n))), or as the taps summed them
+        (norm="bound"). Read at step(): B and A are those the passes ran with."""
+        if self.pred is not None or self.passes == 0:
+            return self.pred
+        if self.dense is not None:
+            G = self.dense
+            return [[s * self.scale * (G @ A.detach().to(G.dtype).T),
+                     s * self.scale * (B.detach().to(G.dtype).T @ G)] for B, A, s in self.pairs]
+        X, D = self.stacked_rows()
+        dtype = acc_dtype(X, D, *self.params())
+        return self._pred_from_rows(X.to(dtype), D.to(dtype))
 
     def stacked_rows(self):
         """(X, Delta) of the kept rows, stacked; or None."""

@@ -124,7 +124,7 @@ def reduce_records(group, records, norm: str, device):
     # one all-reduce: every Record's predicted gradients, then its U or G (sum route)
     pieces = []
     for rec, how in zip(records, route):
-        for (B, A, _), pred in zip(rec.pairs, rec.pred or [None] * len(rec.pairs)):
+        for (B, A, _), pred in zip(rec.pairs, rec.predicted() or [None] * len(rec.pairs)):
             pieces += ([pred[0].double().reshape(-1), pred[1].double().reshape(-1)] if pred
                        else [torch.zeros(B.numel(), **f64), torch.zeros(A.numel(), **f64)])
         if norm == "bound":

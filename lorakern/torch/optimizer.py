@@ -234,7 +234,7 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         _check_seen(self.layers)
         if group is None:
             g_sq = norms.g_sq(self.layers, self.norm)
-            preds, reduction = [rec.pred for rec in self.layers], None
+            preds, reduction = [rec.predicted() for rec in self.layers], None
         else:
             g_sq, preds, reduction = distributed.reduce_records(group, self.layers, self.norm,
                                                                 device)
