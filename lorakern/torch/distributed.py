@@ -22,8 +22,9 @@ rank, float64 buffers):
   predicted gradients travel in one all-reduce, all rows-route layers in one all-gather.
   Measured (``python benchmarks/torch_distributed.py``: gloo, 2 processes on a shared
   2-core machine, a 768 x 768 layer, r = 8): N = 128 rows a rank gathers the rows (0.75 MiB
-  a rank), 12.7 ms, most of it the norm of the 256 rows; N = 2048 all-reduces G (4.5 MiB a
-  rank), 15.6 ms (median of 20; benchmarks/NOTES.md).
+  a rank), 12.7 and 22.0 ms in two runs, most of it the float64 Gram norm of the 256 rows;
+  N = 2048 all-reduces G (4.5 MiB a rank), 15.6 and 15.3 ms (medians of 20;
+  benchmarks/NOTES.md). The route minimises the bytes, what costs between machines.
 - Then rank 0's ||G||^2 is broadcast (one float64): eta is the same bits on every rank
   whatever the collectives' rounding.
 
