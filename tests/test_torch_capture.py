@@ -293,3 +293,48 @@ def test_compiled_forward_has_no_graph_break_and_the_same_step():
     eager_opt.step()
     assert opt.last.g_norm > 0
     assert_close(opt.last.g_norm, eager_opt.last.g_norm, np.float64, "||G|| compiled")
+
+
+@pytest.mark.parametrize("dropout_b", [0.0, 0.3])
+def test_two_active_adapters_one_group_or_two(dropout_b):
+    """Adapters "first" (no dropout) and "second" on fc1, both active: without dropout they
+    read one X and form one pair (one G = dJ/dW, the same for both); with dropout on "second"
+    it reads its own x~ and is a group of its own: ||G||^2 = ||dJ/dW_1||^2 + ||dJ/dW_2||^2,
+    W_1 = s_1 B_1 A_1 on x, W_2 on x~_2, formed plainly by autograd."""
+    peft = pytest.importorskip("peft", reason="needs peft (pip install '.[torch]')")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(MLP(), peft.LoraConfig(r=2, target_modules=["fc1"]),
+                                adapter_name="first")
+    model.add_adapter("second", peft.LoraConfig(r=3, lora_alpha=6, target_modules=["fc1"],
+                                           lora_dropout=dropout_b))
+    model.base_model.set_adapter(["first", "second"])
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+            if "lora_B" in name:
+                nn.init.normal_(p, 0.0, 0.5)
+    opt = LoRAStepOptimizer(model)
+    assert [len(rec.pairs) for rec in opt.layers] == ([2] if dropout_b == 0 else [1, 1])
+    layer = model.base_model.model.fc1
+    kept = {}
+    hooks = [layer.lora_A[a].register_forward_hook(
+        lambda m, args, out, a=a: kept.__setitem__(a, args[0])) for a in ("first", "second")]
+    x, y = _batch(11)
+    torch.manual_seed(3)
+    loss = torch.mean((model(x) - y) ** 2)
+    for h in hooks:
+        h.remove()
+    W = [(layer.scaling[a] * layer.lora_B[a].weight @ layer.lora_A[a].weight).detach()
+         .requires_grad_(True) for a in ("first", "second")]
+    base = model.base_model.model
+    h = torch.tanh(x @ layer.base_layer.weight.T + layer.base_layer.bias
+                   + kept["first"] @ W[0].T + kept["second"] @ W[1].T)
+    Ga, Gb = torch.autograd.grad(torch.mean((h @ base.fc2.weight.T + base.fc2.bias - y) ** 2), W)
+    loss.backward()
+    opt.step()
+    if dropout_b == 0:
+        assert torch.allclose(Ga, Gb, rtol=0, atol=1e-14)
+        want = float(torch.linalg.norm(Ga))
+    else:
+        want = math.sqrt(float(torch.sum(Ga * Ga) + torch.sum(Gb * Gb)))
+    assert_close(opt.last.g_norm, want, np.float64, "||G||")
