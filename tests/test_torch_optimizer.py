@@ -113,6 +113,25 @@ def test_schedulers_set_the_multiplier(make):
     assert len(set(lrs)) > 1 and max(lrs) <= 1.0
 
 
+def test_warm_up_from_lr_zero_with_the_line_search():
+    """A warm-up's first lr is 0: step(closure) takes no step (no line search on a zero
+    cap), then the search runs on lr * cap."""
+    transformers = pytest.importorskip("transformers")
+    model = _model()
+    opt = LoRAStepOptimizer(model)
+    scheduler = transformers.get_linear_schedule_with_warmup(opt, 2, 6)
+    before = _lora(model)
+    _train(model, opt, [0], closure=True)
+    assert opt.last.eta == 0.0 and torch.equal(_lora(model), before)
+    scheduler.step()
+    _train(model, opt, [1], closure=True)
+    assert opt.last.lr == 0.5 and opt.last.eta >= 0.5 * opt.last.eta_theorem > 0
+    assert all(eta <= 0.5 for eta, _ in opt.last.tried)   # trials start at lr * cap
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="must be >= 0"):
+        _train(model, opt, [2])
+
+
 # ---- state ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("closure", [False, True], ids=["eta_t", "line_search"])
 def test_resumed_run_is_the_uninterrupted_one(closure):

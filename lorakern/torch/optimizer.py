@@ -242,6 +242,8 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         g_norm = abs(ratio) * math.sqrt(g_sq)
         v_sq, grad_sq = norms.v_and_grad_sq(self.layers)
         lr = float(self.param_groups[0]["lr"])
+        if not lr >= 0.0:
+            raise ValueError(f'param_groups[0]["lr"] must be >= 0 (it multiplies eta), got {lr}')
         if lr > 1.0 and not self._warned_lr:
             warnings.warn(f"lr = {lr:g} > 1 multiplies eta_t past the theorem's step: "
                           f"Lemma 2's decrease is no longer certified", stacklevel=2)
@@ -250,7 +252,7 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         grads = [(B, A, s, _grad(B), _grad(A)) for rec in self.layers for B, A, s in rec.pairs]
         old = [(B.detach().clone(), A.detach().clone()) for B, A, *_ in grads]
         eta, trials, tried = lr * eta_theorem, 0, []
-        if closure is not None:
+        if closure is not None and lr > 0.0:  # lr = 0 (a warm-up's first step): no move
             eta, trials, tried = self._line_search(closure, loss0, grads, old, grad_sq,
                                                    lr * eta_theorem, lr, device)
         self._update(grads, old, eta)
