@@ -50,6 +50,7 @@ through the layer, a group that holds captures whose parameters have no gradient
 """
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass, field
 
@@ -61,6 +62,9 @@ _OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDi
 #: the live Records by an integer key: what a tap's graph node holds (an int: no reference to
 #: the Record, and a constant to torch.compile, which would unwrap a weakref argument)
 _RECORDS: "weakref.WeakValueDictionary[int, Record]" = weakref.WeakValueDictionary()
+#: the keys: never reused (an id() could be, and a graph alive past its Record would then
+#: feed another optimizer's Record)
+_KEYS = itertools.count(1)
 
 
 HALF = (torch.bfloat16, torch.float16)
@@ -269,7 +273,7 @@ class Capture:
                     old.detach(replaced=True)
                 _OWNERS[module] = me
             ref = weakref.ref(record)
-            record.key = id(record)
+            record.key = next(_KEYS)
             _RECORDS[record.key] = record
             if x_module is tap_module:
                 self.handles.append(tap_module.register_forward_hook(
