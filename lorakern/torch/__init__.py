@@ -48,7 +48,7 @@ as autograd saves its own tensors and receives Delta_l in the backward pass: a p
 gets no backward keeps nothing (X goes with its graph), gradient checkpointing drops and
 recomputes X like the rest, and after the backward each layer keeps the fewer numbers of its
 rows (X_l, Delta_l) or G_l = sum Delta_l^T X_l itself (m n; gradient accumulation sums into
-it), one float64 with norm="bound", and the gradients these predict (r (m + n)). Captures
+it), or one float64 with norm="bound" (with the gradients it predicts, r (m + n)). Captures
 that no ``step()`` used are dropped once their gradients are zeroed, whoever zeroes them.
 The hooks hold the optimizer weakly and go with it; a newer optimizer on the same model
 replaces them. Several active PEFT adapters on one layer form one pair of rank r_1 + r_2 +
@@ -63,7 +63,8 @@ error.
 **LoRA dropout** is covered exactly. With the step's dropout mask fixed, PEFT's adapter
 adds s x~ (B A)^T with x~ the dropped-out input (``lora_A``'s input), a smooth function of
 M = BA with dJ/dM = s Delta^T X~; folded as above, G = Delta^T X~: the tap takes X~ in
-place of X (an adapter with dropout is a group of its own: its own x~).
+place of X (an adapter with dropout is a group of its own: its own x~). The certificate is
+for that mask: a line search's trials in train mode draw new masks.
 
 **Data parallel** (distributed.py). Under ``DistributedDataParallel`` (or with
 torch.distributed initialised, or ``process_group=``) ||G|| is the global one, G =
