@@ -1,6 +1,7 @@
 """lorakern.torch under DistributedDataParallel: real torch.distributed, gloo, 2 processes.
 
-One spawn runs every scenario (a spawn costs seconds): the global ||G|| against one process
+One spawn runs every scenario (a spawn costs seconds), with lorakern's LoRALinear and with a
+PEFT model (their taps differ: capture.py): the global ||G|| against one process
 on the concatenated batch, eta the same bits on both ranks, replicas the same bits after
 several steps, and step(closure) with a large cap (the ranks' local losses differ, so only a
 decision on the global loss keeps their trials, and DDP's all-reduces, paired); FSDP refused.
@@ -38,8 +39,7 @@ class Net(nn.Module):
 
 
 def _model():
-    """lorakern's LoRALinear layers (the spawned processes skip importing peft, ~10 s on a
-    busy machine; the taps are the same code as PEFT's, test_torch_capture.py)."""
+    """lorakern's LoRALinear layers (its taps: the layer's input and output)."""
     torch.manual_seed(0)
     model = Net()
     model.fc1 = LoRALinear.from_linear(model.fc1, 3, alpha=6)
@@ -47,6 +47,20 @@ def _model():
     with torch.no_grad():
         model.fc1.lora_B.normal_(0.0, 0.3)
         model.fc2.lora_B.normal_(0.0, 0.3)
+    return model
+
+
+def _peft_model():
+    """PEFT's LoRA on both layers (its taps: lora_A's input, lora_B's output)."""
+    import peft
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Net(), peft.LoraConfig(r=3, lora_alpha=6,
+                                                        target_modules=["fc1", "fc2"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
     return model
 
 
@@ -72,8 +86,9 @@ def _worker(rank, port, out_dir):
         X, Y = _data()
         mine = slice(rank * ROWS, (rank + 1) * ROWS)
         result = {}
-        for norm in ("exact", "bound"):
-            base = _model()
+        for key, make, norm in (("exact", _model, "exact"), ("bound", _model, "bound"),
+                                ("peft", _peft_model, "exact")):
+            base = make()
             reference = copy.deepcopy(base)              # one process, the whole batch
             ref_opt = LoRAStepOptimizer(reference, norm=norm, process_group=None)
             ddp = nn.parallel.DistributedDataParallel(base)
@@ -89,7 +104,7 @@ def _worker(rank, port, out_dir):
                 _loss(reference, X, Y).backward()
                 ref_opt.step()
                 ref_info.append((ref_opt.last.g_norm, ref_opt.last.eta))
-            result[norm] = dict(info=info, ref=ref_info, params=_flat(base),
+            result[key] = dict(info=info, ref=ref_info, params=_flat(base),
                                 ref_params=_flat(reference),
                                 routes=opt.last.reduction)
         # step(closure) with a large cap: the trials of both ranks must pair up
@@ -137,7 +152,7 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("norm", ["exact", "bound"])
+@pytest.mark.parametrize("norm", ["exact", "bound", "peft"])
 def test_ddp_norm_is_the_global_one(ranks, norm):
     """||G|| under DDP = one process on the concatenated batch (rel 1e-5, fp32), every step;
     the trajectories agree to float32 rounding."""
@@ -148,7 +163,7 @@ def test_ddp_norm_is_the_global_one(ranks, norm):
         assert torch.allclose(r[norm]["params"], r[norm]["ref_params"], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("norm", ["exact", "bound"])
+@pytest.mark.parametrize("norm", ["exact", "bound", "peft"])
 def test_ddp_eta_and_replicas_are_the_same_bits(ranks, norm):
     """eta bitwise equal on both ranks at every step; the replicas bitwise equal after them
     (the ranks' local batches differ: their local ||G|| would not be)."""
