@@ -6,8 +6,9 @@ peak with gradient checkpointing against AdamW's.
     python benchmarks/torch_lifecycle.py rss --steps 50 --embd 64
 
 A tiny GPT-2 built from a config (no download) with PEFT LoRA on c_attn and c_proj, random
-tokens. **rss**: each scenario runs 20 warm-up iterations, reads the RSS (after gc), runs
-``--steps`` more and reads it again; the delta is what the scenario retained:
+tokens. **rss**: each scenario, in a fresh process, runs 20 warm-up iterations, reads the
+RSS (after gc), runs ``--steps`` more and reads it again; the delta is what the scenario
+retained:
 
 - train: the optimizer's own loop (control);
 - del_opt: ``del opt`` (no other reference), then AdamW steps on the same model;
@@ -140,9 +141,19 @@ def peak(args, method, ckpt):
                 peak_above_base_mb=round(peak_mb - base, 1))
 
 
+SCENARIOS = ("train", "del_opt", "rebuilt_5x", "eval_forwards", "skipped_steps")
+
+
+def _shape(args):
+    return ["--embd", str(args.embd), "--layers", str(args.layers), "--seq", str(args.seq),
+            "--batch", str(args.batch), "--threads", str(args.threads), "--steps",
+            str(args.steps)]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["rss", "checkpoint", "_peak"])
+    parser.add_argument("what", choices=["rss", "checkpoint", "_rss", "_peak"])
+    parser.add_argument("--scenario", choices=SCENARIOS)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--embd", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
@@ -154,8 +165,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.what == "rss":
-        for name in ("train", "del_opt", "rebuilt_5x", "eval_forwards", "skipped_steps"):
-            print(json.dumps(scenario(name, args)), flush=True)
+        for name in SCENARIOS:  # each in a fresh process: one's leak cannot hide another's
+            cmd = [sys.executable, __file__, "_rss", "--scenario", name] + _shape(args)
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            print(out.strip().splitlines()[-1], flush=True)
+    elif args.what == "_rss":
+        print(json.dumps(scenario(args.scenario, args)), flush=True)
     elif args.what == "_peak":
         print(json.dumps(peak(args, args.method, bool(args.ckpt))), flush=True)
     else:
@@ -163,9 +178,7 @@ def main(argv=None):
         for method in ("adamw", "lorakern"):
             for ckpt in (0, 1):
                 cmd = [sys.executable, __file__, "_peak", "--method", method, "--ckpt",
-                       str(ckpt), "--embd", str(args.embd), "--layers", str(args.layers),
-                       "--seq", str(args.seq), "--batch", str(args.batch),
-                       "--threads", str(args.threads)]
+                       str(ckpt)] + _shape(args)
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True,
                                      env=PEAK_ENV).stdout
                 rows.append(json.loads(out.strip().splitlines()[-1]))
