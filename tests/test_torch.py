@@ -160,13 +160,16 @@ def _plain_G(pairs, x, y):
 
 
 @pytest.mark.parametrize("kind, rslora", [("peft", False), ("peft", True), ("lorakern", False)])
-@pytest.mark.parametrize("norm, route", [("exact", "torch"), ("exact", "kernels"),
-                                         ("bound", "torch")])
+@pytest.mark.parametrize("norm, route", [("exact", "torch"), ("exact", "dense"),
+                                         ("exact", "kernels"), ("bound", "torch")])
 def test_mlp_gradients_and_norm_against_autograd(kind, rslora, norm, route, monkeypatch):
-    """route "torch": these small layers' exact norms are float64 torch products, and
-    lorakern's CPU norm kernels are not called; "kernels": TORCH_NORM_WORK patched to 0, so
-    that each layer's norm runs in lorakern._cpu.linear.delta_x_norm_sq, as large layers'
-    do."""
+    """route "dense": the taps keep G = Delta^T X (capture.py's memory plan: the 15 rows
+    are more numbers than G); "torch": the rows kept (keep_rows patched) and these small
+    layers' exact norms are float64 torch products, lorakern's CPU norm kernels not called;
+    "kernels": the rows kept and TORCH_NORM_WORK patched to 0, so that each layer's norm runs
+    in lorakern._cpu.linear.delta_x_norm_sq, as large layers' do."""
+    if route != "dense":
+        monkeypatch.setattr(lorakern.torch.capture, "keep_rows", lambda *shape: True)
     if route == "kernels":
         monkeypatch.setattr(lorakern.torch.norms, "TORCH_NORM_WORK", 0)
     model, pairs = _mlp(kind, rslora)
@@ -213,15 +216,16 @@ def test_mlp_gradients_and_norm_against_autograd(kind, rslora, norm, route, monk
         assert_close(A.detach().numpy(), (A0 - eta / s * gA).numpy(), np.float64, "A")
 
 
-def test_bound_lies_between_the_norm_and_the_frobenius_product():
+def test_bound_lies_between_the_norm_and_the_frobenius_product(monkeypatch):
     """||Delta^T X|| <= sum_i ||delta_i|| ||x_i|| <= ||Delta||_F ||X||_F on a layer whose
     rows differ (so the bounds are not all equal)."""
+    monkeypatch.setattr(lorakern.torch.capture, "keep_rows", lambda *shape: True)
     X, Y, W0, B0, A0, layer, loss_fn = _layer_case(np.float64, 40, 1.0, seed=3)
     exact = LoRAStepOptimizer(layer)
     loss_fn().backward()
-    g = lorakern.torch.norms.g_sq(exact.layers, "exact")
-    x = exact.layers[0].inputs[0]
-    D = exact.layers[0].deltas[0]
+    x, D = exact.layers[0].rows[0]   # the tap's rows (kept: keep_rows patched)
+    exact.step()
+    g = exact.last.g_norm ** 2
     U = math.sqrt(lorakern.torch.norms.layer_norm_sq(D, x, "bound"))
     frob = float(torch.linalg.norm(D) * torch.linalg.norm(x))
     assert math.sqrt(g) < U < frob
@@ -252,7 +256,7 @@ class Mixed(nn.Module):
 
 
 @pytest.mark.parametrize("config, words", [
-    (dict(target_modules=["fc1"], lora_dropout=0.1), "LoRA dropout p=0.1"),
+    (dict(target_modules=["fc1"], lora_bias=True), "LoRA bias"),
     (dict(target_modules=["fc1"], use_dora=True), "DoRA"),
     (dict(target_modules=["emb"]), "embedding"),
     (dict(target_modules=["conv"]), "convolution"),

@@ -393,13 +393,13 @@ def test_lazy_norm_takes_the_same_steps_and_skips_the_norm(monkeypatch):
     the steps whose trials came down to eq. (8) with ||G|| = 0, and its eta_theorem (that
     ceiling, elsewhere) is >= the exact run's eta_t, which eta exceeds."""
     calls = []
-    real = norms.rows_g_sq
+    real = norms.g_sq
 
-    def counted(rows, norm):
+    def counted(records, norm):
         calls.append(norm)
-        return real(rows, norm)
+        return real(records, norm)
 
-    monkeypatch.setattr(norms, "rows_g_sq", counted)
+    monkeypatch.setattr(norms, "g_sq", counted)
     runs = {}
     for norm in ("exact", "lazy"):
         calls.clear()

@@ -29,7 +29,8 @@ the batch included). ``grad_B J`` and ``grad_A J`` are autograd's ``p.grad``; wh
 does not give is ||G_l||_F, which needs X_l and Delta_l: a forward hook keeps X_l and a
 hook on the layer's output keeps Delta_l. ``step()`` then computes
 
-    ||G||_F = (sum_l ||Delta_l^T X_l||_F^2)^(1/2)            exact: by the Gram identity
+    ||G||_F = (sum_l ||Delta_l^T X_l||_F^2)^(1/2)            exact: from G_l where the taps
+        kept G_l (see below), else from the kept rows by the Gram identity
         <Delta Delta^T, X X^T> or from Delta^T X, whichever costs fewer multiply-adds. CPU
         float32 (bf16, fp16) rows: one float32 product Delta^T X, its norm raised by the
         product's rounding bound gamma_N sum_i ||delta_i|| ||x_i|| (norms.float32_norm_sq:
@@ -41,13 +42,47 @@ hook on the layer's output keeps Delta_l. ``step()`` then computes
         tensors: CuPy (lorakern._cuda.linear.delta_x_norm_sq)
     eta_t = min{1 / (5 sqrt(2) max(L, 1) (||V'||^2 + ||G||_F)), 1}       (eq. 8)
 
-and updates every A and B at once from the old iterate (eq. 3). Memory: the hooks keep
-X_l and Delta_l of every forward pass with gradients since the last ``step()`` or
-``zero_grad()`` (N_l (n_l + m_l) numbers per layer, references to tensors autograd keeps
-anyway for X_l, new ones for Delta_l); passes under ``torch.no_grad()`` keep nothing. A layer's adapters of
-several active PEFT adapters on one layer form one pair of rank r_1 + r_2 + ... (B' = [B'_1
-B'_2 ...], A' stacked), with one G_l. Gradient accumulation works: several forward/backward
-passes before ``step()`` sum both p.grad and Delta_l^T X_l (the captured rows are stacked).
+and updates every A and B at once from the old iterate (eq. 3), eta = lr * eta_t with
+``param_groups[0]["lr"]`` (default 1; schedulers write it; lr <= 1 keeps Lemma 2's
+decrease, whose proof only bounds eta from above; lr > 1 warns that it voids it).
+
+**What is kept, and for how long** (capture.py). A tap on each adapter's output saves X_l
+as autograd saves its own tensors and receives Delta_l in the backward pass: a pass that
+gets no backward keeps nothing (X goes with its graph), gradient checkpointing drops and
+recomputes X like the rest, and after the backward each layer keeps the fewer numbers of its
+rows (X_l, Delta_l) or G_l = sum Delta_l^T X_l itself (m n; gradient accumulation sums into
+it), or one float64 with norm="bound" (with the gradients it predicts, r (m + n)). Captures
+that no ``step()`` used are dropped once their gradients are zeroed, whoever zeroes them.
+The hooks hold the optimizer weakly and go with it; a newer optimizer on the same model
+replaces them. Several active PEFT adapters on one layer form one pair of rank r_1 + r_2 +
+... (B' = [B'_1 B'_2 ...], A' stacked), with one G_l.
+
+**The gradients applied.** ``step()`` compares ``p.grad`` with the gradients the kept passes
+give (grad_B = s Delta^T X A^T, grad_A = s B^T Delta^T X): a common scalar is a loss scale
+(a GradScaler's unscale_) or a clip factor (``clip_grad_norm_``), and ||G|| is scaled by it,
+so eta is the one of the gradients applied; a mismatch beyond a scalar is stale data, an
+error.
+
+**LoRA dropout** is covered exactly. With the step's dropout mask fixed, PEFT's adapter
+adds s x~ (B A)^T with x~ the dropped-out input (``lora_A``'s input), a smooth function of
+M = BA with dJ/dM = s Delta^T X~; folded as above, G = Delta^T X~: the tap takes X~ in
+place of X (an adapter with dropout is a group of its own: its own x~). The certificate is
+for that mask: a line search's trials in train mode draw new masks.
+
+**Data parallel** (distributed.py). Under ``DistributedDataParallel`` (or with
+torch.distributed initialised, or ``process_group=``) ||G|| is the global one, G =
+(1/W) sum_r Delta_r^T X_r as DDP averages the gradients, reduced by the cheaper of an
+all-gather of the rows and an all-reduce of G; eta is the same bits on every rank, and the
+line search decides on the loss's mean over ranks. FSDP is refused.
+
+**The ecosystem's conventions.** ``state_dict()`` carries lr, L and the line search's
+state (a resumed run is bitwise the uninterrupted one); ``add_param_group`` is refused;
+trainable parameters that are not LoRA adapters (PEFT's ``modules_to_save`` heads) are
+refused by name unless handed to a companion optimizer (``others=torch.optim.AdamW``),
+stepped, zeroed and state-dicted with this one; ``opt.last`` (``StepInfo``: eta, ||G||,
+||V'||^2, the line search's trials) is there for loggers, with torch's step post-hooks.
+Under ``torch.compile`` the taps are opaque custom ops (no graph break in the forward) and
+``step()`` runs eagerly (one break a step).
 
 **L.** ``lipschitz`` is the user's L. The paper assumes the loss L(W) is L-smooth in W
 (Assumption 1); a network's loss as a function of all its LoRA layers' weights has no global
@@ -79,18 +114,19 @@ the search computes ||G|| only if a trial comes down to eq. (8) with ||G|| = 0 (
 bound of eta_t: an accepted eta beyond it is >= eta_t whatever ||G|| is), which makes
 ``step(closure)``'s own cost a few percent of a training step (benchmarks/NOTES.md).
 
-Not covered by the theory, and refused with a ValueError: LoRA dropout > 0 (the adapter's
-input is then not the layer's input), DoRA (``use_dora``: a normalised weight, not W0 + s BA),
-adapters on embeddings or convolutions (PEFT's ``lora_embedding_A``, Conv layers), a LoRA
-bias (``lora_bias``), merged adapters.
+Not covered by the theory, and refused with a ValueError: DoRA (``use_dora``: a normalised
+weight, not W0 + s BA), adapters on embeddings or convolutions (PEFT's ``lora_embedding_A``,
+Conv layers: their gradient is not Delta^T X of one input), a LoRA bias (``lora_bias``: a
+trained bias outside the pair (B, A)), merged adapters.
 
 **Floor plan.** One concern a module:
 
     layers.py     LoRALinear; lora_layers(): which modules are LoRA layers, their (B, A, s)
-    capture.py    the hooks that keep X_l and Delta_l, and their lifecycle
-    norms.py      ||G||_F (exact or bound), ||V'||^2 and ||grad J(V')||^2
-    search.py     the Armijo line search of step(closure)
-    optimizer.py  LoRAStepOptimizer: the step, from the pieces above
+    capture.py      the taps that keep X_l and Delta_l (or G_l), their memory plan, lifecycle
+    norms.py        ||G||_F (exact or bound), ||V'||^2 and ||grad J(V')||^2, one process
+    distributed.py  the global ||G|| and loss under DDP; the process group
+    search.py       the Armijo line search of step(closure)
+    optimizer.py    LoRAStepOptimizer: the step, lr, state_dict, the companion optimizer
 """
 from __future__ import annotations
 

@@ -138,12 +138,6 @@ def _peft_pairs(name, module, adapter):
         if getattr(module, "use_dora", {}).get(a, False):
             raise ValueError(f"{what}, adapter {a!r}: DoRA (use_dora) normalises the weight, "
                              f"so the layer is not W0 + s BA and the paper's step does not apply")
-        dropouts = getattr(module, "lora_dropout", None)  # an nn.ModuleDict
-        dropout = dropouts[a] if dropouts is not None and a in dropouts else None
-        if isinstance(dropout, nn.Dropout) and dropout.p > 0:
-            raise ValueError(f"{what}, adapter {a!r}: LoRA dropout p={dropout.p} feeds the "
-                             f"adapter another input than the layer's, which the theory does "
-                             f"not cover; use lora_dropout=0.0")
         lin_A, lin_B = module.lora_A[a], module.lora_B[a]
         if getattr(lin_A, "bias", None) is not None or getattr(lin_B, "bias", None) is not None:
             raise ValueError(f"{what}, adapter {a!r}: a LoRA bias (lora_bias) is not covered "
@@ -154,3 +148,33 @@ def _peft_pairs(name, module, adapter):
                              f"(a convolution?); only LoRA of linear layers is covered")
         pairs.append((lin_B.weight, lin_A.weight, float(module.scaling[a])))
     return pairs
+
+
+def tap_groups(model: nn.Module, adapter: str | None = None) -> list[tuple]:
+    """The LoRA layers of ``model`` as tap groups: (name, module, pairs, x_module, tap_module,
+    scale), one per set of pairs that read one input X (capture.py's docstring).
+
+    ``LoRALinear``: X is the layer's input and the tap its output (x_module = tap_module = the
+    layer, scale 1). PEFT: the active adapters without dropout form one group (X = the first
+    one's ``lora_A`` input, the tap on its ``lora_B``, scale 1 / its s); each adapter with
+    dropout p > 0 is a group of its own (X~ = its ``lora_A``'s input, the dropped-out x).
+    """
+    groups = []
+    for name, module, pairs in lora_layers(model, adapter):
+        if isinstance(module, LoRALinear):
+            groups.append((name, module, pairs, module, module, 1.0))
+            continue
+        shared, own = [], []
+        for B, A, s in pairs:
+            a = next(k for k in module.lora_A if module.lora_A[k].weight is A)
+            dropout = module.lora_dropout[a] if a in getattr(module, "lora_dropout", {}) else None
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            (own if p > 0 else shared).append((a, (B, A, s)))
+        if shared:
+            a0, (_, _, s0) = shared[0]
+            groups.append((name, module, [pair for _, pair in shared], module.lora_A[a0],
+                           module.lora_B[a0], 1.0 / s0))
+        for a, pair in own:
+            groups.append((f"{name}[{a}]", module, [pair], module.lora_A[a], module.lora_B[a],
+                           1.0 / pair[2]))
+    return groups

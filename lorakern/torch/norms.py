@@ -23,33 +23,23 @@ BOUND_MARGIN = 2.0 ** -20
 TORCH_NORM_WORK = 1 << 27
 
 
-def g_sq(layers, norm: str) -> float:
-    """sum_l ||Delta_l^T X_l||_F^2 (or the bound's square), float64."""
-    return rows_g_sq(kept_rows(layers), norm)
+def g_sq(records, norm: str) -> float:
+    """sum over the capture's Records of ||G||_F^2 (or the bound's square), float64, from
+    what each kept (capture.py's memory plan); one process's data."""
+    return sum(record_g_sq(record, norm) for record in records)
 
 
-def kept_rows(layers) -> list:
-    """Each layer's (X, Delta) as the hooks kept them (None where the loss does not reach
-    it: G_l = 0); a RuntimeError names a layer with gradients but no captured pass."""
-    found = []
-    for layer in layers:
-        rows = layer.rows()
-        has_grad = any(p.grad is not None for B, A, _ in layer.pairs for p in (B, A))
-        if rows is None:
-            if has_grad and layer.inputs:
-                raise RuntimeError(f"layer {layer.name!r} has gradients but its output's "
-                                   f"gradient was not seen; call loss.backward() before step()")
-            if has_grad:
-                raise RuntimeError(f"layer {layer.name!r} has gradients but no captured "
-                                   f"input: was the forward pass run before the optimizer "
-                                   f"was made, or under torch.no_grad()?")
-        found.append(rows)
-    return found
-
-
-def rows_g_sq(rows, norm: str) -> float:
-    """sum over kept_rows' entries of ||Delta^T X||_F^2 (or the bound's square)."""
-    return sum(layer_norm_sq(D, X, norm) for X, D in (r for r in rows if r is not None))
+def record_g_sq(record, norm: str) -> float:
+    """||scale Delta^T X||_F^2 of one Record: from its bound, its G, or its rows."""
+    if norm == "bound":
+        return (record.scale * record.bound * (1.0 + BOUND_MARGIN)) ** 2
+    if record.dense is not None:
+        return record.scale ** 2 * sq(record.dense)
+    rows = record.stacked_rows()
+    if rows is None:
+        return 0.0
+    X, D = rows
+    return record.scale ** 2 * layer_norm_sq(D, X, "exact")
 
 
 def layer_norm_sq(D, X, norm: str) -> float:

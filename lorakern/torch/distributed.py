@@ -1,0 +1,209 @@
+"""The step under data parallelism: the global ||G||, the global loss, one decision.
+
+**Which G.** DDP averages gradients: every rank applies p.grad = (1/W) sum_r grad_r, the
+gradient of J = (1/W) sum_r J_r with J_r the rank's own loss (a mean over its rows). So the
+step's G is dJ/dW = (1/W) sum_r Delta_r^T X_r, Delta_r the rank's output gradients of its
+J_r: with equal local batches, the G of one process on the concatenated batch with the
+mean loss. The predicted gradients (capture.py) are averaged the same way, and compared
+with the p.grad DDP left.
+
+**How it is reduced, and what it costs** (per step, W ranks, a layer m x n with N rows a
+rank, float64 buffers):
+
+- norm="bound": U = (1/W) sum_r U_r is a sum: the layers' U_r ride in the one all-reduce of
+  the predicted gradients (r (m + n) + 1 numbers a layer).
+- norm="exact": ||G|| is not a sum over ranks. Per layer, the cheaper of
+  - an all-gather of the rows (X_r, Delta_r): each rank receives (W - 1) N (m + n) numbers,
+    and the norm is then taken locally on the W N stacked rows (Gram or tiles, norms.py);
+  - an all-reduce of G_r = Delta_r^T X_r (a rank's own dense G, or its rows folded into one):
+    a ring all-reduce moves about 2 (W - 1) / W m n numbers a rank.
+  The rows go when W N (m + n) < 2 m n (small batches), else G. One all-gather of the
+  layers' row counts (L numbers) makes the choice the same on every rank; the G's and the
+  predicted gradients travel in one all-reduce, all rows-route layers in one all-gather.
+  Measured (``python benchmarks/torch_distributed.py``: gloo, 2 processes on a shared
+  2-core machine, a 768 x 768 layer, r = 8): N = 128 rows a rank gathers the rows (0.75 MiB
+  a rank), 12.7 and 22.0 ms in two runs, most of it the float64 Gram norm of the 256 rows;
+  N = 2048 all-reduces G (4.5 MiB a rank), 15.6 and 15.3 ms (medians of 20;
+  benchmarks/NOTES.md). The route minimises the bytes, what costs between machines.
+- Then rank 0's ||G||^2 is broadcast (one float64): eta is the same bits on every rank
+  whatever the collectives' rounding.
+
+**The line search** decides on the global loss: the optimizer wraps the loss callable so
+that it returns the mean over ranks (one float64 all-reduce a trial); every rank then takes
+the same decisions and runs the same trials, so the trials' collectives (DDP's gradient
+all-reduce in a closure's backward) pair up and nothing can deadlock.
+
+**FSDP** is refused, with a ValueError at construction. Both of torch 2.13's run on the CPU
+with gloo (tried: ``FullyShardedDataParallel(model, device_id=cpu, use_orig_params=True)``
+and ``fully_shard(model)`` run a LoRALinear model's forward and backward in one process),
+but they shard each LoRA pair's B and A across ranks (flat parameters, or DTensor shards)
+while this step reads whole pairs: ||V'||^2 per pair and the predicted gradients s Delta^T X
+A^T that check p.grad. Supporting it would take the pairs' ``full_tensor()`` (r (m + n) a
+layer: small) for those two, the same G reduction as DDP's (activations are not sharded),
+and the update on the local shards; not done. The adapters are small: wrap the model with
+DDP, or keep the adapters out of FSDP's sharding (``ignored_params``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import norms
+from .capture import acc_dtype
+
+
+def resolve_group(model: nn.Module, process_group):
+    """The process group the step reduces over, or None (one process).
+
+    "auto": a ``DistributedDataParallel`` model's group; else the default group when
+    torch.distributed is initialised with more than one rank; else None. None: no
+    reduction. A ``ProcessGroup``: that one.
+    """
+    if _is_fsdp(model):
+        raise ValueError("lorakern.torch.LoRAStepOptimizer does not run under FSDP: it shards "
+                         "each LoRA pair's B and A, and the step reads whole pairs; use "
+                         "DistributedDataParallel (lorakern/torch/distributed.py says why)")
+    if isinstance(process_group, str):
+        if process_group != "auto":
+            raise ValueError(f"process_group must be 'auto', None or a ProcessGroup, got "
+                             f"{process_group!r}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            process_group = model.process_group
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            process_group = torch.distributed.group.WORLD
+        else:
+            return None
+    if process_group is None:
+        return None
+    if torch.distributed.get_world_size(process_group) == 1:
+        return None
+    return process_group
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    for module in model.modules():
+        name = type(module).__name__
+        if name.startswith("FullyShardedDataParallel") or name.startswith("FSDP"):
+            return True
+    for p in model.parameters():
+        if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+            return True
+    return False
+
+
+def global_mean(group, value, device) -> float:
+    """The mean over the group's ranks of a loss (tensor or number), as a float."""
+    v = float(value.detach()) if torch.is_tensor(value) else float(value)
+    if group is None:
+        return v
+    t = torch.tensor([v], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, group=group)
+    return float(t[0]) / torch.distributed.get_world_size(group)
+
+
+def reduce_records(group, records, norm: str, device):
+    """(global ||G||^2, the global predicted gradients per Record, the routes) over the group.
+
+    The predicted gradients come back as [[grad_B, grad_A] per pair] per Record (float64,
+    averaged over ranks, zeros where no rank saw a pass); the routes say per Record whether
+    its rows were gathered ("rows") or its G or U all-reduced ("sum").
+    """
+    dist = torch.distributed
+    world = dist.get_world_size(group)
+    f64 = dict(dtype=torch.float64, device=device)
+    route = ["sum"] * len(records)   # "sum": U or G all-reduced; "rows": rows all-gathered
+    counts_all = None
+    if norm == "exact":
+        counts = torch.tensor([-1.0 if rec.dense is not None else float(rec.n_rows)
+                               for rec in records], **f64)
+        gathered = [torch.empty_like(counts) for _ in range(world)]
+        dist.all_gather(gathered, counts, group=group)
+        counts_all = torch.stack(gathered)                    # world x records
+        for i, rec in enumerate(records):
+            m, n = rec.shape
+            column = counts_all[:, i]
+            if bool((column >= 0).all()) and world * float(column.max()) * (m + n) < 2 * m * n:
+                route[i] = "rows"
+    # one all-reduce: every Record's predicted gradients, then its U or G (sum route)
+    pieces = []
+    for rec, how in zip(records, route):
+        for (B, A, _), pred in zip(rec.pairs, rec.predicted() or [None] * len(rec.pairs)):
+            pieces += ([pred[0].double().reshape(-1), pred[1].double().reshape(-1)] if pred
+                       else [torch.zeros(B.numel(), **f64), torch.zeros(A.numel(), **f64)])
+        if norm == "bound":
+            pieces.append(torch.tensor([rec.bound], **f64))
+        elif how == "sum":
+            pieces.append(_dense(rec).reshape(-1))
+    flat = torch.cat(pieces)
+    dist.all_reduce(flat, group=group)
+    flat /= world
+    g_sq, preds, at = 0.0, [], 0
+    for rec, how in zip(records, route):
+        pred = []
+        for B, A, _ in rec.pairs:
+            pB = flat[at:at + B.numel()].reshape(B.shape)
+            at += B.numel()
+            pA = flat[at:at + A.numel()].reshape(A.shape)
+            at += A.numel()
+            pred.append([pB, pA])
+        preds.append(pred)
+        if norm == "bound":
+            g_sq += (rec.scale * float(flat[at]) * (1.0 + norms.BOUND_MARGIN)) ** 2
+            at += 1
+        elif how == "sum":
+            m, n = rec.shape
+            g_sq += rec.scale ** 2 * norms.sq(flat[at:at + m * n])
+            at += m * n
+    rows_records = [i for i, how in enumerate(route) if how == "rows"]
+    if rows_records:
+        g_sq += _gathered_rows_g_sq(group, world, [records[i] for i in rows_records],
+                                    counts_all[:, rows_records], device)
+    result = torch.tensor([g_sq], **f64)
+    dist.broadcast(result, src=dist.get_global_rank(group, 0), group=group)
+    return float(result[0]), preds, tuple(route)
+
+
+def _dense(rec) -> torch.Tensor:
+    """The Record's G = sum Delta^T X (float64), its rows folded in; zeros if no pass."""
+    m, n = rec.shape
+    device = rec.pairs[0][0].device
+    G = torch.zeros(m, n, dtype=torch.float64, device=device)
+    if rec.dense is not None:
+        G += rec.dense.double()
+    for X, D in rec.rows:
+        G.addmm_(D.double().T, X.double())
+    return G
+
+
+def _gathered_rows_g_sq(group, world, records, counts, device) -> float:
+    """sum over the Records of ||scale (1/W) Delta_all^T X_all||^2 from one all-gather of
+    every rank's rows, each Record's block padded to the largest rank's row count."""
+    sizes = [int(counts[:, j].max()) for j in range(len(records))]
+    dtype = acc_dtype(*[p for rec in records for p in rec.params()])
+    blocks = []
+    for rec, size in zip(records, sizes):
+        m, n = rec.shape
+        block = torch.zeros(size, n + m, dtype=dtype, device=device)
+        rows = rec.stacked_rows()
+        if rows is not None:
+            X, D = rows
+            block[:X.shape[0], :n] = X
+            block[:X.shape[0], n:] = D
+        blocks.append(block.reshape(-1))
+    flat = torch.cat(blocks)
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(gathered, flat, group=group)
+    total, at = 0.0, 0
+    for j, (rec, size) in enumerate(zip(records, sizes)):
+        m, n = rec.shape
+        Xs, Ds = [], []
+        for r in range(world):
+            block = gathered[r][at:at + size * (n + m)].reshape(size, n + m)
+            k = int(counts[r, j])
+            Xs.append(block[:k, :n])
+            Ds.append(block[:k, n:])
+        at += size * (n + m)
+        X, D = torch.cat(Xs), torch.cat(Ds)
+        if X.shape[0]:
+            total += (rec.scale / world) ** 2 * norms.layer_norm_sq(D, X, "exact")
+    return total
