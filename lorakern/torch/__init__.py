@@ -112,7 +112,9 @@ trials' gradients and captures are discarded and p.grad is left as it was at V_t
 ``line_search="halving"`` runs ``lorakern.Armijo``'s search instead. With ``norm="lazy"``
 the search computes ||G|| only if a trial comes down to eq. (8) with ||G|| = 0 (an upper
 bound of eta_t: an accepted eta beyond it is >= eta_t whatever ||G|| is), which makes
-``step(closure)``'s own cost a few percent of a training step (benchmarks/NOTES.md).
+``step(closure)``'s own cost a few percent of a training step (benchmarks/NOTES.md); under a
+process group ``norm="lazy"`` computes the exact norm up front (every rank reduces at the
+same point).
 
 Not covered by the theory, and refused with a ValueError: DoRA (``use_dora``: a normalised
 weight, not W0 + s BA), adapters on embeddings or convolutions (PEFT's ``lora_embedding_A``,
@@ -121,11 +123,12 @@ trained bias outside the pair (B, A)), merged adapters.
 
 **Floor plan.** One concern a module:
 
-    layers.py     LoRALinear; lora_layers(): which modules are LoRA layers, their (B, A, s)
+    layers.py       LoRALinear; lora_layers(): which modules are LoRA layers, their (B, A, s)
     capture.py      the taps that keep X_l and Delta_l (or G_l), their memory plan, lifecycle
     norms.py        ||G||_F (exact or bound), ||V'||^2 and ||grad J(V')||^2, one process
     distributed.py  the global ||G|| and loss under DDP; the process group
-    search.py       the Armijo line search of step(closure)
+    search.py       the line search of step(closure): forward-only trials, the first trial
+                    from a quadratic model, the ||V'|| guard; no collectives
     optimizer.py    LoRAStepOptimizer: the step, lr, state_dict, the companion optimizer
 """
 from __future__ import annotations
