@@ -1,9 +1,11 @@
-"""The command line: ``lorakern demo`` and ``lorakern bench`` (also ``python -m lorakern``).
+"""The command line: ``lorakern demo``, ``lorakern bench`` and ``lorakern warmup`` (also
+``python -m lorakern``).
 
 Argument parsing only: ``demo`` runs ``lorakern.demo.run`` (a built-in problem, fitted and
 checked against the paper's inequalities; ``--plot`` draws ``lorakern.plot``'s comparison of
 step sizes); ``bench`` prints ``lorakern.benchmarking.table`` (the fused step against plain
-NumPy, interleaved, with the spread of each ratio). Bad options fail here, before any work,
+NumPy, interleaved, with the spread of each ratio); ``warmup`` compiles the kernels a user
+names into the on-disk cache, in parallel (``lorakern.warmup``). Bad options fail here, before any work,
 with an argparse error naming the option.
 """
 from __future__ import annotations
