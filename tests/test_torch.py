@@ -17,6 +17,7 @@ import lorakern  # noqa: E402
 from lorakern import _cpu  # noqa: E402,F401
 from lorakern.testing import assert_close, random_linear_data  # noqa: E402
 from lorakern.torch import LoRALinear, LoRAStepOptimizer  # noqa: E402
+from torch_models import MLP  # noqa: E402
 
 nn = torch.nn
 DTYPES = (np.float32, np.float64)
@@ -116,16 +117,6 @@ def test_line_search_equals_armijo_fit():
 
 
 # ---- a 2-layer MLP: gradients and ||G|| against autograd ----------------------------------------
-class MLP(nn.Module):
-    def __init__(self, n=7, hidden=11, m=4, dtype=torch.float64):
-        super().__init__()
-        self.fc1 = nn.Linear(n, hidden, dtype=dtype)
-        self.fc2 = nn.Linear(hidden, m, dtype=dtype)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
 def _mlp(kind, rslora=False):
     torch.manual_seed(0)
     if kind == "peft":

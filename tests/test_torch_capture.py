@@ -17,30 +17,10 @@ import pytest
 torch = pytest.importorskip("torch", reason="lorakern.torch needs torch: pip install '.[torch]'")
 
 from lorakern.testing import assert_close  # noqa: E402
-from lorakern.torch import LoRALinear, LoRAStepOptimizer  # noqa: E402
+from lorakern.torch import LoRAStepOptimizer  # noqa: E402
+from torch_models import MLP, lora_mlp  # noqa: E402
 
 nn = torch.nn
-
-
-class MLP(nn.Module):
-    def __init__(self, n=7, hidden=11, m=4, dtype=torch.float64):
-        super().__init__()
-        self.fc1 = nn.Linear(n, hidden, dtype=dtype)
-        self.fc2 = nn.Linear(hidden, m, dtype=dtype)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
-def _lorakern_mlp(seed=0):
-    torch.manual_seed(seed)
-    model = MLP()
-    model.fc1 = LoRALinear.from_linear(model.fc1, 2, alpha=6)
-    model.fc2 = LoRALinear.from_linear(model.fc2, 3, alpha=1.5)
-    with torch.no_grad():
-        model.fc1.lora_B.normal_(0.0, 0.5)
-        model.fc2.lora_B.normal_(0.0, 0.5)
-    return model
 
 
 def _peft_mlp(dropout, seed=0, **config):
@@ -74,7 +54,7 @@ def _hooks(model):
 def test_hooks_go_with_the_optimizer():
     """del opt: the optimizer is freed at once (no cycle through the hooks: no wait for the
     garbage collector), its hooks are removed (weakref.finalize), later passes keep nothing."""
-    model = _lorakern_mlp()
+    model = lora_mlp()
     opt = LoRAStepOptimizer(model)
     _backward(model, 0)
     opt.step()
@@ -94,7 +74,7 @@ def test_hooks_go_with_the_optimizer():
 def test_a_second_optimizer_replaces_the_first():
     """The second optimizer's hooks replace the first's (not stacked); the first refuses to
     step, naming why; the second steps on its own captures only."""
-    model = _lorakern_mlp()
+    model = lora_mlp()
     first = LoRAStepOptimizer(model)
     second = LoRAStepOptimizer(model)
     assert _hooks(model) == 2
@@ -112,7 +92,7 @@ def test_a_second_optimizer_replaces_the_first():
 def test_passes_without_backward_keep_nothing():
     """Forward passes with gradients enabled but no backward (model.eval() evaluation) keep
     nothing: X lives in the pass's graph and goes with it."""
-    model = _lorakern_mlp()
+    model = lora_mlp()
     opt = LoRAStepOptimizer(model)
     model.eval()
     for seed in range(5):
@@ -130,14 +110,14 @@ def test_passes_without_backward_keep_nothing():
 def test_model_zero_grad_drops_the_unused_captures(set_to_none):
     """A skipped step, model.zero_grad() (Trainer, Accelerate), then a new batch: ||G|| is the
     new batch's alone, as a fresh optimizer computes it."""
-    model = _lorakern_mlp()
+    model = lora_mlp()
     opt = LoRAStepOptimizer(model)
     _backward(model, 1)                        # a step skipped (e.g. an inf under fp16)
     model.zero_grad(set_to_none=set_to_none)
     _backward(model, 2)
     opt.step()
     got = opt.last.g_norm
-    fresh = _lorakern_mlp()
+    fresh = lora_mlp()
     fresh_opt = LoRAStepOptimizer(fresh)
     _backward(fresh, 2)
     fresh_opt.step()
@@ -147,13 +127,13 @@ def test_model_zero_grad_drops_the_unused_captures(set_to_none):
 
 def test_gradient_accumulation_keeps_both_passes():
     """Two backward passes before step(): G sums them (the same as one pass on both)."""
-    model = _lorakern_mlp()
+    model = lora_mlp()
     opt = LoRAStepOptimizer(model)
     x, y = _batch(3, rows=24)
     for rows in (slice(0, 10), slice(10, 24)):
         (torch.sum((model(x[rows]) - y[rows]) ** 2) / 24).backward()
     opt.step()
-    fresh = _lorakern_mlp()
+    fresh = lora_mlp()
     fresh_opt = LoRAStepOptimizer(fresh)
     (torch.sum((fresh(x) - y) ** 2) / 24).backward()
     fresh_opt.step()
@@ -163,7 +143,7 @@ def test_gradient_accumulation_keeps_both_passes():
 def test_gradients_that_do_not_match_the_passes_are_an_error():
     """p.grad changed by more than a scalar (here: one layer's gradient doubled, the other
     not) is stale data: an error, not a silent step."""
-    model = _lorakern_mlp()
+    model = lora_mlp()
     opt = LoRAStepOptimizer(model)
     _backward(model, 1)
     model.fc1.lora_A.grad *= 2.0
@@ -174,14 +154,14 @@ def test_gradients_that_do_not_match_the_passes_are_an_error():
 def test_a_scalar_on_the_gradients_is_the_applied_scale():
     """All gradients times 0.25 (what clip_grad_norm_ does): grad_scale 0.25 and ||G|| a
     quarter of the captured one, so eta is the one of the gradients applied."""
-    model = _lorakern_mlp()
+    model = lora_mlp()
     opt = LoRAStepOptimizer(model)
     _backward(model, 1)
     for p in model.parameters():
         if p.grad is not None:
             p.grad *= 0.25
     opt.step()
-    fresh = _lorakern_mlp()
+    fresh = lora_mlp()
     fresh_opt = LoRAStepOptimizer(fresh)
     _backward(fresh, 1)
     fresh_opt.step()
@@ -197,13 +177,13 @@ def test_gradient_checkpointing_gives_the_same_step(reentrant):
     the plain one's."""
     from torch.utils.checkpoint import checkpoint
 
-    model = _lorakern_mlp()
+    model = lora_mlp()
     opt = LoRAStepOptimizer(model)
     x, y = _batch(4)
     x_in = x.clone().requires_grad_(reentrant)   # reentrant checkpoints need an input with grad
     torch.mean((checkpoint(model, x_in, use_reentrant=reentrant) - y) ** 2).backward()
     opt.step()
-    plain = _lorakern_mlp()
+    plain = lora_mlp()
     plain_opt = LoRAStepOptimizer(plain)
     _backward(plain, 4)
     plain_opt.step()

@@ -18,29 +18,9 @@ torch = pytest.importorskip("torch", reason="lorakern.torch needs torch: pip ins
 
 from lorakern.testing import assert_close  # noqa: E402
 from lorakern.torch import LoRALinear, LoRAStepOptimizer  # noqa: E402
+from torch_models import MLP, lora_mlp  # noqa: E402
 
 nn = torch.nn
-
-
-class MLP(nn.Module):
-    def __init__(self, n=7, hidden=11, m=4, dtype=torch.float64):
-        super().__init__()
-        self.fc1 = nn.Linear(n, hidden, dtype=dtype)
-        self.fc2 = nn.Linear(hidden, m, dtype=dtype)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
-def _model(seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    model = MLP(dtype=dtype)
-    model.fc1 = LoRALinear.from_linear(model.fc1, 2, alpha=6)
-    model.fc2 = LoRALinear.from_linear(model.fc2, 3, alpha=1.5)
-    with torch.no_grad():
-        model.fc1.lora_B.normal_(0.0, 0.5)
-        model.fc2.lora_B.normal_(0.0, 0.5)
-    return model
 
 
 def _batch(seed, dtype=torch.float64, rows=12):
@@ -79,7 +59,7 @@ def test_lr_multiplies_eta():
     warns that it voids the certificate."""
     etas = {}
     for lr in (1.0, 0.5, 2.0):
-        model = _model()
+        model = lora_mlp()
         opt = LoRAStepOptimizer(model, lr=lr)
         assert opt.param_groups[0]["lr"] == lr
         with warnings.catch_warnings(record=True) as caught:
@@ -100,7 +80,7 @@ def test_lr_multiplies_eta():
 ], ids=["LambdaLR", "cosine", "linear_warmup"])
 def test_schedulers_set_the_multiplier(make):
     """Every step's eta is the scheduler's lr times that step's eta_t."""
-    model = _model()
+    model = lora_mlp()
     opt = LoRAStepOptimizer(model)
     scheduler = make(opt)
     lrs = []
@@ -117,7 +97,7 @@ def test_warm_up_from_lr_zero_with_the_line_search():
     """A warm-up's first lr is 0: step(closure) takes no step (no line search on a zero
     cap), then the search runs on lr * cap."""
     transformers = pytest.importorskip("transformers")
-    model = _model()
+    model = lora_mlp()
     opt = LoRAStepOptimizer(model)
     scheduler = transformers.get_linear_schedule_with_warmup(opt, 2, 6)
     before = _lora(model)
@@ -137,19 +117,19 @@ def test_warm_up_from_lr_zero_with_the_line_search():
 def test_resumed_run_is_the_uninterrupted_one(closure):
     """3 steps, state_dict through torch.save, a new model and optimizer (built with other
     arguments: load_state_dict restores L and lr), 3 more steps: the same bits as 6 steps."""
-    model = _model()
+    model = lora_mlp()
     opt = LoRAStepOptimizer(model, lipschitz=3.0, lr=0.8)
     _train(model, opt, range(6), closure)
     want = _lora(model)
 
-    model = _model()
+    model = lora_mlp()
     opt = LoRAStepOptimizer(model, lipschitz=3.0, lr=0.8)
     _train(model, opt, range(3), closure)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer)
-    resumed = _model(seed=1)
+    resumed = lora_mlp(seed=1)
     resumed.load_state_dict(saved["model"])
     opt2 = LoRAStepOptimizer(resumed)
     opt2.load_state_dict(saved["opt"])
@@ -161,7 +141,7 @@ def test_resumed_run_is_the_uninterrupted_one(closure):
 
 
 def test_add_param_group_is_refused():
-    opt = LoRAStepOptimizer(_model())
+    opt = LoRAStepOptimizer(lora_mlp())
     with pytest.raises(ValueError, match="does not take add_param_group"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
 
@@ -240,7 +220,7 @@ def test_companion_instance_must_hold_exactly_the_others():
 def test_grad_scaler_gives_the_eta_of_the_unscaled_gradients():
     """torch.amp.GradScaler (scale 2^16): scale, backward, unscale_, step: eta and the step
     are those of the unscaled run."""
-    model, plain = _model(dtype=torch.float32), _model(dtype=torch.float32)
+    model, plain = lora_mlp(dtype=torch.float32), lora_mlp(dtype=torch.float32)
     opt, plain_opt = LoRAStepOptimizer(model), LoRAStepOptimizer(plain)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     for seed in range(3):
@@ -259,7 +239,7 @@ def test_grad_scaler_gives_the_eta_of_the_unscaled_gradients():
 def test_clipping_gives_the_eta_of_the_clipped_gradients():
     """clip_grad_norm_ to a tenth of the norm: the step's ||G|| and grad_sq are the clipped
     gradients' (the clip factor, and its square, times the plain ones)."""
-    model, plain = _model(), _model()
+    model, plain = lora_mlp(), lora_mlp()
     opt, plain_opt = LoRAStepOptimizer(model), LoRAStepOptimizer(plain)
     _loss(plain, 1).backward()
     total = float(torch.nn.utils.get_total_norm([p.grad for p in plain.parameters()
@@ -277,7 +257,7 @@ def test_clipping_gives_the_eta_of_the_clipped_gradients():
 
 def test_step_post_hooks_see_every_step():
     """A logger on torch's step post-hook reads eta, ||G||, ||V||^2 and the trials."""
-    model = _model()
+    model = lora_mlp()
     opt = LoRAStepOptimizer(model)
     logged = []
     opt.register_step_post_hook(lambda o, args, kwargs: logged.append(
@@ -339,7 +319,7 @@ def test_cuda_step_equals_the_cpu_step(rows):
     taps kept the rows (CuPy's norm) or G (a torch product on the GPU), lr and a scheduler,
     and a resumed state_dict loaded onto the GPU."""
     _needs_cuda()
-    cpu, gpu = _model(dtype=torch.float32), _model(dtype=torch.float32).cuda()
+    cpu, gpu = lora_mlp(dtype=torch.float32), lora_mlp(dtype=torch.float32).cuda()
     opts = [LoRAStepOptimizer(m, lr=0.5) for m in (cpu, gpu)]
     assert opts[1].device == "cuda:0"
     x, y = _batch(3, torch.float32, rows=rows)
@@ -357,7 +337,7 @@ def test_cuda_fp16_autocast_with_grad_scaler():
     """fp16 autocast and torch.amp.GradScaler("cuda"): grad_scale is 1/S and the step's eta
     is within fp16 rounding of the unscaled float32 run's."""
     _needs_cuda()
-    model, plain = _model(dtype=torch.float32).cuda(), _model(dtype=torch.float32).cuda()
+    model, plain = lora_mlp(dtype=torch.float32).cuda(), lora_mlp(dtype=torch.float32).cuda()
     opt, plain_opt = LoRAStepOptimizer(model), LoRAStepOptimizer(plain)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 12)
     x, y = (t.cuda() for t in _batch(4, torch.float32))
