@@ -192,6 +192,50 @@ def test_backward_outside_the_trial_thread_is_untouched():
     assert len(errors) == 1 and "does not require grad" in errors[0]
 
 
+def test_trials_replay_the_gradient_pass_dropout_masks():
+    """LoRA dropout in train mode: every trial sees the dropout masks of the step's gradient
+    pass (the function whose gradient is applied), so the accepted trial's loss is J(V_{t+1})
+    under those masks and the certificate holds for it; the random stream then goes on as if
+    no trial had run."""
+    peft = pytest.importorskip("peft")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(13, 16), nn.Linear(16, 5)
+
+        def forward(self, x):
+            return self.fc2(torch.tanh(self.fc1(x)))
+
+    torch.manual_seed(3)
+    model = peft.get_peft_model(Net(), peft.LoraConfig(r=3, lora_alpha=6, lora_dropout=0.3,
+                                                       target_modules=["fc1", "fc2"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    model.train()
+    x, y = torch.randn(64, 13), torch.randint(0, 5, (64,))
+    opt = LoRAStepOptimizer(model)
+    closure = _closure(opt, model, x, y)
+    searched = 0
+    for t in range(8):
+        state = torch.get_rng_state()
+        opt.step(closure)
+        info = opt.last
+        after_step = torch.get_rng_state()
+        torch.set_rng_state(state)  # the gradient pass's masks, at V_{t+1}
+        with torch.no_grad():
+            again = float(nn.functional.cross_entropy(model(x), y))
+        assert torch.equal(after_step, torch.get_rng_state()), t  # one pass's draws, not more
+        assert info.eta >= info.eta_theorem, t
+        if info.eta > info.eta_theorem:
+            searched += 1
+            assert info.trial_losses[-1] == again, (t, info.trial_losses, again)
+            assert again <= info.loss - 0.2 * info.eta * info.grad_sq, (t, info, again)
+    assert searched >= 4
+
+
 # ---- the certificate at every step, the median trials -------------------------------------------
 def _run(steps, batch, seed=0, **kwargs):
     model, x, y = _task(seed)

@@ -67,7 +67,9 @@ error.
 adds s x~ (B A)^T with x~ the dropped-out input (``lora_A``'s input), a smooth function of
 M = BA with dJ/dM = s Delta^T X~; folded as above, G = Delta^T X~: the tap takes X~ in
 place of X (an adapter with dropout is a group of its own: its own x~). The certificate is
-for that mask: a line search's trials in train mode draw new masks.
+for that mask: ``step(closure)``'s trials replay the gradient pass's random numbers (torch's
+RNG state is restored before each trial and, after the search, set to where the gradient
+pass left it), so each trial sees the same dropout masks.
 
 **Data parallel** (distributed.py). Under ``DistributedDataParallel`` (or with
 torch.distributed initialised, or ``process_group=``) ||G|| is the global one, G =

@@ -263,6 +263,9 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         loss = None
         if closure is not None:
             self.capture.clear()
+            # the trials replay the gradient pass's random numbers: the same dropout masks,
+            # so the decrease is certified for the function whose gradient is applied
+            rng_before = _rng_state(device)
             with torch.enable_grad():
                 loss = closure()
         loss0 = None if loss is None else distributed.global_mean(group, loss, device)
@@ -305,8 +308,12 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         ceiling = float(theorem_eta(v_sq, 0.0, lipschitz)) if lazy else None
         tried = []
         if closure is not None and lr > 0.0:  # lr = 0 (a warm-up's first step): no move
-            eta, tried = self._line_search(closure, loss0, grads, old, grad_sq, eta_of_norm,
-                                           v_sq, ceiling, lr, device)
+            rng_after = _rng_state(device)
+            try:
+                eta, tried = self._line_search(closure, loss0, grads, old, grad_sq, eta_of_norm,
+                                               v_sq, ceiling, lr, device, rng_before)
+            finally:  # the random stream goes on as if no trial had run
+                _set_rng_state(device, rng_after)
         else:
             eta = lr * eta_of_norm()
         # norm="lazy" where no trial came near eta_t: the ceiling, which eta exceeds
@@ -328,7 +335,7 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
             A.copy_(A0 - gA * (eta / s))
 
     def _line_search(self, closure, loss0, grads, old, grad_sq, eta_of_norm, v_sq, ceiling,
-                     lr, device):
+                     lr, device, rng):
         """The search on lr * cap down to lr * eta_t, with forward-only trials whose loss is
         the mean over ranks (every rank takes the same decisions), p.grad and the captures
         of V_t kept away from the trials: (eta, [(eta, loss) of each trial])."""
@@ -337,6 +344,7 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
 
         def loss_at(eta):
             self._update(grads, old, eta)
+            _set_rng_state(device, rng)
             value = distributed.global_mean(self.process_group, search.trial_loss(closure),
                                             device)
             tried.append((eta, value))
@@ -363,6 +371,19 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
                 B.grad, A.grad = gB, gA
         self._eta_prev = eta  # as lorakern.Armijo keeps it
         return eta, tried
+
+
+def _rng_state(device):
+    """torch's random state on the CPU and, for CUDA layers, on their device."""
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(device, state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _grad(p):
