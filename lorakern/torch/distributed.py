@@ -49,46 +49,115 @@ import torch
 from torch import nn
 
 from . import norms
-from .capture import acc_dtype
+from .capture import acc_dtype, local  # noqa: F401 (local: distributed.local)
 
 
-def resolve_group(model: nn.Module, process_group):
+def resolve_group(model: nn.Module, process_group, params=()):
     """The process group the step reduces over, or None (one process).
 
-    "auto": a ``DistributedDataParallel`` model's group; else the default group when
-    torch.distributed is initialised with more than one rank; else None. None: no
-    reduction. A ``ProcessGroup``: that one.
+    "auto": a ``DistributedDataParallel`` model's group; FSDP2's (``fully_shard``) the LoRA
+    parameters' mesh's group; else the default group when torch.distributed is initialised
+    with more than one rank; else None. None: no reduction. A ``ProcessGroup``: that one.
+    ``params``: the LoRA parameters (FSDP2's DTensor shards are checked here).
     """
-    if _is_fsdp(model):
-        raise ValueError("lorakern.torch.LoRAStepOptimizer does not run under FSDP: it shards "
-                         "each LoRA pair's B and A, and the step reads whole pairs; use "
-                         "DistributedDataParallel (lorakern/torch/distributed.py says why)")
+    _refuse_fsdp1(model)
+    mesh = shard_mesh(params)
     if isinstance(process_group, str):
         if process_group != "auto":
             raise ValueError(f"process_group must be 'auto', None or a ProcessGroup, got "
                              f"{process_group!r}")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             process_group = model.process_group
+        elif mesh is not None:
+            process_group = mesh.get_group()
         elif torch.distributed.is_available() and torch.distributed.is_initialized():
             process_group = torch.distributed.group.WORLD
         else:
             return None
     if process_group is None:
+        if mesh is not None and mesh.size() > 1:
+            raise ValueError("process_group=None with FSDP2-sharded LoRA parameters: the "
+                             "step needs the shards' group (leave process_group='auto')")
         return None
     if torch.distributed.get_world_size(process_group) == 1:
         return None
     return process_group
 
 
-def _is_fsdp(model: nn.Module) -> bool:
-    for module in model.modules():
-        name = type(module).__name__
-        if name.startswith("FullyShardedDataParallel") or name.startswith("FSDP"):
-            return True
-    for p in model.parameters():
-        if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
-            return True
-    return False
+def _refuse_fsdp1(model: nn.Module) -> None:
+    """FSDP1 (the ``FullyShardedDataParallel`` wrapper) is refused, with its reason."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return
+    if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+        raise ValueError("lorakern.torch.LoRAStepOptimizer does not run under FSDP1 "
+                         "(FullyShardedDataParallel): it shards each LoRA pair's B and A "
+                         "into flat parameters, and the step reads whole pairs; use FSDP2 "
+                         "(torch.distributed.fsdp.fully_shard) or DistributedDataParallel "
+                         "(lorakern/torch/distributed.py says why)")
+
+
+def shard_mesh(params):
+    """The 1-D device mesh of FSDP2-sharded LoRA parameters (DTensors, Shard(0)), or None
+    when none is a DTensor; other layouts (HSDP's 2-D mesh, tensor parallelism, a mix of
+    sharded and plain adapters) are refused."""
+    dtensors = [p for p in params if _is_dtensor(p)]
+    if not dtensors:
+        return None
+    from torch.distributed.tensor import Shard
+
+    mesh = dtensors[0].device_mesh
+    for p in dtensors:
+        if (len(dtensors) != len(params) or p.device_mesh != mesh or mesh.ndim != 1
+                or tuple(p.placements) != (Shard(0),)):
+            raise ValueError(f"LoRA parameters as DTensors on a {p.device_mesh.ndim}-D mesh "
+                             f"with placements {tuple(p.placements)}: the step supports "
+                             f"FSDP2's layout only (fully_shard on a 1-D mesh, every LoRA "
+                             f"parameter sharded on dim 0)")
+    return mesh
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
+
+
+def fsdp_modules(model: nn.Module) -> list:
+    """The model's FSDP2 modules (``fully_shard``ed), whose ``reshard()`` the step calls."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+def full_pairs(records):
+    """Every Record's whole pairs [(B, A, s)] from FSDP2's shards: one all-gather a
+    parameter (r (m + n) numbers a layer, the same order on every rank)."""
+    return [[(B.full_tensor(), A.full_tensor(), s) for B, A, s in rec.pairs] for rec in records]
+
+
+def shard_rows(p) -> slice:
+    """The rows (dim 0) of the whole parameter that this rank's shard of ``p`` holds."""
+    if not _is_dtensor(p):
+        return slice(0, p.shape[0])
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return slice(offset[0], offset[0] + shape[0])
+
+
+def rank_ordered_sum(group, values, device) -> list:
+    """The sums over ranks of a few float64 numbers, the same bits on every rank: one
+    all-gather, then the ranks' values added in rank order (an all-reduce's order may
+    differ between ranks)."""
+    if group is None:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(gathered, t, group=group)
+    total = gathered[0].clone()
+    for other in gathered[1:]:
+        total += other
+    return total.tolist()
 
 
 def global_mean(group, value, device) -> float:
@@ -101,12 +170,13 @@ def global_mean(group, value, device) -> float:
     return float(t[0]) / torch.distributed.get_world_size(group)
 
 
-def reduce_records(group, records, norm: str, device):
+def reduce_records(group, records, norm: str, device, pairs=None):
     """(global ||G||^2, the global predicted gradients per Record, the routes) over the group.
 
     The predicted gradients come back as [[grad_B, grad_A] per pair] per Record (float64,
     averaged over ranks, zeros where no rank saw a pass); the routes say per Record whether
-    its rows were gathered ("rows") or its G or U all-reduced ("sum").
+    its rows were gathered ("rows") or its G or U all-reduced ("sum"). ``pairs``: the
+    Records' whole pairs (``full_pairs``) under FSDP2, else None.
     """
     dist = torch.distributed
     world = dist.get_world_size(group)
@@ -126,8 +196,9 @@ def reduce_records(group, records, norm: str, device):
                 route[i] = "rows"
     # one all-reduce: every Record's predicted gradients, then its U or G (sum route)
     pieces = []
-    for rec, how in zip(records, route):
-        for (B, A, _), pred in zip(rec.pairs, rec.predicted() or [None] * len(rec.pairs)):
+    for j, (rec, how) in enumerate(zip(records, route)):
+        pred_rec = rec.predicted(None if pairs is None else pairs[j])
+        for (B, A, _), pred in zip(rec.pairs, pred_rec or [None] * len(rec.pairs)):
             pieces += ([pred[0].double().reshape(-1), pred[1].double().reshape(-1)] if pred
                        else [torch.zeros(B.numel(), **f64), torch.zeros(A.numel(), **f64)])
         if norm == "bound":
