@@ -33,15 +33,38 @@ that it returns the mean over ranks (one float64 all-reduce a trial); every rank
 the same decisions and runs the same trials, so the trials' collectives (DDP's gradient
 all-reduce in a closure's backward) pair up and nothing can deadlock.
 
-**FSDP** is refused, with a ValueError at construction. Both of torch 2.13's run on the CPU
-with gloo (tried: ``FullyShardedDataParallel(model, device_id=cpu, use_orig_params=True)``
-and ``fully_shard(model)`` run a LoRALinear model's forward and backward in one process),
-but they shard each LoRA pair's B and A across ranks (flat parameters, or DTensor shards)
-while this step reads whole pairs: ||V'||^2 per pair and the predicted gradients s Delta^T X
-A^T that check p.grad. Supporting it would take the pairs' ``full_tensor()`` (r (m + n) a
-layer: small) for those two, the same G reduction as DDP's (activations are not sharded),
-and the update on the local shards; not done. The adapters are small: wrap the model with
-DDP, or keep the adapters out of FSDP's sharding (``ignored_params``).
+**FSDP2** (``torch.distributed.fsdp.fully_shard``, composable) is supported with
+norm="exact" (and "lazy", exact under a group); tested on the CPU with gloo (2 processes,
+tests/test_torch_distributed.py), not on CUDA/NCCL. It makes every
+LoRA parameter a DTensor sharded on dim 0 of a 1-D mesh (B's m rows, A's r rows; uneven
+shards as torch chunks them) and all-gathers the weights for each forward, so the taps see
+whole weights and the rank's own rows: X_r and Delta_r as under DDP, and FSDP's
+reduce-scatter averages the gradients as DDP does. The step then differs from DDP's in:
+
+- the predicted gradients need whole pairs: one all-gather (``full_tensor()``) a LoRA
+  parameter, r (m + n) numbers a layer; the same G reduction as DDP follows;
+- the gradient check (optimizer._grad_scale) compares each rank's shard of p.grad with the
+  same rows of the (whole, averaged) prediction, and sums dot, pp, gg over the ranks;
+- ||V'||^2, ||grad J||^2 (and <V', grad J> for the search's guard) are sums of the local
+  shards' float64 sums over the ranks: one all-gather of those few numbers, added in rank
+  order on every rank, so they are the same bits everywhere (an all-reduce's order need
+  not be);
+- the update B' = B - (eta / s) grad_B is elementwise: each rank writes its own shard (the
+  DTensor's local tensor, a view of FSDP's storage), then calls ``reshard()`` on the FSDP
+  modules: FSDP2 keeps the root's gathered weights after a forward without gradients (a
+  line-search trial's, an eval pass's), and the next forward would run on those, stale;
+- costs beyond DDP's: 2 L small all-gathers (latency-bound), two or three of a few float64.
+  Measured in tests/test_torch_distributed.py's spawn: see benchmarks/NOTES.md (not timed
+  separately here).
+
+Refused, with a ValueError at construction: norm="bound" under FSDP2 (its taps predict the
+gradients in the backward pass, when the record holds only shards: a lookup of the
+gathered weights there is not done); FSDP1 (``FullyShardedDataParallel``: its flat
+parameters pack B and A into one sharded buffer; use FSDP2 or DDP); DTensor LoRA
+parameters of any other layout (HSDP's 2-D mesh, tensor parallelism). A rank's shard whose
+p.grad is all zero while other ranks' are not reads, at the next forward, as "gradients
+zeroed" on that rank alone (capture.py's stale-capture rule is per rank): with real data
+this does not happen, but it is not guarded.
 """
 from __future__ import annotations
 

@@ -59,7 +59,8 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
     ----------
     model : an ``nn.Module`` holding PEFT LoRA layers or ``lorakern.torch.LoRALinear``s (see
         the package docstring for what a step computes and how the scaling is folded in),
-        possibly wrapped in ``DistributedDataParallel``.
+        possibly wrapped in ``DistributedDataParallel`` or sharded by FSDP2's
+        ``fully_shard`` (build the optimizer after it).
     lr : the multiplier of eta (``param_groups[0]["lr"]``, what schedulers write): the step
         is lr * eta_t (with ``step(closure)``: the line search runs on lr * cap down to
         lr * eta_t). lr = 1 is the paper's step; lr <= 1 keeps Lemma 2's decrease (its proof
@@ -86,11 +87,12 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         holds exactly them. It is stepped, zeroed and state-dicted with this one; its
         param_groups follow this optimizer's own in ``param_groups`` (the same dicts, so a
         scheduler sets its lr too and a GradScaler unscales its gradients).
-    process_group : "auto" (default): the group of a ``DistributedDataParallel`` model, else
-        torch.distributed's default group when it is initialised with several ranks, else
-        none; None: this process alone; or a ``ProcessGroup``. With a group, ||G|| is the
-        global one and the line search decides on the mean loss over ranks
-        (lorakern/torch/distributed.py). FSDP is refused (same module says why).
+    process_group : "auto" (default): the group of a ``DistributedDataParallel`` model, or
+        of FSDP2's mesh, else torch.distributed's default group when it is initialised with
+        several ranks, else none; None: this process alone; or a ``ProcessGroup``. With a
+        group, ||G|| is the global one and the line search decides on the mean loss over ranks
+        (lorakern/torch/distributed.py). FSDP2 with norm="exact"; FSDP1 and norm="bound"
+        under FSDP2 are refused (same module says why).
 
     Attributes
     ----------
@@ -106,7 +108,7 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
     ValueError : no LoRA layer in ``model`` (or none with the ``adapter`` named), or one the
         theory does not cover (DoRA, embeddings, convolutions, a LoRA bias, merged
         adapters); trainable parameters that are not LoRA adapters, named, without
-        ``others``; FSDP; a bad argument's value.
+        ``others``; FSDP1; norm="bound" under FSDP2; a bad argument's value.
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 1.0, lipschitz: float = 1.0,
