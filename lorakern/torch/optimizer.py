@@ -295,12 +295,13 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         else:
             g_sq, preds, reduction = distributed.reduce_records(group, self.layers,
                                                                 self._norm_kind, device, pairs)
-        shard_group = group if self.sharded else None
-        ratio = _grad_scale(self.layers, preds, self.sharded, shard_group, device)
-        g_norm = None if g_sq is None else abs(ratio) * math.sqrt(g_sq)
+        # FSDP2: ||V'||^2 and ||grad J||^2 of the rank's shards, summed over the ranks with
+        # the gradient check's sums (one all-gather; the same bits on every rank)
         v_sq, grad_sq = norms.v_and_grad_sq(self.layers)
-        if shard_group is not None:  # the ranks' shards' sums, the same bits on every rank
-            v_sq, grad_sq = distributed.rank_ordered_sum(shard_group, [v_sq, grad_sq], device)
+        ratio, (v_sq, grad_sq) = _grad_scale(self.layers, preds, self.sharded,
+                                             group if self.sharded else None, device,
+                                             also=(v_sq, grad_sq))
+        g_norm = None if g_sq is None else abs(ratio) * math.sqrt(g_sq)
         lipschitz = max(self.lipschitz, 1.0)
 
         def eta_of_norm() -> float:  # eq. (8); with norm="lazy" ||G|| is computed here, once
@@ -408,13 +409,15 @@ def _check_seen(records) -> None:
                            f"torch.no_grad(), or was the backward pass not run?")
 
 
-def _grad_scale(records, preds, sharded=False, group=None, device=None) -> float:
+def _grad_scale(records, preds, sharded=False, group=None, device=None, also=()):
     """p.grad against the gradients the kept passes predict: the scalar that maps one onto
     the other (1/S after a GradScaler's unscale_, the factor of clip_grad_norm_; exactly 1
     within rounding); anything beyond a scalar is stale data, an error.
 
-    FSDP2 (``sharded``): each rank compares its shard of p.grad with the same rows of the
-    (whole, global) prediction, and the three sums are summed over the ranks (``group``)."""
+    Returns (the scalar, ``also``). FSDP2 (``sharded``): each rank compares its shard of
+    p.grad with the same rows of the (whole, global) prediction, and the three sums, with
+    the numbers in ``also``, are summed over the ranks (``group``): ``also`` comes back
+    summed."""
     dot = pp = gg = 0.0
     tol = 0.0
     for rec, pred in zip(records, preds):
@@ -434,9 +437,10 @@ def _grad_scale(records, preds, sharded=False, group=None, device=None) -> float
                 if g is not None:
                     gg += float(torch.sum(g * g))
     if sharded and group is not None:
-        dot, pp, gg = distributed.rank_ordered_sum(group, [dot, pp, gg], device)
+        dot, pp, gg, *also = distributed.rank_ordered_sum(group, [dot, pp, gg, *also], device)
+    also = tuple(also)
     if gg == 0.0:
-        return 1.0
+        return 1.0, also
     if pp == 0.0:
         raise RuntimeError("the LoRA layers have gradients but the taps kept no pass with "
                            "them: run forward and backward after the optimizer is made")
@@ -447,7 +451,7 @@ def _grad_scale(records, preds, sharded=False, group=None, device=None) -> float
                            f"(relative residual {residual:.2e} beyond one scalar): stale "
                            f"captures, or gradients changed by something other than a "
                            f"scaling (loss scaling and clipping are scalings)")
-    return 1.0 if abs(ratio - 1.0) <= tol else ratio
+    return (1.0 if abs(ratio - 1.0) <= tol else ratio), also
 
 
 def _companion(model, lora_params, others, adapter):
