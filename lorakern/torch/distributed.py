@@ -41,21 +41,26 @@ shards as torch chunks them) and all-gathers the weights for each forward, so th
 whole weights and the rank's own rows: X_r and Delta_r as under DDP, and FSDP's
 reduce-scatter averages the gradients as DDP does. The step then differs from DDP's in:
 
-- the predicted gradients need whole pairs: one all-gather (``full_tensor()``) a LoRA
-  parameter, r (m + n) numbers a layer; the same G reduction as DDP follows;
+- the predicted gradients need whole pairs: one all-gather of every LoRA parameter's
+  shard (``full_pairs``: r (m + n) numbers a layer, in float64); the same G reduction as
+  DDP's follows;
 - the gradient check (optimizer._grad_scale) compares each rank's shard of p.grad with the
-  same rows of the (whole, averaged) prediction, and sums dot, pp, gg over the ranks;
-- ||V'||^2, ||grad J||^2 (and <V', grad J> for the search's guard) are sums of the local
-  shards' float64 sums over the ranks: one all-gather of those few numbers, added in rank
-  order on every rank, so they are the same bits everywhere (an all-reduce's order need
-  not be);
+  same rows of the (whole, averaged) prediction; its three sums (dot, pp, gg) and
+  ||V'||^2, ||grad J||^2 (the local shards' float64 sums) are summed over the ranks in one
+  all-gather of those five numbers, added in rank order on every rank, so they are the
+  same bits everywhere (an all-reduce's order need not be); <V', grad J> (the search's
+  guard, step(closure)) likewise, one more all-gather;
 - the update B' = B - (eta / s) grad_B is elementwise: each rank writes its own shard (the
   DTensor's local tensor, a view of FSDP's storage), then calls ``reshard()`` on the FSDP
   modules: FSDP2 keeps the root's gathered weights after a forward without gradients (a
   line-search trial's, an eval pass's), and the next forward would run on those, stale;
-- costs beyond DDP's: 2 L small all-gathers (latency-bound), two or three of a few float64.
-  Measured in tests/test_torch_distributed.py's spawn: see benchmarks/NOTES.md (not timed
-  separately here).
+- what it costs beyond DDP: two small all-gathers a step (latency-bound) and DTensor
+  dispatch on the clones of B, A and their gradients. Measured (``python
+  benchmarks/torch_fsdp.py``: gloo, 2 processes on the shared 2-core machine, opt.step()
+  medians of 11 interleaved rounds, two runs): the tests' 64-64-4 MLP (r = 3, 16 rows a
+  rank) 6.5 and 7.3 ms against DDP's 4.0 and 4.5 (ratios 1.40 and 1.67, rounds 0.7-3.7);
+  768-768-4 (r = 8, 128 rows a rank) 16.3 and 15.5 ms against 12.9 and 13.1 (1.21 and
+  1.16, rounds 1.01-1.74).
 
 Refused, with a ValueError at construction: norm="bound" under FSDP2 (its taps predict the
 gradients in the backward pass, when the record holds only shards: a lookup of the
