@@ -4,7 +4,8 @@ One spawn runs every scenario (a spawn costs seconds), with lorakern's LoRALinea
 PEFT model (their taps differ: capture.py): the global ||G|| against one process
 on the concatenated batch, eta the same bits on both ranks, replicas the same bits after
 several steps, and step(closure) with a large cap (the ranks' local losses differ, so only a
-decision on the global loss keeps their trials, and DDP's all-reduces, paired); FSDP refused.
+decision on the global loss keeps their trials, and DDP's all-reduces, paired); the same
+under FSDP2 (fully_shard: B and A sharded), where FSDP1 and norm="bound" are refused.
 """
 from __future__ import annotations
 
@@ -124,19 +125,78 @@ def _worker(rank, port, out_dir):
             trials.append((opt.last.trials, opt.last.eta, opt.last.loss))
         result["closure"] = dict(trials=trials, params=_flat(base),
                                  full_loss=float(_loss(base, X, Y)))
-        # FSDP2 runs here (CPU, gloo) and shards the pairs: refused, with the reason
-        from torch.distributed.fsdp import fully_shard
-
-        sharded = _model()
-        fully_shard(sharded)
-        try:
-            LoRAStepOptimizer(sharded)
-            result["fsdp"] = "accepted"
-        except ValueError as exc:
-            result["fsdp"] = str(exc)
+        result.update(_fsdp_scenarios(rank, X, Y, mine))
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _full_flat(model):
+    """The trainable parameters of an FSDP2 model, gathered whole (a collective)."""
+    return torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()
+                      if p.requires_grad])
+
+
+def _fsdp_scenarios(rank, X, Y, mine):
+    """FSDP2 (fully_shard: B and A sharded on dim 0) against one process on the whole batch,
+    with step() (fp32, fp64, PEFT) and step(closure); FSDP1 and norm="bound" refused."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    result = {}
+    for key, make, dtype in (("fsdp", _model, torch.float32), ("fsdp64", _model, torch.float64),
+                             ("fsdp_peft", _peft_model, torch.float32)):
+        base = make().to(dtype)
+        reference = copy.deepcopy(base)
+        ref_opt = LoRAStepOptimizer(reference, process_group=None)
+        fully_shard(base)
+        opt = LoRAStepOptimizer(base)
+        info, ref_info = [], []
+        for _ in range(STEPS):
+            opt.zero_grad()
+            _loss(base, X[mine].to(dtype), Y[mine].to(dtype)).backward()
+            opt.step()
+            info.append((opt.last.g_norm, opt.last.eta, opt.last.v_sq, opt.last.grad_sq))
+            ref_opt.zero_grad()
+            _loss(reference, X.to(dtype), Y.to(dtype)).backward()
+            ref_opt.step()
+            ref_info.append((ref_opt.last.g_norm, ref_opt.last.eta, ref_opt.last.v_sq,
+                             ref_opt.last.grad_sq))
+        result[key] = dict(info=info, ref=ref_info, params=_full_flat(base),
+                           ref_params=_flat(reference), routes=opt.last.reduction)
+    # step(closure), cap = 1000: the trials' forwards (FSDP's all-gathers) must pair up
+    base = _model()
+    reference = copy.deepcopy(base)
+    fully_shard(base)
+    opt = LoRAStepOptimizer(base, cap=1000.0)
+    ref_opt = LoRAStepOptimizer(reference, cap=1000.0, process_group=None)
+
+    def closure(model, optimizer, x, y):
+        def run():
+            optimizer.zero_grad()
+            loss = _loss(model, x, y)
+            loss.backward()
+            return loss
+        return run
+
+    trials, ref_trials = [], []
+    for _ in range(3):
+        opt.step(closure(base, opt, X[mine], Y[mine]))
+        trials.append((opt.last.trials, opt.last.eta, opt.last.loss))
+        ref_opt.step(closure(reference, ref_opt, X, Y))
+        ref_trials.append((ref_opt.last.trials, ref_opt.last.eta, ref_opt.last.loss))
+    result["fsdp_closure"] = dict(trials=trials, ref_trials=ref_trials, params=_full_flat(base),
+                                  ref_params=_flat(reference))
+    # refused: norm="bound" under FSDP2, and FSDP1
+    result["fsdp_refused"] = []
+    for wrap, kwargs in ((fully_shard, dict(norm="bound")),
+                         (lambda m: FullyShardedDataParallel(m, device_id=torch.device("cpu"),
+                                                             use_orig_params=True), {})):
+        try:
+            LoRAStepOptimizer(wrap(_model()), **kwargs)
+            result["fsdp_refused"].append("accepted")
+        except ValueError as exc:
+            result["fsdp_refused"].append(str(exc))
+    return result
 
 
 def _free_port():
@@ -178,9 +238,49 @@ def test_ddp_routes_cover_both_reductions(ranks):
     assert ranks[0]["bound"]["routes"] == ("sum", "sum")
 
 
-def test_fsdp_is_refused_with_its_reason(ranks):
-    assert "does not run under FSDP" in ranks[0]["fsdp"]
-    assert "shards each LoRA pair's B and A" in ranks[0]["fsdp"]
+@pytest.mark.parametrize("key", ["fsdp", "fsdp64", "fsdp_peft"])
+def test_fsdp2_norm_is_the_global_one(ranks, key):
+    """FSDP2 (B and A sharded): ||G||, eta, ||V'||^2 and ||grad J||^2 = one process on the
+    concatenated batch (rel 1e-5 fp32, 1e-12 fp64) at every step; the gathered parameters
+    follow its trajectory."""
+    rel = 1e-12 if key == "fsdp64" else 1e-5
+    for r in ranks:
+        for got, want in zip(r[key]["info"], r[key]["ref"]):
+            for g, g_ref in zip(got, want):
+                assert abs(g - g_ref) <= rel * abs(g_ref), (key, got, want)
+        tol = dict(rtol=1e-12, atol=1e-14) if key == "fsdp64" else dict(rtol=1e-4, atol=1e-6)
+        assert torch.allclose(r[key]["params"], r[key]["ref_params"], **tol)
+
+
+@pytest.mark.parametrize("key", ["fsdp", "fsdp64", "fsdp_peft"])
+def test_fsdp2_eta_and_replicas_are_the_same_bits(ranks, key):
+    """||G||, eta, ||V'||^2, ||grad J||^2 bitwise equal on both ranks at every step (each
+    rank holds other rows of B and A and other rows of the batch); the whole parameters
+    gathered the same bits."""
+    a, b = (r[key] for r in ranks)
+    assert a["info"] == b["info"]
+    assert torch.equal(a["params"], b["params"])
+    assert a["routes"] == ("rows", "sum")
+
+
+def test_fsdp2_line_search_decides_on_the_global_loss(ranks):
+    """step(closure) at cap = 1000 under FSDP2: the same trials on both ranks (the trials'
+    all-gathers pair up), the trials and etas of one process on the whole batch (the mean
+    loss over equal halves is the whole batch's mean), the same parameters."""
+    a, b = (r["fsdp_closure"] for r in ranks)
+    assert a["trials"] == b["trials"]
+    assert torch.equal(a["params"], b["params"])
+    assert max(t for t, _, _ in a["trials"]) > 0
+    for (t, eta, loss), (t_ref, eta_ref, loss_ref) in zip(a["trials"], a["ref_trials"]):
+        assert t == t_ref
+        assert abs(eta - eta_ref) <= 1e-5 * eta_ref and abs(loss - loss_ref) <= 1e-5 * loss_ref
+    assert torch.allclose(a["params"], a["ref_params"], rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp1_and_bound_under_fsdp2_are_refused_with_their_reason(ranks):
+    bound, fsdp1 = ranks[0]["fsdp_refused"]
+    assert "norm='bound' under FSDP2" in bound
+    assert "does not run under FSDP1" in fsdp1 and "flat parameters" in fsdp1
 
 
 def test_ddp_line_search_decides_on_the_global_loss(ranks):

@@ -75,7 +75,11 @@ pass left it), so each trial sees the same dropout masks.
 torch.distributed initialised, or ``process_group=``) ||G|| is the global one, G =
 (1/W) sum_r Delta_r^T X_r as DDP averages the gradients, reduced by the cheaper of an
 all-gather of the rows and an all-reduce of G; eta is the same bits on every rank, and the
-line search decides on the loss's mean over ranks. FSDP is refused.
+line search decides on the loss's mean over ranks. Under FSDP2 (``fully_shard``: B and A
+DTensor shards) the same, with norm="exact": the whole pairs are all-gathered for the
+gradient check (r (m + n) numbers a layer), ||V'||^2 and ||grad J||^2 are the ranks' shard
+sums added in rank order, and each rank updates its own shards. FSDP1
+(``FullyShardedDataParallel``) and norm="bound" under FSDP2 are refused.
 
 **The ecosystem's conventions.** ``state_dict()`` carries lr, L and the line search's
 state (a resumed run is bitwise the uninterrupted one); ``add_param_group`` is refused;
@@ -128,7 +132,7 @@ trained bias outside the pair (B, A)), merged adapters.
     layers.py       LoRALinear; lora_layers(): which modules are LoRA layers, their (B, A, s)
     capture.py      the taps that keep X_l and Delta_l (or G_l), their memory plan, lifecycle
     norms.py        ||G||_F (exact or bound), ||V'||^2 and ||grad J(V')||^2, one process
-    distributed.py  the global ||G|| and loss under DDP; the process group
+    distributed.py  the global ||G|| and loss under DDP and FSDP2; the process group
     search.py       the line search of step(closure): forward-only trials, the first trial
                     from a quadratic model, the ||V'|| guard; no collectives
     optimizer.py    LoRAStepOptimizer: the step, lr, state_dict, the companion optimizer

@@ -70,6 +70,12 @@ _KEYS = itertools.count(1)
 HALF = (torch.bfloat16, torch.float16)
 
 
+def local(t):
+    """A DTensor's local shard (FSDP2; a view: writing it writes the parameter), any other
+    tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def keep_rows(n_rows: int, m: int, n: int) -> bool:
     """Keep the rows (X, Delta) rather than G: they are no more numbers than G's m n."""
     return n_rows * (m + n) <= m * n
@@ -116,8 +122,9 @@ class Record:
         return [p for B, A, _ in self.pairs for p in (B, A)]
 
     def grads_zeroed(self) -> bool:
-        """No parameter of the group has a gradient (None, or all zero)."""
-        return all(p.grad is None or not bool(p.grad.any()) for p in self.params())
+        """No parameter of the group has a gradient (None, or all zero). Under FSDP2 each
+        rank reads its own shard (no collective: the forward hooks call this)."""
+        return all(p.grad is None or not bool(local(p.grad).any()) for p in self.params())
 
     @torch.no_grad()
     def on_backward(self, X, D) -> None:
@@ -144,10 +151,11 @@ class Record:
             self.rows, self.n_rows = [], 0
         self.dense.addmm_(Da.T, Xa.to(self.dense.dtype))
 
-    def _pred_from_rows(self, X, D):
-        """grad_B = s Delta^T X A^T, grad_A = s B^T Delta^T X per pair: O(N r (m + n))."""
+    def _pred_from_rows(self, X, D, pairs=None):
+        """grad_B = s Delta^T X A^T, grad_A = s B^T Delta^T X per pair: O(N r (m + n)).
+        ``pairs``: the whole (B, A, s) where the Record's own are FSDP2 shards."""
         out = []
-        for B, A, s in self.pairs:
+        for B, A, s in pairs or self.pairs:
             k = s * self.scale
             out.append([k * (D.T @ (X @ A.detach().to(X.dtype).T)),
                         k * ((D @ B.detach().to(X.dtype)).T @ X)])
@@ -161,19 +169,21 @@ class Record:
             old[0] += new[0]
             old[1] += new[1]
 
-    def predicted(self):
+    def predicted(self, pairs=None):
         """The gradients the kept passes give autograd, [[grad_B, grad_A] per pair], or None:
         from G (O(m n r)), from the rows (O(N r (m + n))), or as the taps summed them
-        (norm="bound"). Read at step(): B and A are those the passes ran with."""
+        (norm="bound"). Read at step(): B and A are those the passes ran with. ``pairs``:
+        the whole (B, A, s) where the Record's own are FSDP2 shards (distributed.py)."""
         if self.pred is not None or self.passes == 0:
             return self.pred
+        pairs = pairs or self.pairs
         if self.dense is not None:
             G = self.dense
             return [[s * self.scale * (G @ A.detach().to(G.dtype).T),
-                     s * self.scale * (B.detach().to(G.dtype).T @ G)] for B, A, s in self.pairs]
+                     s * self.scale * (B.detach().to(G.dtype).T @ G)] for B, A, s in pairs]
         X, D = self.stacked_rows()
         dtype = acc_dtype(X, D, *self.params())
-        return self._pred_from_rows(X.to(dtype), D.to(dtype))
+        return self._pred_from_rows(X.to(dtype), D.to(dtype), pairs)
 
     def stacked_rows(self):
         """(X, Delta) of the kept rows, stacked; or None."""

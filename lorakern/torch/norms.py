@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .._validate import as_array
+from .capture import local
 
 #: relative slack on norm="bound": the float64 sums of sum_i ||delta_i|| ||x_i|| carry a
 #: relative rounding below (N + max(m, n) + 2) eps_64, far under this for any N < 2^30
@@ -141,8 +142,8 @@ def v_and_grad_sq(layers):
         for B, A, s in layer.pairs:
             for t, w in ((A, (s, 0.0)), (B, (s, 0.0)), (A.grad, (0.0, 1.0 / s)),
                          (B.grad, (0.0, 1.0 / s))):
-                if t is not None:
-                    tensors.append(t.detach())
+                if t is not None:  # FSDP2: the rank's shard (the optimizer sums the ranks')
+                    tensors.append(local(t).detach())
                     weights.append(w)
     if not tensors:
         return 0.0, 0.0
@@ -163,12 +164,13 @@ def v_dot_grad(grads, old) -> float:
     sqrt(s) B . grad_B / sqrt(s)), for the line search's guard on ||V'||^2; ``grads`` holds
     (B, A, s, grad_B, grad_A) and ``old`` (B, A) as the optimizer keeps them. Each product in
     the tensors' precision (the guard is a heuristic bound, not part of the certificate),
-    the sum in float64: one vdot a tensor and one read.
+    the sum in float64: one vdot a tensor and one read. FSDP2: the rank's shards (the
+    optimizer sums the ranks').
     """
     def flat(t):  # bf16/fp16 read in float32
         return (t if t.dtype in (torch.float32, torch.float64) else t.float()).reshape(-1)
 
-    products = [torch.vdot(flat(v), flat(g)).double()
+    products = [torch.vdot(flat(local(v)), flat(local(g))).double()
                 for (_, _, _, gB, gA), (B0, A0) in zip(grads, old)
                 for v, g in ((B0, gB), (A0, gA))]
     return float(torch.stack(products).sum()) if products else 0.0

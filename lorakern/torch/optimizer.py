@@ -59,7 +59,8 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
     ----------
     model : an ``nn.Module`` holding PEFT LoRA layers or ``lorakern.torch.LoRALinear``s (see
         the package docstring for what a step computes and how the scaling is folded in),
-        possibly wrapped in ``DistributedDataParallel``.
+        possibly wrapped in ``DistributedDataParallel`` or sharded by FSDP2's
+        ``fully_shard`` (build the optimizer after it).
     lr : the multiplier of eta (``param_groups[0]["lr"]``, what schedulers write): the step
         is lr * eta_t (with ``step(closure)``: the line search runs on lr * cap down to
         lr * eta_t). lr = 1 is the paper's step; lr <= 1 keeps Lemma 2's decrease (its proof
@@ -86,11 +87,12 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         holds exactly them. It is stepped, zeroed and state-dicted with this one; its
         param_groups follow this optimizer's own in ``param_groups`` (the same dicts, so a
         scheduler sets its lr too and a GradScaler unscales its gradients).
-    process_group : "auto" (default): the group of a ``DistributedDataParallel`` model, else
-        torch.distributed's default group when it is initialised with several ranks, else
-        none; None: this process alone; or a ``ProcessGroup``. With a group, ||G|| is the
-        global one and the line search decides on the mean loss over ranks
-        (lorakern/torch/distributed.py). FSDP is refused (same module says why).
+    process_group : "auto" (default): the group of a ``DistributedDataParallel`` model, or
+        of FSDP2's mesh, else torch.distributed's default group when it is initialised with
+        several ranks, else none; None: this process alone; or a ``ProcessGroup``. With a
+        group, ||G|| is the global one and the line search decides on the mean loss over ranks
+        (lorakern/torch/distributed.py). FSDP2 with norm="exact"; FSDP1 and norm="bound"
+        under FSDP2 are refused (same module says why).
 
     Attributes
     ----------
@@ -106,7 +108,7 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
     ValueError : no LoRA layer in ``model`` (or none with the ``adapter`` named), or one the
         theory does not cover (DoRA, embeddings, convolutions, a LoRA bias, merged
         adapters); trainable parameters that are not LoRA adapters, named, without
-        ``others``; FSDP; a bad argument's value.
+        ``others``; FSDP1; norm="bound" under FSDP2; a bad argument's value.
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 1.0, lipschitz: float = 1.0,
@@ -125,7 +127,6 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         self.armijo = Armijo(cap=cap, c=c, max_trials=max_trials)  # validates them
         self.line_search = (search.LineSearch(cap=cap, c=c, max_trials=max_trials)
                             if line_search == "model" else None)
-        self.process_group = distributed.resolve_group(model, process_group)
         groups = tap_groups(model, adapter)
         if not groups and adapter is not None and lora_layers(model):
             raise ValueError(f"no LoRA layer of {type(model).__name__} has an active adapter "
@@ -137,6 +138,14 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         self.layers = [Record(name, module, pairs, scale, self._norm_kind)
                        for name, module, pairs, _, _, scale in groups]
         params = [p for rec in self.layers for p in rec.params()]
+        self.process_group = distributed.resolve_group(model, process_group, params)
+        # FSDP2: B and A are DTensor shards (distributed.py)
+        self.sharded = distributed.shard_mesh(params) is not None
+        self._fsdp_modules = distributed.fsdp_modules(model) if self.sharded else []
+        if self.sharded and norm == "bound":
+            raise ValueError("norm='bound' under FSDP2: its taps predict the gradients in the "
+                             "backward pass, where the LoRA parameters are shards; use "
+                             "norm='exact' (lorakern/torch/distributed.py)")
         self.others = _companion(model, params, others, adapter)
         self._building = True
         super().__init__(params, dict(lr=lr, lipschitz=lipschitz))
@@ -278,16 +287,24 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         lazy = (self.norm == "lazy" and closure is not None and group is None
                 and self.line_search is not None)
         g_sq = None
+        # FSDP2: the whole pairs for the predicted gradients, one all-gather a parameter
+        pairs = distributed.full_pairs(self.layers) if self.sharded else None
         if group is None:
             if not lazy:
                 g_sq = norms.g_sq(self.layers, self._norm_kind)
-            preds, reduction = [rec.predicted() for rec in self.layers], None
+            preds = [rec.predicted(None if pairs is None else pairs[j])
+                     for j, rec in enumerate(self.layers)]
+            reduction = None
         else:
             g_sq, preds, reduction = distributed.reduce_records(group, self.layers,
-                                                                self._norm_kind, device)
-        ratio = _grad_scale(self.layers, preds)
-        g_norm = None if g_sq is None else abs(ratio) * math.sqrt(g_sq)
+                                                                self._norm_kind, device, pairs)
+        # FSDP2: ||V'||^2 and ||grad J||^2 of the rank's shards, summed over the ranks with
+        # the gradient check's sums (one all-gather; the same bits on every rank)
         v_sq, grad_sq = norms.v_and_grad_sq(self.layers)
+        ratio, (v_sq, grad_sq) = _grad_scale(self.layers, preds, self.sharded,
+                                             group if self.sharded else None, device,
+                                             also=(v_sq, grad_sq))
+        g_norm = None if g_sq is None else abs(ratio) * math.sqrt(g_sq)
         lipschitz = max(self.lipschitz, 1.0)
 
         def eta_of_norm() -> float:  # eq. (8); with norm="lazy" ||G|| is computed here, once
@@ -327,12 +344,18 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
         self.capture.clear()
         return loss
 
-    @staticmethod
-    def _update(grads, old, eta):
-        """B = B_t - (eta / s) grad_B, A likewise, all from the old iterate (eq. 3)."""
+    def _update(self, grads, old, eta):
+        """B = B_t - (eta / s) grad_B, A likewise, all from the old iterate (eq. 3);
+        elementwise, so under FSDP2 each rank updates its own shards, and then drops the
+        whole parameters a forward without gradients left gathered (FSDP2 keeps the root's
+        after such a forward, a line-search trial's among them: the next forward would run
+        on them, stale)."""
+        local = distributed.local
         for (B, A, s, gB, gA), (B0, A0) in zip(grads, old):
-            B.copy_(B0 - gB * (eta / s))
-            A.copy_(A0 - gA * (eta / s))
+            local(B).copy_(local(B0) - local(gB) * (eta / s))
+            local(A).copy_(local(A0) - local(gA) * (eta / s))
+        for module in self._fsdp_modules:
+            module.reshard()
 
     def _line_search(self, closure, loss0, grads, old, grad_sq, eta_of_norm, v_sq, ceiling,
                      lr, device, rng):
@@ -359,7 +382,7 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
                 self.line_search.cap = lr * self.armijo.cap
                 eta, _ = self.line_search.search(
                     loss_at, loss0, grad_sq, floor, v_sq=v_sq,
-                    v_dot_grad=norms.v_dot_grad(grads, old),
+                    v_dot_grad=self._v_dot_grad(grads, old, device),
                     eta_ceiling=None if ceiling is None else lr * ceiling)
             else:
                 armijo = dataclasses.replace(self.armijo, cap=lr * self.armijo.cap)
@@ -371,6 +394,13 @@ class LoRAStepOptimizer(torch.optim.Optimizer):
                 B.grad, A.grad = gB, gA
         self._eta_prev = eta  # as lorakern.Armijo keeps it
         return eta, tried
+
+    def _v_dot_grad(self, grads, old, device) -> float:
+        """<V', grad J(V')>; under FSDP2 the sum of the ranks' shards' (same bits on all)."""
+        value = norms.v_dot_grad(grads, old)
+        if self.sharded and self.process_group is not None:
+            value = distributed.rank_ordered_sum(self.process_group, [value], device)[0]
+        return value
 
 
 def _rng_state(device):
@@ -400,10 +430,15 @@ def _check_seen(records) -> None:
                            f"torch.no_grad(), or was the backward pass not run?")
 
 
-def _grad_scale(records, preds) -> float:
+def _grad_scale(records, preds, sharded=False, group=None, device=None, also=()):
     """p.grad against the gradients the kept passes predict: the scalar that maps one onto
     the other (1/S after a GradScaler's unscale_, the factor of clip_grad_norm_; exactly 1
-    within rounding); anything beyond a scalar is stale data, an error."""
+    within rounding); anything beyond a scalar is stale data, an error.
+
+    Returns (the scalar, ``also``). FSDP2 (``sharded``): each rank compares its shard of
+    p.grad with the same rows of the (whole, global) prediction, and the three sums, with
+    the numbers in ``also``, are summed over the ranks (``group``): ``also`` comes back
+    summed."""
     dot = pp = gg = 0.0
     tol = 0.0
     for rec, pred in zip(records, preds):
@@ -411,17 +446,22 @@ def _grad_scale(records, preds) -> float:
             tol = max(tol, MATCH_TOL[torch.bfloat16])
         for (B, A, _), pair in zip(rec.pairs, pred or [None] * len(rec.pairs)):
             for p, q in zip((B, A), pair or (None, None)):
-                g = None if p.grad is None else p.grad.detach().double()
+                g = None if p.grad is None else distributed.local(p.grad).detach().double()
                 tol = max(tol, MATCH_TOL.get(p.dtype, 5e-2))
                 if q is not None:
                     q = q.double()
+                    if sharded:
+                        q = q[distributed.shard_rows(p)]
                     pp += float(torch.sum(q * q))
                     if g is not None:
                         dot += float(torch.sum(g * q))
                 if g is not None:
                     gg += float(torch.sum(g * g))
+    if sharded and group is not None:
+        dot, pp, gg, *also = distributed.rank_ordered_sum(group, [dot, pp, gg, *also], device)
+    also = tuple(also)
     if gg == 0.0:
-        return 1.0
+        return 1.0, also
     if pp == 0.0:
         raise RuntimeError("the LoRA layers have gradients but the taps kept no pass with "
                            "them: run forward and backward after the optimizer is made")
@@ -432,7 +472,7 @@ def _grad_scale(records, preds) -> float:
                            f"(relative residual {residual:.2e} beyond one scalar): stale "
                            f"captures, or gradients changed by something other than a "
                            f"scaling (loss scaling and clipping are scalings)")
-    return 1.0 if abs(ratio - 1.0) <= tol else ratio
+    return (1.0 if abs(ratio - 1.0) <= tol else ratio), also
 
 
 def _companion(model, lora_params, others, adapter):
