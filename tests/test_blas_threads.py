@@ -157,7 +157,7 @@ LINEAR = r"""
 import hashlib, json, sys
 import numpy as np
 import lorakern
-from lorakern._cpu import blas_threads, workers
+from lorakern._cpu import blas_threads, linear, workers
 from lorakern._dispatch import bind
 from lorakern.testing import random_linear_data
 
@@ -174,17 +174,25 @@ for strategy, (N, n, m, r) in (("moments", (64, 520, 512, 8)), ("gram", (300, 16
         with blas_threads.one_thread():
             problem.moments
     engine = bind(problem, "cpu")
-    for count in (workers.count(), 1, 3):
-        workers.count = lambda count=count: count
-        p = engine.fused_pass(engine.asarray(B), engine.asarray(A))
-        digests[f"{strategy} workers {count}"] = float(p.g_sq).hex()
+    real_count = workers.count
+    # the default tile, and tiles patched small so that every strategy crosses several tiles
+    # and ends on a partial one (160 = 3 x 48 + 16, 300 = 6 x 48 + 12, 512 = 10 x 48 + 32)
+    for tile in (linear.NORM_TILE, 48):
+        linear.NORM_TILE = tile
+        for count in (real_count(), 1, 2, 3):
+            workers.count = lambda count=count: count
+            p = engine.fused_pass(engine.asarray(B), engine.asarray(A))
+            digests[f"{strategy} tile {tile} workers {count}"] = float(p.g_sq).hex()
+        workers.count = real_count
+    linear.NORM_TILE = 256
 print(json.dumps(digests))
 """
 
 
 def test_linear_norm_does_not_depend_on_blas_threads():
     """The linear kind's exact norm (moments, Gram, tiles, on the BLAS path) gives the same bits
-    with OpenBLAS's default threads and with OPENBLAS_NUM_THREADS=1, on 1, 3 or all workers.
+    with OpenBLAS's default threads and with OPENBLAS_NUM_THREADS=1, on 1, 2, 3 or all workers, at the default tile and at tiles
+    patched small (several tiles, a partial last one).
     (The moments C0 and Sigma, made once per problem by threaded BLAS products, can differ in
     the last bit between thread counts; the script makes them on one thread in both runs.)"""
     import os
@@ -197,7 +205,9 @@ def test_linear_norm_does_not_depend_on_blas_threads():
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert runs[0] == runs[1], runs
     for strategy in ("moments", "gram", "tiles"):
-        assert len({v for k, v in runs[0].items() if k.startswith(strategy)}) == 1, runs[0]
+        for tile in (256, 48):  # same bits on 1, 2, 3 and all workers, at each tiling
+            prefix = f"{strategy} tile {tile} "
+            assert len({v for k, v in runs[0].items() if k.startswith(prefix)}) == 1, runs[0]
 
 
 def test_small_passes_left_alone(pthreads_openblas):
