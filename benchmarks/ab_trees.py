@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorakern.benchmarking import Stats, machine_line, now  # noqa: E402
+from lorakern.benchmarking import Stats, interleave_workers, machine_line, now  # noqa: E402
 
 WORKER = r"""
 import json, sys, time
@@ -65,14 +65,7 @@ def main(argv=None) -> int:
                 stdout=subprocess.PIPE)
         for w in workers.values():
             assert w.stdout.readline().strip() == "ready"
-        times = {name: [[] for _ in cases] for name in workers}
-        for k in range(args.rounds):
-            order = ("this", "other") if k % 2 == 0 else ("other", "this")
-            for i in range(len(cases)):
-                for name in order:
-                    workers[name].stdin.write(f"{i}\n")
-                    workers[name].stdin.flush()
-                    times[name][i].append(float(workers[name].stdout.readline()))
+        times = interleave_workers(workers, len(cases), args.rounds)
     finally:
         for w in workers.values():
             w.stdin.close()
@@ -83,7 +76,7 @@ def main(argv=None) -> int:
           f"{args.rounds} interleaved rounds after one warm-up step each. Cells: median ms (min-max); "
           f"ratio this / other, round by round: median (quartiles).")
     print()
-    print(f"| m x n | r | dtype | loss | this | other | this / other |")
+    print("| m x n | r | dtype | loss | this | other | this / other |")
     print("|---|---:|---|---|---:|---:|---:|")
     for i, (m, n, r, dtype, loss) in enumerate(cases):
         a, b = Stats.of(times["this"][i]), Stats.of(times["other"][i])

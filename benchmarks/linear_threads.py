@@ -27,13 +27,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorakern.benchmarking import Stats, machine_line, now  # noqa: E402
+from lorakern.benchmarking import Stats, interleave_workers, machine_line, now  # noqa: E402
 
 #: (N, n, m, r)
 SIZES = ((1024, 4096, 4096, 16), (1024, 512, 512, 8))
@@ -101,14 +100,7 @@ def main(argv=None) -> int:
                  else start_worker(cases, True))
         workers = {"default": start_worker(cases, False), "one": other}
         strategies = {name: json.loads(w.stdout.readline()) for name, w in workers.items()}
-        times = {name: [[] for _ in cases] for name in workers}
-        for k in range(args.rounds):
-            order = ("default", "one") if k % 2 == 0 else ("one", "default")
-            for i in range(len(cases)):
-                for name in order:
-                    workers[name].stdin.write(f"{i}\n")
-                    workers[name].stdin.flush()
-                    times[name][i].append(float(workers[name].stdout.readline()))
+        times = interleave_workers(workers, len(cases), args.rounds)
     finally:
         for w in workers.values():
             if w.stdin:

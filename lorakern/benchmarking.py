@@ -390,6 +390,23 @@ class Stats:
         return (self.q3 - self.q1) / self.median if self.median else math.inf
 
 
+def interleave_workers(workers: dict, count: int, rounds: int) -> dict:
+    """Time ``count`` cases in worker processes taking turns: ``{name: [[seconds per round]
+    per case]}``. Each worker reads a case index on its stdin and answers its seconds on
+    stdout; the order of the workers alternates from round to round, so that neither always
+    runs right after the other (benchmarks/ab_trees.py, benchmarks/linear_threads.py)."""
+    names = list(workers)
+    times = {name: [[] for _ in range(count)] for name in names}
+    for k in range(rounds):
+        order = names if k % 2 == 0 else names[::-1]
+        for i in range(count):
+            for name in order:
+                workers[name].stdin.write(f"{i}\n")
+                workers[name].stdin.flush()
+                times[name][i].append(float(workers[name].stdout.readline()))
+    return times
+
+
 def ratio_of(num: Stats, den: Stats) -> Stats:
     """num / den from two separately measured samples (no pairing): the median over the
     median, and an interval from the quartiles (q1 / q3 .. q3 / q1), wider than the truth."""
