@@ -102,6 +102,8 @@ class Record:
     rows: list = field(default_factory=list)   # (X, Delta) of the passes kept as rows
     n_rows: int = 0
     dense: torch.Tensor | None = None          # sum Delta^T X, m x n
+    dense_rows: int = 0                        # rows summed into dense
+    dense_u: float = 0.0                       # their sum_i ||delta_i|| ||x_i|| (float32 G)
     bound: float = 0.0                         # sum_i ||delta_i|| ||x_i|| (norm="bound")
     pred: list | None = None                   # [grad_B, grad_A] predicted, per pair
     passes: int = 0                            # backward passes seen since the last clear
@@ -116,6 +118,7 @@ class Record:
 
     def clear(self) -> None:
         self.rows, self.n_rows, self.dense, self.bound = [], 0, None, 0.0
+        self.dense_rows, self.dense_u = 0, 0.0
         self.pred, self.passes, self.pending, self.half = None, 0, None, False
 
     def params(self):
@@ -147,9 +150,29 @@ class Record:
         if self.dense is None:  # fold the kept rows into G
             self.dense = torch.zeros(m, n, dtype=dtype, device=D.device)
             for x_old, d_old in self.rows:
-                self.dense.addmm_(d_old.to(dtype).T, x_old.to(dtype))
+                self._fold(x_old.to(dtype), d_old.to(dtype))
             self.rows, self.n_rows = [], 0
-        self.dense.addmm_(Da.T, Xa.to(self.dense.dtype))
+        self._fold(Xa.to(self.dense.dtype), Da.to(self.dense.dtype))
+
+    def _fold(self, X, D) -> None:
+        """G += D^T X; a float32 G also keeps what its rounding bound needs (dense_margin)."""
+        self.dense.addmm_(D.T, X)
+        self.dense_rows += X.shape[0]
+        if self.dense.dtype != torch.float64:
+            self.dense_u += float(torch.dot(torch.linalg.vector_norm(D, dim=1).double(),
+                                            torch.linalg.vector_norm(X, dim=1).double()))
+
+    def dense_margin(self) -> float:
+        """A bound on ||fl(G) - G||_F for the float32 G: each entry is a float32 sum of the
+        N products of its row pairs, in whatever order addmm takes them, so |E| <= gamma_N
+        |D|^T |X| entrywise and ||E||_F <= gamma_N sum_i ||d_i|| ||x_i|| (as
+        norms.float32_norm_sq; the row norms' own float32 rounding is inside the slack of
+        gamma_N's 1 / (1 - N u) and the 2^-20 below). 0 for a float64 G."""
+        if self.dense is None or self.dense.dtype == torch.float64:
+            return 0.0
+        u = 2.0 ** -24
+        gamma = self.dense_rows * u / (1.0 - self.dense_rows * u)
+        return gamma * self.dense_u * (1.0 + 2.0 ** -20)
 
     def _pred_from_rows(self, X, D, pairs=None):
         """grad_B = s Delta^T X A^T, grad_A = s B^T Delta^T X per pair: O(N r (m + n)).

@@ -260,8 +260,8 @@ def reduce_records(group, records, norm: str, device, pairs=None):
                        else [torch.zeros(B.numel(), **f64), torch.zeros(A.numel(), **f64)])
         if norm == "bound":
             pieces.append(torch.tensor([rec.bound], **f64))
-        elif how == "sum":
-            pieces.append(_dense(rec).reshape(-1))
+        elif how == "sum":  # G, then its float32 rounding bound (0 for float64 or rows)
+            pieces += [_dense(rec).reshape(-1), torch.tensor([rec.dense_margin()], **f64)]
     flat = torch.cat(pieces)
     dist.all_reduce(flat, group=group)
     flat /= world
@@ -278,10 +278,11 @@ def reduce_records(group, records, norm: str, device, pairs=None):
         if norm == "bound":
             g_sq += (rec.scale * float(flat[at]) * (1.0 + norms.BOUND_MARGIN)) ** 2
             at += 1
-        elif how == "sum":
+        elif how == "sum":  # ||mean G|| raised by the mean of the ranks' rounding bounds
             m, n = rec.shape
-            g_sq += rec.scale ** 2 * norms.sq(flat[at:at + m * n])
-            at += m * n
+            value = math.sqrt(norms.sq(flat[at:at + m * n])) * (1.0 + 2.0 ** -40)
+            g_sq += (rec.scale * (value + float(flat[at + m * n]))) ** 2
+            at += m * n + 1
     rows_records = [i for i, how in enumerate(route) if how == "rows"]
     if rows_records:
         g_sq += _gathered_rows_g_sq(group, world, [records[i] for i in rows_records],
