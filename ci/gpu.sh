@@ -113,16 +113,20 @@ step() {
     timeout --kill-after=$GRACE "$limit" "${cmd[@]}" 2>&1 | tee "$logs/$name.log" | tail -n $shown
     local rc=${PIPESTATUS[0]}
     local compiled=""
-    if [ "$kind" != precompile ] && [ -e "$marker" ]; then
-        compiled=", compiled in the step: $(find "$CUPY_CACHE_DIR" -type f -newer "$marker" \
-            ! -name '*.names.json' ! -name '*.tmp' 2>/dev/null | wc -l) modules"
-        touch "$marker"
+    if [ "$kind" != precompile ] && [ -e "$cached" ]; then
+        # the modules the cache gained in the step: by name, not by mtime (a file written within
+        # the filesystem's timestamp granularity of the last listing would not be -newer it)
+        compiled=", compiled in the step: $(cache_files | LC_ALL=C comm -13 "$cached" - | wc -l) modules"
     fi
     local line="== $name: exit $rc after $((SECONDS - start)) s (predicted ${predicted} s, limit ${limit} s$compiled)"
     echo "$line" >> "$out/steps.txt"
     [ "$name" = table ] && [ "$rc" -eq 0 ] || echo "$line"  # the table stays the last output
     [ "$rc" -eq 0 ] || status=1
-    [ "$kind" = precompile ] && touch "$marker"
+    [ "$kind" = precompile ] || [ -e "$cached" ] && cache_files > "$cached"
+}
+
+cache_files() {  # CuPy's cache entries, sorted, without its names files and partial writes
+    find "$CUPY_CACHE_DIR" -type f ! -name '*.names.json' ! -name '*.tmp' 2>/dev/null | LC_ALL=C sort
 }
 
 # the run: name, predicted seconds, limit, what (predictions: benchmarks/NOTES.md, 2026-12-07)
@@ -189,7 +193,7 @@ fi
 out="${OUT:-benchmarks/results/gpu-$(date -u +%Y-%m-%d)}"
 logs="$out/logs"
 mkdir -p "$out" "$logs"
-marker=$(mktemp "${TMPDIR:-/tmp}/lorakern-gpu-precompiled.XXXXXX") && rm -f "$marker"  # made by the precompile
+cached=$(mktemp "${TMPDIR:-/tmp}/lorakern-gpu-cached.XXXXXX") && rm -f "$cached"  # listed after the precompile
 export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-$HOME/.cupy/kernel_cache}"
 mkdir -p "$CUPY_CACHE_DIR"
 "$PY" - <<'PY' || exit 1
@@ -207,4 +211,5 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,c
 
 steps
 tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$logs"
+rm -f "$cached"
 exit $status

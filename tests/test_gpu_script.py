@@ -95,10 +95,12 @@ def test_module_list_names_the_scripts_steps():
 
 FAKE_PYTHON = """#!/bin/bash
 # a stand-in for python on ci/gpu.sh's run path (no GPU here): says what it was asked, exits 0;
-# the precompile writes a module into the cache, the tests step one more (a module it missed)
+# the precompile writes a module into the cache, the tests step one more (a module it missed),
+# dated in the past: a file written within the filesystem's timestamp granularity of the last
+# listing looks no newer than it (CI's filesystem did that), and it must still be counted
 echo "python $*"
 case "$*" in *gpu_modules.py*) touch "$CUPY_CACHE_DIR/first.cubin";; esac
-case "$*" in *tests/test_cuda.py*) touch "$CUPY_CACHE_DIR/late.cubin";; esac
+case "$*" in *tests/test_cuda.py*) touch -d @946684800 "$CUPY_CACHE_DIR/late.cubin";; esac
 cat > /dev/null
 """
 
