@@ -191,6 +191,75 @@ def test_gradient_checkpointing_gives_the_same_step(reentrant):
     assert torch.equal(model.fc1.lora_A, plain.fc1.lora_A)
 
 
+# ---- the tap's output ------------------------------------------------------------------------------
+class _InPlaceMLP(nn.Module):
+    """lora_mlp's layers with in-place ops on the tapped outputs: fc1's output scaled and
+    ReLU'd in place, fc2's output scaled in place."""
+
+    def __init__(self, lora):
+        super().__init__()
+        self.fc1, self.fc2 = lora.fc1, lora.fc2
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h.mul_(1.5)
+        nn.functional.relu(h, inplace=True)
+        return self.fc2(h).mul_(0.5)
+
+
+def _effective_G(model, x, y):
+    """dJ/dW of each layer's effective weight W0 + s B A (a leaf), the forward pass written out
+    (out-of-place): what ||G|| must equal."""
+    W = [(lay.weight + lay.scaling * lay.lora_B.detach() @ lay.lora_A.detach()).requires_grad_(True)
+         for lay in (model.fc1, model.fc2)]
+    h = torch.relu(1.5 * (x @ W[0].T + model.fc1.bias))
+    out = 0.5 * (h @ W[1].T + model.fc2.bias)
+    return torch.autograd.grad(torch.mean((out - y) ** 2), W)
+
+
+def test_in_place_ops_on_a_tapped_output_act_as_without_the_tap():
+    """The eager tap returns an alias of the adapter's output (no copy): in-place ops on it run
+    (a view from a custom Function would refuse them), the gradients are those of the untapped
+    model, and ||G|| is that of the forward pass written out. An in-place op that overwrites a
+    tensor saved for the backward is refused as it would be without the tap."""
+    model, untapped = _InPlaceMLP(lora_mlp()), _InPlaceMLP(lora_mlp())
+    opt = LoRAStepOptimizer(model)
+    x, y = _batch(8)
+    torch.mean((model(x) - y) ** 2).backward()
+    torch.mean((untapped(x) - y) ** 2).backward()
+    for (name, p), q in zip(model.named_parameters(), untapped.parameters()):
+        if p.requires_grad:
+            assert torch.equal(p.grad, q.grad), name
+    want = math.sqrt(sum(float(torch.sum(G * G)) for G in _effective_G(untapped, x, y)))
+    opt.step()
+    assert_close(opt.last.g_norm, want, np.float64, "||G|| with in-place ops on the tapped outputs")
+
+    for tapped in (True, False):  # pow saves the tapped output; mul_ then overwrites it
+        net = lora_mlp()
+        if tapped:
+            LoRAStepOptimizer(net)
+        out = net.fc1(x)
+        squares = out.pow(2)
+        out.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            squares.sum().backward()
+
+
+def test_eager_passes_do_not_go_through_the_custom_op(monkeypatch):
+    """Eager forwards use the copy-free Function; the custom op (which copies the output and
+    the gradient) is for torch.compile only."""
+    from lorakern.torch import capture
+
+    def refuse(*args):
+        raise AssertionError("the custom op ran in an eager pass")
+    monkeypatch.setattr(capture, "_tap_op", refuse)
+    model = lora_mlp()
+    opt = LoRAStepOptimizer(model)
+    _backward(model, 3)
+    opt.step()
+    assert opt.last.g_norm > 0
+
+
 # ---- dropout -------------------------------------------------------------------------------------
 def _plain_G_with_dropout(model, x, y, kept):
     """dJ/dW_a formed plainly: each layer's adapter weight W_a = s B A a leaf, its input the

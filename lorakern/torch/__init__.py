@@ -88,7 +88,8 @@ refused by name unless handed to a companion optimizer (``others=torch.optim.Ada
 stepped, zeroed and state-dicted with this one; ``opt.last`` (``StepInfo``: eta, ||G||,
 ||V'||^2, the line search's trials) is there for loggers, with torch's step post-hooks.
 Under ``torch.compile`` the taps are opaque custom ops (no graph break in the forward) and
-``step()`` runs eagerly (one break a step).
+``step()`` runs eagerly (one break a step); eager passes tap through a copy-free autograd
+Function.
 
 **L.** ``lipschitz`` is the user's L. The paper assumes the loss L(W) is L-smooth in W
 (Assumption 1); a network's loss as a function of all its LoRA layers' weights has no global

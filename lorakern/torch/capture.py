@@ -5,7 +5,13 @@ Delta_l; autograd gives neither to an optimizer. A *tap* collects them.
 
 **The tap.** A forward hook wraps the adapter's output in ``_Tap``, an identity autograd
 Function that saves X with ``ctx.save_for_backward``; its backward receives Delta, hands
-(X, Delta) to the layer's ``Record`` and passes Delta on unchanged. So:
+(X, Delta) to the layer's ``Record`` and passes Delta on unchanged. Its output is an alias of
+the adapter's output (``detach()``: the same storage and version counter, not a view), so the
+tap copies nothing and an in-place op on it (``nn.ReLU(inplace=True)`` after a ``LoRALinear``)
+runs and is checked exactly as on the untapped output. Under ``torch.compile`` the tap is
+the custom op ``lorakern::tap`` instead (opaque to the compiler, whose graphs a Function with
+a side effect in its backward would break); custom ops cannot alias, so that one copies the
+output and the gradient. So:
 
 - a pass that gets no backward keeps nothing: X lives in the pass's graph, freed with it
   (eval-mode forwards with gradients, ``generate()`` under grad, a loss never backpropagated);
@@ -220,13 +226,16 @@ class Record:
 class _Tap(torch.autograd.Function):
     """Identity on the adapter's output; saves X; its backward gives (X, Delta) to a Record.
 
-    The eager path of torch < 2.4 (no ``torch.library.custom_op``); ``tap`` below otherwise."""
+    The eager tap (``apply_tap``); under torch.compile, ``lorakern::tap`` below."""
 
     @staticmethod
     def forward(ctx, output, x, key):
         ctx.save_for_backward(x)
         ctx.key = key
-        return output.view_as(output)
+        # an alias, not a view (view_as would make in-place ops on a custom Function's output
+        # an error): no copy, and the shared version counter makes an in-place op on it
+        # invalidate what the untapped output's producer saved, exactly as without the tap
+        return output.detach()
 
     @staticmethod
     def backward(ctx, grad):
@@ -240,6 +249,11 @@ def _give(key: int, x, grad) -> None:
     if record is not None:
         record.on_backward(x, grad)
 
+
+try:
+    from torch.compiler import is_compiling as _compiling
+except ImportError:  # pragma: no cover - torch < 2.3
+    from torch._dynamo import is_compiling as _compiling
 
 if hasattr(torch.library, "custom_op"):
     # custom ops are opaque to torch.compile: the tap costs no graph break, and its backward
@@ -275,7 +289,11 @@ if hasattr(torch.library, "custom_op"):
     _tap_op.register_autograd(_tap_backward, setup_context=_tap_setup)
 
     def apply_tap(output, x, key: int):
-        return _tap_op(output, x, key)
+        # eager: the Function (the custom op's dispatch and copies cost 6-14 % of a small
+        # batch's gradient pass: benchmarks/NOTES.md, "the eager tap")
+        if _compiling():
+            return _tap_op(output, x, key)
+        return _Tap.apply(output, x, key)
 else:  # pragma: no cover - torch < 2.4
     def apply_tap(output, x, key: int):
         return _Tap.apply(output, x, key)
