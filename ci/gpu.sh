@@ -23,7 +23,8 @@
 #      m = n = 4096, r = 16, fp32, squared and huber.
 #   6. mma-tests: tests/test_cuda_mma.py's GPU cases (every loss and mask, ranks 1-128, copy
 #      stages, 128 x 64 tiles, fp32 accuracy against the fp32 FMA kernel, bitwise reruns).
-#   7. torch: CUDA tensors through lorakern (tests/test_dlpack.py, tests/test_torch.py -k cuda).
+#   7. torch: CUDA tensors through lorakern (tests/test_dlpack.py, tests/test_torch.py, and
+#      lorakern.torch's GPU cases: the optimizer, the line search, the taps; -k cuda).
 #   8. the table.
 # The host-only tests (tests/test_cuda_warp.py, tests/test_gpu_probe.py: the emulation's
 # models) run in CI, not here.
@@ -137,7 +138,8 @@ steps() {
     step timing 55 110 probe timing
     step linear 20 45 probe linear
     step mma-tests 20 45 pytest tests/test_cuda_mma.py -k gpu
-    step torch 15 30 pytest tests/test_dlpack.py tests/test_torch.py -k cuda
+    step torch 15 30 pytest tests/test_dlpack.py tests/test_torch.py tests/test_torch_optimizer.py \
+        tests/test_torch_search.py tests/test_torch_capture.py -k cuda
     [ "$MODE" = run ] && extras
     step table 3 10 probe table
 }

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch", reason="lorakern.torch needs torch: pip ins
 
 from lorakern.testing import assert_close  # noqa: E402
 from lorakern.torch import LoRAStepOptimizer  # noqa: E402
-from torch_models import MLP, lora_mlp  # noqa: E402
+from torch_models import DEVICES, MLP, lora_mlp  # noqa: E402
 
 nn = torch.nn
 
@@ -35,10 +35,10 @@ def _peft_mlp(dropout, seed=0, **config):
     return model
 
 
-def _batch(seed, rows=12):
+def _batch(seed, rows=12, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, 7, generator=g, dtype=torch.float64),
-            torch.randn(rows, 4, generator=g, dtype=torch.float64))
+    return (torch.randn(rows, 7, generator=g, dtype=torch.float64).to(device),
+            torch.randn(rows, 4, generator=g, dtype=torch.float64).to(device))
 
 
 def _backward(model, seed):
@@ -217,14 +217,16 @@ def _effective_G(model, x, y):
     return torch.autograd.grad(torch.mean((out - y) ** 2), W)
 
 
-def test_in_place_ops_on_a_tapped_output_act_as_without_the_tap():
+@pytest.mark.parametrize("device", DEVICES)
+def test_in_place_ops_on_a_tapped_output_act_as_without_the_tap(device):
     """The eager tap returns an alias of the adapter's output (no copy): in-place ops on it run
     (a view from a custom Function would refuse them), the gradients are those of the untapped
     model, and ||G|| is that of the forward pass written out. An in-place op that overwrites a
     tensor saved for the backward is refused as it would be without the tap."""
-    model, untapped = _InPlaceMLP(lora_mlp()), _InPlaceMLP(lora_mlp())
+    model = _InPlaceMLP(lora_mlp()).to(device)
+    untapped = _InPlaceMLP(lora_mlp()).to(device)
     opt = LoRAStepOptimizer(model)
-    x, y = _batch(8)
+    x, y = _batch(8, device=device)
     torch.mean((model(x) - y) ** 2).backward()
     torch.mean((untapped(x) - y) ** 2).backward()
     for (name, p), q in zip(model.named_parameters(), untapped.parameters()):
@@ -235,7 +237,7 @@ def test_in_place_ops_on_a_tapped_output_act_as_without_the_tap():
     assert_close(opt.last.g_norm, want, np.float64, "||G|| with in-place ops on the tapped outputs")
 
     for tapped in (True, False):  # pow saves the tapped output; mul_ then overwrites it
-        net = lora_mlp()
+        net = lora_mlp().to(device)
         if tapped:
             LoRAStepOptimizer(net)
         out = net.fc1(x)
@@ -280,17 +282,18 @@ def _plain_G_with_dropout(model, x, y, kept):
     return torch.autograd.grad(loss, W)
 
 
-def test_dropout_norm_equals_autograd_through_the_adapters_input():
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_norm_equals_autograd_through_the_adapters_input(device):
     """lora_dropout = 0.3 in train mode: ||G|| = (sum_a ||dJ/dW_a||^2)^(1/2) with W_a = s B A
     acting on the dropped-out x~ (capture.py's two-line proof), fp64; the step's predicted
     gradients match autograd's (else step() would raise)."""
-    model = _peft_mlp(0.3)
+    model = _peft_mlp(0.3).to(device)
     opt = LoRAStepOptimizer(model)
     kept = []
     base = model.base_model.model
     handles = [lay.lora_A["default"].register_forward_hook(lambda m, a, o: kept.append(a[0]))
                for lay in (base.fc1, base.fc2)]
-    x, y = _batch(5)
+    x, y = _batch(5, device=device)
     torch.manual_seed(7)
     loss = torch.mean((model(x) - y) ** 2)
     for h in handles:
@@ -302,9 +305,9 @@ def test_dropout_norm_equals_autograd_through_the_adapters_input():
     want = math.sqrt(sum(float(torch.sum(G * G)) for G in Gs))
     assert_close(opt.last.g_norm, want, np.float64, "||G|| with dropout")
     # the layer's own input would give another norm: the test can tell them apart
-    no_drop = _peft_mlp(0.0)
+    no_drop = _peft_mlp(0.0).to(device)
     no_drop_opt = LoRAStepOptimizer(no_drop)
-    _backward(no_drop, 5)
+    torch.mean((no_drop(x) - y) ** 2).backward()
     no_drop_opt.step()
     assert abs(no_drop_opt.last.g_norm - want) > 1e-3 * want
 

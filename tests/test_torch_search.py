@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="lorakern.torch needs torch: pip install '.[torch]'")
 
 from lorakern.torch import LoRALinear, LoRAStepOptimizer, norms, search  # noqa: E402
+from torch_models import DEVICES  # noqa: E402
 
 nn = torch.nn
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,8 +238,9 @@ def test_trials_replay_the_gradient_pass_dropout_masks():
 
 
 # ---- the certificate at every step, the median trials -------------------------------------------
-def _run(steps, batch, seed=0, **kwargs):
+def _run(steps, batch, seed=0, device="cpu", **kwargs):
     model, x, y = _task(seed)
+    model, x, y = model.to(device), x.to(device), y.to(device)
     opt = LoRAStepOptimizer(model, **kwargs)
     gen = torch.Generator().manual_seed(seed)
     records = []
@@ -254,11 +256,13 @@ def _run(steps, batch, seed=0, **kwargs):
     return records, final, opt
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [96, 16], ids=["full-batch", "mini-batch"])
-def test_certificate_holds_at_every_step(batch):
+def test_certificate_holds_at_every_step(batch, device):
     """eta >= eta_t and J(V_{t+1}) <= J(V_t) - eta/5 ||grad J(V_t)||^2 on the step's batch,
-    at every step of a run (J(V_{t+1}) recomputed by a separate forward pass)."""
-    records, final, _ = _run(40, batch)
+    at every step of a run (J(V_{t+1}) recomputed by a separate forward pass), on the CPU and
+    on a GPU."""
+    records, final, _ = _run(40, batch, device=device)
     first = records[0][0].loss
     for t, (info, after) in enumerate(records):
         assert info.eta >= info.eta_theorem, t

@@ -1,11 +1,24 @@
 """The small PyTorch models the lorakern.torch tests share (one factory, as lorakern.testing is
-for arrays): a 2-layer tanh MLP, and the same MLP with lorakern's LoRALinear adapters."""
+for arrays): a 2-layer tanh MLP, and the same MLP with lorakern's LoRALinear adapters; and the
+devices their tests run on (DEVICES: the CPU, and CUDA where a GPU is lent, else skipped)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+import lorakern
 from lorakern.torch import LoRALinear
+
+
+def cuda_ready() -> bool:
+    """A CUDA GPU that PyTorch and lorakern (CuPy) both see."""
+    return torch.cuda.is_available() and "cuda" in lorakern.devices()
+
+
+#: parametrize a torch test over these; ``-k cuda`` selects the GPU cases (ci/gpu.sh's torch step)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not cuda_ready(), reason="needs a CUDA GPU visible to both PyTorch and CuPy"))]
 
 
 class MLP(nn.Module):
