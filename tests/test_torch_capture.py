@@ -140,6 +140,30 @@ def test_gradient_accumulation_keeps_both_passes():
     assert_close(opt.last.g_norm, fresh_opt.last.g_norm, np.float64, "||G||")
 
 
+@pytest.mark.parametrize("norm, rows", [("exact", 2), ("exact", 96), ("bound", 96)],
+                         ids=["rows", "float32-G", "bound"])
+def test_the_taps_backward_reads_nothing_back_to_the_host(monkeypatch, norm, rows):
+    """A tap's backward keeps its sums as device scalars: no float(), item() or bool() of a
+    tensor inside the backward (each would be a host sync on CUDA, once per layer per pass),
+    on each route (rows kept; a float32 G with its rounding margin; the bound); two passes
+    (accumulation), then step() reads them."""
+    model = lora_mlp(dtype=torch.float32)
+    opt = LoRAStepOptimizer(model, norm=norm)
+    x, y = (t.float() for t in _batch(6, rows=rows))
+    losses = [torch.sum((model(x[half]) - y[half]) ** 2) / rows
+              for half in (slice(0, rows // 2), slice(rows // 2, rows))]
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor was read back to the host inside the backward")
+    with monkeypatch.context() as patched:
+        for name in ("__float__", "item", "__bool__", "tolist", "__int__"):
+            patched.setattr(torch.Tensor, name, host_read)
+        for loss in losses:
+            loss.backward()
+    opt.step()
+    assert opt.last.g_norm > 0 and math.isfinite(opt.last.eta)
+
+
 def test_gradients_that_do_not_match_the_passes_are_an_error():
     """p.grad changed by more than a scalar (here: one layer's gradient doubled, the other
     not) is stale data: an error, not a silent step."""

@@ -109,8 +109,8 @@ class Record:
     n_rows: int = 0
     dense: torch.Tensor | None = None          # sum Delta^T X, m x n
     dense_rows: int = 0                        # rows summed into dense
-    dense_u: float = 0.0                       # their sum_i ||delta_i|| ||x_i|| (float32 G)
-    bound: float = 0.0                         # sum_i ||delta_i|| ||x_i|| (norm="bound")
+    dense_u: "float | torch.Tensor" = 0.0     # their sum_i ||delta_i|| ||x_i|| (float32 G)
+    bound: "float | torch.Tensor" = 0.0       # sum_i ||delta_i|| ||x_i|| (norm="bound")
     pred: list | None = None                   # [grad_B, grad_A] predicted, per pair
     passes: int = 0                            # backward passes seen since the last clear
     pending: torch.Tensor | None = None        # lora_A's input between its hook and lora_B's
@@ -146,7 +146,8 @@ class Record:
         self.passes += 1
         if self.norm == "bound":  # no G and no rows are kept: predict the gradients now
             self._add_pred(self._pred_from_rows(Xa, Da))
-            self.bound += float((D.double().norm(dim=1) * X.double().norm(dim=1)).sum())
+            # a float64 scalar on the device: no host sync inside the backward (read at step())
+            self.bound = self.bound + (D.double().norm(dim=1) * X.double().norm(dim=1)).sum()
             return
         m, n = D.shape[1], X.shape[1]
         if self.dense is None and keep_rows(self.n_rows + X.shape[0], m, n):
@@ -165,8 +166,8 @@ class Record:
         self.dense.addmm_(D.T, X)
         self.dense_rows += X.shape[0]
         if self.dense.dtype != torch.float64:
-            self.dense_u += float(torch.dot(torch.linalg.vector_norm(D, dim=1).double(),
-                                            torch.linalg.vector_norm(X, dim=1).double()))
+            self.dense_u = self.dense_u + torch.dot(  # on the device, as bound above
+                torch.linalg.vector_norm(D, dim=1).double(), torch.linalg.vector_norm(X, dim=1).double())
 
     def dense_margin(self) -> float:
         """A bound on ||fl(G) - G||_F for the float32 G: each entry is a float32 sum of the
@@ -178,7 +179,7 @@ class Record:
             return 0.0
         u = 2.0 ** -24
         gamma = self.dense_rows * u / (1.0 - self.dense_rows * u)
-        return gamma * self.dense_u * (1.0 + 2.0 ** -20)
+        return gamma * float(self.dense_u) * (1.0 + 2.0 ** -20)
 
     def _pred_from_rows(self, X, D, pairs=None):
         """grad_B = s Delta^T X A^T, grad_A = s B^T Delta^T X per pair: O(N r (m + n)).

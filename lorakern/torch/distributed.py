@@ -259,7 +259,7 @@ def reduce_records(group, records, norm: str, device, pairs=None):
             pieces += ([pred[0].double().reshape(-1), pred[1].double().reshape(-1)] if pred
                        else [torch.zeros(B.numel(), **f64), torch.zeros(A.numel(), **f64)])
         if norm == "bound":
-            pieces.append(torch.tensor([rec.bound], **f64))
+            pieces.append(torch.tensor([float(rec.bound)], **f64))
         elif how == "sum":  # G, then its float32 rounding bound (0 for float64 or rows)
             pieces += [_dense(rec).reshape(-1), torch.tensor([rec.dense_margin()], **f64)]
     flat = torch.cat(pieces)

@@ -33,7 +33,7 @@ def g_sq(records, norm: str) -> float:
 def record_g_sq(record, norm: str) -> float:
     """||scale Delta^T X||_F^2 of one Record: from its bound, its G, or its rows."""
     if norm == "bound":
-        return (record.scale * record.bound * (1.0 + BOUND_MARGIN)) ** 2
+        return (record.scale * float(record.bound) * (1.0 + BOUND_MARGIN)) ** 2
     if record.dense is not None:  # a float32 G raised by its rounding bound (never below)
         value = float(torch.linalg.vector_norm(record.dense, dtype=torch.float64))
         return (record.scale * (value * (1.0 + 2.0 ** -40) + record.dense_margin())) ** 2
