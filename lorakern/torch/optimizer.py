@@ -439,7 +439,7 @@ def _grad_scale(records, preds, sharded=False, group=None, device=None, also=())
     p.grad with the same rows of the (whole, global) prediction, and the three sums, with
     the numbers in ``also``, are summed over the ranks (``group``): ``also`` comes back
     summed."""
-    dot = pp = gg = 0.0
+    dots, pps, ggs = [], [], []   # float64 scalars on the tensors' devices, read at once
     tol = 0.0
     for rec, pred in zip(records, preds):
         if rec.half:  # autograd's products ran in bf16/fp16 (autocast): their rounding
@@ -452,11 +452,12 @@ def _grad_scale(records, preds, sharded=False, group=None, device=None, also=())
                     q = q.double()
                     if sharded:
                         q = q[distributed.shard_rows(p)]
-                    pp += float(torch.sum(q * q))
+                    pps.append(torch.sum(q * q))
                     if g is not None:
-                        dot += float(torch.sum(g * q))
+                        dots.append(torch.sum(g * q))
                 if g is not None:
-                    gg += float(torch.sum(g * g))
+                    ggs.append(torch.sum(g * g))
+    dot, pp, gg = _sums_on_host(dots, pps, ggs)
     if sharded and group is not None:
         dot, pp, gg, *also = distributed.rank_ordered_sum(group, [dot, pp, gg, *also], device)
     also = tuple(also)
@@ -473,6 +474,25 @@ def _grad_scale(records, preds, sharded=False, group=None, device=None, also=())
                            f"captures, or gradients changed by something other than a "
                            f"scaling (loss scaling and clipping are scalings)")
     return (1.0 if abs(ratio - 1.0) <= tol else ratio), also
+
+
+def _sums_on_host(*groups) -> list:
+    """Each group's sum of float64 scalar tensors, added in order as Python floats (the bits
+    of adding them one by one); from a GPU read back in one transfer (one host sync, not one
+    a tensor), on the CPU read one by one (cheaper than stacking them)."""
+    flat = [t for group in groups for t in group]
+    if not flat or flat[0].device.type == "cpu":  # (mixed devices: right either way)
+        values = [float(t) for t in flat]
+    else:
+        values = torch.stack([t.to(flat[0].device) for t in flat]).tolist()
+    sums, start = [], 0
+    for group in groups:
+        total = 0.0
+        for v in values[start:start + len(group)]:
+            total += v
+        sums.append(total)
+        start += len(group)
+    return sums
 
 
 def _companion(model, lora_params, others, adapter):
