@@ -348,20 +348,28 @@ def test_dropout_in_eval_mode_is_the_plain_step():
 
 
 # ---- torch.compile -------------------------------------------------------------------------------
-def test_compiled_forward_has_no_graph_break_and_the_same_step():
-    """The taps are opaque custom ops: a PEFT model's forward traces into one graph (0 breaks,
+def test_compiled_forward_has_no_graph_break_and_the_same_step(monkeypatch):
+    """Under torch.compile the taps are opaque custom ops (the eager tap's Function is never
+    reached: it raises here): a PEFT model's forward traces into one graph (0 breaks,
     torch._dynamo.explain), and the compiled model (AOTAutograd, backend "aot_eager": the
     taps' backward runs inside the compiled backward) gives the eager step's ||G||."""
     if not hasattr(torch.library, "custom_op"):
         pytest.skip("torch < 2.4: the taps are an autograd.Function (eager only)")
+    from lorakern.torch import capture
+
     model = _peft_mlp(0.0)
     opt = LoRAStepOptimizer(model)
     x, y = _batch(8)
-    explain = torch._dynamo.explain(lambda x: torch.mean((model(x) - y) ** 2))(x)
-    assert explain.graph_break_count == 0 and explain.graph_count == 1
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager")
-    torch.mean((compiled(x) - y) ** 2).backward()
+
+    def refuse(*args):
+        raise AssertionError("the eager tap ran under torch.compile")
+    with monkeypatch.context() as patched:
+        patched.setattr(capture._Tap, "apply", refuse)
+        explain = torch._dynamo.explain(lambda x: torch.mean((model(x) - y) ** 2))(x)
+        assert explain.graph_break_count == 0 and explain.graph_count == 1
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager")
+        torch.mean((compiled(x) - y) ** 2).backward()
     opt.step()
     eager = _peft_mlp(0.0)
     eager_opt = LoRAStepOptimizer(eager)
