@@ -13,16 +13,14 @@ the issue's setting. Median over the seeds of the final evaluation loss, the tes
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import statistics
-from pathlib import Path
 
 import torch
 
 from lorakern.torch import LoRAStepOptimizer
+from load_example import load_example  # benchmarks/load_example.py
 
-HERE = Path(__file__).resolve().parent
 VARIANTS = {
     "default (cap 1, growth 2, v_growth 1.25)": dict(),
     "cap 10": dict(cap=10.0),
@@ -32,13 +30,6 @@ VARIANTS = {
                                              max_trials=60),
 }
 
-
-def _example():
-    spec = importlib.util.spec_from_file_location(
-        "torch_lora_speed", HERE.parent / "examples" / "torch_lora_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make(model, growth=None, v_growth=None, **kwargs):
@@ -57,7 +48,7 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    ex = _example()
+    ex = load_example("torch_lora_speed")
     tasks = []
     if "gpt2-mini" in args.tasks:
         tasks += [t for t in ex.gpt2_tasks(6, 300, 60, 200, False) if t.name == "gpt2-mini"]

@@ -23,25 +23,16 @@ routes as they are now.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import lorakern.torch.norms as lt
+from load_example import load_example  # benchmarks/load_example.py
 
-HERE = Path(__file__).resolve().parent
 
-
-def _example():
-    spec = importlib.util.spec_from_file_location("torch_digits",
-                                                  HERE.parent / "examples" / "torch_digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv=None):
@@ -51,7 +42,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)  # 1: as the example
-    ex = _example()
+    ex = load_example("torch_digits")
     X, y, _, _ = ex.load_digits(0)
     base = ex.pretrain(X, y, 300, 0)
     Xs = ex.mirrored(X)

@@ -19,25 +19,16 @@ median training step.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from lorakern.torch import LoRAStepOptimizer, norms, search
+from load_example import load_example  # benchmarks/load_example.py
 
-HERE = Path(__file__).resolve().parent
 
-
-def _example():
-    spec = importlib.util.spec_from_file_location(
-        "torch_lora_speed", HERE.parent / "examples" / "torch_lora_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def float64_route(D, X, norm):
@@ -55,7 +46,7 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 32])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    ex = _example()
+    ex = load_example("torch_lora_speed")
     task = ex.gpt2_tasks(k=6, pretrain_steps=100, steps_full=1, steps_mini=1, quick=False)[0]
     print(f"load average before: {os.getloadavg()}, torch {torch.__version__}, 1 thread")
     for batch in args.batches:
