@@ -17,7 +17,7 @@ import lorakern  # noqa: E402
 from lorakern import _cpu  # noqa: E402,F401
 from lorakern.testing import assert_close, random_linear_data  # noqa: E402
 from lorakern.torch import LoRALinear, LoRAStepOptimizer  # noqa: E402
-from torch_models import MLP  # noqa: E402
+from torch_models import MLP, cuda_ready  # noqa: E402
 
 nn = torch.nn
 DTYPES = (np.float32, np.float64)
@@ -290,7 +290,7 @@ def test_step_without_backward_through_the_hooks_is_an_error():
 
 
 def test_cuda_layers_use_the_cuda_norms():
-    if not torch.cuda.is_available() or "cuda" not in lorakern.devices():
+    if not cuda_ready():
         pytest.skip("needs a CUDA GPU visible to both PyTorch and CuPy")
     X, Y, W0, B0, A0, layer, _ = _layer_case(np.float64, 40, 1.0, seed=5)
     layer = layer.cuda()

@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch", reason="lorakern.torch needs torch: pip ins
 dist = pytest.importorskip("torch.distributed")
 
 from lorakern.torch import LoRALinear, LoRAStepOptimizer  # noqa: E402
+from torch_models import MLP  # noqa: E402
 
 nn = torch.nn
 WORLD = 2
@@ -27,22 +28,15 @@ ROWS = 16          # rows a rank; the full batch is WORLD * ROWS
 STEPS = 4
 
 
-class Net(nn.Module):
+def _net():
     """fc1 64 -> 64 (its rows travel: W N (m + n) < 2 m n), fc2 64 -> 4 (its G travels)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(64, 64)
-        self.fc2 = nn.Linear(64, 4)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
+    return MLP(n=64, hidden=64, m=4, dtype=torch.float32)
 
 
 def _model():
     """lorakern's LoRALinear layers (its taps: the layer's input and output)."""
     torch.manual_seed(0)
-    model = Net()
+    model = _net()
     model.fc1 = LoRALinear.from_linear(model.fc1, 3, alpha=6)
     model.fc2 = LoRALinear.from_linear(model.fc2, 3, alpha=6)
     with torch.no_grad():
@@ -56,7 +50,7 @@ def _peft_model():
     import peft
 
     torch.manual_seed(0)
-    model = peft.get_peft_model(Net(), peft.LoraConfig(r=3, lora_alpha=6,
+    model = peft.get_peft_model(_net(), peft.LoraConfig(r=3, lora_alpha=6,
                                                         target_modules=["fc1", "fc2"]))
     with torch.no_grad():
         for name, p in model.named_parameters():

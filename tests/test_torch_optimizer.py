@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch", reason="lorakern.torch needs torch: pip ins
 
 from lorakern.testing import assert_close  # noqa: E402
 from lorakern.torch import LoRALinear, LoRAStepOptimizer  # noqa: E402
-from torch_models import MLP, lora_mlp  # noqa: E402
+from torch_models import MLP, cuda_ready, lora_mlp  # noqa: E402
 
 nn = torch.nn
 
@@ -308,8 +308,7 @@ def test_hf_trainer_runs_with_default_arguments(tmp_path):
 
 # ---- CUDA ----------------------------------------------------------------------------------------
 def _needs_cuda():
-    import lorakern
-    if not torch.cuda.is_available() or "cuda" not in lorakern.devices():
+    if not cuda_ready():
         pytest.skip("needs a CUDA GPU visible to both PyTorch and CuPy")
 
 
