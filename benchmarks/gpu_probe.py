@@ -179,6 +179,16 @@ def verdict_cvt(mismatches, nan_bad, hand_bad, subnormal_bad, whole) -> str:
 
 
 # ---- mma: layouts and accumulation -----------------------------------------------------------
+def exponent(x: Fraction) -> int:
+    """floor(log2(x)) of a positive Fraction, exactly (the float estimate corrected)."""
+    e = math.floor(math.log2(x.numerator) - math.log2(x.denominator))
+    while Fraction(2) ** e > x:
+        e -= 1
+    while Fraction(2) ** (e + 1) <= x:
+        e += 1
+    return e
+
+
 def exact_round(terms, bits: int, mode: str) -> float:
     """sum(terms) exactly, rounded once to a float of `bits` significand bits (24, 53), to
     nearest even ("rn") or toward zero ("rz"); normal range only (the probe's data)."""
@@ -186,12 +196,7 @@ def exact_round(terms, bits: int, mode: str) -> float:
     if s == 0:
         return 0.0
     sign, s = (-1 if s < 0 else 1), abs(s)
-    e = math.floor(math.log2(s.numerator) - math.log2(s.denominator))
-    while Fraction(2) ** e > s:
-        e -= 1
-    while Fraction(2) ** (e + 1) <= s:
-        e += 1
-    ulp = Fraction(2) ** (e - bits + 1)
+    ulp = Fraction(2) ** (exponent(s) - bits + 1)
     q, rest = divmod(s, ulp)
     if mode == "rn" and (rest > ulp / 2 or (rest == ulp / 2 and q % 2 == 1)):
         q += 1
@@ -209,12 +214,7 @@ def aligned_truncate(terms, bits: int) -> float:
     largest = max(abs(t) for t in terms)
     if largest == 0:
         return 0.0
-    e = math.floor(math.log2(largest.numerator) - math.log2(largest.denominator))
-    while Fraction(2) ** e > largest:
-        e -= 1
-    while Fraction(2) ** (e + 1) <= largest:
-        e += 1
-    quantum = Fraction(2) ** (e - bits + 1)
+    quantum = Fraction(2) ** (exponent(largest) - bits + 1)
     kept = [(abs(t) // quantum) * quantum * (1 if t >= 0 else -1) for t in terms]
     return exact_round(kept, bits, "rz")
 
